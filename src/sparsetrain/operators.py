@@ -1,0 +1,80 @@
+"""Thresholding operators and the scaled straight-through estimator.
+
+The operator family, for p >= 1 and a magnitude threshold T >= 0:
+
+    P_p(w; T) = sign(w) * (|w|^p - T^p)^(1/p)   if |w| > T,   else 0
+
+p = 1 is soft thresholding, p = inf is hard thresholding (w * 1[|w| > T]) and p = 3 is
+Feather's operator. T = 0 leaves every weight unchanged.
+
+The straight-through estimator uses P_p in the forward pass and passes the gradient to
+the dense weights, scaled per element:
+
+    dL/dw = m * dL/dw~,   m = 1 where |w| > T, theta where |w| <= T
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+
+def validate_p(p: float) -> float:
+    """Return ``p`` as a float after checking that it is a valid exponent (p >= 1 or inf)."""
+    p = float(p)
+    if not p >= 1.0:  # also rejects NaN
+        raise ValueError(f"p={p} is not a valid operator exponent; allowed: a number >= 1 or inf.")
+    return p
+
+
+def threshold_operator(w: Tensor, threshold: float, p: float) -> Tensor:
+    """Apply P_p(w; T) elementwise.
+
+    For finite p > 1 the difference |w|^p - T^p is computed as
+    T^p * expm1(p * log1p((|w| - T) / T)), which stays non-zero for every |w| > T in
+    floating point, so the count of zeros is exactly the count of |w| <= T.
+    """
+    if threshold <= 0.0:
+        return w
+    if math.isinf(p):
+        return w * (w.abs() > threshold)
+    excess = torch.relu(w.abs() - threshold)
+    if p == 1.0:
+        return torch.sign(w) * excess
+    shrunk = threshold * torch.expm1(p * torch.log1p(excess / threshold)).pow(1.0 / p)
+    return torch.sign(w) * shrunk
+
+
+def gradient_scale(w: Tensor, threshold: float, theta: float) -> Tensor:
+    """The straight-through gradient mask m: 1 where |w| > T, theta elsewhere."""
+    if threshold <= 0.0:
+        return torch.ones_like(w)
+    kept = w.abs() > threshold
+    return torch.where(kept, torch.ones_like(w), torch.full_like(w, theta))
+
+
+class _ScaledStraightThrough(torch.autograd.Function):
+    """Forward: P_p(w; T), optionally rescaled per output channel. Backward: m * grad."""
+
+    @staticmethod
+    def forward(ctx, w: Tensor, threshold: float, p: float, theta: float, rescale: Tensor | None) -> Tensor:
+        ctx.threshold, ctx.theta = threshold, theta
+        ctx.save_for_backward(w)
+        out = threshold_operator(w, threshold, p)
+        return out if rescale is None else out * rescale
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (w,) = ctx.saved_tensors
+        if ctx.threshold <= 0.0 or ctx.theta == 1.0:
+            return grad, None, None, None, None
+        return grad * gradient_scale(w, ctx.threshold, ctx.theta), None, None, None, None
+
+
+def sparsify_ste(
+    w: Tensor, threshold: float, p: float, theta: float, rescale: Tensor | None = None
+) -> Tensor:
+    """P_p(w; T) (times ``rescale``, broadcast over w) with the theta-scaled straight-through gradient."""
+    return _ScaledStraightThrough.apply(w, threshold, p, theta, rescale)

@@ -1,0 +1,65 @@
+"""Per-layer sparsity report: each prunable layer's name, size and fraction of zeros, plus totals."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .sparsifier import Sparsifier, find_prunable
+
+
+@dataclass(frozen=True)
+class LayerReport:
+    """One prunable layer: its module name, weight count and zero count."""
+
+    name: str
+    size: int
+    zeros: int
+
+    @property
+    def sparsity(self) -> float:
+        return self.zeros / self.size
+
+
+@dataclass(frozen=True)
+class SparsityReport:
+    """The layers of a model and their totals."""
+
+    layers: tuple[LayerReport, ...]
+
+    @property
+    def size(self) -> int:
+        return sum(layer.size for layer in self.layers)
+
+    @property
+    def zeros(self) -> int:
+        return sum(layer.zeros for layer in self.layers)
+
+    @property
+    def sparsity(self) -> float:
+        return self.zeros / self.size
+
+    def to_markdown(self) -> str:
+        """A markdown table, one row per layer and a total row."""
+        rows = ["| layer | weights | zeros | sparsity |", "|---|---:|---:|---:|"]
+        rows += [f"| {r.name} | {r.size:,} | {r.zeros:,} | {r.sparsity:.2%} |" for r in self.layers]
+        rows.append(f"| **total** | {self.size:,} | {self.zeros:,} | {self.sparsity:.2%} |")
+        return "\n".join(rows)
+
+    def __str__(self) -> str:
+        return self.to_markdown()
+
+
+def sparsity_report(source: nn.Module | Sparsifier) -> SparsityReport:
+    """Report the forward-pass sparsity of an attached Sparsifier, or the zeros of a plain model's
+    prunable layers (Conv1d/2d/3d and Linear weights)."""
+    if isinstance(source, Sparsifier):
+        stats = source.layer_stats()
+    else:
+        with torch.no_grad():
+            stats = [(n, m.weight.numel(), int((m.weight == 0).sum())) for n, m in find_prunable(source)]
+    if not stats:
+        raise ValueError(f"model {type(source).__name__} has no prunable layer to report on.")
+    return SparsityReport(tuple(LayerReport(*row) for row in stats))
