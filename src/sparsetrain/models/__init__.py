@@ -1,0 +1,17 @@
+"""Model zoo: CIFAR ResNets, MobileNetV1, DenseNet-BC, VGG-16-BN and ImageNet ResNets.
+
+Importing this package registers every model; build one with ``create_model(name, **kwargs)``.
+"""
+
+# Importing the model modules registers their factories.
+from sparsetrain.models import cifar_resnet, densenet, imagenet_resnet, mobilenet, vgg  # noqa: F401
+from sparsetrain.models.registry import (
+    ModelSpec,
+    create_model,
+    input_size,
+    list_models,
+    model_spec,
+    register_model,
+)
+
+__all__ = ["ModelSpec", "create_model", "input_size", "list_models", "model_spec", "register_model"]

@@ -1,0 +1,55 @@
+"""Shared fixtures: tiny models and deterministic data for exact tests."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class TinyNet(nn.Module):
+    """Conv2d (regular and depthwise) + BatchNorm + Linear: small, but every magnitude distinct."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 16, 3, padding=1)
+        self.bn = nn.BatchNorm2d(16)
+        self.depthwise = nn.Conv2d(16, 16, 3, padding=1, groups=16)
+        self.conv2 = nn.Conv2d(16, 32, 3, stride=2, padding=1)
+        self.fc = nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn(self.conv(x)))
+        x = F.relu(self.conv2(F.relu(self.depthwise(x))))
+        return self.fc(x.mean((2, 3)))
+
+
+def _make_batches(count: int, seed: int = 0, size: int = 8) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(seed)
+    return [(torch.randn(8, 3, size, size, generator=gen), torch.randint(0, 10, (8,), generator=gen)) for _ in range(count)]
+
+
+def _train(model, sparsifier, optimizer, batches) -> None:
+    for x, y in batches:
+        loss = F.cross_entropy(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        sparsifier.step()
+
+
+@pytest.fixture
+def tiny_net() -> TinyNet:
+    torch.manual_seed(0)
+    return TinyNet()
+
+
+@pytest.fixture
+def make_batches():
+    """make_batches(count, seed=0, size=8): a list of deterministic (x, y) batches."""
+    return _make_batches
+
+
+@pytest.fixture
+def train():
+    """train(model, sparsifier, optimizer, batches): forward, backward, optimizer step, sparsifier step."""
+    return _train

@@ -1,0 +1,66 @@
+"""Operator values and straight-through gradients against hand-computed tensors."""
+
+import math
+
+import pytest
+import torch
+
+from sparsetrain.operators import gradient_scale, sparsify_ste, threshold_operator, validate_p
+
+W = torch.tensor([-2.0, -0.5, 0.25, 1.0, 3.0])
+T = 1.0  # |w| <= T is pruned: -0.5, 0.25 and 1.0 (a tie with T is pruned)
+UPSTREAM = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0])
+
+EXPECTED = {
+    1.0: [-1.0, 0.0, 0.0, 0.0, 2.0],
+    3.0: [-(7.0 ** (1 / 3)), 0.0, 0.0, 0.0, 26.0 ** (1 / 3)],  # sign * (|w|^3 - 1)^(1/3)
+    math.inf: [-2.0, 0.0, 0.0, 0.0, 3.0],
+}
+
+
+@pytest.mark.parametrize("p", sorted(EXPECTED))
+def test_operator_values(p):
+    out = threshold_operator(W, T, p)
+    torch.testing.assert_close(out, torch.tensor(EXPECTED[p]), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("p", sorted(EXPECTED))
+def test_zero_threshold_is_identity(p):
+    assert torch.equal(threshold_operator(W, 0.0, p), W)
+
+
+@pytest.mark.parametrize("p", sorted(EXPECTED))
+@pytest.mark.parametrize("theta", [0.0, 0.5, 1.0])
+def test_straight_through_gradient_is_scaled_on_pruned_weights(p, theta):
+    w = W.clone().requires_grad_(True)
+    out = sparsify_ste(w, T, p, theta)
+    (out * UPSTREAM).sum().backward()
+    expected = torch.tensor([1.0, 2.0 * theta, 3.0 * theta, 4.0 * theta, 5.0])
+    torch.testing.assert_close(w.grad, expected, rtol=0, atol=0)
+    torch.testing.assert_close(out.detach(), torch.tensor(EXPECTED[p]), rtol=1e-6, atol=0)
+
+
+def test_rescale_multiplies_forward_and_gradient_stays_straight_through():
+    w = torch.tensor([[2.0, -0.5], [0.25, -3.0]], requires_grad=True)
+    rescale = torch.tensor([[2.0], [0.5]])
+    out = sparsify_ste(w, T, 1.0, 0.5, rescale)
+    torch.testing.assert_close(out.detach(), torch.tensor([[2.0, 0.0], [0.0, -1.0]]))
+    out.sum().backward()
+    torch.testing.assert_close(w.grad, torch.tensor([[1.0, 0.5], [0.5, 1.0]]))
+
+
+def test_gradient_scale_mask():
+    assert gradient_scale(W, T, 0.25).tolist() == [1.0, 0.25, 0.25, 0.25, 1.0]
+
+
+def test_p3_keeps_every_weight_above_threshold_nonzero():
+    threshold = 0.3
+    above = torch.nextafter(torch.full((1000,), threshold), torch.tensor(1.0))
+    above = above * (1 + torch.arange(1000) * 1e-7)
+    assert bool((threshold_operator(above, threshold, 3.0) > 0).all())
+
+
+@pytest.mark.parametrize("bad", [0.5, 0.0, -1.0, float("nan")])
+def test_invalid_p_is_rejected(bad):
+    with pytest.raises(ValueError, match=r"p=.* allowed: a number >= 1 or inf"):
+        validate_p(bad)

@@ -1,0 +1,32 @@
+"""The per-layer sparsity report."""
+
+import pytest
+import torch
+from torch import nn
+
+import sparsetrain as st
+
+
+def test_report_of_a_plain_model_counts_zeros_per_layer():
+    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2), nn.BatchNorm1d(2))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([[0.0, 1, 2, 0], [3, 0, 4, 5], [6, 7, 8, 9]]))
+        model[2].weight.fill_(0.0)
+    report = st.sparsity_report(model)
+    assert [(r.name, r.size, r.zeros) for r in report.layers] == [("0", 12, 3), ("2", 6, 6)]
+    assert (report.size, report.zeros, report.sparsity) == (18, 9, 0.5)
+    table = report.to_markdown()
+    assert "| 0 | 12 | 3 | 25.00% |" in table
+    assert "| **total** | 18 | 9 | 50.00% |" in table
+
+
+def test_report_of_an_attached_sparsifier_matches_the_finalized_model(tiny_net):
+    sp = st.Sparsifier(tiny_net, "feather", 0.8, total_steps=1, schedule="constant")
+    live = st.sparsity_report(sp)
+    assert live.zeros == round(0.8 * sp.numel())
+    assert st.sparsity_report(sp.finalize()) == live
+
+
+def test_report_without_prunable_layers():
+    with pytest.raises(ValueError, match="no prunable layer"):
+        st.sparsity_report(nn.ReLU())

@@ -1,0 +1,278 @@
+"""The Sparsifier: exact sparsity, threshold timing, resume, knobs, layer choice and bad input."""
+
+import io
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import sparsetrain as st
+from sparsetrain.selection import layer_sigma
+
+PRESETS = st.list_methods()
+
+
+def fresh_copy(model_class, seed=1):
+    torch.manual_seed(seed)
+    return model_class()
+
+
+def forward_zeros(model: nn.Module, sparsifier: st.Sparsifier) -> int:
+    """Zeros of the weights the forward pass actually sees (the parametrized weights)."""
+    return sum(int((module.weight == 0).sum()) for module in sparsifier._modules)
+
+
+def test_presets_are_registered():
+    assert PRESETS == ["feather", "gmp", "st3", "st3-sigma", "ste"]
+
+
+@pytest.mark.parametrize("method", PRESETS)
+@pytest.mark.parametrize("sparsity", [0.5, 0.9, 0.99])
+def test_finalized_model_has_exactly_round_sN_zeros(tiny_net, make_batches, train, method, sparsity):
+    # float64: among ~5,000 float32 magnitudes a tie is likely (birthday bound), in float64 it is not.
+    tiny_net.double()
+    sp = st.Sparsifier(tiny_net, method, sparsity, total_steps=12)
+    batches = [(x.double(), y) for x, y in make_batches(12)]
+    train(tiny_net, sp, torch.optim.SGD(tiny_net.parameters(), lr=0.05, momentum=0.9), batches)
+    weights = torch.cat([w.detach().reshape(-1) for w in sp.dense_weights()])
+    assert weights.abs().unique().numel() == weights.numel(), "test needs distinct magnitudes"
+    n = sp.numel()
+    assert sp.sparsity() == round(sparsity * n) / n
+    model = sp.finalize()
+    zeros = sum(int((m.weight == 0).sum()) for _, m in st.find_prunable(model))
+    assert zeros == round(sparsity * n)
+
+
+@pytest.mark.parametrize("method", PRESETS)
+def test_forward_of_step_t_uses_threshold_of_pre_step_weights(tiny_net, make_batches, method):
+    total = 10
+    sp = st.Sparsifier(tiny_net, method, 0.9, total_steps=total, start=0, end=6)
+    opt = torch.optim.SGD(tiny_net.parameters(), lr=0.05)
+    n = sp.numel()
+    for t, (x, y) in enumerate(make_batches(total + 2)):
+        pre_step = [w.detach().clone() for w in sp.dense_weights()]
+        norms = [p.norm for p in sp._params]
+        k = round(sp.schedule.sparsity_at(t) * n)
+        magnitudes = torch.cat([(w * s).abs().reshape(-1) for w, s in zip(pre_step, norms)])
+        expected = magnitudes.sort().values[k - 1].item() if k > 0 else 0.0
+        assert sp.step_count == t
+        assert sp.threshold == expected
+        assert forward_zeros(tiny_net, sp) == k
+        loss = F.cross_entropy(tiny_net(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sp.step()
+    assert sp.target == 0.9  # stepping past total_steps holds s_f
+
+
+def save(obj) -> io.BytesIO:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    buffer.seek(0)
+    return buffer
+
+
+@pytest.mark.parametrize("method", PRESETS)
+def test_resume_mid_schedule_is_bit_identical(tiny_net, make_batches, train, method):
+    batches = make_batches(10)
+    model_class = type(tiny_net)
+
+    def build(seed):
+        model = fresh_copy(model_class, seed)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+        return model, opt, st.Sparsifier(model, method, 0.95, total_steps=10)
+
+    straight, opt, sp = build(0)
+    train(straight, sp, opt, batches)
+    expected = sp.finalize().state_dict()
+
+    first, opt, sp = build(0)
+    train(first, sp, opt, batches[:4])
+    saved = save({"model": first.state_dict(), "opt": opt.state_dict(), "sparsifier": sp.state_dict()})
+
+    resumed, opt, sp = build(7)  # different initial weights: everything must come from the checkpoint
+    state = torch.load(saved, weights_only=True)
+    resumed.load_state_dict(state["model"])
+    opt.load_state_dict(state["opt"])
+    sp.load_state_dict(state["sparsifier"])
+    train(resumed, sp, opt, batches[4:])
+    got = sp.finalize().state_dict()
+    assert got.keys() == expected.keys()
+    for key in expected:
+        assert torch.equal(got[key], expected[key]), key
+
+
+def test_finalize_leaves_a_plain_model_that_loads_into_a_fresh_instance(tiny_net, make_batches, train):
+    sp = st.Sparsifier(tiny_net, "st3", 0.8, total_steps=5)
+    train(tiny_net, sp, torch.optim.SGD(tiny_net.parameters(), lr=0.05), make_batches(5))
+    tiny_net.eval()
+    x = make_batches(1, seed=3)[0][0]
+    with torch.no_grad():
+        sparse_out = tiny_net(x)
+    model = sp.finalize()
+    assert not any(hasattr(m, "parametrizations") for m in model.modules())
+    fresh = fresh_copy(type(tiny_net), seed=5).eval()
+    fresh.load_state_dict(model.state_dict(), strict=True)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), sparse_out, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="finalized"):
+        sp.step()
+
+
+def test_optimizer_built_before_attaching_still_trains_the_dense_weights(tiny_net, make_batches, train):
+    opt = torch.optim.SGD(tiny_net.parameters(), lr=0.1)
+    before = tiny_net.conv.weight.detach().clone()
+    sp = st.Sparsifier(tiny_net, "ste", 0.5, total_steps=3)
+    train(tiny_net, sp, opt, make_batches(3))
+    assert not torch.equal(sp.dense_weights()[0].detach(), before)
+
+
+def test_gmp_gives_pruned_weights_no_gradient_and_ste_full_gradient(tiny_net, make_batches):
+    x, y = make_batches(1)[0]
+    for method, pruned_grad_is_zero in [("gmp", True), ("ste", False)]:
+        model = fresh_copy(type(tiny_net))
+        sp = st.Sparsifier(model, method, 0.5, total_steps=1, schedule="constant")
+        F.cross_entropy(model(x), y).backward()
+        w = sp.dense_weights()[-1]
+        pruned = w.detach().abs() <= sp.threshold
+        assert bool((w.grad[pruned] == 0).all()) == pruned_grad_is_zero
+        assert bool((w.grad[~pruned] != 0).any())
+
+
+def test_feather_theta_depends_on_final_sparsity():
+    assert st.method_config("feather", 0.95).theta == 1.0
+    assert st.method_config("feather", 0.96).theta == 0.5
+
+
+def test_knobs_override_the_preset(tiny_net):
+    sp = st.Sparsifier(tiny_net, "feather", 0.9, total_steps=100, p=1.0, theta=0.25, start=10, end=0.5)
+    assert (sp.config.p, sp.config.theta) == (1.0, 0.25)
+    assert (sp.schedule.start, sp.schedule.end) == (10, 50)
+    assert sp.target == 0.0
+
+
+def test_schedule_object_is_accepted(tiny_net):
+    sp = st.Sparsifier(tiny_net, "gmp", 0.6, total_steps=10, schedule=st.Linear(0.6, 0, 4))
+    for _ in range(2):
+        sp.step()
+    assert sp.target == pytest.approx(0.3)
+    assert sp.sparsity() == round(0.3 * sp.numel()) / sp.numel()
+
+
+def test_layer_scope_prunes_each_layer_to_the_same_fraction(tiny_net):
+    sp = st.Sparsifier(tiny_net, "gmp", 0.75, total_steps=1, scope="layer", schedule="constant")
+    for name, size, zeros in sp.layer_stats():
+        assert zeros == round(0.75 * size), name
+    with pytest.raises(ValueError, match="Sparsifier.thresholds"):
+        sp.threshold
+
+
+def test_sigma_scope_thresholds_normalised_magnitudes(tiny_net):
+    sp = st.Sparsifier(tiny_net, "st3-sigma", 0.9, total_steps=1, schedule="constant")
+    for w, (name, size, zeros) in zip(sp.dense_weights(), sp.layer_stats()):
+        layer_threshold = sp.threshold * layer_sigma(w.shape)
+        assert abs(zeros - int((w.detach().abs() <= layer_threshold).sum())) <= 1, name
+    assert sp.sparsity() == round(0.9 * sp.numel()) / sp.numel()
+
+
+def test_st3_rescale_matches_hand_computation():
+    layer = nn.Linear(4, 2, bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[0.1, 0.2, 0.3, 0.4], [-0.5, 0.6, -0.7, 0.8]]))
+    sp = st.Sparsifier(layer, "st3", 0.25, total_steps=1, schedule="constant")  # k = 2: 0.1 and 0.2 pruned
+    assert sp.threshold == pytest.approx(0.2)
+    r = torch.tensor([(0.7 / 4 + 1e-6) / (1.0 / 4 + 1e-6), (2.6 / 4 + 1e-6) / (2.6 / 4 + 1e-6)])
+    a = 1.01 / (r + 0.01)
+    expected = a[:, None] * torch.tensor([[0.0, 0.0, 0.1, 0.2], [-0.3, 0.4, -0.5, 0.6]])
+    torch.testing.assert_close(layer.weight, expected)
+
+
+@pytest.mark.parametrize(
+    "layer, x",
+    [
+        (nn.Conv1d(4, 8, 3), torch.randn(2, 4, 10)),
+        (nn.Conv2d(4, 8, 3, groups=2), torch.randn(2, 4, 6, 6)),
+        (nn.Conv2d(8, 8, 3, groups=8), torch.randn(2, 8, 6, 6)),
+        (nn.Conv3d(2, 4, 2), torch.randn(2, 2, 4, 4, 4)),
+        (nn.Linear(16, 8), torch.randn(2, 16)),
+    ],
+    ids=["conv1d", "grouped", "depthwise", "conv3d", "linear"],
+)
+def test_every_conv_and_linear_kind_is_sparsified(layer, x):
+    model = nn.Sequential(layer, nn.ReLU())
+    sp = st.Sparsifier(model, "feather", 0.5, total_steps=1, schedule="constant")
+    model(x).sum().backward()
+    assert sp.sparsity() == round(0.5 * sp.numel()) / sp.numel()
+    assert layer.parametrizations.weight.original.grad is not None
+    assert not hasattr(layer, "bias") or not hasattr(getattr(layer, "parametrizations"), "bias")
+
+
+def test_other_modules_are_left_alone(tiny_net):
+    bn_state = {k: v.clone() for k, v in tiny_net.bn.state_dict().items()}
+    st.Sparsifier(tiny_net, "feather", 0.9, total_steps=1, schedule="constant")
+    assert not hasattr(tiny_net.bn, "parametrizations")
+    for key, value in tiny_net.bn.state_dict().items():
+        assert torch.equal(value, bn_state[key])
+    assert not hasattr(getattr(tiny_net.conv, "parametrizations"), "bias")
+
+
+def test_layer_filters(tiny_net):
+    sp = st.Sparsifier(tiny_net, "feather", 0.5, total_steps=1, exclude=["fc", "depth*"], min_size=500)
+    assert sp.names == ["conv2"]
+    typed = st.find_prunable(tiny_net, types=(nn.Linear,))
+    assert [name for name, _ in typed] == ["fc"]
+
+
+def test_unknown_method_lists_the_known_ones(tiny_net):
+    with pytest.raises(ValueError, match="unknown method 'feathr'; known methods: feather, gmp, st3, st3-sigma, ste"):
+        st.Sparsifier(tiny_net, "feathr", 0.9, total_steps=10)
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.0, 2, float("nan")])
+def test_sparsity_out_of_range(tiny_net, bad):
+    with pytest.raises(ValueError, match=r"sparsity=.*allowed: a number in \[0, 1\)"):
+        st.Sparsifier(tiny_net, "feather", bad, total_steps=10)
+
+
+@pytest.mark.parametrize("bad", [0, -5, 2.5, None])
+def test_total_steps_must_be_positive(tiny_net, bad):
+    with pytest.raises(ValueError, match=r"total_steps=.*allowed: an int > 0"):
+        st.Sparsifier(tiny_net, "feather", 0.5, total_steps=bad)
+
+
+def test_model_without_prunable_layer(tiny_net):
+    with pytest.raises(ValueError, match="has no prunable layer"):
+        st.Sparsifier(nn.Sequential(nn.BatchNorm1d(4), nn.ReLU()), "feather", 0.5, total_steps=1)
+    with pytest.raises(ValueError, match="has no prunable layer"):
+        st.Sparsifier(tiny_net, "feather", 0.5, total_steps=1, exclude=["*"])
+
+
+def test_unknown_knob_and_bad_values(tiny_net):
+    with pytest.raises(ValueError, match="unknown option 'thetta'; allowed options: p, theta"):
+        st.Sparsifier(tiny_net, "feather", 0.5, total_steps=1, thetta=0.5)
+    with pytest.raises(ValueError, match="theta=2"):
+        st.Sparsifier(tiny_net, "feather", 0.5, total_steps=1, theta=2)
+    with pytest.raises(ValueError, match="unknown scope 'local'"):
+        st.Sparsifier(tiny_net, "feather", 0.5, total_steps=1, scope="local")
+    with pytest.raises(ValueError, match="already parametrized"):
+        st.Sparsifier(tiny_net, "feather", 0.5, total_steps=1)
+        st.Sparsifier(tiny_net, "feather", 0.5, total_steps=1)
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf])
+def test_non_finite_weight_names_the_layer(tiny_net, value):
+    sp = st.Sparsifier(tiny_net, "feather", 0.5, total_steps=10)
+    with torch.no_grad():
+        sp.dense_weights()[2][0, 0, 0, 0] = value
+    with pytest.raises(FloatingPointError, match="layer 'conv2' has a NaN or infinite weight at step 1"):
+        sp.step()
+
+
+def test_load_state_of_another_method_is_rejected(tiny_net):
+    sp = st.Sparsifier(tiny_net, "feather", 0.5, total_steps=10)
+    state = sp.state_dict() | {"method": "gmp"}
+    with pytest.raises(ValueError, match="method 'gmp'"):
+        sp.load_state_dict(state)
