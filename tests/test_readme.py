@@ -1,0 +1,27 @@
+"""The README's examples run, and CI runs the README's test command."""
+
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+
+
+def code_blocks(language: str) -> list[str]:
+    return re.findall(rf"```{language}\n(.*?)```", README, flags=re.DOTALL)
+
+
+def test_readme_python_examples_run(capsys):
+    namespace: dict = {}
+    for block in code_blocks("python"):
+        exec(compile(block, "README.md", "exec"), namespace)
+    out = capsys.readouterr().out
+    assert "sparsity 0.9000" in out
+    assert "| **total** |" in out
+    assert namespace["percent"] == 0.0  # the compat Pruner starts dense (cubic schedule at t = 0)
+
+
+def test_ci_runs_the_readme_test_command():
+    install_and_test = [line for block in code_blocks("bash") for line in block.splitlines() if "pytest" in line]
+    assert len(install_and_test) == 1
+    assert install_and_test[0] in (ROOT / ".ci" / "run").read_text()
