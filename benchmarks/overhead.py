@@ -5,7 +5,7 @@
 2. Time to select one global threshold over 25.6 M magnitudes (ResNet-50's size):
    sparsetrain's bracketed selection vs torch.kthvalue vs a full sort.
 
-    python benchmarks/overhead.py [--steps 20] [--batch-size 128] [--device cpu]
+    python benchmarks/overhead.py [--steps 30] [--batch-size 128] [--device cpu] [--flush-denormal]
 """
 
 from __future__ import annotations
@@ -27,28 +27,62 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def median_step_time(method: str | None, steps: int, batch_size: int, device: torch.device) -> float:
-    torch.manual_seed(0)
-    model = create_model("resnet20").to(device)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
-    total = 1000
-    sp = st.Sparsifier(model, method, 0.9, total_steps=total) if method else None
-    x = torch.randn(batch_size, 3, 32, 32, device=device)
-    y = torch.randint(0, 10, (batch_size,), device=device)
-    times = []
-    for i in range(steps + 3):
-        sync(device)
+class Trainer:
+    """One ResNet-20 training set-up; ``step()`` runs and times one full training step."""
+
+    def __init__(self, method: str | None, batch_size: int, device: torch.device) -> None:
+        torch.manual_seed(0)
+        self.device = device
+        self.model = create_model("resnet20").to(device)
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+        self.sparsifier = st.Sparsifier(self.model, method, 0.9, total_steps=1000) if method else None
+        self.x = torch.randn(batch_size, 3, 32, 32, device=device)
+        self.y = torch.randint(0, 10, (batch_size,), device=device)
+
+    def step(self) -> float:
+        sync(self.device)
         start = time.perf_counter()
-        loss = F.cross_entropy(model(x), y)
-        opt.zero_grad()
+        loss = F.cross_entropy(self.model(self.x), self.y)
+        self.opt.zero_grad()
         loss.backward()
-        opt.step()
-        if sp is not None:
-            sp.step()
-        sync(device)
-        if i >= 3:
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        self.opt.step()
+        if self.sparsifier is not None:
+            self.sparsifier.step()
+        sync(self.device)
+        return time.perf_counter() - start
+
+
+def median_step_times(
+    methods: list[str | None], rounds: int, batch_size: int, device: torch.device
+) -> tuple[list[Trainer], list[float]]:
+    """Median step time per method; methods take turns each round so machine drift hits all alike."""
+    trainers = [Trainer(method, batch_size, device) for method in methods]
+    times: list[list[float]] = [[] for _ in methods]
+    for round_index in range(rounds + 3):
+        for trainer, record in zip(trainers, times):
+            elapsed = trainer.step()
+            if round_index >= 3:
+                record.append(elapsed)
+    return trainers, [statistics.median(record) for record in times]
+
+
+def sparsifier_costs(trainer: Trainer, repeats: int) -> tuple[float, float]:
+    """Median ms of the sparsifier's own work per step: ``step()``, and the forward and backward
+    of the thresholded weights (every layer's w -> w~ and its straight-through gradient)."""
+    sp = trainer.sparsifier
+    modules = sp._modules
+    step_times, weight_times = [], []
+    for _ in range(repeats):
+        sync(trainer.device)
+        start = time.perf_counter()
+        sp.step()
+        sync(trainer.device)
+        step_times.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        sum(module.weight.sum() for module in modules).backward()
+        sync(trainer.device)
+        weight_times.append(time.perf_counter() - start)
+    return statistics.median(step_times) * 1e3, statistics.median(weight_times) * 1e3
 
 
 def selection_times(n: int, repeats: int, device: torch.device) -> dict[str, float]:
@@ -80,24 +114,27 @@ def selection_times(n: int, repeats: int, device: torch.device) -> dict[str, flo
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--weights", type=int, default=25_600_000)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--flush-denormal", action="store_true", help="treat denormal floats as zero on CPU")
     args = parser.parse_args()
     device = torch.device(args.device)
+    torch.set_flush_denormal(args.flush_denormal)
     print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
-          f"{torch.get_num_threads()} threads, device {device}")
+          f"{torch.get_num_threads()} threads, device {device}, flush denormal {args.flush_denormal}")
 
-    print(f"\nResNet-20, batch {args.batch_size}: median step time over {args.steps} steps")
-    print("| method | step (ms) | overhead vs dense |")
-    print("|---|---:|---:|")
-    dense = median_step_time(None, args.steps, args.batch_size, device)
-    print(f"| dense | {dense * 1e3:.1f} | - |")
-    for method in st.list_methods():
-        t = median_step_time(method, args.steps, args.batch_size, device)
-        print(f"| {method} | {t * 1e3:.1f} | {100 * (t / dense - 1):+.1f} % |")
+    print(f"\nResNet-20, batch {args.batch_size}: median step time over {args.steps} interleaved rounds")
+    print("| method | step (ms) | overhead vs dense | sparsifier step() (ms) | w -> w~ fwd+bwd (ms) | own cost vs dense step |")
+    print("|---|---:|---:|---:|---:|---:|")
+    trainers, (dense, *sparse) = median_step_times([None, *st.list_methods()], args.steps, args.batch_size, device)
+    print(f"| dense | {dense * 1e3:.1f} | - | - | - | - |")
+    for method, t, trainer in zip(st.list_methods(), sparse, trainers[1:]):
+        step_ms, weight_ms = sparsifier_costs(trainer, args.steps)
+        own = (step_ms + weight_ms) / (dense * 1e3)
+        print(f"| {method} | {t * 1e3:.1f} | {100 * (t / dense - 1):+.1f} % | {step_ms:.2f} | {weight_ms:.2f} | {100 * own:.1f} % |")
 
     print(f"\nGlobal threshold over {args.weights:,} magnitudes (50 layers), s = 0.9, median of {args.repeats}")
     print("| selection | time (ms) | vs full sort |")

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from sparsetrain.selection import (
-    _SAMPLE_SIZE,
     _bracketed_kth,
+    sample_stride,
     kth_smallest,
     layer_sigma,
     magnitude_threshold,
@@ -38,7 +38,7 @@ def test_bracket_finds_random_data_without_fallback():
 def test_adversarial_layout_falls_back_to_exact_answer():
     # The strided sample only ever sees 1.0, so the bracket misses; the answer must stay exact.
     n = 600_000
-    stride = n // _SAMPLE_SIZE
+    stride = sample_stride(n)
     values = torch.linspace(0.0, 0.5, n)
     values[stride // 2 :: stride] = 1.0
     k = 100_000

@@ -21,8 +21,7 @@ from torch import Tensor
 
 SCOPES = ("global", "layer", "sigma")
 
-_SAMPLE_SIZE = 1 << 16
-_DIRECT_LIMIT = 1 << 18
+_DIRECT_LIMIT = 1 << 15
 
 
 def validate_scope(scope: str) -> str:
@@ -60,8 +59,14 @@ def kth_smallest(values: Sequence[Tensor], k: int) -> float:
     return found if found is not None else torch.cat(flat).kthvalue(k).values.item()
 
 
+def sample_stride(n: int) -> int:
+    """Stride of the bracketing sample: about 8 * sqrt(N) values, between 1,024 and 65,536."""
+    size = min(max(8 * math.isqrt(n), 1 << 10), 1 << 16)
+    return max(1, n // size)
+
+
 def _bracketed_kth(flat: Sequence[Tensor], k: int, n: int) -> float | None:
-    stride = max(1, n // _SAMPLE_SIZE)
+    stride = sample_stride(n)
     sample = torch.cat([v[stride // 2 :: stride] for v in flat]).sort().values
     m = sample.numel()
     q = k / n
