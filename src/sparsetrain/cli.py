@@ -1,0 +1,231 @@
+"""The ``sparsetrain`` command: train, eval, report, list.
+
+Usage errors (bad options, unknown names, missing or corrupt data, a run folder that would
+be overwritten) print one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tomllib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+import torch
+import torch.distributed as dist
+import yaml
+from safetensors.torch import load_file
+from torch import nn
+
+from .checkpoint import load_checkpoint
+from .data import DATASET_NAMES, BatchLoader, load_dataset
+from .methods import list_methods
+from .models import create_model, list_models
+from .report import sparsity_report
+from .sparsifier import Sparsifier
+from .train import (
+    CHECKPOINT,
+    CONFIG,
+    DENSE,
+    EVAL_BATCH_SIZE,
+    MODEL,
+    TrainOptions,
+    evaluate,
+    fit,
+    options_from_dict,
+    prepare,
+    resolve_device,
+)
+
+USAGE_ERROR = 2
+
+
+class UsageError(Exception):
+    """A problem with what the user asked for: reported in one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(message)
+
+
+def _json_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def _model_arg(text: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE")
+    return key, _json_value(value)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="sparsetrain", description="Sparsify neural networks during training.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    train = commands.add_parser("train", help="train a model while sparsifying it")
+    s = argparse.SUPPRESS  # options not given stay absent, so a config file can supply them
+    what = train.add_argument_group("what to train")
+    what.add_argument("--model", default=s, help=f"model name ({', '.join(list_models())})")
+    what.add_argument("--model-arg", dest="model_args", type=_model_arg, action="append", default=s,
+                      metavar="KEY=VALUE", help="model constructor argument, e.g. width=0.5 (repeatable)")
+    what.add_argument("--dataset", default=s, help=f"dataset ({', '.join(DATASET_NAMES)}); default cifar10-sample")
+    what.add_argument("--data-dir", default=s, help="folder holding cifar-10-batches-py or cifar-100-python")
+    what.add_argument("--limit", type=int, default=s, help="train on the first N training images only")
+    how = train.add_argument_group("sparsification")
+    how.add_argument("--method", default=s, help=f"{DENSE} or a preset ({', '.join(list_methods())}); default feather")
+    how.add_argument("--sparsity", "--ptarget", dest="sparsity", type=float, default=s, help="final sparsity in [0, 1); default 0.9")
+    how.add_argument("--t1", type=float, default=s, help="epoch at which pruning starts (default: the method's)")
+    how.add_argument("--pthres", type=int, default=s, help="leave layers with at most this many weights dense")
+    recipe = train.add_argument_group("recipe")
+    recipe.add_argument("--epochs", type=int, default=s, help="default 12 on the bundled sample, 160 on CIFAR")
+    recipe.add_argument("--batch-size", type=int, default=s, help="per process; default 128")
+    recipe.add_argument("--lr", type=float, default=s, help="default 0.1, cosine decay per step")
+    recipe.add_argument("--wd", type=float, default=s, help="weight decay on conv/linear weights; default 5e-4")
+    recipe.add_argument("--momentum", type=float, default=s, help="default 0.9")
+    recipe.add_argument("--clip", type=float, default=s, help="gradient-norm clipping; default 3")
+    recipe.add_argument("--seed", type=int, default=s, help="default 0")
+    run = train.add_argument_group("run")
+    run.add_argument("--device", default=s, help="auto, cpu, cuda or cuda:N; default auto")
+    run.add_argument("--workers", type=int, default=s, help="CPU threads for torch (0: torch's default)")
+    run.add_argument("--name", "--sname", dest="name", default=s, help="run name (default: model-method-sparsity-time)")
+    run.add_argument("--out", default=s, help="folder of run folders; default runs")
+    run.add_argument("--config", default=s, help="YAML or TOML file of these options; command-line options win")
+    run.add_argument("--resume", metavar="RUN_DIR", default=s, help="continue the run in RUN_DIR from its last checkpoint")
+
+    evaluate_cmd = commands.add_parser("eval", help="evaluate a finished run or a checkpoint on its test set")
+    evaluate_cmd.add_argument("path", help="run folder, model.safetensors or checkpoint.safetensors")
+    evaluate_cmd.add_argument("--data-dir", help="override the run's data folder")
+    evaluate_cmd.add_argument("--device", default="auto")
+
+    report = commands.add_parser("report", help="print a run's per-layer sparsity table")
+    report.add_argument("path", help="run folder, model.safetensors or checkpoint.safetensors")
+
+    commands.add_parser("list", help="list models, methods and datasets")
+    return parser
+
+
+def read_config_file(path: str) -> dict[str, Any]:
+    """Options from a YAML (.yaml/.yml) or TOML (.toml) file."""
+    file = Path(path)
+    if not file.is_file():
+        raise UsageError(f"config file {path} does not exist")
+    try:
+        if file.suffix == ".toml":
+            values = tomllib.loads(file.read_text())
+        elif file.suffix in (".yaml", ".yml"):
+            values = yaml.safe_load(file.read_text()) or {}
+        else:
+            raise UsageError(f"config file {path} must end in .yaml, .yml or .toml")
+    except (tomllib.TOMLDecodeError, yaml.YAMLError) as error:
+        raise UsageError(f"config file {path} is not valid: {str(error).splitlines()[0]}") from None
+    if not isinstance(values, dict):
+        raise UsageError(f"config file {path} must hold a mapping of option names to values")
+    return values
+
+
+def train_options(args: dict[str, Any]) -> tuple[TrainOptions, bool]:
+    """Merge defaults, the config file and the command line; or reload a run to resume."""
+    if "resume" in args:
+        run_dir = Path(args.pop("resume"))
+        config = run_dir / CONFIG
+        if not config.is_file():
+            raise UsageError(f"cannot resume {run_dir}: it has no {CONFIG}")
+        saved = json.loads(config.read_text())["options"]
+        extra = sorted(set(args) - {"device", "workers"})
+        if extra:
+            raise UsageError(f"--{extra[0].replace('_', '-')} cannot change when resuming; a resumed run keeps its options")
+        saved.update(args, out=str(run_dir.parent), name=run_dir.name)
+        return options_from_dict(saved), True
+    values = read_config_file(args.pop("config")) if "config" in args else {}
+    if "model_args" in args:
+        args["model_args"] = dict(args["model_args"])
+    values.update(args)
+    return options_from_dict(values), False
+
+
+def _run_files(path: str) -> tuple[Path, Path]:
+    """(config.json, weights file) of a run folder or of a weights file inside one."""
+    target = Path(path)
+    weights = target / MODEL if target.is_dir() else target
+    if target.is_dir() and not weights.is_file():
+        weights = target / CHECKPOINT
+    config = weights.parent / CONFIG
+    if not weights.is_file() or not config.is_file():
+        raise UsageError(f"{path} is not a run folder or a weights file beside {CONFIG}")
+    return config, weights
+
+
+def load_run_model(path: str, device: torch.device) -> tuple[nn.Module, dict[str, Any], Sparsifier | None]:
+    """Rebuild a run's model from config.json and load its weights (final or mid-training)."""
+    config_path, weights = _run_files(path)
+    config = json.loads(config_path.read_text())
+    model = create_model(config["model"]["name"], **config["model"]["kwargs"]).to(device)
+    if weights.name != CHECKPOINT:
+        model.load_state_dict(load_file(str(weights), device=str(device)))
+        return model, config, None
+    options = config["options"]
+    state = load_checkpoint(weights, device)
+    sparsifier = None
+    if options["method"] != DENSE:
+        sparsifier = Sparsifier(model, options["method"], options["sparsity"], 1, min_size=options["pthres"] + 1)
+        sparsifier.load_state_dict(state["sparsifier"])
+    model.load_state_dict(state["model"])
+    return model, config, sparsifier
+
+
+def command_eval(path: str, data_dir: str | None, device_spec: str) -> None:
+    device = resolve_device(device_spec)
+    model, config, sparsifier = load_run_model(path, device)
+    options = config["options"]
+    data = load_dataset(options["dataset"], data_dir or options["data_dir"])
+    loader = BatchLoader(data.x_test, data.y_test, EVAL_BATCH_SIZE, data.mean, data.std, shuffle=False, device=device)
+    loss, accuracy = evaluate(model, loader)
+    report = sparsity_report(sparsifier if sparsifier is not None else model)
+    print(f"test acc {accuracy:.2%}  test loss {loss:.4f}  sparsity {report.sparsity:.2%}  ({len(data.y_test)} images)")
+
+
+def command_report(path: str) -> None:
+    model, config, sparsifier = load_run_model(path, torch.device("cpu"))
+    print(f"{config['model']['name']} · {config['options']['method']} · target sparsity {config['options']['sparsity']:.2%}")
+    print(sparsity_report(sparsifier if sparsifier is not None else model).to_markdown())
+
+
+def command_list() -> None:
+    print("models:   " + ", ".join(list_models()))
+    print("methods:  " + ", ".join([DENSE, *list_methods()]))
+    print("datasets: " + ", ".join(DATASET_NAMES))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = vars(build_parser().parse_args(argv))
+        command = args.pop("command")
+        if command == "train":
+            options, resume = train_options(args)
+            setup = prepare(options, resume)
+        elif command == "eval":
+            command_eval(args["path"], args["data_dir"], args["device"])
+        elif command == "report":
+            command_report(args["path"])
+        else:
+            command_list()
+    except (UsageError, ValueError) as error:
+        print(f"sparsetrain: error: {error}", file=sys.stderr)
+        return USAGE_ERROR
+    if command == "train":
+        fit(setup)
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,176 @@
+"""The command line: a real training run end to end, eval and report, and usage errors."""
+
+import json
+import pickle
+import subprocess
+import sys
+
+import pytest
+from safetensors.torch import load_file
+
+from sparsetrain.cli import main
+
+SMALL = ["--model-arg", "width=0.25", "--limit", "512", "--batch-size", "64"]
+
+
+def run_cli(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_train_one_epoch_on_the_bundled_sample_then_eval_reproduces_it(tmp_path, capsys):
+    code, out, err = run_cli(capsys, "train", "--epochs", 1, "--out", tmp_path, "--name", "run", "--device", "cpu")
+    assert code == 0, err
+    run = tmp_path / "run"
+    expected = {"config.json", "metrics.jsonl", "checkpoint.safetensors", "model.safetensors", "report.md",
+                "training.png", "layers.png"}
+    assert expected <= {p.name for p in run.iterdir()}
+    config = json.loads((run / "config.json").read_text())
+    assert config["model"] == {"name": "resnet20", "kwargs": {"num_classes": 10}}
+    assert config["options"]["method"] == "feather" and config["options"]["sparsity"] == 0.9
+    (record,) = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert set(record) >= {"epoch", "train_loss", "test_loss", "test_acc", "sparsity", "threshold", "lr", "epoch_time"}
+    final_acc = config["metrics"]["test_acc"]
+    assert f"final: test acc {final_acc:.2%}  sparsity 90.00%" in out
+    assert "| **total** |" in (run / "report.md").read_text()
+
+    code, out, _ = run_cli(capsys, "eval", run, "--device", "cpu")
+    assert code == 0
+    assert out.startswith(f"test acc {final_acc:.2%}") and "sparsity 90.00%" in out
+    code, out, _ = run_cli(capsys, "report", run)
+    assert code == 0 and "| **total** |" in out and "90.00%" in out
+
+
+def test_console_script_and_config_file(tmp_path):
+    config = tmp_path / "options.yaml"
+    config.write_text("method: gmp\nptarget: 0.5\nepochs: 1\nlimit: 256\nmodel_args: {width: 0.25}\n".replace("ptarget", "sparsity"))
+    done = subprocess.run(
+        [sys.executable, "-m", "sparsetrain", "train", "--config", config, "--out", tmp_path, "--name", "cfg",
+         "--device", "cpu", "--lr", "0.05"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    saved = json.loads((tmp_path / "cfg" / "config.json").read_text())["options"]
+    assert (saved["method"], saved["sparsity"], saved["lr"], saved["model_args"]) == ("gmp", 0.5, 0.05, {"width": 0.25})
+
+
+def test_toml_config_and_aliases(tmp_path, capsys):
+    config = tmp_path / "options.toml"
+    config.write_text('method = "ste"\nepochs = 1\nlimit = 128\n')
+    code, _, err = run_cli(capsys, "train", "--config", config, "--ptarget", 0.6, "--sname", "alias", "--out", tmp_path,
+                           "--device", "cpu", *SMALL)
+    assert code == 0, err
+    saved = json.loads((tmp_path / "alias" / "config.json").read_text())["options"]
+    assert (saved["method"], saved["sparsity"], saved["epochs"]) == ("ste", 0.6, 1)
+
+
+def test_list(capsys):
+    code, out, _ = run_cli(capsys, "list")
+    assert code == 0 and "resnet20_feather" in out and "st3-sigma" in out and "cifar10-sample" in out
+
+
+def write_cifar10(folder, corrupt=None):
+    batches = folder / "cifar-10-batches-py"
+    batches.mkdir(parents=True)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"]:
+        if name == corrupt:
+            (batches / name).write_bytes(b"this is not a pickle")
+        elif name == "batches.meta":
+            (batches / name).write_bytes(pickle.dumps({b"label_names": [b"c%d" % i for i in range(10)]}))
+        else:
+            import numpy as np
+
+            (batches / name).write_bytes(pickle.dumps({b"data": np.zeros((4, 3072), np.uint8), b"labels": [0, 1, 2, 3]}))
+    return folder
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--model", "resnet21"], "unknown model 'resnet21'; known models: densenet40"),
+        (["--method", "feathr"], "unknown method 'feathr'; known methods: dense, feather"),
+        (["--sparsity", "1.2"], "sparsity=1.2 is out of range; allowed: a number in [0, 1)"),
+        (["--sparsity", "abc"], "argument --sparsity/--ptarget: invalid float value: 'abc'"),
+        (["--epochs", "0"], "epochs=0 is not allowed; allowed: an integer >= 1"),
+        (["--dataset", "cifar10"], "needs data_dir"),
+        (["--dataset", "cifar10", "--data-dir", "/nonexistent/dir"], "/nonexistent/dir"),
+        (["--device", "cuda:7"], "device='cuda:7' is not available here"),
+        (["--bogus"], "unrecognized arguments: --bogus"),
+    ],
+)
+def test_usage_errors_exit_2_with_one_line(tmp_path, capsys, argv, message):
+    code, out, err = run_cli(capsys, "train", "--out", tmp_path, *argv)
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith("sparsetrain: error: ")
+    assert message in err
+    assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+def test_corrupt_data_file_exits_2(tmp_path, capsys):
+    data = write_cifar10(tmp_path / "data", corrupt="data_batch_3")
+    code, _, err = run_cli(capsys, "train", "--dataset", "cifar10", "--data-dir", data, "--out", tmp_path / "runs")
+    assert code == 2 and err.count("\n") == 1
+    assert "data_batch_3 is not a valid CIFAR batch file" in err
+
+
+def test_config_file_with_unknown_key_exits_2(tmp_path, capsys):
+    config = tmp_path / "c.yaml"
+    config.write_text("epochs: 1\nlearning_rate: 0.1\n")
+    code, _, err = run_cli(capsys, "train", "--config", config, "--out", tmp_path / "runs")
+    assert code == 2 and err.count("\n") == 1
+    assert "unknown option 'learning_rate'; known options: model, model_args" in err
+
+
+def test_existing_run_folder_is_never_overwritten(tmp_path, capsys):
+    run = tmp_path / "taken"
+    run.mkdir()
+    (run / "keep.txt").write_text("precious")
+    code, _, err = run_cli(capsys, "train", "--out", tmp_path, "--name", "taken")
+    assert code == 2 and "already exists; allowed: --resume to continue it, or a new --name" in err
+    assert [p.name for p in run.iterdir()] == ["keep.txt"] and (run / "keep.txt").read_text() == "precious"
+
+
+def test_resume_rejects_changed_options_and_missing_runs(tmp_path, capsys):
+    code, _, err = run_cli(capsys, "train", "--resume", tmp_path / "nothing")
+    assert code == 2 and "has no config.json" in err
+    code, _, err = run_cli(capsys, "train", "--out", tmp_path, "--name", "r", "--epochs", 1, "--device", "cpu", *SMALL)
+    assert code == 0, err
+    code, _, err = run_cli(capsys, "train", "--resume", tmp_path / "r", "--lr", 0.5)
+    assert code == 2 and "--lr cannot change when resuming" in err
+
+
+def test_eval_of_a_missing_run(tmp_path, capsys):
+    code, _, err = run_cli(capsys, "eval", tmp_path / "nope")
+    assert code == 2 and "is not a run folder or a weights file" in err
+
+
+def test_resume_of_a_killed_run_equals_a_straight_run(tmp_path):
+    args = ["--epochs", "3", "--device", "cpu", "--out", str(tmp_path), "--method", "st3", "--workers", "1", *SMALL,
+            "--limit", "1024"]
+    command = [sys.executable, "-m", "sparsetrain", "train"]
+    straight = subprocess.run([*command, *args, "--name", "straight"], capture_output=True, text=True, timeout=300)
+    assert straight.returncode == 0, straight.stderr
+
+    killed = tmp_path / "killed"
+    process = subprocess.Popen([*command, *args, "--name", "killed"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in process.stdout:  # kill the moment epoch 1 is reported: its checkpoint is on disk
+        if line.startswith("epoch 1/3"):
+            process.kill()
+            break
+    process.wait(timeout=60)
+    assert process.returncode != 0 and not (killed / "model.safetensors").exists()
+    assert len((killed / "metrics.jsonl").read_text().splitlines()) == 1
+
+    resumed = subprocess.run([*command, "--resume", str(killed), "--workers", "1"], capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert resumed.stdout.startswith("epoch 2/3")
+    expected = load_file(str(tmp_path / "straight" / "model.safetensors"))
+    got = load_file(str(killed / "model.safetensors"))
+    assert expected.keys() == got.keys()
+    for key in expected:
+        assert (expected[key] == got[key]).all(), key
+    straight_metrics = (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()
+    resumed_metrics = (killed / "metrics.jsonl").read_text().splitlines()
+    strip = lambda lines: [{k: v for k, v in json.loads(l).items() if k != "epoch_time"} for l in lines]
+    assert strip(resumed_metrics) == strip(straight_metrics)
