@@ -338,6 +338,7 @@ def fit(setup: Setup, log: Callable[[str], None] = print) -> dict[str, Any]:
                 sparsifier.step()
             loss_sum += loss.detach()
         train_loss = _mean_over_ranks(loss_sum / len(setup.train_loader), ranks)
+        train_time = time.perf_counter() - start
         _share_buffers(model, ranks)
         test_loss, test_acc = evaluate(model, setup.test_loader)
         record = {
@@ -346,6 +347,7 @@ def fit(setup: Setup, log: Callable[[str], None] = print) -> dict[str, Any]:
             "test_loss": test_loss,
             "test_acc": test_acc,
             "lr": setup.scheduler.get_last_lr()[0],
+            "train_time": train_time,
             "epoch_time": time.perf_counter() - start,
         }
         if sparsifier is not None:

@@ -1,0 +1,265 @@
+"""Layer-wise relevance propagation (LRP) with the alpha-beta rule, for feature relevance scores.
+
+Relevance R starts at the output as the true class's logit (a one-hot of the label times the
+logits) and flows back layer by layer:
+
+- Linear and Conv (alpha = 2, beta = 1; Bach et al. 2015, "On pixel-wise explanations ..."),
+  with contributions z_ij = x_i w_ij of input i to output j and the bias b_j as one more input:
+
+      R_i = sum_j (alpha z_ij+ / z_j+  -  beta z_ij- / z_j-) R_j,
+      z_j+ = sum_i z_ij+ + b_j+,   z_j- = sum_i z_ij- + b_j-
+
+  where t+ = max(t, 0) and t- = min(t, 0). The bias keeps (absorbs) its own share; a ratio
+  whose denominator is 0 has a numerator of 0 too and counts as 0 (no stabiliser is needed,
+  so the rule is exact).
+- Batch norm and ReLU pass relevance through unchanged (R_in = R_out).
+- Everything else without parameters (average and adaptive pooling, flatten, mean, residual
+  adds, concatenation) redistributes relevance in proportion to the contributions, as a
+  linear layer under the z-rule would: a sum c = a + b gives R_a = a R_c / c and
+  R_b = b R_c / c; max pooling gives all of it to the maximum.
+
+Implementation: relevance is carried by autograd in "gradient times input" form. Every tensor
+t in the graph carries g_t with R_t = t * g_t (elementwise). Autograd's own backward of
+a parameter-free op then is exactly the proportional rule above (for an add, g flows unchanged
+to both summands, so each gets summand * g = its proportional share), and ReLU's backward is
+the pass-through. Forward hooks swap in custom backwards for Linear/Conv (the alpha-beta rule)
+and batch norm (pass-through); the forward values are untouched. Entries where a layer's
+input is exactly 0 carry no relevance (R = 0 * g): a batch-norm input of exactly 0 loses the
+relevance of its output.
+
+The network is run in eval mode (batch norm uses its running statistics); other modules
+with their own parameters are rejected.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+ALPHA = 2.0
+BETA = 1.0
+
+_AFFINE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_NORM_TYPES: tuple[type[nn.Module], ...] = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+def _ratio(numerator: Tensor, denominator: Tensor) -> Tensor:
+    """numerator / denominator, 0 where the denominator is 0."""
+    zero = denominator == 0
+    return torch.where(zero, torch.zeros_like(numerator), numerator / torch.where(zero, 1.0, denominator))
+
+
+def _affine(module: nn.Module, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """The module's linear map with replaced parameters."""
+    if isinstance(module, nn.Linear):
+        return F.linear(x, weight, bias)
+    return module._conv_forward(x, weight, bias)  # type: ignore[operator]
+
+
+def alpha_beta(module: nn.Module, x: Tensor, relevance: Tensor,
+               alpha: float = ALPHA, beta: float = BETA) -> Tensor:
+    """R_in of a Linear/Conv ``module`` with input ``x`` for output relevance ``relevance``."""
+    with torch.enable_grad():
+        x_pos = x.clamp(min=0).detach().requires_grad_(True)
+        x_neg = x.clamp(max=0).detach().requires_grad_(True)
+        w_pos, w_neg = module.weight.detach().clamp(min=0), module.weight.detach().clamp(max=0)
+        bias = None if module.bias is None else module.bias.detach()
+        b_pos = None if bias is None else bias.clamp(min=0)
+        b_neg = None if bias is None else bias.clamp(max=0)
+        z_pos = _affine(module, x_pos, w_pos, b_pos) + _affine(module, x_neg, w_neg, None)
+        z_neg = _affine(module, x_pos, w_neg, b_neg) + _affine(module, x_neg, w_pos, None)
+        # d z+/d x+ is W+ and d z+/d x- is W- (likewise for z-), so these vector-Jacobian products
+        # give sum_j w_ij (alpha R_j / z_j+) over the positive contributions and the
+        # -beta R_j / z_j- counterpart over the negative ones.
+        g_pos, g_neg = torch.autograd.grad(
+            (z_pos, z_neg), (x_pos, x_neg),
+            (alpha * _ratio(relevance, z_pos), -beta * _ratio(relevance, z_neg)),
+        )
+    return x_pos.detach() * g_pos + x_neg.detach() * g_neg
+
+
+class _AlphaBetaBackward(torch.autograd.Function):
+    """Identity on the layer's output; backward maps g_out to g_in by the alpha-beta rule."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, out: Tensor, module: nn.Module) -> Tensor:
+        ctx.save_for_backward(x, out)
+        ctx.module = module
+        return out.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
+        x, out = ctx.saved_tensors
+        r_in = alpha_beta(ctx.module, x, out * grad)
+        # R_in = x * g_in; where x == 0 the rule gives R_in = 0 and g_in is set to 0.
+        return _ratio(r_in, x), None, None
+
+
+class _PassThroughBackward(torch.autograd.Function):
+    """Identity on the layer's output; backward passes relevance through (R_in = R_out)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, out: Tensor) -> Tensor:
+        ctx.save_for_backward(x, out)
+        return out.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        x, out = ctx.saved_tensors
+        return _ratio(out * grad, x), None
+
+
+def _check_supported(model: nn.Module) -> None:
+    for name, module in model.named_modules():
+        if isinstance(module, _AFFINE_TYPES + _NORM_TYPES):
+            continue
+        if any(True for _ in module.parameters(recurse=False)):
+            raise ValueError(
+                f"layer {name!r} ({type(module).__name__}) has parameters but no relevance rule; "
+                "allowed: Linear, Conv1d/2d/3d and BatchNorm1d/2d/3d with parameters, any parameter-free module."
+            )
+
+
+@contextmanager
+def _lrp_hooks(model: nn.Module) -> Iterator[dict[Any, tuple[str, str]]]:
+    """Swap in the relevance backwards; yields a map grad_fn -> (module name, "affine"/"norm")."""
+    _check_supported(model)
+    nodes: dict[Any, tuple[str, str]] = {}
+
+    def hook(name: str, kind: str):
+        def fn(module: nn.Module, inputs: tuple[Tensor, ...], out: Tensor) -> Tensor:
+            x = inputs[0]
+            if kind == "affine":
+                out = _AlphaBetaBackward.apply(x, out.detach(), module)
+            else:
+                out = _PassThroughBackward.apply(x, out.detach())
+            nodes[out.grad_fn] = (name, kind)
+            return out
+        return fn
+
+    handles = []
+    for name, module in model.named_modules():
+        if isinstance(module, _AFFINE_TYPES):
+            handles.append(module.register_forward_hook(hook(name, "affine")))
+        elif isinstance(module, _NORM_TYPES):
+            handles.append(module.register_forward_hook(hook(name, "norm")))
+    try:
+        yield nodes
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    modes = {module: module.training for module in model.modules()}
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes.items():
+            module.train(training)
+
+
+def _sources(grad_fn: Any, nodes: dict[Any, tuple[str, str]]) -> set[str]:
+    """Linear/Conv layers whose output reaches ``grad_fn`` through batch norms and adds only."""
+    found: set[str] = set()
+    stack, seen = [grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        name, kind = nodes.get(node, (None, None))
+        if kind == "affine":
+            found.add(name)
+        elif kind == "norm" or type(node).__name__ == "AddBackward0":
+            stack.extend(parent for parent, _ in node.next_functions)
+    return found
+
+
+class _Trace:
+    """One relevance forward pass: the logits and each traced ReLU's output and sources."""
+
+    def __init__(self, model: nn.Module, x: Tensor) -> None:
+        self.outputs: dict[str, Tensor] = {}
+        self.sources: dict[str, tuple[str, ...]] = {}
+        calls: dict[str, int] = {}
+
+        def relu_hook(name: str):
+            def fn(module: nn.Module, inputs: tuple[Tensor, ...], out: Tensor) -> None:
+                calls[name] = calls.get(name, 0) + 1
+                sources = _sources(inputs[0].grad_fn, nodes)
+                if sources:
+                    self.outputs[name] = out
+                    self.sources[name] = tuple(sorted(sources))
+            return fn
+
+        relus = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.ReLU)]
+        with _eval_mode(model), _lrp_hooks(model) as nodes:
+            handles = [m.register_forward_hook(relu_hook(n)) for n, m in relus]
+            try:
+                self.x = x.detach().clone().requires_grad_(True)
+                self.logits = model(self.x)
+            finally:
+                for handle in handles:
+                    handle.remove()
+        reused = sorted(name for name, count in calls.items() if count > 1)
+        if reused:
+            raise ValueError(
+                f"ReLU module {reused[0]!r} is called {calls[reused[0]]} times in one forward pass; "
+                "allowed: a separate nn.ReLU module for each activation."
+            )
+        if self.logits.dim() != 2:
+            raise ValueError(
+                f"the model's output has shape {tuple(self.logits.shape)}; allowed: logits of shape (N, classes)."
+            )
+
+    def relevance(self, y: Tensor) -> dict[str, Tensor]:
+        """Per-sample per-channel relevance (N, C), spatially averaged, at each traced ReLU."""
+        if y.shape != self.logits.shape[:1]:
+            raise ValueError(
+                f"labels have shape {tuple(y.shape)}; allowed: shape ({self.logits.shape[0]},), one per sample."
+            )
+        names = list(self.outputs)
+        start = F.one_hot(y.long(), self.logits.shape[1]).to(self.logits.dtype)
+        grads = torch.autograd.grad(self.logits, [self.outputs[n] for n in names], start, allow_unused=True)
+        result = {}
+        for name, grad in zip(names, grads):
+            out = self.outputs[name].detach()
+            r = out * grad if grad is not None else torch.zeros_like(out)
+            result[name] = r.flatten(2).mean(2) if r.dim() > 2 else r
+        return result
+
+
+def activation_sources(model: nn.Module, example_inputs: Tensor) -> dict[str, tuple[str, ...]]:
+    """For each ReLU module whose input comes from Linear/Conv layers through batch norms and
+    residual adds only, the names of those layers (sorted), in forward order of the ReLUs.
+
+    A channel c of such a ReLU's output is output channel c of each of its source layers.
+    ReLUs fed otherwise (e.g. by a concatenation, as in DenseNet's BN-ReLU-conv) are left out.
+    """
+    return _Trace(model, example_inputs).sources
+
+
+def channel_relevance(model: nn.Module, x: Tensor, y: Tensor) -> dict[str, Tensor]:
+    """LRP alpha-beta (2, 1) relevance of the true class ``y`` at each post-ReLU activation.
+
+    Returns, for each ReLU module listed by :func:`activation_sources`, the relevance of its
+    output averaged over spatial positions: a tensor (N, C) per module name. The model runs in
+    eval mode and is left in the mode it had; its parameters and gradients are untouched.
+    """
+    return _Trace(model, x).relevance(y)
+
+
+def input_relevance(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+    """LRP alpha-beta (2, 1) relevance of the true class ``y`` at the input, shape of ``x``."""
+    trace = _Trace(model, x)
+    start = F.one_hot(y.long(), trace.logits.shape[1]).to(trace.logits.dtype)
+    (grad,) = torch.autograd.grad(trace.logits, trace.x, start)
+    return trace.x.detach() * grad
