@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -11,6 +9,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator, PercentFormatter
 
+from .checkpoint import atomic_write
 from .report import SparsityReport
 
 
@@ -76,15 +75,6 @@ def _series(metrics: Sequence[Mapping[str, float]], key: str, scale: float = 1.0
 
 
 def _save(fig: Figure, path: str | Path) -> Path:
-    """Render `fig` as PNG to a temporary file beside `path`, then move it onto `path`."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")  # unique, and keeps the umask's permissions
+    """Render `fig` as PNG onto `path`, atomically."""
     FigureCanvasAgg(fig)  # Agg for this figure only; no pyplot, no global backend switch
-    try:
-        with open(tmp, "xb") as file:
-            fig.savefig(file, format="png", dpi=100)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))

@@ -63,3 +63,28 @@ def sparsity_report(source: nn.Module | Sparsifier) -> SparsityReport:
     if not stats:
         raise ValueError(f"model {type(source).__name__} has no prunable layer to report on.")
     return SparsityReport(tuple(LayerReport(*row) for row in stats))
+
+
+def count_flops(model: nn.Module, example_inputs: torch.Tensor, skip_zeros: bool = False) -> int:
+    """FLOPs of one forward pass (torch.utils.flop_counter, eval mode, no grad).
+
+    With ``skip_zeros`` each Conv/Linear layer's FLOPs are scaled by its weight density
+    (non-zeros / entries): the work of a sparse kernel that multiplies only non-zero weights.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    was_training = model.training
+    model.eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(example_inputs)
+    model.train(was_training)
+    if not skip_zeros:
+        return int(counter.get_total_flops())
+    per_module = counter.get_flop_counts()
+    root = type(model).__name__
+    total = counter.get_total_flops()
+    for name, module in find_prunable(model):
+        flops = sum(per_module.get(f"{root}.{name}", {}).values())
+        density = float(torch.count_nonzero(module.weight)) / module.weight.numel()
+        total -= round(flops * (1.0 - density))
+    return int(total)
