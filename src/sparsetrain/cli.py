@@ -10,7 +10,7 @@ import argparse
 import json
 import sys
 import tomllib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -20,6 +20,7 @@ import yaml
 from safetensors.torch import load_file
 from torch import nn
 
+from .bench import check_grid, grid_cells, run_grid
 from .checkpoint import load_checkpoint
 from .data import DATASET_NAMES, BatchLoader, load_dataset
 from .methods import list_methods
@@ -71,30 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     train = commands.add_parser("train", help="train a model while sparsifying it")
-    s = argparse.SUPPRESS  # options not given stay absent, so a config file can supply them
-    what = train.add_argument_group("what to train")
-    what.add_argument("--model", default=s, help=f"model name ({', '.join(list_models())})")
-    what.add_argument("--model-arg", dest="model_args", type=_model_arg, action="append", default=s,
-                      metavar="KEY=VALUE", help="model constructor argument, e.g. width=0.5 (repeatable)")
-    what.add_argument("--dataset", default=s, help=f"dataset ({', '.join(DATASET_NAMES)}); default cifar10-sample")
-    what.add_argument("--data-dir", default=s, help="folder holding cifar-10-batches-py or cifar-100-python")
-    what.add_argument("--limit", type=int, default=s, help="train on the first N training images only")
-    how = train.add_argument_group("sparsification")
-    how.add_argument("--method", default=s, help=f"{DENSE} or a preset ({', '.join(list_methods())}); default feather")
-    how.add_argument("--sparsity", "--ptarget", dest="sparsity", type=float, default=s, help="final sparsity in [0, 1); default 0.9")
-    how.add_argument("--t1", type=float, default=s, help="epoch at which pruning starts (default: the method's)")
-    how.add_argument("--pthres", type=int, default=s, help="leave layers with at most this many weights dense")
-    recipe = train.add_argument_group("recipe")
-    recipe.add_argument("--epochs", type=int, default=s, help="default 12 on the bundled sample, 160 on CIFAR")
-    recipe.add_argument("--batch-size", type=int, default=s, help="per process; default 128")
-    recipe.add_argument("--lr", type=float, default=s, help="default 0.1, cosine decay per step")
-    recipe.add_argument("--wd", type=float, default=s, help="weight decay on conv/linear weights; default 5e-4")
-    recipe.add_argument("--momentum", type=float, default=s, help="default 0.9")
-    recipe.add_argument("--clip", type=float, default=s, help="gradient-norm clipping; default 3")
-    recipe.add_argument("--seed", type=int, default=s, help="default 0")
+    _add_training_options(train, single_run=True)
+    s = argparse.SUPPRESS
     run = train.add_argument_group("run")
-    run.add_argument("--device", default=s, help="auto, cpu, cuda or cuda:N; default auto")
-    run.add_argument("--workers", type=int, default=s, help="CPU threads for torch (0: torch's default)")
     run.add_argument("--name", "--sname", dest="name", default=s, help="run name (default: model-method-sparsity-time)")
     run.add_argument("--out", default=s, help="folder of run folders; default runs")
     run.add_argument("--config", default=s, help="YAML or TOML file of these options; command-line options win")
@@ -108,8 +88,61 @@ def build_parser() -> argparse.ArgumentParser:
     report = commands.add_parser("report", help="print a run's per-layer sparsity table")
     report.add_argument("path", help="run folder, model.safetensors or checkpoint.safetensors")
 
+    bench = commands.add_parser("bench", help="train the grid of methods x sparsities x seeds and tabulate accuracy")
+    grid = bench.add_argument_group("grid")
+    grid.add_argument("--methods", type=_name_list, default=["feather", "st3", "st3-sigma", "gmp", "ste"],
+                      help="comma-separated methods; the dense reference always runs")
+    grid.add_argument("--sparsities", type=_float_list, default=[0.9, 0.95, 0.98, 0.99], help="comma-separated")
+    grid.add_argument("--seeds", type=_int_list, default=[0, 1], help="comma-separated")
+    grid.add_argument("--out", default="bench", help="grid folder; re-running it skips finished cells")
+    _add_training_options(bench, single_run=False)
+
     commands.add_parser("list", help="list models, methods and datasets")
     return parser
+
+
+def _list_of(kind: type, what: str):
+    def parse(text: str) -> list:
+        try:
+            return [kind(item) for item in text.split(",") if item.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of {what}") from None
+
+    return parse
+
+
+_name_list, _float_list, _int_list = _list_of(str, "names"), _list_of(float, "numbers"), _list_of(int, "integers")
+
+
+def _add_training_options(parser: argparse.ArgumentParser, single_run: bool) -> None:
+    """The recipe options; a single run also chooses its method, sparsity and seed."""
+    s = argparse.SUPPRESS  # options not given stay absent, so a config file or the defaults supply them
+    what = parser.add_argument_group("what to train")
+    what.add_argument("--model", default=s, help=f"model name ({', '.join(list_models())})")
+    what.add_argument("--model-arg", dest="model_args", type=_model_arg, action="append", default=s,
+                      metavar="KEY=VALUE", help="model constructor argument, e.g. width=0.5 (repeatable)")
+    what.add_argument("--dataset", default=s, help=f"dataset ({', '.join(DATASET_NAMES)}); default cifar10-sample")
+    what.add_argument("--data-dir", default=s, help="folder holding cifar-10-batches-py or cifar-100-python")
+    what.add_argument("--limit", type=int, default=s, help="train on the first N training images only")
+    how = parser.add_argument_group("sparsification")
+    if single_run:
+        how.add_argument("--method", default=s, help=f"{DENSE} or a preset ({', '.join(list_methods())}); default feather")
+        how.add_argument("--sparsity", "--ptarget", dest="sparsity", type=float, default=s,
+                         help="final sparsity in [0, 1); default 0.9")
+    how.add_argument("--t1", type=float, default=s, help="epoch at which pruning starts (default: the method's)")
+    how.add_argument("--pthres", type=int, default=s, help="leave layers with at most this many weights dense")
+    recipe = parser.add_argument_group("recipe")
+    recipe.add_argument("--epochs", type=int, default=s, help="default 12 on the bundled sample, 160 on CIFAR")
+    recipe.add_argument("--batch-size", type=int, default=s, help="per process; default 128")
+    recipe.add_argument("--lr", type=float, default=s, help="default 0.1, cosine decay per step")
+    recipe.add_argument("--wd", type=float, default=s, help="weight decay on conv/linear weights; default 5e-4")
+    recipe.add_argument("--momentum", type=float, default=s, help="default 0.9")
+    recipe.add_argument("--clip", type=float, default=s, help="gradient-norm clipping; default 3")
+    if single_run:
+        recipe.add_argument("--seed", type=int, default=s, help="default 0")
+    device = parser.add_argument_group("device")
+    device.add_argument("--device", default=s, help="auto, cpu, cuda or cuda:N; default auto")
+    device.add_argument("--workers", type=int, default=s, help="CPU threads for torch (0: torch's default)")
 
 
 def read_config_file(path: str) -> dict[str, Any]:
@@ -204,26 +237,38 @@ def command_list() -> None:
     print("datasets: " + ", ".join(DATASET_NAMES))
 
 
+def _checked_command(args: dict[str, Any]) -> Callable[[], None]:
+    """Validate the request (usage errors raise here, before anything is written) and return the work."""
+    command = args.pop("command")
+    if command == "train":
+        options, resume = train_options(args)
+        setup = prepare(options, resume)
+        return lambda: fit(setup)
+    if command == "bench":
+        grid = {key: args.pop(key) for key in ("methods", "sparsities", "seeds", "out")}
+        if "model_args" in args:
+            args["model_args"] = dict(args["model_args"])
+        cells = grid_cells(grid["methods"], grid["sparsities"], grid["seeds"])
+        check_grid(args, cells, grid["out"])
+        return lambda: run_grid(args, cells, grid["out"])
+    if command == "eval":
+        command_eval(args["path"], args["data_dir"], args["device"])
+    elif command == "report":
+        command_report(args["path"])
+    else:
+        command_list()
+    return lambda: None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     try:
-        args = vars(build_parser().parse_args(argv))
-        command = args.pop("command")
-        if command == "train":
-            options, resume = train_options(args)
-            setup = prepare(options, resume)
-        elif command == "eval":
-            command_eval(args["path"], args["data_dir"], args["device"])
-        elif command == "report":
-            command_report(args["path"])
-        else:
-            command_list()
+        work = _checked_command(vars(build_parser().parse_args(argv)))
     except (UsageError, ValueError) as error:
         print(f"sparsetrain: error: {error}", file=sys.stderr)
         return USAGE_ERROR
-    if command == "train":
-        fit(setup)
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    work()
+    if dist.is_initialized():
+        dist.destroy_process_group()
     return 0
 
 

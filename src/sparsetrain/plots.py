@@ -78,3 +78,53 @@ def _save(fig: Figure, path: str | Path) -> Path:
     """Render `fig` as PNG onto `path`, atomically."""
     FigureCanvasAgg(fig)  # Agg for this figure only; no pyplot, no global backend switch
     return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+
+
+def _by_method(records: Sequence[Mapping]) -> dict[str, list[Mapping]]:
+    groups: dict[str, list[Mapping]] = {}
+    for record in records:
+        groups.setdefault(str(record["method"]), []).append(record)
+    return groups
+
+
+def plot_accuracy_vs_sparsity(records: Sequence[Mapping], path: str | Path) -> Path:
+    """Mean ± std test accuracy against target sparsity, one line per method; dense as a band."""
+    if not records:
+        raise ValueError("records is empty: there is no run to plot.")
+    fig = Figure(figsize=(7, 4.5), layout="constrained")
+    ax = fig.subplots()
+    for method, rows in sorted(_by_method(records).items()):
+        accs = [100 * r["test_acc"] for r in rows]
+        if method == "dense":
+            mean = sum(accs) / len(accs)
+            ax.axhline(mean, color="black", linestyle="--", label=f"dense ({mean:.1f}%)")
+            continue
+        sparsities = sorted({r["sparsity"] for r in rows})
+        groups = [[100 * r["test_acc"] for r in rows if r["sparsity"] == s] for s in sparsities]
+        means = [sum(g) / len(g) for g in groups]
+        stds = [(sum((a - m) ** 2 for a in g) / (len(g) - 1)) ** 0.5 if len(g) > 1 else 0.0 for g, m in zip(groups, means)]
+        ax.errorbar([100 * s for s in sparsities], means, yerr=stds, marker="o", capsize=3, label=method)
+    ax.set_xlabel("sparsity")
+    ax.set_ylabel("test accuracy")
+    ax.xaxis.set_major_formatter(PercentFormatter())
+    ax.yaxis.set_major_formatter(PercentFormatter())
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower left", fontsize=8)
+    return _save(fig, path)
+
+
+def plot_accuracy_vs_flops(records: Sequence[Mapping], path: str | Path) -> Path:
+    """Test accuracy against FLOPs (non-zero weights only, % of dense), every run a point, per method."""
+    if not records:
+        raise ValueError("records is empty: there is no run to plot.")
+    fig = Figure(figsize=(7, 4.5), layout="constrained")
+    ax = fig.subplots()
+    for method, rows in sorted(_by_method(records).items()):
+        ax.scatter([100 * r["flops"] / r["dense_flops"] for r in rows], [100 * r["test_acc"] for r in rows], label=method)
+    ax.set_xscale("log")
+    ax.set_xlabel("FLOPs, % of dense (log scale)")
+    ax.set_ylabel("test accuracy")
+    ax.yaxis.set_major_formatter(PercentFormatter())
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(loc="lower right", fontsize=8)
+    return _save(fig, path)

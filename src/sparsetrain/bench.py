@@ -1,0 +1,188 @@
+"""The comparison grid: accuracy against sparsity for every method, resumable, with a table and plots.
+
+A grid trains the dense reference once per seed and every (method, sparsity, seed) cell with
+the same recipe. Each finished cell appends one record to ``results.jsonl``; re-running the grid
+skips finished cells, resumes a cell killed mid-run from its last epoch checkpoint, and drops a
+truncated last line of the results file (a grid killed while writing it) without losing the
+other records.
+
+Folder layout: ``grid.json`` (the grid's options), ``results.jsonl``, ``runs/<cell>/`` (one
+training run folder per cell), ``results.md`` and the plots ``accuracy_vs_sparsity.png`` and
+``accuracy_vs_flops.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import statistics
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+
+from .checkpoint import atomic_write, write_json
+from .models import create_model, input_size
+from .plots import plot_accuracy_vs_flops, plot_accuracy_vs_sparsity
+from .report import count_flops
+from .train import CHECKPOINT, CONFIG, DENSE, METRICS, MODEL, TrainOptions, options_from_dict, train
+
+RESULTS, GRID, TABLE = "results.jsonl", "grid.json", "results.md"
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One training run of the grid."""
+
+    method: str
+    sparsity: float
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.method}-s{self.sparsity:g}-seed{self.seed}"
+
+
+def grid_cells(methods: Sequence[str], sparsities: Sequence[float], seeds: Sequence[int]) -> list[Cell]:
+    """The dense reference per seed, then every method x sparsity x seed."""
+    cells = [Cell(DENSE, 0.0, seed) for seed in seeds]
+    cells += [Cell(m, s, seed) for m in methods if m != DENSE for s in sparsities for seed in seeds]
+    return cells
+
+
+def read_results(path: Path) -> list[dict[str, Any]]:
+    """The finished records; a truncated last line (a write cut short) is dropped from the file."""
+    if not path.is_file():
+        return []
+    lines = path.read_text().splitlines()
+    records = []
+    for number, line in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number != len(lines) - 1:
+                raise ValueError(f"{path} line {number + 1} is not JSON; only a truncated last line is repaired.") from None
+            text = "".join(json.dumps(r) + "\n" for r in records)
+            atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+    return records
+
+
+def _append(path: Path, record: dict[str, Any]) -> None:
+    with open(path, "a") as file:
+        file.write(json.dumps(record) + "\n")
+        file.flush()
+        os.fsync(file.fileno())
+
+
+def _measure(run_dir: Path, options: TrainOptions) -> dict[str, Any]:
+    """Accuracy, reached sparsity, params and FLOPs (non-zero weights only) of a finished run."""
+    config = json.loads((run_dir / CONFIG).read_text())
+    model = create_model(config["model"]["name"], **config["model"]["kwargs"])
+    model.load_state_dict(load_file(str(run_dir / MODEL)))
+    example = torch.zeros(1, *input_size(options.model))
+    history = [json.loads(line) for line in (run_dir / METRICS).read_text().splitlines()]
+    return {
+        "test_acc": config["metrics"]["test_acc"],
+        "sparsity_reached": config["metrics"]["sparsity"],
+        "params": sum(p.numel() for p in model.parameters()),
+        "nonzero_params": sum(int(torch.count_nonzero(p)) for p in model.parameters()),
+        "flops": count_flops(model, example, skip_zeros=True),
+        "dense_flops": count_flops(model, example),
+        "wall_time": sum(record["epoch_time"] for record in history),
+    }
+
+
+def _shared_options(base: dict[str, Any]) -> dict[str, Any]:
+    """The options that define a grid's results (not where or how fast it runs)."""
+    return {key: value for key, value in base.items() if key not in ("device", "workers")}
+
+
+def check_grid(base: dict[str, Any], cells: Sequence[Cell], out: str | Path) -> None:
+    """Raise ValueError, before anything trains, for a bad cell option or a folder holding another grid."""
+    if not cells:
+        raise ValueError("the grid has no cell; allowed: at least one seed.")
+    for cell in cells:
+        options_from_dict({**base, "method": cell.method, "sparsity": cell.sparsity, "seed": cell.seed, "name": "check"})
+    saved = Path(out) / GRID
+    if saved.is_file() and json.loads(saved.read_text()) != _shared_options(base):
+        raise ValueError(f"{out} holds a grid with other options ({saved}); allowed: the same options, or a new --out.")
+
+
+def run_grid(
+    base: dict[str, Any],
+    cells: Sequence[Cell],
+    out: str | Path,
+    log: Callable[[str], None] = print,
+) -> list[dict[str, Any]]:
+    """Train every unfinished cell of the grid in ``out``; write the table and plots; return all records.
+
+    ``base`` holds the training options shared by every cell (model, epochs, data, recipe).
+    """
+    out = Path(out)
+    check_grid(base, cells, out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / GRID, _shared_options(base))
+    results_path = out / RESULTS
+    records = read_results(results_path)
+    done = {record["cell"] for record in records}
+    for index, cell in enumerate(cells):
+        if cell.name in done:
+            continue
+        options = options_from_dict(
+            {**base, "method": cell.method, "sparsity": cell.sparsity, "seed": cell.seed,
+             "out": str(out / "runs"), "name": cell.name}
+        )
+        run_dir = options.run_dir
+        resume = (run_dir / CHECKPOINT).is_file()
+        if run_dir.exists() and not resume:
+            shutil.rmtree(run_dir)  # killed before its first checkpoint: nothing to keep
+        log(f"[{index + 1}/{len(cells)}] {cell.name}" + (" (resuming)" if resume else ""))
+        train(options, resume=resume, log=lambda line: log(f"  {line}"))
+        record = {"cell": cell.name, "method": cell.method, "sparsity": cell.sparsity, "seed": cell.seed,
+                  **_measure(run_dir, options)}
+        _append(results_path, record)
+        records.append(record)
+    write_outputs(records, out)
+    return records
+
+
+def summarise(records: Sequence[dict[str, Any]]) -> dict[tuple[str, float], tuple[float, float, int]]:
+    """(method, sparsity) -> (mean accuracy, std accuracy, runs); std is 0 for a single run."""
+    groups: dict[tuple[str, float], list[float]] = {}
+    for record in records:
+        groups.setdefault((record["method"], record["sparsity"]), []).append(record["test_acc"])
+    return {key: (statistics.mean(v), statistics.stdev(v) if len(v) > 1 else 0.0, len(v)) for key, v in groups.items()}
+
+
+def results_table(records: Sequence[dict[str, Any]]) -> str:
+    """Markdown: mean ± std test accuracy (%) per method (rows) and target sparsity (columns)."""
+    summary = summarise(records)
+    sparsities = sorted({s for m, s in summary if m != DENSE})
+    methods = sorted({m for m, _ in summary}, key=lambda m: (m != DENSE, m))
+    rows = ["| method | " + " | ".join(f"{s:.0%}" for s in sparsities) + " |", "|---" + "|---:" * len(sparsities) + "|"]
+    for method in methods:
+        cells = []
+        for sparsity in sparsities:
+            key = (method, 0.0 if method == DENSE else sparsity)
+            if key in summary:
+                mean, std, n = summary[key]
+                cells.append(f"{100 * mean:.2f} ± {100 * std:.2f} (n={n})")
+            else:
+                cells.append("—")
+        label = "dense (reference, unpruned)" if method == DENSE else method
+        rows.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def write_outputs(records: Sequence[dict[str, Any]], out: Path) -> None:
+    """results.md and the two plots."""
+    if not records:
+        return
+    atomic_write(out / TABLE, lambda tmp: Path(tmp).write_text(results_table(records) + "\n"))
+    plot_accuracy_vs_sparsity(records, out / "accuracy_vs_sparsity.png")
+    plot_accuracy_vs_flops(records, out / "accuracy_vs_flops.png")
+

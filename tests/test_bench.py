@@ -1,0 +1,88 @@
+"""The comparison grid: end to end, skipping finished cells, repairing a truncated results file."""
+
+import json
+
+import pytest
+
+from sparsetrain.bench import grid_cells, read_results, results_table, run_grid
+from sparsetrain.cli import main
+
+BASE = {"epochs": 1, "limit": 128, "batch_size": 64, "model_args": {"width": 0.25}, "device": "cpu", "workers": 1}
+
+
+@pytest.fixture(scope="module")
+def finished_grid(tmp_path_factory):
+    out = tmp_path_factory.mktemp("grid")
+    cells = grid_cells(["feather", "gmp"], [0.9], [0])
+    lines = []
+    records = run_grid(BASE, cells, out, log=lines.append)
+    return out, cells, records, lines
+
+
+def test_tiny_grid_writes_results_table_and_plots(finished_grid):
+    out, cells, records, lines = finished_grid
+    assert [c.name for c in cells] == ["dense-s0-seed0", "feather-s0.9-seed0", "gmp-s0.9-seed0"]
+    assert [r["cell"] for r in records] == [c.name for c in cells]
+    for name in ("results.jsonl", "results.md", "accuracy_vs_sparsity.png", "accuracy_vs_flops.png", "grid.json"):
+        assert (out / name).is_file(), name
+    sparse = [r for r in records if r["method"] != "dense"]
+    for record in sparse:
+        assert record["sparsity_reached"] == pytest.approx(0.9, abs=1e-4)
+        assert record["flops"] < 0.5 * record["dense_flops"]
+        assert record["nonzero_params"] < record["params"]
+        assert record["wall_time"] > 0
+    table = (out / "results.md").read_text()
+    assert "| feather | " in table and "(n=1)" in table
+    assert (out / "accuracy_vs_flops.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_rerunning_a_finished_grid_trains_nothing(finished_grid):
+    out, cells, records, _ = finished_grid
+    lines = []
+    again = run_grid(BASE, cells, out, log=lines.append)
+    assert lines == [] and again == records
+
+
+def test_truncated_last_line_is_repaired_without_losing_finished_cells(finished_grid):
+    out, cells, records, _ = finished_grid
+    results = out / "results.jsonl"
+    text = results.read_text()
+    results.write_text(text[: len(text) - 25])  # the last record was cut mid-write
+    assert [r["cell"] for r in read_results(results)] == [c.name for c in cells[:2]]
+    lines = []
+    again = run_grid(BASE, cells, out, log=lines.append)
+    assert lines[0] == "[3/3] gmp-s0.9-seed0 (resuming)"  # only the lost cell, from its final checkpoint
+    assert not any(line.strip().startswith("epoch") for line in lines)  # nothing left to train
+    assert [r["cell"] for r in again] == [c.name for c in cells]
+    assert again[:2] == records[:2] and again[2]["test_acc"] == records[2]["test_acc"]
+
+
+def test_a_cell_killed_before_its_first_checkpoint_restarts(tmp_path):
+    cells = grid_cells(["ste"], [0.5], [0])[:1]  # just the dense cell
+    stale = tmp_path / "runs" / cells[0].name
+    stale.mkdir(parents=True)
+    (stale / "config.json").write_text("{}")
+    records = run_grid(BASE, cells, tmp_path, log=lambda line: None)
+    assert records[0]["cell"] == cells[0].name and (stale / "model.safetensors").is_file()
+
+
+def test_results_table_mean_and_std():
+    records = [
+        {"method": "dense", "sparsity": 0.0, "test_acc": 0.9},
+        {"method": "feather", "sparsity": 0.9, "test_acc": 0.8},
+        {"method": "feather", "sparsity": 0.9, "test_acc": 0.6},
+    ]
+    table = results_table(records)
+    assert "| feather | 70.00 ± 14.14 (n=2) |" in table
+    assert "| dense (reference, unpruned) | 90.00 ± 0.00 (n=1) |" in table
+
+
+def test_bench_cli_usage_errors(tmp_path, capsys):
+    assert main(["bench", "--methods", "feathr", "--out", str(tmp_path / "g")]) == 2
+    assert "unknown method 'feathr'" in capsys.readouterr().err
+    assert main(["bench", "--sparsities", "0.9,x", "--out", str(tmp_path / "g")]) == 2
+    assert "is not a comma-separated list of numbers" in capsys.readouterr().err
+    (tmp_path / "g").mkdir()
+    (tmp_path / "g" / "grid.json").write_text(json.dumps({"epochs": 99}))
+    assert main(["bench", "--epochs", "1", "--out", str(tmp_path / "g")]) == 2
+    assert "holds a grid with other options" in capsys.readouterr().err
