@@ -24,13 +24,15 @@ from .bench import check_grid, grid_cells, run_grid
 from .checkpoint import load_checkpoint
 from .data import DATASET_NAMES, BatchLoader, load_dataset
 from .methods import list_methods
-from .models import create_model, list_models
-from .report import sparsity_report
+from .models import create_model, input_size, list_models
+from .report import size_report, sparsity_report
 from .sparsifier import Sparsifier
+from .structured import GDP, rebuild
 from .train import (
     CHECKPOINT,
     CONFIG,
     DENSE,
+    STRUCTURED,
     EVAL_BATCH_SIZE,
     MODEL,
     TrainOptions,
@@ -126,11 +128,17 @@ def _add_training_options(parser: argparse.ArgumentParser, single_run: bool) -> 
     what.add_argument("--limit", type=int, default=s, help="train on the first N training images only")
     how = parser.add_argument_group("sparsification")
     if single_run:
-        how.add_argument("--method", default=s, help=f"{DENSE} or a preset ({', '.join(list_methods())}); default feather")
+        how.add_argument("--method", default=s,
+                         help=f"{DENSE}, a preset ({', '.join(list_methods())}) or channel pruning ({', '.join(STRUCTURED)}); default feather")
         how.add_argument("--sparsity", "--ptarget", dest="sparsity", type=float, default=s,
                          help="final sparsity in [0, 1); default 0.9")
     how.add_argument("--t1", type=float, default=s, help="epoch at which pruning starts (default: the method's)")
     how.add_argument("--pthres", type=int, default=s, help="leave layers with at most this many weights dense")
+    how.add_argument("--flops-target", type=float, default=s, help="gdp: FLOPs of the compact model, fraction of dense; default 0.5")
+    how.add_argument("--prune-every", type=int, default=s, help="frs: epochs between pruning steps (default: 21/200 of training)")
+    how.add_argument("--channels-per-step", type=int, default=s,
+                     help="frs: channels removed per step (default: 30 %% of the prunable channels over the schedule)")
+    how.add_argument("--stop-at", type=int, default=s, help="frs: last epoch that prunes (default: 150/200 of training)")
     recipe = parser.add_argument_group("recipe")
     recipe.add_argument("--epochs", type=int, default=s, help="default 12 on the bundled sample, 160 on CIFAR")
     recipe.add_argument("--batch-size", type=int, default=s, help="per process; default 128")
@@ -197,17 +205,23 @@ def _run_files(path: str) -> tuple[Path, Path]:
 
 
 def load_run_model(path: str, device: torch.device) -> tuple[nn.Module, dict[str, Any], Sparsifier | None]:
-    """Rebuild a run's model from config.json and load its weights (final or mid-training)."""
+    """Rebuild a run's model from config.json (with its saved widths when channels were removed)
+    and load its weights: the final ones, or a checkpoint's with the method re-attached."""
     config_path, weights = _run_files(path)
     config = json.loads(config_path.read_text())
-    model = create_model(config["model"]["name"], **config["model"]["kwargs"]).to(device)
-    if weights.name != CHECKPOINT:
+    name, kwargs = config["model"]["name"], config["model"]["kwargs"]
+    state = load_checkpoint(weights, device) if weights.name == CHECKPOINT else None
+    shapes = config.get("shapes") if state is None else state.get("shapes")
+    model = (rebuild(name, kwargs, shapes) if shapes else create_model(name, **kwargs)).to(device)
+    if state is None:
         model.load_state_dict(load_file(str(weights), device=str(device)))
         return model, config, None
     options = config["options"]
-    state = load_checkpoint(weights, device)
     sparsifier = None
-    if options["method"] != DENSE:
+    if options["method"] == "gdp":
+        example = torch.zeros(2, *input_size(name), device=device)
+        GDP(model, options["flops_target"], 1, example).load_state_dict(state["structured"])
+    elif options["method"] in list_methods():
         sparsifier = Sparsifier(model, options["method"], options["sparsity"], 1, min_size=options["pthres"] + 1)
         sparsifier.load_state_dict(state["sparsifier"])
     model.load_state_dict(state["model"])
@@ -227,13 +241,17 @@ def command_eval(path: str, data_dir: str | None, device_spec: str) -> None:
 
 def command_report(path: str) -> None:
     model, config, sparsifier = load_run_model(path, torch.device("cpu"))
-    print(f"{config['model']['name']} · {config['options']['method']} · target sparsity {config['options']['sparsity']:.2%}")
-    print(sparsity_report(sparsifier if sparsifier is not None else model).to_markdown())
+    name, options = config["model"]["name"], config["options"]
+    print(f"{name} · {options['method']} · target sparsity {options['sparsity']:.2%}\n")
+    print(sparsity_report(sparsifier if sparsifier is not None else model).to_markdown() + "\n")
+    if sparsifier is None:  # a finished model: sizes before and after
+        example = torch.zeros(1, *input_size(name))
+        print(size_report(create_model(name, **config["model"]["kwargs"]), model, example))
 
 
 def command_list() -> None:
     print("models:   " + ", ".join(list_models()))
-    print("methods:  " + ", ".join([DENSE, *list_methods()]))
+    print("methods:  " + ", ".join([DENSE, *list_methods(), *STRUCTURED]))
     print("datasets: " + ", ".join(DATASET_NAMES))
 
 

@@ -88,3 +88,30 @@ def count_flops(model: nn.Module, example_inputs: torch.Tensor, skip_zeros: bool
         density = float(torch.count_nonzero(module.weight)) / module.weight.numel()
         total -= round(flops * (1.0 - density))
     return int(total)
+
+
+def size_report(before: nn.Module, after: nn.Module, example_inputs: torch.Tensor) -> str:
+    """Markdown: parameters and FLOPs (non-zero weights only) of ``before`` and ``after``, and each
+    Conv/Linear layer's output width in both."""
+    params = [sum(p.numel() for p in m.parameters()) for m in (before, after)]
+    nonzero = [sum(int(torch.count_nonzero(p)) for p in m.parameters()) for m in (before, after)]
+    flops = [count_flops(m, example_inputs, skip_zeros=True) for m in (before, after)]
+    rows = [
+        "| | before | after | ratio |",
+        "|---|---:|---:|---:|",
+        f"| parameters | {params[0]:,} | {params[1]:,} | {params[1] / params[0]:.2%} |",
+        f"| non-zero parameters | {nonzero[0]:,} | {nonzero[1]:,} | {nonzero[1] / nonzero[0]:.2%} |",
+        f"| FLOPs (non-zero weights) | {flops[0]:,} | {flops[1]:,} | {flops[1] / flops[0]:.2%} |",
+        "",
+        "| layer | width before | width after |",
+        "|---|---:|---:|",
+    ]
+    after_layers = dict(find_prunable(after))
+    for name, module in find_prunable(before):
+        width = _width(module)
+        rows.append(f"| {name} | {width} | {_width(after_layers[name]) if name in after_layers else 0} |")
+    return "\n".join(rows)
+
+
+def _width(module: nn.Module) -> int:
+    return int(getattr(module, "out_channels", getattr(module, "out_features", 0)))

@@ -38,11 +38,16 @@ from .data import DATASET_NAMES, BatchLoader, ImageDataset, load_dataset
 from .methods import list_methods
 from .models import create_model, list_models
 from .plots import plot_layer_sparsity, plot_training
-from .report import sparsity_report
+from .report import count_flops, sparsity_report
 from .schedules import validate_sparsity
 from .sparsifier import Sparsifier
+from .structured import GDP, layer_shapes, rebuild
+from .structured.frs import FRS
+from .structured.gdp import validate_flops_target
 
 DENSE = "dense"
+STRUCTURED = ("gdp", "frs")
+FRS_DEFAULT_FRACTION = 0.3  # of the prunable channels, removed over the schedule when channels_per_step is unset
 DEFAULT_EPOCHS = {"cifar10-sample": 12, "cifar10": 160, "cifar100": 160}
 EVAL_BATCH_SIZE = 256
 CONFIG, METRICS, CHECKPOINT, MODEL, REPORT = (
@@ -72,6 +77,10 @@ class TrainOptions:
     clip: float = 3.0
     t1: float | None = None
     pthres: int = 0
+    flops_target: float = 0.5
+    prune_every: int | None = None
+    channels_per_step: int | None = None
+    stop_at: int | None = None
     seed: int = 0
     device: str = "auto"
     workers: int = 0
@@ -82,7 +91,7 @@ class TrainOptions:
     def __post_init__(self) -> None:
         if self.model not in list_models():
             raise ValueError(f"unknown model {self.model!r}; known models: {', '.join(list_models())}.")
-        methods = [DENSE, *list_methods()]
+        methods = [DENSE, *list_methods(), *STRUCTURED]
         if self.method not in methods:
             raise ValueError(f"unknown method {self.method!r}; known methods: {', '.join(methods)}.")
         if self.dataset not in DATASET_NAMES:
@@ -99,8 +108,15 @@ class TrainOptions:
         _check_number("seed", self.seed, int, minimum=0)
         _check_number("workers", self.workers, int, minimum=0)
         _check_number("limit", self.limit, int, minimum=1, optional=True)
+        validate_flops_target(self.flops_target)
+        _check_number("prune_every", self.prune_every, int, minimum=1, optional=True)
+        _check_number("channels_per_step", self.channels_per_step, int, minimum=1, optional=True)
+        _check_number("stop_at", self.stop_at, int, minimum=1, optional=True)
         if self.epochs is None:
             object.__setattr__(self, "epochs", DEFAULT_EPOCHS[self.dataset])
+        if self.method == "frs":  # the public FRS schedule (every 21 epochs until 150 of 200), scaled
+            object.__setattr__(self, "prune_every", self.prune_every or max(1, round(self.epochs * 21 / 200)))
+            object.__setattr__(self, "stop_at", self.stop_at or max(1, round(self.epochs * 150 / 200)))
         if self.name is None:
             stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
             object.__setattr__(self, "name", f"{self.model}-{self.method}-{self.sparsity:g}-{stamp}")
@@ -184,6 +200,8 @@ class Setup:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     sparsifier: Sparsifier | None
+    structured: GDP | FRS | None = None
+    example_inputs: torch.Tensor | None = None
     start_epoch: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
 
@@ -208,8 +226,13 @@ def prepare(options: TrainOptions, resume: bool = False) -> Setup:
     if options.workers:
         torch.set_num_threads(options.workers)
     data = load_dataset(options.dataset, options.data_dir)
+    state = load_checkpoint(run_dir / CHECKPOINT, device) if resume else None
     torch.manual_seed(options.seed)
-    model = create_model(options.model, **model_record(options, data.num_classes)["kwargs"]).to(device)
+    record = model_record(options, data.num_classes)
+    if state is not None and state.get("shapes"):  # channels were removed: rebuild the compact model
+        model = rebuild(record["name"], record["kwargs"], state["shapes"]).to(device)
+    else:
+        model = create_model(record["name"], **record["kwargs"]).to(device)
     ranks = Distributed.from_environment(device)
     x_train, y_train = data.x_train[: options.limit], data.y_train[: options.limit]
     train_loader = BatchLoader(
@@ -218,28 +241,58 @@ def prepare(options: TrainOptions, resume: bool = False) -> Setup:
     )
     test_loader = BatchLoader(data.x_test, data.y_test, EVAL_BATCH_SIZE, data.mean, data.std, shuffle=False, device=device)
     total_steps = options.epochs * len(train_loader)
-    sparsifier = None
-    if options.method != DENSE:
+    example_inputs = test_loader._images[:2].float()  # shape and device are what tracing needs
+    sparsifier, structured = None, None
+    if options.method == "gdp":
+        structured = GDP(model, options.flops_target, total_steps, example_inputs)
+    elif options.method == "frs":
+        structured = _make_frs(options, record, model, example_inputs)
+    elif options.method != DENSE:
         knobs = {} if options.t1 is None else {"start": round(options.t1 * len(train_loader))}
         sparsifier = Sparsifier(
             model, options.method, options.sparsity, total_steps, min_size=options.pthres + 1, **knobs
         )
-    optimizer = torch.optim.SGD(
-        [
-            {"params": [p for p in model.parameters() if p.ndim > 1], "weight_decay": options.wd},
-            {"params": [p for p in model.parameters() if p.ndim <= 1], "weight_decay": 0.0},
-        ],
-        lr=options.lr,
-        momentum=options.momentum,
-    )
+    optimizer = make_optimizer(model, options, extra=structured.parameters() if isinstance(structured, GDP) else None)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
-    setup = Setup(options, device, ranks, data, train_loader, test_loader, model, optimizer, scheduler, sparsifier)
-    if resume:
-        _restore(setup, load_checkpoint(run_dir / CHECKPOINT, device))
+    setup = Setup(options, device, ranks, data, train_loader, test_loader, model, optimizer, scheduler, sparsifier,
+                  structured, example_inputs)
+    if state is not None:
+        _restore(setup, state)
     elif ranks.main:
         run_dir.mkdir(parents=True)
-        write_json(run_dir / CONFIG, {"options": dataclasses.asdict(options), "model": model_record(options, data.num_classes)})
+        write_json(run_dir / CONFIG, {"options": dataclasses.asdict(options), "model": record})
     return setup
+
+
+def make_optimizer(model: nn.Module, options: TrainOptions, extra: Iterable[nn.Parameter] | None = None) -> torch.optim.SGD:
+    """SGD with weight decay on conv/linear weights only; ``extra`` parameters (GDP gates) get none."""
+    groups = [
+        {"params": [p for p in model.parameters() if p.ndim > 1], "weight_decay": options.wd},
+        {"params": [p for p in model.parameters() if p.ndim <= 1], "weight_decay": 0.0},
+    ]
+    if extra is not None:
+        groups.append({"params": list(extra), "weight_decay": 0.0})
+    return torch.optim.SGD(groups, lr=options.lr, momentum=options.momentum)
+
+
+def _make_frs(options: TrainOptions, record: dict[str, Any], model: nn.Module, example_inputs: torch.Tensor) -> FRS:
+    """FRS on the scaled public schedule; by default it removes 30 % of the dense model's prunable
+    channels in total (counted on the dense model, so a resumed, already smaller model agrees)."""
+    steps = len(range(options.prune_every, min(options.stop_at, options.epochs) + 1, options.prune_every))
+    if steps == 0:
+        raise ValueError(
+            f"prune_every={options.prune_every} and stop_at={options.stop_at} leave no pruning step in "
+            f"{options.epochs} epochs; allowed: prune_every <= min(stop_at, epochs)."
+        )
+    dense = create_model(record["name"], **record["kwargs"]).to(example_inputs.device)
+    prunable = FRS(dense, options.prune_every, 1, options.stop_at, example_inputs=example_inputs).prunable(dense)
+    per_step = options.channels_per_step or max(1, round(FRS_DEFAULT_FRACTION * prunable / steps))
+    if per_step * steps > prunable:
+        raise ValueError(
+            f"channels_per_step={per_step} over {steps} pruning steps removes {per_step * steps} channels, but "
+            f"{options.model} has {prunable} prunable; allowed: channels_per_step <= {prunable // steps}."
+        )
+    return FRS(model, options.prune_every, per_step, options.stop_at, example_inputs=example_inputs)
 
 
 def _check_resumable(options: TrainOptions, run_dir: Path) -> None:
@@ -260,6 +313,8 @@ def _restore(setup: Setup, state: dict[str, Any]) -> None:
     setup.scheduler.load_state_dict(state["scheduler"])
     if setup.sparsifier is not None:
         setup.sparsifier.load_state_dict(state["sparsifier"])
+    if setup.structured is not None:
+        setup.structured.load_state_dict(state["structured"])
     torch.set_rng_state(state["rng"])
     setup.start_epoch = int(state["epoch"])
     setup.history = list(state["history"])
@@ -272,6 +327,8 @@ def _checkpoint_state(setup: Setup, epoch: int) -> dict[str, Any]:
         "optimizer": setup.optimizer.state_dict(),
         "scheduler": setup.scheduler.state_dict(),
         "sparsifier": None if setup.sparsifier is None else setup.sparsifier.state_dict(),
+        "structured": None if setup.structured is None else setup.structured.state_dict(),
+        "shapes": layer_shapes(setup.model) if isinstance(setup.structured, FRS) else None,
         "rng": torch.get_rng_state(),
         "history": setup.history,
     }
@@ -316,31 +373,39 @@ def _mean_over_ranks(value: torch.Tensor, ranks: Distributed) -> float:
 
 def fit(setup: Setup, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Train from ``setup.start_epoch`` to the end, checkpointing every epoch; return the final metrics."""
-    options, ranks, model, sparsifier = setup.options, setup.ranks, setup.model, setup.sparsifier
+    options, ranks, sparsifier, structured = setup.options, setup.ranks, setup.sparsifier, setup.structured
+    gdp = structured if isinstance(structured, GDP) else None
     run_dir = options.run_dir
-    net = DistributedDataParallel(model) if ranks.world_size > 1 else model
     writer = _tensorboard(run_dir) if ranks.main else None
     show_progress = ranks.main and sys.stderr.isatty()
-    params = [p for group in setup.optimizer.param_groups for p in group["params"]]
+    dense_flops = count_flops(create_model(**_constructor(options, setup.data)), setup.example_inputs[:1].cpu())
     for epoch in range(setup.start_epoch, options.epochs):
         start = time.perf_counter()
+        model = setup.model
+        net = DistributedDataParallel(model) if ranks.world_size > 1 else model
+        params = [p for group in setup.optimizer.param_groups for p in group["params"]]
         model.train()
         loss_sum = torch.zeros((), device=setup.device)
         label = f"epoch {epoch + 1}/{options.epochs}"
         for x, y in _progress(setup.train_loader.batches(epoch), len(setup.train_loader), show_progress, label):
             loss = F.cross_entropy(net(x), y)
+            objective = loss + gdp.penalty() if gdp is not None else loss
             setup.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            objective.backward()
             nn.utils.clip_grad_norm_(params, options.clip)
             setup.optimizer.step()
             setup.scheduler.step()
             if sparsifier is not None:
                 sparsifier.step()
+            if gdp is not None:
+                gdp.step()
             loss_sum += loss.detach()
         train_loss = _mean_over_ranks(loss_sum / len(setup.train_loader), ranks)
+        if isinstance(structured, FRS) and structured.should_prune(epoch + 1):
+            _frs_prune(setup, structured)
         train_time = time.perf_counter() - start
-        _share_buffers(model, ranks)
-        test_loss, test_acc = evaluate(model, setup.test_loader)
+        _share_buffers(setup.model, ranks)
+        test_loss, test_acc = evaluate(setup.model, setup.test_loader)
         record = {
             "epoch": epoch + 1,
             "train_loss": train_loss,
@@ -354,6 +419,10 @@ def fit(setup: Setup, log: Callable[[str], None] = print) -> dict[str, Any]:
             record["sparsity"] = sparsifier.sparsity()
             if sparsifier.config.scope != "layer":
                 record["threshold"] = sparsifier.threshold
+        if gdp is not None:
+            record["flops_ratio"] = gdp.flops_ratio(hard=True)
+        elif structured is not None:
+            record["flops_ratio"] = count_flops(setup.model, setup.example_inputs[:1]) / dense_flops
         setup.history.append(record)
         if ranks.main:
             save_checkpoint(run_dir / CHECKPOINT, _checkpoint_state(setup, epoch + 1))
@@ -364,7 +433,29 @@ def fit(setup: Setup, log: Callable[[str], None] = print) -> dict[str, Any]:
                     writer.add_scalar(key, value, epoch + 1)
     if writer is not None:
         writer.close()
-    return _finish(setup, log)
+    return _finish(setup, dense_flops, log)
+
+
+def _constructor(options: TrainOptions, data: ImageDataset) -> dict[str, Any]:
+    record = model_record(options, data.num_classes)
+    return {"name": record["name"], **record["kwargs"]}
+
+
+def _frs_prune(setup: Setup, frs: FRS) -> None:
+    """Remove the lowest-relevance channels for real; optimizer and LR schedule follow the new model.
+
+    Scores come from the whole training set, unshuffled and unaugmented, so every rank of a
+    distributed run removes the same channels.
+    """
+    data, options = setup.data, setup.options
+    scoring = BatchLoader(
+        data.x_train[: options.limit], data.y_train[: options.limit], EVAL_BATCH_SIZE, data.mean, data.std,
+        shuffle=False, device=setup.device,
+    )
+    setup.model, setup.optimizer = frs.prune(setup.model, scoring.batches(0), setup.optimizer)
+    schedule = setup.scheduler.state_dict()
+    setup.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(setup.optimizer, T_max=schedule["T_max"])
+    setup.scheduler.load_state_dict(schedule)
 
 
 def format_record(record: dict[str, Any], epochs: int) -> str:
@@ -379,6 +470,8 @@ def format_record(record: dict[str, Any], epochs: int) -> str:
         parts.append(f"sparsity {record['sparsity']:.2%}")
     if "threshold" in record:
         parts.append(f"threshold {record['threshold']:.4g}")
+    if "flops_ratio" in record:
+        parts.append(f"FLOPs {record['flops_ratio']:.1%} of dense")
     parts += [f"lr {record['lr']:.4g}", f"{record['epoch_time']:.1f} s"]
     return "  ".join(parts)
 
@@ -396,13 +489,25 @@ def _tensorboard(run_dir: Path) -> Any:
     return SummaryWriter(str(run_dir / "tensorboard"))
 
 
-def _finish(setup: Setup, log: Callable[[str], None]) -> dict[str, Any]:
-    """Finalize the sparse model; rank 0 writes the weights, config, report and plots."""
+def _finish(setup: Setup, dense_flops: int, log: Callable[[str], None]) -> dict[str, Any]:
+    """Finalize the sparse or compact model; rank 0 writes the weights, config, report and plots."""
     options, run_dir = setup.options, setup.options.run_dir
-    model = setup.sparsifier.finalize() if setup.sparsifier is not None else setup.model
+    model = setup.model
+    if setup.sparsifier is not None:
+        model = setup.sparsifier.finalize()
+    elif isinstance(setup.structured, GDP):
+        model = setup.structured.finalize()
     test_loss, test_acc = evaluate(model, setup.test_loader)
     report = sparsity_report(model)
-    final = {"test_loss": test_loss, "test_acc": test_acc, "sparsity": report.sparsity, "epochs": options.epochs}
+    final = {
+        "test_loss": test_loss,
+        "test_acc": test_acc,
+        "sparsity": report.sparsity,
+        "epochs": options.epochs,
+        "flops": count_flops(model, setup.example_inputs[:1], skip_zeros=True),
+        "dense_flops": dense_flops,
+        "params": sum(p.numel() for p in model.parameters()),
+    }
     if setup.ranks.main:
         from safetensors.torch import save_file
 
@@ -410,6 +515,8 @@ def _finish(setup: Setup, log: Callable[[str], None]) -> dict[str, Any]:
         atomic_write(run_dir / MODEL, lambda tmp: save_file(state, tmp))
         config = json.loads((run_dir / CONFIG).read_text())
         config.update(method=options.method, sparsity=options.sparsity, metrics=final)
+        if setup.structured is not None:
+            config["shapes"] = layer_shapes(model)
         write_json(run_dir / CONFIG, config)
         header = (
             f"# {options.model} · {options.method} · target sparsity {options.sparsity:.2%}\n\n"
@@ -418,7 +525,10 @@ def _finish(setup: Setup, log: Callable[[str], None]) -> dict[str, Any]:
         atomic_write(run_dir / REPORT, lambda tmp: Path(tmp).write_text(header + report.to_markdown() + "\n"))
         plot_training(setup.history, run_dir / "training.png")
         plot_layer_sparsity(report, run_dir / "layers.png")
-        log(f"final: test acc {test_acc:.2%}  sparsity {report.sparsity:.2%}  saved to {run_dir}")
+        log(
+            f"final: test acc {test_acc:.2%}  sparsity {report.sparsity:.2%}  "
+            f"FLOPs {final['flops'] / dense_flops:.1%} of dense  saved to {run_dir}"
+        )
     return final
 
 

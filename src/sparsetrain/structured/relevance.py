@@ -13,10 +13,11 @@ logits) and flows back layer by layer:
   whose denominator is 0 has a numerator of 0 too and counts as 0 (no stabiliser is needed,
   so the rule is exact).
 - Batch norm and ReLU pass relevance through unchanged (R_in = R_out).
-- Everything else without parameters (average and adaptive pooling, flatten, mean, residual
-  adds, concatenation) redistributes relevance in proportion to the contributions, as a
+- Parameter-free linear operations (average and adaptive pooling, flatten, mean, residual
+  adds, concatenation) redistribute relevance in proportion to the contributions, as a
   linear layer under the z-rule would: a sum c = a + b gives R_a = a R_c / c and
-  R_b = b R_c / c; max pooling gives all of it to the maximum.
+  R_b = b R_c / c. Max pooling gives all of it to the maximum. Other nonlinearities
+  (sigmoid, GELU, ...) have no rule here: they would be treated as gradient times input.
 
 Implementation: relevance is carried by autograd in "gradient times input" form. Every tensor
 t in the graph carries g_t with R_t = t * g_t (elementwise). Autograd's own backward of
@@ -27,8 +28,9 @@ and batch norm (pass-through); the forward values are untouched. Entries where a
 input is exactly 0 carry no relevance (R = 0 * g): a batch-norm input of exactly 0 loses the
 relevance of its output.
 
-The network is run in eval mode (batch norm uses its running statistics); other modules
-with their own parameters are rejected.
+The network is run in eval mode (batch norm uses its running statistics). Other modules
+with their own parameters, in-place ReLUs and ReLU modules called more than once per
+forward pass are rejected with a ``ValueError``.
 """
 
 from __future__ import annotations
@@ -50,8 +52,7 @@ _NORM_TYPES: tuple[type[nn.Module], ...] = (nn.BatchNorm1d, nn.BatchNorm2d, nn.B
 
 def _ratio(numerator: Tensor, denominator: Tensor) -> Tensor:
     """numerator / denominator, 0 where the denominator is 0."""
-    zero = denominator == 0
-    return torch.where(zero, torch.zeros_like(numerator), numerator / torch.where(zero, 1.0, denominator))
+    return (numerator / denominator).masked_fill_(denominator == 0, 0.0)
 
 
 def _affine(module: nn.Module, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -64,23 +65,26 @@ def _affine(module: nn.Module, x: Tensor, weight: Tensor, bias: Tensor | None) -
 def alpha_beta(module: nn.Module, x: Tensor, relevance: Tensor,
                alpha: float = ALPHA, beta: float = BETA) -> Tensor:
     """R_in of a Linear/Conv ``module`` with input ``x`` for output relevance ``relevance``."""
+    weight = module.weight.detach()
+    bias = None if module.bias is None else module.bias.detach()
+    # Split the input by sign: z+ collects x+ W+ and x- W- (and b+), z- collects x+ W- and x- W+
+    # (and b-). Inputs after a ReLU have no negative part, which is then skipped.
+    parts = [(x.clamp(min=0), weight.clamp(min=0), weight.clamp(max=0))]
+    if bool(x.amin() < 0):
+        parts.append((x.clamp(max=0), weight.clamp(max=0), weight.clamp(min=0)))
     with torch.enable_grad():
-        x_pos = x.clamp(min=0).detach().requires_grad_(True)
-        x_neg = x.clamp(max=0).detach().requires_grad_(True)
-        w_pos, w_neg = module.weight.detach().clamp(min=0), module.weight.detach().clamp(max=0)
-        bias = None if module.bias is None else module.bias.detach()
-        b_pos = None if bias is None else bias.clamp(min=0)
-        b_neg = None if bias is None else bias.clamp(max=0)
-        z_pos = _affine(module, x_pos, w_pos, b_pos) + _affine(module, x_neg, w_neg, None)
-        z_neg = _affine(module, x_pos, w_neg, b_neg) + _affine(module, x_neg, w_pos, None)
-        # d z+/d x+ is W+ and d z+/d x- is W- (likewise for z-), so these vector-Jacobian products
-        # give sum_j w_ij (alpha R_j / z_j+) over the positive contributions and the
-        # -beta R_j / z_j- counterpart over the negative ones.
-        g_pos, g_neg = torch.autograd.grad(
-            (z_pos, z_neg), (x_pos, x_neg),
-            (alpha * _ratio(relevance, z_pos), -beta * _ratio(relevance, z_neg)),
+        inputs = [part.detach().requires_grad_(True) for part, _, _ in parts]
+        z_pos = _affine(module, inputs[0], parts[0][1], None if bias is None else bias.clamp(min=0))
+        z_neg = _affine(module, inputs[0], parts[0][2], None if bias is None else bias.clamp(max=0))
+        for part, (_, w_pos, w_neg) in zip(inputs[1:], parts[1:]):
+            z_pos = z_pos + _affine(module, part, w_pos, None)
+            z_neg = z_neg + _affine(module, part, w_neg, None)
+        # The vector-Jacobian products give, for each input part, sum_j w_ij (alpha R_j / z_j+)
+        # over its positive contributions minus sum_j w_ij (beta R_j / z_j-) over its negative ones.
+        grads = torch.autograd.grad(
+            (z_pos, z_neg), inputs, (alpha * _ratio(relevance, z_pos), -beta * _ratio(relevance, z_neg))
         )
-    return x_pos.detach() * g_pos + x_neg.detach() * g_neg
+    return sum(part.detach() * grad for part, grad in zip(inputs, grads))
 
 
 class _AlphaBetaBackward(torch.autograd.Function):
@@ -116,6 +120,8 @@ class _PassThroughBackward(torch.autograd.Function):
 
 def _check_supported(model: nn.Module) -> None:
     for name, module in model.named_modules():
+        if isinstance(module, nn.ReLU) and module.inplace:
+            raise ValueError(f"ReLU {name!r} is in-place; allowed: nn.ReLU() modules that return a new tensor.")
         if isinstance(module, _AFFINE_TYPES + _NORM_TYPES):
             continue
         if any(True for _ in module.parameters(recurse=False)):
@@ -156,7 +162,8 @@ def _lrp_hooks(model: nn.Module) -> Iterator[dict[Any, tuple[str, str]]]:
 
 
 @contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Run ``model`` in eval mode, restoring every module's own training flag afterwards."""
     modes = {module: module.training for module in model.modules()}
     model.eval()
     try:
@@ -201,7 +208,7 @@ class _Trace:
             return fn
 
         relus = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.ReLU)]
-        with _eval_mode(model), _lrp_hooks(model) as nodes:
+        with eval_mode(model), _lrp_hooks(model) as nodes:
             handles = [m.register_forward_hook(relu_hook(n)) for n, m in relus]
             try:
                 self.x = x.detach().clone().requires_grad_(True)
@@ -254,7 +261,13 @@ def channel_relevance(model: nn.Module, x: Tensor, y: Tensor) -> dict[str, Tenso
     output averaged over spatial positions: a tensor (N, C) per module name. The model runs in
     eval mode and is left in the mode it had; its parameters and gradients are untouched.
     """
-    return _Trace(model, x).relevance(y)
+    return relevance_and_logits(model, x, y)[0]
+
+
+def relevance_and_logits(model: nn.Module, x: Tensor, y: Tensor) -> tuple[dict[str, Tensor], Tensor]:
+    """:func:`channel_relevance` and the (detached, eval-mode) logits of the same forward pass."""
+    trace = _Trace(model, x)
+    return trace.relevance(y), trace.logits.detach()
 
 
 def input_relevance(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:

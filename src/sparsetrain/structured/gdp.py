@@ -1,0 +1,443 @@
+"""GDP: gates with differentiable polarization (Guo et al., "GDP: Stabilized Neural Network
+Pruning via Gates with Differentiable Polarization", ICCV 2021).
+
+No public code exists; this is our reading of the paper, choice by choice.
+
+Gates. Every group of coupled channels (see :mod:`sparsetrain.structured.surgery`) gets one
+trainable parameter x_c per channel and the gate
+
+    g(x) = x^2 / (x^2 + eps),        g in [0, 1), g = 0 exactly when x = 0.
+
+A forward pre-hook multiplies the *input* of every regular (not depthwise) convolution, and of
+the final Linear layer, by the gates of the channels it reads. All readers of one group share
+its gates: every convolution reading a ResNet residual stream uses the one gate vector of that
+stream. Depthwise convolutions are not gated; their channels belong to the group of the layer
+feeding them and are gated where the next regular convolution reads them. The input image is
+never gated. The model's own parameters are untouched until :meth:`GDP.finalize`.
+
+FLOPs. Each Conv/Linear layer l costs f_l (its dense FLOPs on ``example_inputs``, counted as
+``torch.utils.flop_counter`` does: 2 * output elements * input channels per group * kernel
+size) scaled by its active input and output channels:
+
+    F(g) = sum_l f_l * (a_in_l / C_in_l) * (a_out_l / C_out_l)
+
+with a = the sum of the gates of the channels read or written (1 for ungated channels such
+as the image and the logits). Depthwise convolutions have a_in = a_out and cost f_l * a_out /
+C_out. F is bilinear in the gates of consecutive layers. With the gates replaced by
+1[x != 0] ("hard" counts) it equals, exactly, the FLOPs of the compact model ``finalize()``
+returns.
+
+Objective. The loss gets ``penalty() = lambda * F(g) / F_dense``; its gradient pushes each
+gate down in proportion to the FLOPs its channel costs. Call ``step()`` right after
+``optimizer.step()``. It works towards a reference of the hard FLOPs ratio that falls like
+the cubic sparsity schedule over the pruning window [0, t_end], t_end = prune_end * T:
+
+    r_ref(t) = target + (1 - target) * (1 - min(t / t_end, 1))^3
+
+and does, in order:
+
+1. eps annealing, geometric over the whole training: eps(t) = eps_start * (eps_end / eps_start)^(t / T).
+   Early, large eps gives every gate a gradient; late, small eps polarizes: g(x) -> 1 for
+   every x != 0, so the gated network becomes the compact one.
+2. The proximal step that makes exact zeros (a hard threshold, the proximal map of an L0 term):
+   a gate whose g(x) fell below ``gate_min`` (|x| < sqrt(eps * gate_min / (1 - gate_min))) or
+   whose sign flipped in the last optimizer step (it crossed 0) is set to exactly 0. Zeros are
+   taken smallest |x| first and only while the hard FLOPs ratio stays at least
+   r_ref(t) - tolerance * target, and every group keeps one channel; a crossing gate that may
+   not be zeroed yet is put back where it was. A zero gate is dead for good: its parameter is
+   reset to 0 at every step (g'(0) = 0, so only optimizer momentum could move it).
+3. Hold: the first time the hard FLOPs ratio is at most the target, zeros stop for good, the
+   penalty switches off and lambda freezes; the rest of training fine-tunes the kept channels.
+4. lambda adapts, multiplicatively, on the ratio r_small the hard FLOPs would have if every
+   gate now under the threshold were zeroed (it responds at once, unlike the hard ratio):
+   lambda <- lambda * exp(lr_lambda * (r_small - r_ref(t)) / ((1 - target) * t_end)).
+   Too few small gates: lambda grows; more than the reference lets go: it shrinks. The rate is
+   per pruning window, so the defaults behave alike for 100 steps or 100,000.
+5. Safeguard: if at t_end the target is still not met, the live gates with the smallest |x|
+   are zeroed under the same rule until it is. ``forced`` counts these (0 when lambda did its job).
+
+So the compact model's FLOPs land in [target * (1 - tolerance), target]: within 2 % of the
+target for tolerance <= 0.02 (default 0.01), and it equals the hard ratio ``flops_ratio(hard=True)``.
+
+Optimizing the gates. The gate parameters are not registered on the model: add
+``gdp.parameters()`` to the optimizer (``{"params": gdp.parameters(), "weight_decay": 0}``;
+weight decay would add a second, unweighted shrinkage; leave them out of gradient clipping,
+since early on the penalty's gradient can dominate the norm). Under torch.distributed,
+``step()`` averages the gate parameters over ranks; for SGD, with or without momentum, that is
+the same as synchronizing their gradients.
+
+Finalizing. ``finalize()`` removes the hooks, folds every gate into the weights of the layers
+reading it (W[:, c] *= g_c, in place on the model passed in), removes the zero-gated channels
+from their whole group with :func:`~sparsetrain.structured.surgery.remove_channels` and returns
+that compact plain model; in eval mode it computes what the gated model computed.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Iterator, Sequence
+from functools import partial
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.nn.modules.conv import _ConvNd
+from torch.utils.hooks import RemovableHandle
+
+from .surgery import LAYER_TYPES, ChannelGroup, Coupling, is_depthwise, remove_channels, trace_couplings
+
+
+def validate_flops_target(value: object) -> float:
+    """Return ``value`` as a float if it is a fraction strictly between 0 and 1, else ``ValueError``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value < 1.0:
+        raise ValueError(
+            f"flops_target={value!r} is not allowed; allowed: a fraction of the dense model's FLOPs strictly between 0 and 1."
+        )
+    return float(value)
+
+
+class GDP:
+    """Channel gates trained with a FLOPs penalty whose weight adapts to land on ``flops_target``.
+
+    ``flops_target`` is the wanted fraction of the dense model's FLOPs, in (0, 1);
+    ``total_steps`` (T) the number of ``step()`` calls in training; ``example_inputs`` a batch
+    used to trace the model and count FLOPs. Knobs (see the module docstring for the maths):
+    ``eps_start``/``eps_end`` the eps schedule; ``init`` the initial x of every gate (g = 0.5
+    with the default eps_start = 1); ``lambda_init`` and ``lr_lambda`` (log-rate per pruning
+    window) of the FLOPs weight; ``gate_min`` the gate value under which a gate is zeroed;
+    ``prune_end`` the end of the pruning window, as a fraction of T; ``tolerance`` how far under
+    the target (as a fraction of it) the compact model's FLOPs may land.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        flops_target: float,
+        total_steps: int,
+        example_inputs: Tensor,
+        *,
+        eps_start: float = 1.0,
+        eps_end: float = 1e-4,
+        init: float = 1.0,
+        lambda_init: float = 1.0,
+        lr_lambda: float = 20.0,
+        gate_min: float = 0.01,
+        prune_end: float = 0.5,
+        tolerance: float = 0.01,
+    ) -> None:
+        self.target = validate_flops_target(flops_target)
+        if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps <= 0:
+            raise ValueError(f"total_steps={total_steps!r} is not allowed; allowed: an int > 0.")
+        if not 0.0 < eps_end <= eps_start:
+            raise ValueError(f"eps_start={eps_start!r}, eps_end={eps_end!r} are not allowed; allowed: 0 < eps_end <= eps_start.")
+        if not 0.0 < prune_end <= 1.0:
+            raise ValueError(f"prune_end={prune_end!r} is not allowed; allowed: a fraction of training in (0, 1].")
+        if not 0.0 <= tolerance < 1.0:
+            raise ValueError(f"tolerance={tolerance!r} is not allowed; allowed: a fraction in [0, 1).")
+        if not 0.0 < gate_min < 1.0:
+            raise ValueError(f"gate_min={gate_min!r} is not allowed; allowed: a gate value in (0, 1).")
+        for name, value in (("init", init), ("lambda_init", lambda_init), ("lr_lambda", lr_lambda)):
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{name}={value!r} is not allowed; allowed: a positive finite number.")
+        self.model = model
+        self.total_steps = total_steps
+        self.eps_start, self.eps_end = float(eps_start), float(eps_end)
+        self.lr_lambda, self.gate_min, self.tolerance = float(lr_lambda), float(gate_min), float(tolerance)
+        self.prune_steps = max(1, round(prune_end * total_steps))
+        self.lambda_init = float(lambda_init)
+        self.example_inputs = example_inputs.detach().clone()
+
+        _, couplings = trace_couplings(copy.deepcopy(model), example_inputs)
+        self.couplings: list[Coupling] = [c for c in couplings if not c.is_output and c.unsupported is None]
+        if not self.couplings:
+            raise ValueError(f"model {type(model).__name__} has no channel group GDP can gate; allowed: a model with "
+                             "regular convolutions whose channels are read by another convolution or linear layer.")
+        offsets = np.cumsum([0] + [c.channels for c in self.couplings])
+        self.size = int(offsets[-1])  # gated channels; index self.size is the constant 1
+        self._group_of = np.repeat(np.arange(len(self.couplings)), [c.channels for c in self.couplings])
+
+        modules = dict(model.named_modules())
+        in_index: dict[str, np.ndarray] = {}
+        out_index: dict[str, np.ndarray] = {}
+        for name, module in modules.items():
+            if isinstance(module, LAYER_TYPES):
+                in_features = module.in_channels if isinstance(module, _ConvNd) else module.in_features
+                out_features = module.out_channels if isinstance(module, _ConvNd) else module.out_features
+                in_index[name] = np.full(in_features, self.size)
+                out_index[name] = np.full(out_features, self.size)
+        for coupling, offset in zip(self.couplings, offsets):
+            for name, pairs in coupling.inputs.items():
+                index = in_index[name]
+                for feature, channel in pairs:
+                    if index[feature] != self.size:
+                        raise ValueError(f"input {feature} of layer {name!r} belongs to two channel groups; "
+                                         "allowed: models whose layer inputs are unions of channel groups.")
+                    index[feature] = offset + channel
+            for name, pairs in coupling.outputs.items():
+                for channel_out, channel in pairs:
+                    out_index[name][channel_out] = offset + channel
+
+        dense = _dense_flops(model, example_inputs)
+        names = [name for name in in_index if name in dense]
+        self.dense_flops = float(sum(dense.values()))
+        cols = self.size + 1
+        m_in = np.zeros((len(names), cols))
+        m_out = np.zeros((len(names), cols))
+        coef = np.zeros(len(names))
+        for row, name in enumerate(names):
+            np.add.at(m_out[row], out_index[name], 1.0)
+            if is_depthwise(modules[name]):
+                m_in[row, self.size] = 1.0
+                coef[row] = dense[name] / len(out_index[name])
+            else:
+                np.add.at(m_in[row], in_index[name], 1.0)
+                coef[row] = dense[name] / (len(in_index[name]) * len(out_index[name]))
+        self._m_in, self._m_out, self._coef = m_in, m_out, coef  # float64, for the hard counts
+
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        self.gates = nn.Parameter(torch.full((self.size,), float(init), device=device))
+        self._soft = [torch.as_tensor(a, dtype=torch.float32, device=device) for a in (m_in, m_out, coef)]
+        self._hooks: list[RemovableHandle] = []
+        self._readers: dict[str, Tensor] = {}
+        for name, index in in_index.items():
+            if name in dense and (index != self.size).any() and not is_depthwise(modules[name]):
+                gate_index = torch.as_tensor(index, device=device)
+                self._readers[name] = gate_index
+                self._hooks.append(modules[name].register_forward_pre_hook(partial(self._gate_input, gate_index)))
+
+        self._step = 0
+        self.lam = self.lambda_init
+        self.eps = self.eps_start
+        self.forced = 0
+        self.holding = False
+        self._last = self.gates.detach().clone()  # x after the last step(); its zeros are dead
+        self._finalized = False
+
+    # -- the gated forward pass ----------------------------------------------------------
+
+    def gate_values(self) -> Tensor:
+        """g(x) of every gated channel, groups concatenated in the order of :attr:`groups`."""
+        x2 = self.gates * self.gates
+        return x2 / (x2 + self.eps)
+
+    def _gates_and_one(self) -> Tensor:
+        return torch.cat([self.gate_values(), self.gates.new_ones(1)])
+
+    def _gate_input(self, index: Tensor, module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        gate = self._gates_and_one()[index]
+        x = args[0]
+        shape = (-1,) if isinstance(module, nn.Linear) else (-1,) + (1,) * (x.dim() - 2)
+        return (x * gate.view(shape), *args[1:])
+
+    # -- reading the state ---------------------------------------------------------------
+
+    @property
+    def step_count(self) -> int:
+        """How many times ``step()`` has been called (t)."""
+        return self._step
+
+    @property
+    def groups(self) -> list[ChannelGroup]:
+        """The gated channel groups, in gate order."""
+        return [c.group() for c in self.couplings]
+
+    def parameters(self) -> Iterator[nn.Parameter]:
+        """The gate parameters x, to add to the optimizer (without weight decay)."""
+        yield self.gates
+
+    def flops(self) -> Tensor:
+        """Expected FLOPs F(g) under the current gates: differentiable with respect to them."""
+        g = self._gates_and_one()
+        m_in, m_out, coef = self._soft
+        return (coef * (m_in @ g) * (m_out @ g)).sum()
+
+    def flops_ratio(self, hard: bool = False) -> float:
+        """F(g) / F_dense; with ``hard``, the gates counted as 1[x != 0] (the compact model's ratio)."""
+        if not hard:
+            with torch.no_grad():
+                return float(self.flops()) / self.dense_flops
+        return self._hard_ratio(self._alive())
+
+    def kept_channels(self) -> dict[str, int]:
+        """Nonzero gates per group, by root layer name."""
+        alive = self._alive()
+        return {c.root: int(alive[self._group_of == k].sum()) for k, c in enumerate(self.couplings)}
+
+    def penalty(self) -> Tensor:
+        """lambda * F(g) / F_dense, to add to the loss; zero (still differentiable) once holding."""
+        return (0.0 if self.holding else self.lam) * self.flops() / self.dense_flops
+
+    def reference(self, step: int | None = None) -> float:
+        """r_ref(t), the hard FLOPs ratio lambda steers towards at step t (default: now)."""
+        t = self._step if step is None else step
+        return self.target + (1.0 - self.target) * (1.0 - min(t / self.prune_steps, 1.0)) ** 3
+
+    def eps_at(self, step: int) -> float:
+        """eps(t) = eps_start * (eps_end / eps_start)^(t / T), t clipped to [0, T]."""
+        return self.eps_start * (self.eps_end / self.eps_start) ** (min(max(step, 0), self.total_steps) / self.total_steps)
+
+    def _alive(self) -> np.ndarray:
+        return (self.gates.detach() != 0).cpu().numpy()
+
+    def _hard_ratio(self, alive: np.ndarray) -> float:
+        counts = np.append(alive.astype(np.float64), 1.0)
+        return float((self._coef * (self._m_in @ counts) * (self._m_out @ counts)).sum()) / self.dense_flops
+
+    # -- changing the state --------------------------------------------------------------
+
+    def step(self) -> None:
+        """Advance t: anneal eps, make exact zeros by the proximal step, adapt lambda."""
+        self._check_attached()
+        self._step += 1
+        with torch.no_grad():
+            x = self.gates
+            _average_over_ranks(x)
+            x[self._last == 0] = 0
+            self.eps = self.eps_at(self._step)
+            if not self.holding:
+                # Reaching zero: |x| under the threshold, or a sign change (the step crossed zero).
+                crossed = (self._last != 0) & (torch.sign(x) != torch.sign(self._last))
+                magnitude = torch.where(crossed, torch.zeros_like(x), x.abs())
+                small = (self._last != 0) & (magnitude < self.zero_threshold())
+                goal = self.reference() if self._step < self.prune_steps else self.target
+                self._zero_smallest(small.nonzero().flatten().cpu().numpy(), goal, magnitude.cpu().numpy())
+                kept = crossed & (x != 0)
+                x[kept] = self._last[kept]
+            if not self.holding and self._step >= self.prune_steps:
+                alive = np.flatnonzero(self._alive())
+                self.forced += self._zero_smallest(alive, self.target, x.abs().cpu().numpy())
+            self._last = x.detach().clone()
+            if not self.holding:
+                large = (x.abs() >= self.zero_threshold()).cpu().numpy()
+                error = (self._hard_ratio(large) - self.reference()) / (1.0 - self.target)
+                self.lam *= math.exp(self.lr_lambda * error / self.prune_steps)
+                self.lam = min(max(self.lam, 1e-6 * self.lambda_init), 1e6 * self.lambda_init)
+
+    def zero_threshold(self) -> float:
+        """|x| below which the proximal step zeroes a gate: where g(x) = gate_min under the current eps."""
+        return math.sqrt(self.eps * self.gate_min / (1.0 - self.gate_min))
+
+    def _zero_smallest(self, indices: np.ndarray, goal: float, magnitude: np.ndarray) -> int:
+        """Zero gates among ``indices``, smallest ``magnitude`` first, while the hard FLOPs ratio stays at
+        least goal - tolerance * target and each group keeps one live gate; stop once the ratio
+        is at most ``goal``, and hold for good once it is at most the target. Returns the count."""
+        x = self.gates
+        alive = self._alive()
+        counts = np.append(alive.astype(np.float64), 1.0)
+        a_in, a_out = self._m_in @ counts, self._m_out @ counts
+        live = np.bincount(self._group_of[alive], minlength=len(self.couplings))
+        floor = (goal - self.tolerance * self.target) * self.dense_flops
+        zeroed = 0
+        if float((self._coef * a_in * a_out).sum()) <= goal * self.dense_flops:
+            return zeroed  # on or ahead of the reference already
+        for i in indices[np.argsort(magnitude[indices], kind="stable")]:
+            if live[self._group_of[i]] <= 1:
+                continue
+            new_in, new_out = a_in - self._m_in[:, i], a_out - self._m_out[:, i]
+            flops = float((self._coef * new_in * new_out).sum())
+            if flops < floor:
+                continue
+            x[int(i)] = 0
+            a_in, a_out = new_in, new_out
+            live[self._group_of[i]] -= 1
+            zeroed += 1
+            if flops <= goal * self.dense_flops:
+                self.holding = flops <= self.target * self.dense_flops
+                break
+        return zeroed
+
+    # -- finishing -----------------------------------------------------------------------
+
+    def finalize(self) -> nn.Module:
+        """Fold the gates into the readers' weights, remove the hooks and the zero-gated
+        channels, and return the compact plain model."""
+        self._check_attached()
+        for hook in self._hooks:
+            hook.remove()
+        modules = dict(self.model.named_modules())
+        with torch.no_grad():
+            gates = self._gates_and_one()
+            for name, index in self._readers.items():
+                weight = modules[name].weight
+                weight.mul_(gates[index].view((1, -1) + (1,) * (weight.dim() - 2)).to(weight.dtype))
+            alive = self._alive()
+            offset, drop = 0, {}
+            for coupling in self.couplings:
+                dead = {c for c in range(coupling.channels) if not alive[offset + c]}
+                offset += coupling.channels
+                if dead:
+                    drop[coupling.root] = [i for i, c in coupling.outputs[coupling.root] if c in dead]
+        self._finalized = True
+        return remove_channels(self.model, drop, self.example_inputs)
+
+    def _check_attached(self) -> None:
+        if self._finalized:
+            raise RuntimeError("this GDP was finalized; create a new one to gate again.")
+
+    # -- checkpointing -------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Gate parameters (now and after the last step), lambda, eps, step, hold flag and forced count:
+        everything needed to resume. Save it right after ``step()``."""
+        return {
+            "gates": self.gates.detach().clone(),
+            "last": self._last.clone(),
+            "lambda": self.lam,
+            "eps": self.eps,
+            "step": self._step,
+            "forced": self.forced,
+            "holding": self.holding,
+            "groups": [c.root for c in self.couplings],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a state saved by :meth:`state_dict` of a GDP on the same model."""
+        self._check_attached()
+        roots = [c.root for c in self.couplings]
+        if list(state["groups"]) != roots or tuple(state["gates"].shape) != (self.size,):
+            raise ValueError(f"this state gates groups {list(state['groups'])[:3]}...; allowed: a state of a GDP on "
+                             f"the same model, gating {roots[:3]}... ({self.size} channels).")
+        with torch.no_grad():
+            self.gates.copy_(state["gates"])
+        self.lam = float(state["lambda"])
+        self.eps = float(state["eps"])
+        self._step = int(state["step"])
+        self.forced = int(state["forced"])
+        self.holding = bool(state["holding"])
+        self._last = state["last"].to(self._last.device).clone()
+
+
+def _dense_flops(model: nn.Module, example_inputs: Tensor) -> dict[str, float]:
+    """FLOPs of each Conv/Linear layer on ``example_inputs`` (eval mode, no grad), as
+    ``torch.utils.flop_counter`` counts them: 2 * output elements * inputs per output."""
+    flops: dict[str, float] = {}
+
+    def count(name: str, module: nn.Module, args: Sequence[Tensor], output: Tensor) -> None:
+        if isinstance(module, _ConvNd):
+            per_output = module.in_channels // module.groups * math.prod(module.kernel_size)
+        else:
+            per_output = module.in_features
+        flops[name] = flops.get(name, 0.0) + 2.0 * output.numel() * per_output
+
+    flags = [module.training for module in model.modules()]
+    hooks = [m.register_forward_hook(partial(count, n)) for n, m in model.named_modules() if isinstance(m, LAYER_TYPES)]
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(example_inputs)
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for module, flag in zip(model.modules(), flags):
+            module.training = flag
+    return flops
+
+
+def _average_over_ranks(tensor: Tensor) -> None:
+    """Under torch.distributed, replace ``tensor`` by its mean over ranks (in place)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor)
+        tensor /= dist.get_world_size()

@@ -1,0 +1,281 @@
+"""Channel surgery: remove output channels for real, with everything coupled to them.
+
+Coupling is found by Torch-Pruning's ``DependencyGraph`` (traced once with example inputs),
+never by a tracer of our own: removing output channel c of a convolution also removes
+channel c of the batch norms that normalise it, the input channel of every layer that reads
+it (through ReLUs, pools, flattens and depthwise convolutions), the same channel of every
+other layer writing into the same residual stream, and the matching slice of every
+``torch.cat`` (DenseNet) it flows into.
+
+A *channel group* is one such set of coupled channels: its ``layers`` write them, its
+``readers`` read them, and one ``root`` layer indexes them. Channels are always named by the
+root's output-channel index.
+
+Supported layers: Conv1d/2d/3d that are regular (groups = 1) or depthwise
+(groups = in_channels = out_channels), Linear and BatchNorm; parameter-free operations in
+between are channel-wise. A group touching any other layer with parameters (a grouped
+convolution, GroupNorm, LayerNorm, ...) is not pruned, and asking to is a ``ValueError``
+naming the layer. A compact model is saved as plain weights plus :func:`layer_shapes`, and
+rebuilt with :func:`rebuild`, never by unpickling modules.
+"""
+
+from __future__ import annotations
+
+import copy
+import operator
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch_pruning as tp
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.conv import _ConvNd
+from torch.utils.flop_counter import FlopCounterMode
+
+from ..models import create_model
+
+LAYER_TYPES: tuple[type[nn.Module], ...] = (_ConvNd, nn.Linear)
+SUPPORTED_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, _BatchNorm)
+
+
+@dataclass(frozen=True)
+class ChannelGroup:
+    """A set of coupled prunable channels, indexed by the output channels of ``root``.
+
+    ``layers``: the Conv/Linear layers writing these channels (all convolutions adding into one
+    residual stream, or one layer and the depthwise convolutions passing its channels on);
+    ``readers``: the regular (not depthwise) Conv/Linear layers reading them as inputs;
+    ``channels``: how many there are. Pass ``root`` and channel indices to :func:`remove_channels`.
+    """
+
+    root: str
+    layers: tuple[str, ...]
+    readers: tuple[str, ...]
+    channels: int
+
+
+@dataclass(frozen=True)
+class Coupling:
+    """A channel group with its index maps, as traced (internal to :mod:`sparsetrain.structured`).
+
+    ``outputs[name]`` lists (output channel of layer ``name``, group channel) pairs and
+    ``inputs[name]`` (input feature of reader ``name``, group channel) pairs (depthwise
+    convolutions are only in ``outputs``). ``is_output`` marks the network's output (no
+    Conv/Linear reads it); ``unsupported`` names a layer surgery cannot cut.
+    """
+
+    root: str
+    channels: int
+    outputs: Mapping[str, tuple[tuple[int, int], ...]]
+    inputs: Mapping[str, tuple[tuple[int, int], ...]]
+    is_output: bool
+    unsupported: str | None
+
+    def group(self) -> ChannelGroup:
+        return ChannelGroup(self.root, tuple(self.outputs), tuple(self.inputs), self.channels)
+
+
+def is_depthwise(module: nn.Module) -> bool:
+    """True for a convolution with groups = in_channels = out_channels > 1."""
+    return isinstance(module, _ConvNd) and module.groups > 1 and module.groups == module.in_channels == module.out_channels
+
+
+def _unsupported(module: nn.Module) -> bool:
+    """True for a layer with parameters or buffers that surgery cannot cut."""
+    if isinstance(module, _ConvNd):
+        return not isinstance(module, SUPPORTED_TYPES) or module.transposed or (module.groups > 1 and not is_depthwise(module))
+    if isinstance(module, SUPPORTED_TYPES):
+        return False
+    return any(True for _ in module.parameters(recurse=False)) or any(True for _ in module.buffers(recurse=False))
+
+
+def _out_fn(graph: tp.DependencyGraph, module: nn.Module) -> Any:
+    return graph.get_pruner_of_module(module).prune_out_channels
+
+
+def trace_couplings(model: nn.Module, example_inputs: Tensor) -> tuple[tp.DependencyGraph, list[Coupling]]:
+    """Build the dependency graph of ``model`` (in eval mode; training flags restored) and
+    describe every group of coupled Conv/Linear output channels by module names."""
+    flags = [module.training for module in model.modules()]
+    try:
+        with torch.enable_grad():
+            graph = tp.DependencyGraph().build_dependency(model, example_inputs, verbose=False)
+    finally:
+        for module, flag in zip(model.modules(), flags):
+            module.training = flag
+    names = {module: name for name, module in model.named_modules()}
+    order = {name: index for index, name in enumerate(names.values())}
+    couplings = []
+    for group in graph.get_all_groups(root_module_types=LAYER_TYPES):
+        outputs: dict[str, list[tuple[int, int]]] = {}
+        inputs: dict[str, list[tuple[int, int]]] = {}
+        unsupported = None
+        for item in group:
+            module, handler = item.dep.target.module, item.dep.handler
+            name = names.get(module) if isinstance(module, nn.Module) else None
+            if isinstance(module, nn.Parameter):
+                unsupported = unsupported or graph._param_to_name.get(module, "an unwrapped parameter")
+                continue
+            if name is None:
+                continue  # a parameter-free operation (add, cat, flatten, ...)
+            if _unsupported(module):
+                unsupported = unsupported or name
+            if not isinstance(module, LAYER_TYPES):
+                continue
+            pairs = list(zip(item.idxs, item.root_idxs))
+            if graph.is_out_channel_pruning_fn(handler):
+                outputs.setdefault(name, []).extend(pairs)
+            elif graph.is_in_channel_pruning_fn(handler) and not is_depthwise(module):
+                inputs.setdefault(name, []).extend(pairs)
+        channels = len(group[0].idxs)
+        root = _root(model, outputs, channels, names[group[0].dep.target.module])
+        couplings.append(Coupling(
+            root=root,
+            channels=channels,
+            outputs={n: tuple(sorted(set(p))) for n, p in sorted(outputs.items(), key=lambda kv: order[kv[0]])},
+            inputs={n: tuple(sorted(set(p))) for n, p in sorted(inputs.items(), key=lambda kv: order[kv[0]])},
+            is_output=not inputs,
+            unsupported=unsupported,
+        ))
+    return graph, couplings
+
+
+def _root(model: nn.Module, outputs: Mapping[str, list[tuple[int, int]]], channels: int, traced_root: str) -> str:
+    """The first regular layer (in module order) whose output channels are the group's, one to one;
+    else the layer Torch-Pruning traced the group from."""
+    identity = {(i, i) for i in range(channels)}
+    for name, module in model.named_modules():
+        if name in outputs and set(outputs[name]) == identity and not is_depthwise(module):
+            return name
+    return traced_root
+
+
+def channel_groups(model: nn.Module, example_inputs: Tensor) -> list[ChannelGroup]:
+    """Every group of coupled prunable output channels of ``model``, in traced order.
+
+    The network's output layer (the classifier) and groups touching a layer surgery cannot cut
+    are left out. ``model`` is traced in eval mode with ``example_inputs`` and left unchanged.
+    """
+    _, couplings = trace_couplings(copy.deepcopy(model), example_inputs)
+    return [c.group() for c in couplings if not c.is_output and c.unsupported is None]
+
+
+def remove_channels(model: nn.Module, drop: Mapping[str, Sequence[int]], example_inputs: Tensor) -> nn.Module:
+    """A physically smaller deep copy of ``model`` without the given output channels.
+
+    ``drop`` maps a Conv/Linear name (as in ``model.named_modules()``) to output-channel indices
+    of that layer; each channel is removed from its whole group (batch norms, readers'
+    inputs, residual partners, depthwise convolutions, concatenations). ``model`` is never
+    modified; bad input raises ``ValueError`` naming the layer, before anything is cut.
+    """
+    compact = copy.deepcopy(model)
+    modules = dict(compact.named_modules())
+    requested = {name: _indices(modules, name, indices, type(model).__name__) for name, indices in drop.items()}
+    graph, couplings = trace_couplings(compact, example_inputs)
+    writers = {name: c for c in couplings for name in c.outputs}
+    plan: dict[str, tuple[Coupling, set[int]]] = {}
+    for name, indices in requested.items():
+        coupling = writers.get(name)
+        if coupling is None:
+            raise ValueError(f"layer {name!r} is not reached by the forward pass on example_inputs; allowed: layers the model uses.")
+        if coupling.is_output:
+            raise ValueError(f"layer {name!r} is the network's output layer; allowed: inner layers (the classifier keeps its outputs).")
+        if coupling.unsupported is not None:
+            raise ValueError(
+                f"channels of layer {name!r} are coupled to layer {coupling.unsupported!r}, which surgery cannot cut; "
+                "allowed: groups of regular or depthwise convolutions, linear layers and batch norms."
+            )
+        to_group = dict(coupling.outputs[name])
+        _, chosen = plan.setdefault(coupling.root, (coupling, set()))
+        chosen.update(to_group[i] for i in indices)
+    for root, (coupling, chosen) in plan.items():
+        if len(chosen) >= coupling.channels:
+            raise ValueError(
+                f"removing {len(chosen)} of the {coupling.channels} channels of layer {root!r} (with its coupled layers "
+                f"{', '.join(coupling.outputs)}) would leave none; allowed: at most {coupling.channels - 1}."
+            )
+    for root, (coupling, chosen) in plan.items():
+        if chosen:
+            module = modules[root]
+            graph.get_pruning_group(module, _out_fn(graph, module), sorted(chosen)).prune(record_history=False)
+    return compact
+
+
+def _indices(modules: Mapping[str, nn.Module], name: str, indices: Sequence[int], model_name: str) -> list[int]:
+    """Check that ``name`` is a Conv/Linear layer and ``indices`` its output channels; return them as ints."""
+    module = modules.get(name)
+    if module is None:
+        raise ValueError(f"unknown layer {name!r} in drop; allowed: names of Conv/Linear layers of {model_name}.")
+    if not isinstance(module, LAYER_TYPES):
+        raise ValueError(f"layer {name!r} is a {type(module).__name__}; allowed: Conv or Linear layers (coupled batch norms follow them).")
+    size = module.out_channels if isinstance(module, _ConvNd) else module.out_features
+    checked = []
+    for index in indices:
+        try:
+            value = operator.index(index) if not isinstance(index, bool) else None
+        except TypeError:
+            value = None
+        if value is None or not 0 <= value < size:
+            raise ValueError(f"channel index {index!r} of layer {name!r} is out of range; allowed: integers 0 to {size - 1}.")
+        checked.append(value)
+    return checked
+
+
+def layer_shapes(model: nn.Module) -> dict[str, dict[str, int]]:
+    """The constructor sizes of every Conv, BatchNorm and Linear layer, by module name:
+    in_channels/out_channels/groups, num_features, or in_features/out_features (JSON-ready)."""
+    shapes: dict[str, dict[str, int]] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, _ConvNd):
+            shapes[name] = {"in_channels": module.in_channels, "out_channels": module.out_channels, "groups": module.groups}
+        elif isinstance(module, _BatchNorm):
+            shapes[name] = {"num_features": module.num_features}
+        elif isinstance(module, nn.Linear):
+            shapes[name] = {"in_features": module.in_features, "out_features": module.out_features}
+    return shapes
+
+
+def rebuild(name: str, kwargs: Mapping[str, Any], shapes: Mapping[str, Mapping[str, int]]) -> nn.Module:
+    """Registered model ``name(**kwargs)`` with each layer in ``shapes`` replaced by a fresh one of
+    the saved sizes (other hyper-parameters kept), so a compact model's state_dict loads strictly."""
+    model = create_model(name, **kwargs)
+    modules = dict(model.named_modules())
+    for layer, sizes in shapes.items():
+        old = modules.get(layer)
+        if old is None or not isinstance(old, (_ConvNd, _BatchNorm, nn.Linear)):
+            raise ValueError(f"shapes name layer {layer!r}, which is not a Conv, BatchNorm or Linear layer of model {name!r}.")
+        new = _resized(old, dict(sizes), layer)
+        parent, _, attr = layer.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, attr, new)
+    return model
+
+
+def _resized(old: nn.Module, sizes: dict[str, int], layer: str) -> nn.Module:
+    keys = {"in_channels", "out_channels", "groups"} if isinstance(old, _ConvNd) else (
+        {"num_features"} if isinstance(old, _BatchNorm) else {"in_features", "out_features"})
+    if set(sizes) != keys or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in sizes.values()):
+        raise ValueError(f"shape {sizes!r} of layer {layer!r} is not allowed; allowed: positive integers for exactly {sorted(keys)}.")
+    if isinstance(old, _ConvNd):
+        return type(old)(sizes["in_channels"], sizes["out_channels"], old.kernel_size, stride=old.stride, padding=old.padding,
+                         dilation=old.dilation, groups=sizes["groups"], bias=old.bias is not None, padding_mode=old.padding_mode)
+    if isinstance(old, _BatchNorm):
+        return type(old)(sizes["num_features"], eps=old.eps, momentum=old.momentum, affine=old.affine,
+                         track_running_stats=old.track_running_stats)
+    return nn.Linear(sizes["in_features"], sizes["out_features"], bias=old.bias is not None)
+
+
+def count_flops_params(model: nn.Module, example_inputs: Tensor) -> tuple[int, int]:
+    """(FLOPs of one forward pass on ``example_inputs`` counted by ``torch.utils.flop_counter``
+    in eval mode without gradients, number of parameters). Training flags are restored."""
+    flags = [module.training for module in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(example_inputs)
+    finally:
+        for module, flag in zip(model.modules(), flags):
+            module.training = flag
+    return int(counter.get_total_flops()), sum(p.numel() for p in model.parameters())
+

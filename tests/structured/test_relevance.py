@@ -1,0 +1,164 @@
+"""LRP alpha-beta (alpha = 2, beta = 1) relevance against values computed by hand."""
+
+import pytest
+import torch
+from torch import nn
+
+from sparsetrain.models import create_model
+from sparsetrain.structured.relevance import activation_sources, channel_relevance, input_relevance
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """These tensors are tiny: intra-op threads only add overhead, and on a shared 2-core
+    machine OpenMP's waiting threads made these tests 20x slower. Restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _set(layer: nn.Module, weight, bias=None) -> nn.Module:
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor(weight, dtype=torch.float32).view_as(layer.weight))
+        if bias is not None:
+            layer.bias.copy_(torch.tensor(bias, dtype=torch.float32))
+    return layer
+
+
+def _identity_bn(bn: nn.Module, gamma, beta) -> nn.Module:
+    """Batch norm computing gamma * x + beta in eval mode (eps 0, mean 0, variance 1)."""
+    bn.eps = 0.0
+    bn.running_mean.zero_()
+    bn.running_var.fill_(1.0)
+    return _set(bn, gamma, beta)
+
+
+class MLP(nn.Module):
+    def __init__(self, bn: bool = False) -> None:
+        super().__init__()
+        self.fc1 = _set(nn.Linear(2, 2), [[1, 2], [3, -1]], [0.5, -1])
+        self.bn = _identity_bn(nn.BatchNorm1d(2), [2, 0.5], [1, 0]) if bn else nn.Identity()
+        self.relu = nn.ReLU()
+        self.fc2 = _set(nn.Linear(2, 3), [[1, -1], [2, 1], [-1, 0.5]], [1, 0, -0.5])
+
+    def forward(self, x):
+        return self.fc2(self.relu(self.bn(self.fc1(x))))
+
+
+X = torch.tensor([[2.0, -1.0]])
+
+
+def test_linear_relu_linear_by_hand():
+    # Hidden pre-activations 2 - 2 + 0.5 = 0.5 and 6 + 1 - 1 = 6; logit of class 2 is 2.
+    # fc2, output 2 (R = 2): contributions -0.5, 3; z+ = 3, z- = -0.5 + b- = -1.
+    r_hidden = [-1 * (-0.5 / -1) * 2, 2 * (3 / 3) * 2]  # [-1, 4]
+    # fc1, unit 0 (R = -1): contributions 2, -2; z+ = 2 + 0.5, z- = -2.
+    # fc1, unit 1 (R = 4): contributions 6, 1; z+ = 7, z- = b- = -1 (the bias keeps its share).
+    r_input = [2 * (2 / 2.5) * -1 + 2 * (6 / 7) * 4, -1 * (-2 / -2) * -1 + 2 * (1 / 7) * 4]
+    model, y = MLP(), torch.tensor([2])
+    relevance = channel_relevance(model, X, y)
+    assert list(relevance) == ["relu"]
+    torch.testing.assert_close(relevance["relu"], torch.tensor([r_hidden]), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(input_relevance(model, X, y), torch.tensor([r_input]), rtol=1e-6, atol=1e-6)
+
+
+def test_batch_norm_passes_relevance_through():
+    # BN maps the pre-activations 0.5, 6 to 2 * 0.5 + 1 = 2 and 0.5 * 6 = 3; logit 2 is -1.
+    # fc2, output 2 (R = -1): contributions -2, 1.5; z+ = 1.5, z- = -2 - 0.5 = -2.5.
+    r_hidden = [-1 * (-2 / -2.5) * -1, 2 * (1.5 / 1.5) * -1]  # [0.8, -2]
+    # fc1 sees those relevances unchanged at its outputs, with its own (pre-BN) contributions.
+    r_input = [2 * (2 / 2.5) * 0.8 + 2 * (6 / 7) * -2, -1 * (-2 / -2) * 0.8 + 2 * (1 / 7) * -2]
+    model, y = MLP(bn=True), torch.tensor([2])
+    relevance = channel_relevance(model, X, y)
+    torch.testing.assert_close(relevance["relu"], torch.tensor([r_hidden]), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(input_relevance(model, X, y), torch.tensor([r_input]), rtol=1e-6, atol=1e-6)
+
+
+class ConvNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = _set(nn.Conv2d(1, 2, (1, 2)), [[1, 2], [-1, 1]], [0.5, 0])
+        self.relu = nn.ReLU()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = _set(nn.Linear(2, 2), [[1, -1], [-2, 1]], [0, 1])
+
+    def forward(self, x):
+        return self.fc(self.pool(self.relu(self.conv(x))).flatten(1))
+
+
+def test_conv_pool_linear_by_hand():
+    # Input row [2, -1, 3]. Channel 0 (w [1, 2], b 0.5): 0.5, 5.5; channel 1 (w [-1, 1]): -3 -> 0, 4.
+    # Pooled [3, 2]; logit 0 = 3 - 2 = 1. fc, output 0: contributions 3, -2; z+ = 3, z- = -2.
+    r_pooled = [2 * (3 / 3) * 1, -1 * (-2 / -2) * 1]  # [2, -1]
+    # Average pooling shares in proportion to the activations.
+    r_act = [[0.5 / 6 * r_pooled[0], 5.5 / 6 * r_pooled[0]], [0.0, 4 / 4 * r_pooled[1]]]
+    # Conv, channel 0 at position 0: contributions 2, -2, z+ = 2 + 0.5, z- = -2;
+    # position 1: contributions -1, 6, z+ = 6 + 0.5, z- = -1; channel 1 at position 1: 1, 3, z+ = 4.
+    r_input = [
+        2 * (2 / 2.5) * r_act[0][0],
+        -1 * (-2 / -2) * r_act[0][0] - 1 * (-1 / -1) * r_act[0][1] + 2 * (1 / 4) * r_act[1][1],
+        2 * (6 / 6.5) * r_act[0][1] + 2 * (3 / 4) * r_act[1][1],
+    ]
+    model, x, y = ConvNet(), torch.tensor([[[[2.0, -1.0, 3.0]]]]), torch.tensor([0])
+    relevance = channel_relevance(model, x, y)
+    expected = torch.tensor([[sum(r_act[0]) / 2, sum(r_act[1]) / 2]])  # spatial means [1, -0.5]
+    torch.testing.assert_close(relevance["relu"], expected, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(input_relevance(model, x, y), torch.tensor([[[r_input]]]), rtol=1e-6, atol=1e-6)
+
+
+class Residual(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc_u = _set(nn.Linear(1, 2, bias=False), [[2], [1]])
+        self.fc_v = _set(nn.Linear(1, 2, bias=False), [[1], [3]])
+        self.relu_u, self.relu_v = nn.ReLU(), nn.ReLU()
+        self.fc = _set(nn.Linear(2, 2), [[1, -1], [0.5, 0.5]], [0, 0])
+
+    def forward(self, x):
+        return self.fc(self.relu_u(self.fc_u(x)) + self.relu_v(self.fc_v(x)))
+
+
+def test_residual_add_splits_in_proportion():
+    # u = [2, 1], v = [1, 3], sum [3, 4]; logit 0 = 3 - 4 = -1; contributions 3, -4.
+    r_sum = [2 * (3 / 3) * -1, -1 * (-4 / -4) * -1]  # [-2, 1]
+    relevance = channel_relevance(Residual(), torch.tensor([[1.0]]), torch.tensor([0]))
+    torch.testing.assert_close(relevance["relu_u"], torch.tensor([[2 / 3 * r_sum[0], 1 / 4 * r_sum[1]]]))
+    torch.testing.assert_close(relevance["relu_v"], torch.tensor([[1 / 3 * r_sum[0], 3 / 4 * r_sum[1]]]))
+
+
+def test_resnet_sources_shapes_and_no_side_effects():
+    torch.manual_seed(0)
+    model = create_model("resnet20", width=0.25)
+    x, y = torch.randn(3, 3, 32, 32), torch.tensor([0, 4, 9])
+    sources = activation_sources(model, x)
+    assert len(sources) == 19  # stem + 2 per block; the classifier has no ReLU after it
+    assert sources["relu"] == ("conv1",)
+    assert sources["layer1.0.relu2"] == ("layer1.0.conv2",)
+    assert sources["layer2.0.relu2"] == ("layer2.0.conv2", "layer2.0.shortcut.0")
+    relevance = channel_relevance(model, x, y)
+    assert list(relevance) == list(sources)
+    assert relevance["layer3.2.relu2"].shape == (3, 16)
+    assert model.training and all(p.grad is None for p in model.parameters())
+    assert all(torch.isfinite(r).all() for r in relevance.values())
+
+
+class _WithLayerNorm(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(2, 2)
+        self.norm = nn.LayerNorm(2)
+
+    def forward(self, x):
+        return self.norm(self.fc(x))
+
+
+def test_unsupported_models_are_rejected():
+    with pytest.raises(ValueError, match="'norm'"):
+        channel_relevance(_WithLayerNorm(), X, torch.tensor([0]))
+    shared = nn.ReLU()
+    model = nn.Sequential(nn.Linear(2, 2), shared, nn.Linear(2, 2), shared, nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="called 2 times"):
+        channel_relevance(model, X, torch.tensor([0]))
+    with pytest.raises(ValueError, match="in-place"):
+        channel_relevance(nn.Sequential(nn.Linear(2, 2), nn.ReLU(inplace=True), nn.Linear(2, 2)), X, torch.tensor([0]))

@@ -1,0 +1,86 @@
+"""GDP and FRS through `sparsetrain train`: compact models on disk, FLOPs on target, exact resume."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from safetensors.torch import load_file
+
+from sparsetrain.cli import main
+
+SMALL = ["--model-arg", "width=0.5", "--limit", "1024", "--batch-size", "64", "--device", "cpu", "--workers", "1"]
+COMMAND = [sys.executable, "-m", "sparsetrain", "train"]
+
+
+def run_cli(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_gdp_run_lands_on_its_flops_target_and_eval_rebuilds_the_compact_model(tmp_path, capsys):
+    code, out, err = run_cli(capsys, "train", "--method", "gdp", "--flops-target", 0.5, "--epochs", 4,
+                             "--out", tmp_path, "--name", "gdp", *SMALL)
+    assert code == 0, err
+    config = json.loads((tmp_path / "gdp" / "config.json").read_text())
+    ratio = config["metrics"]["flops"] / config["metrics"]["dense_flops"]
+    assert abs(ratio - 0.5) <= 0.02 * 0.5, ratio
+    assert config["shapes"]["layer3.0.conv1"]["out_channels"] <= 32
+    code, eval_out, _ = run_cli(capsys, "eval", tmp_path / "gdp", "--device", "cpu")
+    assert code == 0 and eval_out.startswith(f"test acc {config['metrics']['test_acc']:.2%}")
+    code, report, _ = run_cli(capsys, "report", tmp_path / "gdp")
+    assert code == 0 and "| FLOPs (non-zero weights) |" in report and "| layer | width before | width after |" in report
+
+
+def kill_after_epoch(argv, epoch):
+    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in process.stdout:
+        if line.startswith(f"epoch {epoch}/"):
+            process.kill()
+            break
+    process.wait(timeout=60)
+    return process.returncode
+
+
+@pytest.mark.parametrize("method, extra", [("frs", ["--prune-every", "1", "--stop-at", "2"]), ("gdp", [])])
+def test_killed_structured_run_resumes_bit_identical(tmp_path, method, extra):
+    args = ["--method", method, "--epochs", "3", "--out", str(tmp_path), *SMALL, "--limit", "512", *extra]
+    straight = subprocess.run([*COMMAND, *args, "--name", "straight"], capture_output=True, text=True, timeout=600)
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    assert kill_after_epoch([*COMMAND, *args, "--name", "killed"], 2) != 0
+    killed = tmp_path / "killed"
+    assert not (killed / "model.safetensors").exists()
+    resumed = subprocess.run([*COMMAND, "--resume", str(killed)], capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    expected = load_file(str(tmp_path / "straight" / "model.safetensors"))
+    got = load_file(str(killed / "model.safetensors"))
+    assert expected.keys() == got.keys()
+    for key in expected:
+        assert expected[key].shape == got[key].shape and (expected[key] == got[key]).all(), key
+    shapes = [json.loads((tmp_path / run / "config.json").read_text())["shapes"] for run in ("straight", "killed")]
+    assert shapes[0] == shapes[1]
+
+
+def test_frs_removes_channels_on_schedule(tmp_path, capsys):
+    code, out, err = run_cli(capsys, "train", "--method", "frs", "--epochs", 2, "--prune-every", 1,
+                             "--channels-per-step", 20, "--out", tmp_path, "--name", "frs", *SMALL)
+    assert code == 0, err
+    config = json.loads((tmp_path / "frs" / "config.json").read_text())
+    widths = [s["out_channels"] for s in config["shapes"].values() if "out_channels" in s]
+    assert config["metrics"]["flops"] < config["metrics"]["dense_flops"]
+    assert config["metrics"]["params"] < 272_474 / 4 + 1000  # width 0.5: about a quarter of ResNet-20, minus pruning
+    assert min(widths) >= 1
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--method", "gdp", "--flops-target", "1.5"], "flops_target=1.5"),
+        (["--method", "frs", "--channels-per-step", "100000", "--epochs", "2"], "channels_per_step=100000"),
+    ],
+)
+def test_structured_usage_errors(tmp_path, capsys, argv, message):
+    code, _, err = run_cli(capsys, "train", "--out", tmp_path, *argv, *SMALL)
+    assert code == 2 and message in err and err.count("\n") == 1
+    assert list(tmp_path.iterdir()) == []
