@@ -86,3 +86,16 @@ def test_bench_cli_usage_errors(tmp_path, capsys):
     (tmp_path / "g" / "grid.json").write_text(json.dumps({"epochs": 99}))
     assert main(["bench", "--epochs", "1", "--out", str(tmp_path / "g")]) == 2
     assert "holds a grid with other options" in capsys.readouterr().err
+
+
+def test_channel_pruning_cells_land_in_their_own_table(tmp_path):
+    cells = grid_cells(["gdp", "frs"], [0.9], [0], flops_targets=[0.5])
+    assert [c.name for c in cells] == ["dense-s0-seed0", "gdp-f0.5-seed0", "frs-seed0"]
+    records = run_grid({**BASE, "epochs": 2}, cells, tmp_path, log=lambda line: None)
+    gdp, frs = records[1], records[2]
+    assert gdp["flops_target"] == 0.5 and gdp["flops"] < gdp["dense_flops"]
+    assert frs["flops_target"] is None and frs["flops"] < frs["dense_flops"] and frs["params"] < records[0]["params"]
+    table = (tmp_path / "results.md").read_text()
+    assert "| method | FLOPs target | FLOPs reached (% of dense) | test accuracy (%) |" in table
+    assert "| gdp | 50% |" in table and "| frs | — |" in table
+    assert (tmp_path / "accuracy_vs_flops.png").is_file()

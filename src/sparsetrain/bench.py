@@ -22,37 +22,53 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-from safetensors.torch import load_file
-
 from .checkpoint import atomic_write, write_json
-from .models import create_model, input_size
 from .plots import plot_accuracy_vs_flops, plot_accuracy_vs_sparsity
-from .report import count_flops
-from .train import CHECKPOINT, CONFIG, DENSE, METRICS, MODEL, TrainOptions, options_from_dict, train
+from .train import CHECKPOINT, CONFIG, DENSE, METRICS, STRUCTURED, options_from_dict, train
 
 RESULTS, GRID, TABLE = "results.jsonl", "grid.json", "results.md"
 
 
 @dataclass(frozen=True)
 class Cell:
-    """One training run of the grid."""
+    """One training run of the grid. ``target`` is the sparsity of an unstructured method, the
+    FLOPs target of gdp, and unused (0) for dense and frs (which runs its default budget)."""
 
     method: str
-    sparsity: float
+    target: float
     seed: int
 
     @property
     def name(self) -> str:
-        return f"{self.method}-s{self.sparsity:g}-seed{self.seed}"
+        if self.method == "gdp":
+            return f"gdp-f{self.target:g}-seed{self.seed}"
+        if self.method == "frs":
+            return f"frs-seed{self.seed}"
+        return f"{self.method}-s{self.target:g}-seed{self.seed}"
+
+    def options(self) -> dict[str, Any]:
+        """The training options that make this cell different from the others."""
+        options: dict[str, Any] = {"method": self.method, "seed": self.seed}
+        if self.method == "gdp":
+            options["flops_target"] = self.target
+        elif self.method not in STRUCTURED:
+            options["sparsity"] = self.target
+        return options
 
 
-def grid_cells(methods: Sequence[str], sparsities: Sequence[float], seeds: Sequence[int]) -> list[Cell]:
-    """Seed by seed: the dense reference, then every method x sparsity (so a partial grid covers every method)."""
+def grid_cells(
+    methods: Sequence[str], sparsities: Sequence[float], seeds: Sequence[int], flops_targets: Sequence[float] = (0.5,)
+) -> list[Cell]:
+    """Seed by seed: the dense reference, then every method at each of its targets (so a partial
+    grid covers every method)."""
+
+    def targets(method: str) -> Sequence[float]:
+        return flops_targets if method == "gdp" else (0.0,) if method == "frs" else sparsities
+
     return [
         cell
         for seed in seeds
-        for cell in [Cell(DENSE, 0.0, seed)] + [Cell(m, s, seed) for m in methods if m != DENSE for s in sparsities]
+        for cell in [Cell(DENSE, 0.0, seed)] + [Cell(m, t, seed) for m in methods if m != DENSE for t in targets(m)]
     ]
 
 
@@ -80,20 +96,14 @@ def _append(path: Path, record: dict[str, Any]) -> None:
         os.fsync(file.fileno())
 
 
-def _measure(run_dir: Path, options: TrainOptions) -> dict[str, Any]:
+def _measure(run_dir: Path) -> dict[str, Any]:
     """Accuracy, reached sparsity, params and FLOPs (non-zero weights only) of a finished run."""
-    config = json.loads((run_dir / CONFIG).read_text())
-    model = create_model(config["model"]["name"], **config["model"]["kwargs"])
-    model.load_state_dict(load_file(str(run_dir / MODEL)))
-    example = torch.zeros(1, *input_size(options.model))
+    metrics = json.loads((run_dir / CONFIG).read_text())["metrics"]
     history = [json.loads(line) for line in (run_dir / METRICS).read_text().splitlines()]
+    keep = ("test_acc", "params", "nonzero_params", "flops", "dense_flops")
     return {
-        "test_acc": config["metrics"]["test_acc"],
-        "sparsity_reached": config["metrics"]["sparsity"],
-        "params": sum(p.numel() for p in model.parameters()),
-        "nonzero_params": sum(int(torch.count_nonzero(p)) for p in model.parameters()),
-        "flops": count_flops(model, example, skip_zeros=True),
-        "dense_flops": count_flops(model, example),
+        **{key: metrics[key] for key in keep},
+        "sparsity_reached": metrics["sparsity"],
         "wall_time": sum(record["epoch_time"] for record in history),
     }
 
@@ -108,7 +118,7 @@ def check_grid(base: dict[str, Any], cells: Sequence[Cell], out: str | Path) -> 
     if not cells:
         raise ValueError("the grid has no cell; allowed: at least one seed.")
     for cell in cells:
-        options_from_dict({**base, "method": cell.method, "sparsity": cell.sparsity, "seed": cell.seed, "name": "check"})
+        options_from_dict({**base, **cell.options(), "name": "check"})
     saved = Path(out) / GRID
     if saved.is_file() and json.loads(saved.read_text()) != _shared_options(base):
         raise ValueError(f"{out} holds a grid with other options ({saved}); allowed: the same options, or a new --out.")
@@ -134,18 +144,15 @@ def run_grid(
     for index, cell in enumerate(cells):
         if cell.name in done:
             continue
-        options = options_from_dict(
-            {**base, "method": cell.method, "sparsity": cell.sparsity, "seed": cell.seed,
-             "out": str(out / "runs"), "name": cell.name}
-        )
+        options = options_from_dict({**base, **cell.options(), "out": str(out / "runs"), "name": cell.name})
         run_dir = options.run_dir
         resume = (run_dir / CHECKPOINT).is_file()
         if run_dir.exists() and not resume:
             shutil.rmtree(run_dir)  # killed before its first checkpoint: nothing to keep
         log(f"[{index + 1}/{len(cells)}] {cell.name}" + (" (resuming)" if resume else ""))
         train(options, resume=resume, log=lambda line: log(f"  {line}"))
-        record = {"cell": cell.name, "method": cell.method, "sparsity": cell.sparsity, "seed": cell.seed,
-                  **_measure(run_dir, options)}
+        record = {"cell": cell.name, "method": cell.method, "sparsity": cell.options().get("sparsity", 0.0),
+                  "flops_target": cell.options().get("flops_target"), "seed": cell.seed, **_measure(run_dir)}
         _append(results_path, record)
         records.append(record)
     write_outputs(records, out)
@@ -161,7 +168,31 @@ def summarise(records: Sequence[dict[str, Any]]) -> dict[tuple[str, float], tupl
 
 
 def results_table(records: Sequence[dict[str, Any]]) -> str:
-    """Markdown: mean ± std test accuracy (%) per method (rows) and target sparsity (columns)."""
+    """Markdown: mean ± std test accuracy (%) per method (rows) and target sparsity (columns);
+    channel-pruning runs in a second table, by FLOPs reached."""
+    unstructured = [r for r in records if r["method"] not in STRUCTURED]
+    structured = [r for r in records if r["method"] in STRUCTURED]
+    tables = [_sparsity_table(unstructured)] if unstructured else []
+    if structured:
+        tables.append(_flops_table(structured))
+    return "\n\n".join(tables)
+
+
+def _flops_table(records: Sequence[dict[str, Any]]) -> str:
+    groups: dict[tuple[str, Any], list[dict[str, Any]]] = {}
+    for record in records:
+        groups.setdefault((record["method"], record.get("flops_target")), []).append(record)
+    rows = ["| method | FLOPs target | FLOPs reached (% of dense) | test accuracy (%) |", "|---|---:|---:|---:|"]
+    for (method, target), group in sorted(groups.items(), key=lambda item: item[0][0]):
+        accs = [100 * r["test_acc"] for r in group]
+        flops = statistics.mean(100 * r["flops"] / r["dense_flops"] for r in group)
+        std = statistics.stdev(accs) if len(accs) > 1 else 0.0
+        target_text = "—" if target is None else f"{target:.0%}"
+        rows.append(f"| {method} | {target_text} | {flops:.1f} | {statistics.mean(accs):.2f} ± {std:.2f} (n={len(accs)}) |")
+    return "\n".join(rows)
+
+
+def _sparsity_table(records: Sequence[dict[str, Any]]) -> str:
     summary = summarise(records)
     sparsities = sorted({s for m, s in summary if m != DENSE})
     methods = sorted({m for m, _ in summary}, key=lambda m: (m != DENSE, m))
@@ -185,6 +216,8 @@ def write_outputs(records: Sequence[dict[str, Any]], out: Path) -> None:
     if not records:
         return
     atomic_write(out / TABLE, lambda tmp: Path(tmp).write_text(results_table(records) + "\n"))
-    plot_accuracy_vs_sparsity(records, out / "accuracy_vs_sparsity.png")
+    unstructured = [r for r in records if r["method"] not in STRUCTURED]
+    if unstructured:
+        plot_accuracy_vs_sparsity(unstructured, out / "accuracy_vs_sparsity.png")
     plot_accuracy_vs_flops(records, out / "accuracy_vs_flops.png")
 

@@ -95,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     grid.add_argument("--methods", type=_name_list, default=["feather", "st3", "st3-sigma", "gmp", "ste"],
                       help="comma-separated methods; the dense reference always runs")
     grid.add_argument("--sparsities", type=_float_list, default=[0.9, 0.95, 0.98, 0.99], help="comma-separated")
+    grid.add_argument("--flops-targets", type=_float_list, default=[0.5], help="gdp's FLOPs targets, comma-separated")
     grid.add_argument("--seeds", type=_int_list, default=[0, 1], help="comma-separated")
     grid.add_argument("--out", default="bench", help="grid folder; re-running it skips finished cells")
     _add_training_options(bench, single_run=False)
@@ -263,10 +264,10 @@ def _checked_command(args: dict[str, Any]) -> Callable[[], None]:
         setup = prepare(options, resume)
         return lambda: fit(setup)
     if command == "bench":
-        grid = {key: args.pop(key) for key in ("methods", "sparsities", "seeds", "out")}
+        grid = {key: args.pop(key) for key in ("methods", "sparsities", "flops_targets", "seeds", "out")}
         if "model_args" in args:
             args["model_args"] = dict(args["model_args"])
-        cells = grid_cells(grid["methods"], grid["sparsities"], grid["seeds"])
+        cells = grid_cells(grid["methods"], grid["sparsities"], grid["seeds"], grid["flops_targets"])
         check_grid(args, cells, grid["out"])
         return lambda: run_grid(args, cells, grid["out"])
     if command == "eval":

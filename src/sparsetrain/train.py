@@ -507,6 +507,7 @@ def _finish(setup: Setup, dense_flops: int, log: Callable[[str], None]) -> dict[
         "flops": count_flops(model, setup.example_inputs[:1], skip_zeros=True),
         "dense_flops": dense_flops,
         "params": sum(p.numel() for p in model.parameters()),
+        "nonzero_params": sum(int(torch.count_nonzero(p)) for p in model.parameters()),
     }
     if setup.ranks.main:
         from safetensors.torch import save_file
