@@ -72,3 +72,20 @@ def test_sparse_flops_count_only_nonzero_weights():
     sparse = count_flops(sparse_model, x, skip_zeros=True)
     assert sparse == hand_counted_flops(sparse_model, x)
     assert sparse < 0.25 * dense
+
+
+def test_export_command_writes_a_loadable_compressed_file(tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    from sparsetrain.cli import main
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text("{}")
+    state = sparse_resnet(0.9).state_dict()
+    save_file({k: v.contiguous() for k, v in state.items()}, run / "model.safetensors")
+    assert main(["export", str(run)]) == 0
+    assert "model.sparse.safetensors" in capsys.readouterr().out
+    back = load_sparse(run / "model.sparse.safetensors")
+    assert all(torch.equal(back[k], v) for k, v in state.items())
+    assert main(["export", str(tmp_path / "missing")]) == 2

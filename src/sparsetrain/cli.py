@@ -22,6 +22,7 @@ from torch import nn
 
 from .bench import check_grid, grid_cells, run_grid
 from .checkpoint import load_checkpoint
+from .export import save_sparse
 from .data import DATASET_NAMES, BatchLoader, load_dataset
 from .methods import list_methods
 from .models import create_model, input_size, list_models
@@ -99,6 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
     grid.add_argument("--seeds", type=_int_list, default=[0, 1], help="comma-separated")
     grid.add_argument("--out", default="bench", help="grid folder; re-running it skips finished cells")
     _add_training_options(bench, single_run=False)
+
+    export = commands.add_parser("export", help="write a run's final weights compressed (non-zeros only)")
+    export.add_argument("path", help="run folder")
+    export.add_argument("--out", help="output file (default: RUN_DIR/model.sparse.safetensors)")
 
     commands.add_parser("list", help="list models, methods and datasets")
     return parser
@@ -240,6 +245,16 @@ def command_eval(path: str, data_dir: str | None, device_spec: str) -> None:
     print(f"test acc {accuracy:.2%}  test loss {loss:.4f}  sparsity {report.sparsity:.2%}  ({len(data.y_test)} images)")
 
 
+def command_export(path: str, out: str | None) -> None:
+    _, weights = _run_files(path)
+    if weights.name != MODEL:
+        raise UsageError(f"{path} has no finished {MODEL} to export")
+    target = Path(out) if out else weights.with_name("model.sparse.safetensors")
+    save_sparse(target, load_file(str(weights)))
+    before, after = weights.stat().st_size, target.stat().st_size
+    print(f"wrote {target}: {after / 1024:.0f} KiB, {after / before:.1%} of {MODEL} ({before / 1024:.0f} KiB)")
+
+
 def command_report(path: str) -> None:
     model, config, sparsifier = load_run_model(path, torch.device("cpu"))
     name, options = config["model"]["name"], config["options"]
@@ -272,6 +287,8 @@ def _checked_command(args: dict[str, Any]) -> Callable[[], None]:
         return lambda: run_grid(args, cells, grid["out"])
     if command == "eval":
         command_eval(args["path"], args["data_dir"], args["device"])
+    elif command == "export":
+        command_export(args["path"], args["out"])
     elif command == "report":
         command_report(args["path"])
     else:
