@@ -73,11 +73,14 @@ def count_flops(model: nn.Module, example_inputs: torch.Tensor, skip_zeros: bool
     """
     from torch.utils.flop_counter import FlopCounterMode
 
-    was_training = model.training
+    flags = [module.training for module in model.modules()]
     model.eval()
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(example_inputs)
-    model.train(was_training)
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(example_inputs)
+    finally:
+        for module, flag in zip(model.modules(), flags):
+            module.training = flag
     if not skip_zeros:
         return int(counter.get_total_flops())
     per_module = counter.get_flop_counts()

@@ -383,7 +383,7 @@ def fit(setup: Setup, log: Callable[[str], None] = print) -> dict[str, Any]:
         start = time.perf_counter()
         model = setup.model
         net = DistributedDataParallel(model) if ranks.world_size > 1 else model
-        params = [p for group in setup.optimizer.param_groups for p in group["params"]]
+        params = list(model.parameters())  # clipped: the model's own, not GDP's gates
         model.train()
         loss_sum = torch.zeros((), device=setup.device)
         label = f"epoch {epoch + 1}/{options.epochs}"

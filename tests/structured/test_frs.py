@@ -17,14 +17,6 @@ from sparsetrain.structured.surgery import channel_groups, layer_shapes, rebuild
 EXAMPLE = torch.zeros(2, 3, 16, 16)  # small images keep the tests fast; the models pool adaptively
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tensors are tiny: intra-op threads only add overhead, and on a shared 2-core
-    machine OpenMP's waiting threads made these tests 20x slower. Restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _batches(count: int, size: int = 8, seed: int = 0):

@@ -12,13 +12,6 @@ from sparsetrain.data import BatchLoader, load_dataset
 from sparsetrain.models import create_model
 from sparsetrain.structured import GDP, count_flops_params
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These tiny models run fastest on one thread (and many times slower on two on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 CASES = {
@@ -29,16 +22,6 @@ CASES = {
 }
 
 
-def randomize_batch_norms(model: nn.Module, seed: int = 0) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, nn.BatchNorm2d):
-                n = module.num_features
-                module.weight.copy_(torch.rand(n, generator=gen) + 0.5)
-                module.bias.copy_(torch.randn(n, generator=gen) * 0.1)
-                module.running_mean.copy_(torch.randn(n, generator=gen) * 0.1)
-                module.running_var.copy_(torch.rand(n, generator=gen) + 0.5)
 
 
 def random_gates(gdp: GDP, seed: int = 0) -> None:
@@ -104,7 +87,7 @@ def test_gates_shared_by_readers_and_none_before_depthwise():
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_gated_model_equals_compact_model(name):
+def test_gated_model_equals_compact_model(name, randomize_batch_norms):
     torch.manual_seed(0)
     model = create_model(name, **CASES[name])
     randomize_batch_norms(model)

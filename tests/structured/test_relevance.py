@@ -8,14 +8,6 @@ from sparsetrain.models import create_model
 from sparsetrain.structured.relevance import activation_sources, channel_relevance, input_relevance
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tensors are tiny: intra-op threads only add overhead, and on a shared 2-core
-    machine OpenMP's waiting threads made these tests 20x slower. Restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _set(layer: nn.Module, weight, bias=None) -> nn.Module:

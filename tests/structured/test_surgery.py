@@ -31,17 +31,6 @@ CASES = {
 }
 
 
-def randomize_batch_norms(model: nn.Module, seed: int = 0) -> None:
-    """Distinct per-channel batch-norm statistics and affine parameters, so index mix-ups show."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, nn.BatchNorm2d):
-                n = module.num_features
-                module.weight.copy_(torch.rand(n, generator=gen) + 0.5)
-                module.bias.copy_(torch.randn(n, generator=gen) * 0.1)
-                module.running_mean.copy_(torch.randn(n, generator=gen) * 0.1)
-                module.running_var.copy_(torch.rand(n, generator=gen) + 0.5)
 
 
 def masked(model: nn.Module, drop: dict[str, list[int]], x: torch.Tensor) -> nn.Module:
@@ -67,7 +56,7 @@ def masked(model: nn.Module, drop: dict[str, list[int]], x: torch.Tensor) -> nn.
 
 
 @pytest.fixture(scope="module", params=list(CASES))
-def case(request):
+def case(request, randomize_batch_norms):
     """(name, model, drop, compact, x): channels of several groups dropped, each named through one of
     its writers; the input model is checked to be untouched."""
     name = request.param

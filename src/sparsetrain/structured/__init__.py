@@ -1,7 +1,6 @@
 """Structured (channel-level) pruning: channel surgery and GDP gates."""
 
 from sparsetrain.structured.gdp import GDP
-
 from sparsetrain.structured.surgery import (
     ChannelGroup,
     channel_groups,

@@ -105,8 +105,9 @@ class GDP:
     ``flops_target`` is the wanted fraction of the dense model's FLOPs, in (0, 1);
     ``total_steps`` (T) the number of ``step()`` calls in training; ``example_inputs`` a batch
     used to trace the model and count FLOPs. Knobs (see the module docstring for the maths):
-    ``eps_start``/``eps_end`` the eps schedule; ``init`` the initial x of every gate (g = 0.5
-    with the default eps_start = 1); ``lambda_init`` and ``lr_lambda`` (log-rate per pruning
+    ``eps_start``/``eps_end`` the eps schedule (eps_start = 0.1 kept more accuracy than 1.0 on
+    the bundled sample: ResNet-20 x0.5, 12 epochs, 46.1 % vs 39.6 % at 50 % FLOPs, one seed);
+    ``init`` the initial x of every gate (g = 1 / 1.1 with the defaults); ``lambda_init`` and ``lr_lambda`` (log-rate per pruning
     window) of the FLOPs weight; ``gate_min`` the gate value under which a gate is zeroed;
     ``prune_end`` the end of the pruning window, as a fraction of T; ``tolerance`` how far under
     the target (as a fraction of it) the compact model's FLOPs may land.
@@ -119,7 +120,7 @@ class GDP:
         total_steps: int,
         example_inputs: Tensor,
         *,
-        eps_start: float = 1.0,
+        eps_start: float = 0.1,
         eps_end: float = 1e-4,
         init: float = 1.0,
         lambda_init: float = 1.0,

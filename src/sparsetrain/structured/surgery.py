@@ -32,9 +32,9 @@ import torch_pruning as tp
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
-from torch.utils.flop_counter import FlopCounterMode
 
 from ..models import create_model
+from ..report import count_flops
 
 LAYER_TYPES: tuple[type[nn.Module], ...] = (_ConvNd, nn.Linear)
 SUPPORTED_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, _BatchNorm)
@@ -267,15 +267,6 @@ def _resized(old: nn.Module, sizes: dict[str, int], layer: str) -> nn.Module:
 
 
 def count_flops_params(model: nn.Module, example_inputs: Tensor) -> tuple[int, int]:
-    """(FLOPs of one forward pass on ``example_inputs`` counted by ``torch.utils.flop_counter``
-    in eval mode without gradients, number of parameters). Training flags are restored."""
-    flags = [module.training for module in model.modules()]
-    model.eval()
-    try:
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            model(example_inputs)
-    finally:
-        for module, flag in zip(model.modules(), flags):
-            module.training = flag
-    return int(counter.get_total_flops()), sum(p.numel() for p in model.parameters())
-
+    """(FLOPs of one forward pass on ``example_inputs``, counted by ``torch.utils.flop_counter``
+    in eval mode without gradients, number of parameters)."""
+    return count_flops(model, example_inputs), sum(p.numel() for p in model.parameters())
