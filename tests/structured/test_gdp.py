@@ -16,6 +16,7 @@ from sparsetrain.structured import GDP, count_flops_params
 
 CASES = {
     "resnet20": {"width": 0.25},
+    "resnet56": {"width": 0.25},
     "mobilenetv1": {"width": 0.25},
     "densenet40": {"growth_rate": 6},
     "vgg16": {},
