@@ -241,7 +241,7 @@ def prepare(options: TrainOptions, resume: bool = False) -> Setup:
     )
     test_loader = BatchLoader(data.x_test, data.y_test, EVAL_BATCH_SIZE, data.mean, data.std, shuffle=False, device=device)
     total_steps = options.epochs * len(train_loader)
-    example_inputs = test_loader._images[:2].float()  # shape and device are what tracing needs
+    example_inputs = data.x_test[:2].float().to(device)  # shape and device are what tracing needs
     sparsifier, structured = None, None
     if options.method == "gdp":
         structured = GDP(model, options.flops_target, total_steps, example_inputs)
