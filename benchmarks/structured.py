@@ -3,7 +3,9 @@
 Trains ResNet-56 dense, with GDP at a FLOPs target and with FRS (default budget: 30 % of the
 channels over the scaled schedule) for the same epochs, then measures each final model's
 parameters, FLOPs and CPU inference latency at batch 1 and batch 128 (eval mode, no grad,
-median of repeated runs after warm-up). Finished runs in --out are reused.
+median over rounds in which the models take turns, after warm-up). For reference it also times untrained ResNet-56s
+thinned uniformly (width 0.7 and 0.5): what CPU speed a given FLOPs cut can buy at all.
+Finished runs in --out are reused.
 
     python benchmarks/structured.py [--epochs 10] [--flops-target 0.5] [--out bench-structured]
 """
@@ -43,16 +45,17 @@ def load(run_dir: Path) -> tuple[torch.nn.Module, dict]:
 
 
 @torch.no_grad()
-def latency(model: torch.nn.Module, batch: int, repeats: int) -> float:
+def latencies(models: list[torch.nn.Module], batch: int, repeats: int) -> list[float]:
+    """Median forward time of each model; the models take turns every round so machine drift hits all alike."""
     x = torch.randn(batch, 3, 32, 32)
-    for _ in range(3):
-        model(x)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        model(x)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    times: list[list[float]] = [[] for _ in models]
+    for round_index in range(repeats + 3):
+        for model, record in zip(models, times):
+            start = time.perf_counter()
+            model(x)
+            if round_index >= 3:
+                record.append(time.perf_counter() - start)
+    return [statistics.median(record) for record in times]
 
 
 def main() -> None:
@@ -70,16 +73,20 @@ def main() -> None:
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     example = torch.zeros(1, 3, 32, 32)
     base = None
-    for method, run_dir in runs.items():
-        model, config = load(run_dir)
+    models = {method: load(run_dir) for method, run_dir in runs.items()}
+    for width in (0.7, 0.5):
+        models[f"uniform width {width} (untrained)"] = (create_model("resnet56", width=width).eval(), None)
+    ones = latencies([model for model, _ in models.values()], 1, args.repeats * 3)
+    fulls = latencies([model for model, _ in models.values()], 128, args.repeats)
+    for (method, (model, config)), one, full in zip(models.items(), ones, fulls):
         flops = count_flops(model, example)
         params = sum(p.numel() for p in model.parameters())
-        one, full = latency(model, 1, args.repeats * 3), latency(model, 128, args.repeats)
         if base is None:
             base = (flops, full)
         flops_speedup = base[0] / flops
         speedup = base[1] / full
-        print(f"| {method} | {config['metrics']['test_acc']:.2%} | {params:,} | {flops / 1e6:.1f} M | "
+        accuracy = "—" if config is None else f"{config['metrics']['test_acc']:.2%}"
+        print(f"| {method} | {accuracy} | {params:,} | {flops / 1e6:.1f} M | "
               f"{flops / base[0]:.1%} | {one * 1e3:.2f} | {full * 1e3:.1f} | {speedup:.2f}x | {speedup / flops_speedup:.2f} |")
 
 
