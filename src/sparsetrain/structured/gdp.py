@@ -43,7 +43,7 @@ and does, in order:
    a gate whose g(x) fell below ``gate_min`` (|x| < sqrt(eps * gate_min / (1 - gate_min))) or
    whose sign flipped in the last optimizer step (it crossed 0) is set to exactly 0. Zeros are
    taken smallest |x| first and only while the hard FLOPs ratio stays at least
-   r_ref(t) - tolerance * target, and every group keeps one channel; a crossing gate that may
+   r_ref(t) - tolerance * target, and every group keeps max(1, ceil(min_keep * its size)) channels; a crossing gate that may
    not be zeroed yet is put back where it was. A zero gate is dead for good: its parameter is
    reset to 0 at every step (g'(0) = 0, so only optimizer momentum could move it).
 3. Hold: the first time the hard FLOPs ratio is at most the target, zeros stop for good, the
@@ -109,6 +109,7 @@ class GDP:
     the bundled sample: ResNet-20 x0.5, 12 epochs, 46.1 % vs 39.6 % at 50 % FLOPs, one seed);
     ``init`` the initial x of every gate (g = 1 / 1.1 with the defaults); ``lambda_init`` and ``lr_lambda`` (log-rate per pruning
     window) of the FLOPs weight; ``gate_min`` the gate value under which a gate is zeroed;
+    ``min_keep`` the fraction of every group's channels that stays (at least one);
     ``prune_end`` the end of the pruning window, as a fraction of T; ``tolerance`` how far under
     the target (as a fraction of it) the compact model's FLOPs may land.
     """
@@ -128,6 +129,7 @@ class GDP:
         gate_min: float = 0.01,
         prune_end: float = 0.5,
         tolerance: float = 0.01,
+        min_keep: float = 0.0,
     ) -> None:
         self.target = validate_flops_target(flops_target)
         if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps <= 0:
@@ -138,6 +140,8 @@ class GDP:
             raise ValueError(f"prune_end={prune_end!r} is not allowed; allowed: a fraction of training in (0, 1].")
         if not 0.0 <= tolerance < 1.0:
             raise ValueError(f"tolerance={tolerance!r} is not allowed; allowed: a fraction in [0, 1).")
+        if not 0.0 <= min_keep < 1.0:
+            raise ValueError(f"min_keep={min_keep!r} is not allowed; allowed: a fraction of each group in [0, 1).")
         if not 0.0 < gate_min < 1.0:
             raise ValueError(f"gate_min={gate_min!r} is not allowed; allowed: a gate value in (0, 1).")
         for name, value in (("init", init), ("lambda_init", lambda_init), ("lr_lambda", lr_lambda)):
@@ -159,6 +163,7 @@ class GDP:
         offsets = np.cumsum([0] + [c.channels for c in self.couplings])
         self.size = int(offsets[-1])  # gated channels; index self.size is the constant 1
         self._group_of = np.repeat(np.arange(len(self.couplings)), [c.channels for c in self.couplings])
+        self._min_live = np.array([max(1, math.ceil(min_keep * c.channels)) for c in self.couplings])
 
         modules = dict(model.named_modules())
         in_index: dict[str, np.ndarray] = {}
@@ -323,7 +328,7 @@ class GDP:
 
     def _zero_smallest(self, indices: np.ndarray, goal: float, magnitude: np.ndarray) -> int:
         """Zero gates among ``indices``, smallest ``magnitude`` first, while the hard FLOPs ratio stays at
-        least goal - tolerance * target and each group keeps one live gate; stop once the ratio
+        least goal - tolerance * target and each group keeps its min_keep share (one gate at least); stop once the ratio
         is at most ``goal``, and hold for good once it is at most the target. Returns the count."""
         x = self.gates
         alive = self._alive()
@@ -335,7 +340,7 @@ class GDP:
         if float((self._coef * a_in * a_out).sum()) <= goal * self.dense_flops:
             return zeroed  # on or ahead of the reference already
         for i in indices[np.argsort(magnitude[indices], kind="stable")]:
-            if live[self._group_of[i]] <= 1:
+            if live[self._group_of[i]] <= self._min_live[self._group_of[i]]:
                 continue
             new_in, new_out = a_in - self._m_in[:, i], a_out - self._m_out[:, i]
             flops = float((self._coef * new_in * new_out).sum())
