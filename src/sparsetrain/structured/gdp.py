@@ -109,7 +109,10 @@ class GDP:
     the bundled sample: ResNet-20 x0.5, 12 epochs, 46.1 % vs 39.6 % at 50 % FLOPs, one seed);
     ``init`` the initial x of every gate (g = 1 / 1.1 with the defaults); ``lambda_init`` and ``lr_lambda`` (log-rate per pruning
     window) of the FLOPs weight; ``gate_min`` the gate value under which a gate is zeroed;
-    ``min_keep`` the fraction of every group's channels that stays (at least one);
+    ``min_keep`` the fraction of every group's channels that stays (at least one): without a
+    floor the FLOPs-weighted zeroing empties residual streams first (each feeds many convolutions;
+    ResNet-56's stage-1 stream went to 1 channel) — with 0.25, ResNet-56 after 10 epochs on the
+    bundled sample at 50 % FLOPs kept 42.1 % accuracy instead of 35.1 % (one seed each);
     ``prune_end`` the end of the pruning window, as a fraction of T; ``tolerance`` how far under
     the target (as a fraction of it) the compact model's FLOPs may land.
     """
@@ -129,7 +132,7 @@ class GDP:
         gate_min: float = 0.01,
         prune_end: float = 0.5,
         tolerance: float = 0.01,
-        min_keep: float = 0.0,
+        min_keep: float = 0.25,
     ) -> None:
         self.target = validate_flops_target(flops_target)
         if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps <= 0:
