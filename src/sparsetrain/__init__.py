@@ -6,9 +6,14 @@ from .report import LayerReport, SparsityReport, sparsity_report
 from .schedules import Constant, Cubic, Linear, make_schedule
 from .selection import kth_smallest, magnitude_threshold
 from .sparsifier import Sparsifier, find_prunable
+from .structured import GDP
+from .structured.frs import FRS
 
 __all__ = [
+    "FRS",
+    "GDP",
     "Constant",
+    "Cubic",
     "Cubic",
     "LayerReport",
     "Linear",
