@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .modes import eval_mode
 from .sparsifier import Sparsifier, find_prunable
 
 
@@ -73,14 +74,8 @@ def count_flops(model: nn.Module, example_inputs: torch.Tensor, skip_zeros: bool
     """
     from torch.utils.flop_counter import FlopCounterMode
 
-    flags = [module.training for module in model.modules()]
-    model.eval()
-    try:
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            model(example_inputs)
-    finally:
-        for module, flag in zip(model.modules(), flags):
-            module.training = flag
+    with torch.no_grad(), eval_mode(model), FlopCounterMode(display=False) as counter:
+        model(example_inputs)
     if not skip_zeros:
         return int(counter.get_total_flops())
     per_module = counter.get_flop_counts()

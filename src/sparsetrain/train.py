@@ -36,6 +36,7 @@ from torch.nn.parallel import DistributedDataParallel
 from .checkpoint import atomic_write, load_checkpoint, save_checkpoint, write_json
 from .data import DATASET_NAMES, BatchLoader, ImageDataset, load_dataset
 from .methods import list_methods
+from .modes import eval_mode
 from .models import create_model, list_models
 from .plots import plot_layer_sparsity, plot_training
 from .report import count_flops, sparsity_report
@@ -337,14 +338,12 @@ def _checkpoint_state(setup: Setup, epoch: int) -> dict[str, Any]:
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: BatchLoader) -> tuple[float, float]:
     """Mean cross-entropy and accuracy of ``model`` (in eval mode) over one pass of ``loader``."""
-    was_training = model.training
-    model.eval()
     loss, correct = 0.0, 0
-    for x, y in loader.batches(0):
-        logits = model(x)
-        loss += F.cross_entropy(logits, y, reduction="sum").item()
-        correct += int((logits.argmax(1) == y).sum())
-    model.train(was_training)
+    with eval_mode(model):
+        for x, y in loader.batches(0):
+            logits = model(x)
+            loss += F.cross_entropy(logits, y, reduction="sum").item()
+            correct += int((logits.argmax(1) == y).sum())
     n = loader.samples_per_rank
     return loss / n, correct / n
 

@@ -43,7 +43,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .relevance import activation_sources, eval_mode, relevance_and_logits
+from ..modes import eval_mode
+from .relevance import activation_sources, relevance_and_logits
 from .surgery import ChannelGroup, channel_groups, remove_channels
 
 

@@ -87,6 +87,7 @@ from torch import Tensor, nn
 from torch.nn.modules.conv import _ConvNd
 from torch.utils.hooks import RemovableHandle
 
+from ..modes import eval_mode
 from .surgery import LAYER_TYPES, ChannelGroup, Coupling, is_depthwise, remove_channels, trace_couplings
 
 
@@ -431,17 +432,13 @@ def _dense_flops(model: nn.Module, example_inputs: Tensor) -> dict[str, float]:
             per_output = module.in_features
         flops[name] = flops.get(name, 0.0) + 2.0 * output.numel() * per_output
 
-    flags = [module.training for module in model.modules()]
     hooks = [m.register_forward_hook(partial(count, n)) for n, m in model.named_modules() if isinstance(m, LAYER_TYPES)]
-    model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), eval_mode(model):
             model(example_inputs)
     finally:
         for hook in hooks:
             hook.remove()
-        for module, flag in zip(model.modules(), flags):
-            module.training = flag
     return flops
 
 

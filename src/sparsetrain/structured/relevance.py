@@ -43,6 +43,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..modes import eval_mode
+
 ALPHA = 2.0
 BETA = 1.0
 
@@ -159,18 +161,6 @@ def _lrp_hooks(model: nn.Module) -> Iterator[dict[Any, tuple[str, str]]]:
     finally:
         for handle in handles:
             handle.remove()
-
-
-@contextmanager
-def eval_mode(model: nn.Module) -> Iterator[None]:
-    """Run ``model`` in eval mode, restoring every module's own training flag afterwards."""
-    modes = {module: module.training for module in model.modules()}
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, training in modes.items():
-            module.train(training)
 
 
 def _sources(grad_fn: Any, nodes: dict[Any, tuple[str, str]]) -> set[str]:

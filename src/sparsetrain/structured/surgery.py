@@ -34,6 +34,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
 from ..models import create_model
+from ..modes import eval_mode
 from ..report import count_flops
 
 LAYER_TYPES: tuple[type[nn.Module], ...] = (_ConvNd, nn.Linear)
@@ -98,13 +99,8 @@ def _out_fn(graph: tp.DependencyGraph, module: nn.Module) -> Any:
 def trace_couplings(model: nn.Module, example_inputs: Tensor) -> tuple[tp.DependencyGraph, list[Coupling]]:
     """Build the dependency graph of ``model`` (in eval mode; training flags restored) and
     describe every group of coupled Conv/Linear output channels by module names."""
-    flags = [module.training for module in model.modules()]
-    try:
-        with torch.enable_grad():
-            graph = tp.DependencyGraph().build_dependency(model, example_inputs, verbose=False)
-    finally:
-        for module, flag in zip(model.modules(), flags):
-            module.training = flag
+    with torch.enable_grad(), eval_mode(model):
+        graph = tp.DependencyGraph().build_dependency(model, example_inputs, verbose=False)
     names = {module: name for name, module in model.named_modules()}
     order = {name: index for index, name in enumerate(names.values())}
     couplings = []
