@@ -72,6 +72,23 @@ def test_bilinear_flops_by_hand():
     assert gdp.penalty().item() == pytest.approx(gdp.lam * expected / gdp.dense_flops, rel=1e-6)
 
 
+def test_penalty_gradient_is_divided_by_the_fan_of_each_group():
+    """ResNet-20's stage-1 stream is written by conv1 and three conv2s and read by three conv1s,
+    layer2.0.conv1 and the shortcut (fan 9); a block's inner channels have fan 2 (one writer, one reader)."""
+    gdp = GDP(create_model("resnet20", width=0.25), 0.5, 10, torch.randn(1, 3, 32, 32))
+    gdp.lam = 3.0
+    (flops_grad,) = torch.autograd.grad(gdp.flops(), gdp.gates)
+    (penalty_grad,) = torch.autograd.grad(gdp.penalty(), gdp.gates)
+    assert gdp.penalty().item() == pytest.approx(3.0 * gdp.flops_ratio(), rel=1e-6)
+    offset = 0
+    for group in gdp.groups:
+        fan = {"conv1": 9, "layer1.0.conv1": 2}.get(group.root)
+        if fan is not None:
+            got = penalty_grad[offset:offset + group.channels]
+            torch.testing.assert_close(got, 3.0 * flops_grad[offset:offset + group.channels] / gdp.dense_flops / fan)
+        offset += group.channels
+
+
 def test_gates_shared_by_readers_and_none_before_depthwise():
     resnet = create_model("resnet20", width=0.5)
     gdp = GDP(resnet, 0.5, 10, torch.randn(1, 3, 32, 32))
