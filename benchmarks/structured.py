@@ -7,7 +7,7 @@ median over rounds in which the models take turns, after warm-up). For reference
 thinned uniformly (width 0.7 and 0.5): what CPU speed a given FLOPs cut can buy at all.
 Finished runs in --out are reused.
 
-    python benchmarks/structured.py [--epochs 10] [--flops-target 0.5] [--frs-channels-per-step N] [--out bench-structured]
+    python benchmarks/structured.py [--epochs 10] [--flops-target 0.5] [--frs-channels-per-step N] [--seed 0] [--out bench-structured]
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ from sparsetrain.structured import rebuild
 from sparsetrain.train import CHECKPOINT, CONFIG, MODEL, TrainOptions, train
 
 
-def trained(out: Path, method: str, epochs: int, flops_target: float, channels_per_step: int | None) -> Path:
-    options = TrainOptions(model="resnet56", method=method, epochs=epochs, flops_target=flops_target,
+def trained(out: Path, method: str, epochs: int, flops_target: float, channels_per_step: int | None, seed: int) -> Path:
+    options = TrainOptions(model="resnet56", method=method, epochs=epochs, flops_target=flops_target, seed=seed,
                            channels_per_step=channels_per_step if method == "frs" else None,
                            device="cpu", out=str(out), name=f"{method}-c{channels_per_step}" if method == "frs" else method)
     if not (options.run_dir / MODEL).is_file():
@@ -65,16 +65,17 @@ def main() -> None:
     parser.add_argument("--flops-target", type=float, default=0.5)
     parser.add_argument("--frs-channels-per-step", type=int, default=None,
                         help="FRS budget per pruning step (default: 30 %% of the channels over the schedule)")
+    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="bench-structured")
     parser.add_argument("--repeats", type=int, default=30)
     args = parser.parse_args()
     out = Path(args.out)
     runs = {
-        method: trained(out, method, args.epochs, args.flops_target, args.frs_channels_per_step)
+        method: trained(out, method, args.epochs, args.flops_target, args.frs_channels_per_step, args.seed)
         for method in ("dense", "gdp", "frs")
     }
     print(f"torch {torch.__version__}, {platform.machine()}, {torch.get_num_threads()} threads; "
-          f"ResNet-56, {args.epochs} epochs on the bundled CIFAR-10 sample")
+          f"ResNet-56, {args.epochs} epochs on the bundled CIFAR-10 sample, seed {args.seed}")
     print("| model | test acc | params | FLOPs | FLOPs ratio | latency b=1 (ms) | latency b=128 (ms) | speedup b=128 | speedup / FLOPs ratio |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     example = torch.zeros(1, 3, 32, 32)

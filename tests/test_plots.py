@@ -6,7 +6,7 @@ from pathlib import Path
 import matplotlib.image
 import pytest
 
-from sparsetrain.plots import plot_layer_sparsity, plot_training
+from sparsetrain.plots import method_colors, plot_layer_sparsity, plot_training
 from sparsetrain.report import LayerReport, SparsityReport
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -92,3 +92,8 @@ def test_plot_layer_sparsity_grows_with_the_layer_count(tmp_path):
     _, few = png_size(plot_layer_sparsity(report(5), tmp_path / "few.png"))
     _, many = png_size(plot_layer_sparsity(report(60), tmp_path / "many.png"))
     assert many > 2 * few
+
+
+def test_method_colors_are_one_per_method_in_name_order_with_dense_black():
+    records = [{"method": m} for m in ("gmp", "dense", "feather", "gdp", "feather")]
+    assert method_colors(records) == {"dense": "black", "feather": "C0", "gdp": "C1", "gmp": "C2"}

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoint import atomic_write, write_json
-from .plots import plot_accuracy_vs_flops, plot_accuracy_vs_sparsity
+from .plots import method_colors, plot_accuracy_vs_flops, plot_accuracy_vs_sparsity
 from .train import CHECKPOINT, CONFIG, DENSE, METRICS, STRUCTURED, options_from_dict, train
 
 RESULTS, GRID, TABLE = "results.jsonl", "grid.json", "results.md"
@@ -217,7 +217,8 @@ def write_outputs(records: Sequence[dict[str, Any]], out: Path) -> None:
         return
     atomic_write(out / TABLE, lambda tmp: Path(tmp).write_text(results_table(records) + "\n"))
     unstructured = [r for r in records if r["method"] not in STRUCTURED]
+    colors = method_colors(records)  # one colour per method across both plots
     if unstructured:
-        plot_accuracy_vs_sparsity(unstructured, out / "accuracy_vs_sparsity.png")
-    plot_accuracy_vs_flops(records, out / "accuracy_vs_flops.png")
+        plot_accuracy_vs_sparsity(unstructured, out / "accuracy_vs_sparsity.png", colors)
+    plot_accuracy_vs_flops(records, out / "accuracy_vs_flops.png", colors)
 

@@ -87,23 +87,33 @@ def _by_method(records: Sequence[Mapping]) -> dict[str, list[Mapping]]:
     return groups
 
 
-def plot_accuracy_vs_sparsity(records: Sequence[Mapping], path: str | Path) -> Path:
-    """Mean ± std test accuracy against target sparsity, one line per method; dense as a band."""
+def method_colors(records: Sequence[Mapping]) -> dict[str, str]:
+    """One colour per method, the same in every plot of the same records: dense black, the others
+    matplotlib's C0, C1, ... in name order."""
+    methods = sorted({str(r["method"]) for r in records} - {"dense"})
+    return {"dense": "black", **{method: f"C{i % 10}" for i, method in enumerate(methods)}}
+
+
+def plot_accuracy_vs_sparsity(records: Sequence[Mapping], path: str | Path, colors: Mapping[str, str] | None = None) -> Path:
+    """Mean ± std test accuracy against target sparsity, one line per method; dense as a band.
+    ``colors`` maps method names to colours (default: :func:`method_colors` of ``records``)."""
     if not records:
         raise ValueError("records is empty: there is no run to plot.")
     fig = Figure(figsize=(7, 4.5), layout="constrained")
     ax = fig.subplots()
+    colors = colors or method_colors(records)
     for method, rows in sorted(_by_method(records).items()):
         accs = [100 * r["test_acc"] for r in rows]
         if method == "dense":
             mean = sum(accs) / len(accs)
-            ax.axhline(mean, color="black", linestyle="--", label=f"dense ({mean:.1f}%)")
+            ax.axhline(mean, color=colors[method], linestyle="--", label=f"dense ({mean:.1f}%)")
             continue
         sparsities = sorted({r["sparsity"] for r in rows})
         groups = [[100 * r["test_acc"] for r in rows if r["sparsity"] == s] for s in sparsities]
         means = [sum(g) / len(g) for g in groups]
         stds = [(sum((a - m) ** 2 for a in g) / (len(g) - 1)) ** 0.5 if len(g) > 1 else 0.0 for g, m in zip(groups, means)]
-        ax.errorbar([100 * s for s in sparsities], means, yerr=stds, marker="o", capsize=3, label=method)
+        ax.errorbar([100 * s for s in sparsities], means, yerr=stds, marker="o", capsize=3, label=method,
+                    color=colors[method])
     ax.set_xlabel("sparsity")
     ax.set_ylabel("test accuracy")
     ax.xaxis.set_major_formatter(PercentFormatter())
@@ -113,14 +123,17 @@ def plot_accuracy_vs_sparsity(records: Sequence[Mapping], path: str | Path) -> P
     return _save(fig, path)
 
 
-def plot_accuracy_vs_flops(records: Sequence[Mapping], path: str | Path) -> Path:
-    """Test accuracy against FLOPs (non-zero weights only, % of dense), every run a point, per method."""
+def plot_accuracy_vs_flops(records: Sequence[Mapping], path: str | Path, colors: Mapping[str, str] | None = None) -> Path:
+    """Test accuracy against FLOPs (non-zero weights only, % of dense), every run a point, per method.
+    ``colors`` as in :func:`plot_accuracy_vs_sparsity`."""
     if not records:
         raise ValueError("records is empty: there is no run to plot.")
     fig = Figure(figsize=(7, 4.5), layout="constrained")
     ax = fig.subplots()
+    colors = colors or method_colors(records)
     for method, rows in sorted(_by_method(records).items()):
-        ax.scatter([100 * r["flops"] / r["dense_flops"] for r in rows], [100 * r["test_acc"] for r in rows], label=method)
+        ax.scatter([100 * r["flops"] / r["dense_flops"] for r in rows], [100 * r["test_acc"] for r in rows],
+                   label=method, color=colors[method])
     ax.set_xscale("log")
     ax.set_xlabel("FLOPs, % of dense (log scale)")
     ax.set_ylabel("test accuracy")
