@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator, PercentFormatter
@@ -94,13 +95,18 @@ def method_colors(records: Sequence[Mapping]) -> dict[str, str]:
     return {"dense": "black", **{method: f"C{i % 10}" for i, method in enumerate(methods)}}
 
 
-def plot_accuracy_vs_sparsity(records: Sequence[Mapping], path: str | Path, colors: Mapping[str, str] | None = None) -> Path:
-    """Mean ± std test accuracy against target sparsity, one line per method; dense as a band.
-    ``colors`` maps method names to colours (default: :func:`method_colors` of ``records``)."""
+def _comparison_figure(records: Sequence[Mapping]) -> tuple[Figure, Axes]:
+    """The figure and axes of a method-comparison plot; ``ValueError`` if there is no record."""
     if not records:
         raise ValueError("records is empty: there is no run to plot.")
     fig = Figure(figsize=(7, 4.5), layout="constrained")
-    ax = fig.subplots()
+    return fig, fig.subplots()
+
+
+def plot_accuracy_vs_sparsity(records: Sequence[Mapping], path: str | Path, colors: Mapping[str, str] | None = None) -> Path:
+    """Mean ± std test accuracy against target sparsity, one line per method; dense as a band.
+    ``colors`` maps method names to colours (default: :func:`method_colors` of ``records``)."""
+    fig, ax = _comparison_figure(records)
     colors = colors or method_colors(records)
     for method, rows in sorted(_by_method(records).items()):
         accs = [100 * r["test_acc"] for r in rows]
@@ -126,10 +132,7 @@ def plot_accuracy_vs_sparsity(records: Sequence[Mapping], path: str | Path, colo
 def plot_accuracy_vs_flops(records: Sequence[Mapping], path: str | Path, colors: Mapping[str, str] | None = None) -> Path:
     """Test accuracy against FLOPs (non-zero weights only, % of dense), every run a point, per method.
     ``colors`` as in :func:`plot_accuracy_vs_sparsity`."""
-    if not records:
-        raise ValueError("records is empty: there is no run to plot.")
-    fig = Figure(figsize=(7, 4.5), layout="constrained")
-    ax = fig.subplots()
+    fig, ax = _comparison_figure(records)
     colors = colors or method_colors(records)
     for method, rows in sorted(_by_method(records).items()):
         ax.scatter([100 * r["flops"] / r["dense_flops"] for r in rows], [100 * r["test_acc"] for r in rows],
