@@ -6,14 +6,12 @@ from .report import LayerReport, SparsityReport, sparsity_report
 from .schedules import Constant, Cubic, Linear, make_schedule
 from .selection import kth_smallest, magnitude_threshold
 from .sparsifier import Sparsifier, find_prunable
-from .structured import GDP
-from .structured.frs import FRS
+from .structured import FRS, GDP
 
 __all__ = [
     "FRS",
     "GDP",
     "Constant",
-    "Cubic",
     "Cubic",
     "LayerReport",
     "Linear",

@@ -42,8 +42,7 @@ from .plots import plot_layer_sparsity, plot_training
 from .report import count_flops, sparsity_report
 from .schedules import validate_sparsity
 from .sparsifier import Sparsifier
-from .structured import GDP, layer_shapes, rebuild
-from .structured.frs import FRS
+from .structured import FRS, GDP, layer_shapes, rebuild
 from .structured.gdp import validate_flops_target
 
 DENSE = "dense"

@@ -1,5 +1,6 @@
-"""Structured (channel-level) pruning: channel surgery and GDP gates."""
+"""Structured (channel-level) pruning: channel surgery, GDP gates and FRS relevance pruning."""
 
+from sparsetrain.structured.frs import FRS
 from sparsetrain.structured.gdp import GDP
 from sparsetrain.structured.surgery import (
     ChannelGroup,
@@ -10,4 +11,4 @@ from sparsetrain.structured.surgery import (
     remove_channels,
 )
 
-__all__ = ["GDP", "ChannelGroup", "channel_groups", "count_flops_params", "layer_shapes", "rebuild", "remove_channels"]
+__all__ = ["FRS", "GDP", "ChannelGroup", "channel_groups", "count_flops_params", "layer_shapes", "rebuild", "remove_channels"]
