@@ -32,6 +32,13 @@ def validate_sparsity(sparsity: float) -> float:
     return float(sparsity)
 
 
+def validate_total_steps(total_steps: int) -> int:
+    """Return ``total_steps`` after checking it is an int > 0 (the length of training in optimizer steps)."""
+    if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps <= 0:
+        raise ValueError(f"total_steps={total_steps!r} is not allowed; allowed: an int > 0.")
+    return total_steps
+
+
 def resolve_step(value: int | float, total_steps: int, name: str) -> int:
     """An int is a step number; a float in [0, 1] is a fraction of ``total_steps`` (floored)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):

@@ -28,7 +28,7 @@ from torch.nn.utils import parametrize
 
 from .methods import KNOBS, MethodConfig, method_config
 from .operators import sparsify_ste
-from .schedules import Schedule, make_schedule, resolve_step, validate_sparsity
+from .schedules import Schedule, make_schedule, resolve_step, validate_sparsity, validate_total_steps
 from .selection import layer_sigma, select_thresholds
 
 PRUNABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
@@ -109,8 +109,7 @@ class Sparsifier:
         **knobs: Any,
     ) -> None:
         sparsity = validate_sparsity(sparsity)
-        if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps <= 0:
-            raise ValueError(f"total_steps={total_steps!r} is not allowed; allowed: an int > 0.")
+        validate_total_steps(total_steps)
         schedule = None if isinstance(knobs.get("schedule", ""), str) else knobs.pop("schedule")
         unknown = sorted(set(knobs) - set(KNOBS))
         if unknown:

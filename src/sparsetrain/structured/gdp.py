@@ -97,6 +97,7 @@ from torch.nn.modules.conv import _ConvNd
 from torch.utils.hooks import RemovableHandle
 
 from ..modes import eval_mode
+from ..schedules import validate_total_steps
 from .surgery import LAYER_TYPES, ChannelGroup, Coupling, is_depthwise, remove_channels, trace_couplings
 
 
@@ -144,8 +145,7 @@ class GDP:
         min_keep: float = 0.25,
     ) -> None:
         self.target = validate_flops_target(flops_target)
-        if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps <= 0:
-            raise ValueError(f"total_steps={total_steps!r} is not allowed; allowed: an int > 0.")
+        validate_total_steps(total_steps)
         if not 0.0 < eps_end <= eps_start:
             raise ValueError(f"eps_start={eps_start!r}, eps_end={eps_end!r} are not allowed; allowed: 0 < eps_end <= eps_start.")
         if not 0.0 < prune_end <= 1.0:
