@@ -106,10 +106,11 @@ def size_report(before: nn.Module, after: nn.Module, example_inputs: torch.Tenso
     ]
     after_layers = dict(find_prunable(after))
     for name, module in find_prunable(before):
-        width = _width(module)
-        rows.append(f"| {name} | {width} | {_width(after_layers[name]) if name in after_layers else 0} |")
+        after_width = output_width(after_layers[name]) if name in after_layers else 0
+        rows.append(f"| {name} | {output_width(module)} | {after_width} |")
     return "\n".join(rows)
 
 
-def _width(module: nn.Module) -> int:
-    return int(getattr(module, "out_channels", getattr(module, "out_features", 0)))
+def output_width(module: nn.Module) -> int:
+    """Output channels of a convolution, output features of a Linear layer."""
+    return module.out_features if isinstance(module, nn.Linear) else module.out_channels

@@ -44,6 +44,7 @@ import torch
 from torch import Tensor, nn
 
 from ..modes import eval_mode
+from ..report import output_width
 from .relevance import activation_sources, relevance_and_logits
 from .surgery import ChannelGroup, channel_groups, remove_channels
 
@@ -196,7 +197,7 @@ class FRS:
     def _candidates(self, model: nn.Module) -> list[_Candidate]:
         """Prunable groups that have at least one post-ReLU activation of their own width."""
         sources = activation_sources(model, self.example_inputs)
-        widths = {name: _width(model.get_submodule(name)) for name in {s for v in sources.values() for s in v}}
+        widths = {name: output_width(model.get_submodule(name)) for name in {s for v in sources.values() for s in v}}
         candidates = []
         for group in channel_groups(model, self.example_inputs):
             writers = set(group.layers)
@@ -305,10 +306,6 @@ class FRS:
         self.prunes_done = int(state["prunes_done"])
         self.channels_removed = int(state["channels_removed"])
         self.removals = removals
-
-
-def _width(module: nn.Module) -> int:
-    return module.out_features if isinstance(module, nn.Linear) else module.out_channels
 
 
 def surviving_indices(model: nn.Module, drop: Mapping[str, list[int]], example_inputs: Tensor) -> dict[str, Tensor]:

@@ -97,6 +97,7 @@ from torch.nn.modules.conv import _ConvNd
 from torch.utils.hooks import RemovableHandle
 
 from ..modes import eval_mode
+from ..report import output_width
 from ..schedules import validate_total_steps
 from .surgery import LAYER_TYPES, ChannelGroup, Coupling, is_depthwise, remove_channels, trace_couplings
 
@@ -183,9 +184,8 @@ class GDP:
         for name, module in modules.items():
             if isinstance(module, LAYER_TYPES):
                 in_features = module.in_channels if isinstance(module, _ConvNd) else module.in_features
-                out_features = module.out_channels if isinstance(module, _ConvNd) else module.out_features
                 in_index[name] = np.full(in_features, self.size)
-                out_index[name] = np.full(out_features, self.size)
+                out_index[name] = np.full(output_width(module), self.size)
         for coupling, offset in zip(self.couplings, offsets):
             for name, pairs in coupling.inputs.items():
                 index = in_index[name]

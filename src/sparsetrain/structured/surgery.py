@@ -35,7 +35,7 @@ from torch.nn.modules.conv import _ConvNd
 
 from ..models import create_model
 from ..modes import eval_mode
-from ..report import count_flops
+from ..report import count_flops, output_width
 
 LAYER_TYPES: tuple[type[nn.Module], ...] = (_ConvNd, nn.Linear)
 SUPPORTED_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, _BatchNorm)
@@ -206,7 +206,7 @@ def _indices(modules: Mapping[str, nn.Module], name: str, indices: Sequence[int]
         raise ValueError(f"unknown layer {name!r} in drop; allowed: names of Conv/Linear layers of {model_name}.")
     if not isinstance(module, LAYER_TYPES):
         raise ValueError(f"layer {name!r} is a {type(module).__name__}; allowed: Conv or Linear layers (coupled batch norms follow them).")
-    size = module.out_channels if isinstance(module, _ConvNd) else module.out_features
+    size = output_width(module)
     checked = []
     for index in indices:
         try:
