@@ -40,7 +40,7 @@ def trained(out: Path, method: str, epochs: int, flops_target: float, channels_p
 def load(run_dir: Path) -> tuple[torch.nn.Module, dict]:
     config = json.loads((run_dir / CONFIG).read_text())
     name, kwargs = config["model"]["name"], config["model"]["kwargs"]
-    model = rebuild(name, kwargs, config["shapes"]) if "shapes" in config else create_model(name, **kwargs)
+    model = rebuild(name, kwargs, config.get("shapes"))
     model.load_state_dict(load_file(str(run_dir / MODEL)))
     return model.eval(), config
 

@@ -218,7 +218,7 @@ def load_run_model(path: str, device: torch.device) -> tuple[nn.Module, dict[str
     name, kwargs = config["model"]["name"], config["model"]["kwargs"]
     state = load_checkpoint(weights, device) if weights.name == CHECKPOINT else None
     shapes = config.get("shapes") if state is None else state.get("shapes")
-    model = (rebuild(name, kwargs, shapes) if shapes else create_model(name, **kwargs)).to(device)
+    model = rebuild(name, kwargs, shapes).to(device)
     if state is None:
         model.load_state_dict(load_file(str(weights), device=str(device)))
         return model, config, None

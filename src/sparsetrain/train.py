@@ -229,10 +229,8 @@ def prepare(options: TrainOptions, resume: bool = False) -> Setup:
     state = load_checkpoint(run_dir / CHECKPOINT, device) if resume else None
     torch.manual_seed(options.seed)
     record = model_record(options, data.num_classes)
-    if state is not None and state.get("shapes"):  # channels were removed: rebuild the compact model
-        model = rebuild(record["name"], record["kwargs"], state["shapes"]).to(device)
-    else:
-        model = create_model(record["name"], **record["kwargs"]).to(device)
+    shapes = None if state is None else state.get("shapes")  # set once channels were removed
+    model = rebuild(record["name"], record["kwargs"], shapes).to(device)
     ranks = Distributed.from_environment(device)
     x_train, y_train = data.x_train[: options.limit], data.y_train[: options.limit]
     train_loader = BatchLoader(
@@ -376,7 +374,8 @@ def fit(setup: Setup, log: Callable[[str], None] = print) -> dict[str, Any]:
     run_dir = options.run_dir
     writer = _tensorboard(run_dir) if ranks.main else None
     show_progress = ranks.main and sys.stderr.isatty()
-    dense_flops = count_flops(create_model(**_constructor(options, setup.data)), setup.example_inputs[:1].cpu())
+    record = model_record(options, setup.data.num_classes)
+    dense_flops = count_flops(create_model(record["name"], **record["kwargs"]), setup.example_inputs[:1].cpu())
     for epoch in range(setup.start_epoch, options.epochs):
         start = time.perf_counter()
         model = setup.model
@@ -432,11 +431,6 @@ def fit(setup: Setup, log: Callable[[str], None] = print) -> dict[str, Any]:
     if writer is not None:
         writer.close()
     return _finish(setup, dense_flops, log)
-
-
-def _constructor(options: TrainOptions, data: ImageDataset) -> dict[str, Any]:
-    record = model_record(options, data.num_classes)
-    return {"name": record["name"], **record["kwargs"]}
 
 
 def _frs_prune(setup: Setup, frs: FRS) -> None:

@@ -219,28 +219,32 @@ def _indices(modules: Mapping[str, nn.Module], name: str, indices: Sequence[int]
     return checked
 
 
+def _sizes(module: nn.Module) -> dict[str, int] | None:
+    """The constructor sizes of a Conv (in_channels, out_channels, groups), BatchNorm
+    (num_features) or Linear (in_features, out_features) layer; None for any other module."""
+    if isinstance(module, _ConvNd):
+        return {"in_channels": module.in_channels, "out_channels": module.out_channels, "groups": module.groups}
+    if isinstance(module, _BatchNorm):
+        return {"num_features": module.num_features}
+    if isinstance(module, nn.Linear):
+        return {"in_features": module.in_features, "out_features": module.out_features}
+    return None
+
+
 def layer_shapes(model: nn.Module) -> dict[str, dict[str, int]]:
-    """The constructor sizes of every Conv, BatchNorm and Linear layer, by module name:
-    in_channels/out_channels/groups, num_features, or in_features/out_features (JSON-ready)."""
-    shapes: dict[str, dict[str, int]] = {}
-    for name, module in model.named_modules():
-        if isinstance(module, _ConvNd):
-            shapes[name] = {"in_channels": module.in_channels, "out_channels": module.out_channels, "groups": module.groups}
-        elif isinstance(module, _BatchNorm):
-            shapes[name] = {"num_features": module.num_features}
-        elif isinstance(module, nn.Linear):
-            shapes[name] = {"in_features": module.in_features, "out_features": module.out_features}
-    return shapes
+    """The constructor sizes of every Conv, BatchNorm and Linear layer, by module name (JSON-ready)."""
+    return {name: sizes for name, module in model.named_modules() if (sizes := _sizes(module)) is not None}
 
 
-def rebuild(name: str, kwargs: Mapping[str, Any], shapes: Mapping[str, Mapping[str, int]]) -> nn.Module:
+def rebuild(name: str, kwargs: Mapping[str, Any], shapes: Mapping[str, Mapping[str, int]] | None) -> nn.Module:
     """Registered model ``name(**kwargs)`` with each layer in ``shapes`` replaced by a fresh one of
-    the saved sizes (other hyper-parameters kept), so a compact model's state_dict loads strictly."""
+    the saved sizes (other hyper-parameters kept), so a compact model's state_dict loads strictly.
+    Without shapes (None or empty: no channel was removed) it is the model as registered."""
     model = create_model(name, **kwargs)
     modules = dict(model.named_modules())
-    for layer, sizes in shapes.items():
+    for layer, sizes in (shapes or {}).items():
         old = modules.get(layer)
-        if old is None or not isinstance(old, (_ConvNd, _BatchNorm, nn.Linear)):
+        if old is None or _sizes(old) is None:
             raise ValueError(f"shapes name layer {layer!r}, which is not a Conv, BatchNorm or Linear layer of model {name!r}.")
         new = _resized(old, dict(sizes), layer)
         parent, _, attr = layer.rpartition(".")
@@ -249,8 +253,7 @@ def rebuild(name: str, kwargs: Mapping[str, Any], shapes: Mapping[str, Mapping[s
 
 
 def _resized(old: nn.Module, sizes: dict[str, int], layer: str) -> nn.Module:
-    keys = {"in_channels", "out_channels", "groups"} if isinstance(old, _ConvNd) else (
-        {"num_features"} if isinstance(old, _BatchNorm) else {"in_features", "out_features"})
+    keys = set(_sizes(old))
     if set(sizes) != keys or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in sizes.values()):
         raise ValueError(f"shape {sizes!r} of layer {layer!r} is not allowed; allowed: positive integers for exactly {sorted(keys)}.")
     if isinstance(old, _ConvNd):
