@@ -39,6 +39,7 @@ from .train import (
     TrainOptions,
     evaluate,
     fit,
+    method_names,
     options_from_dict,
     prepare,
     resolve_device,
@@ -267,7 +268,7 @@ def command_report(path: str) -> None:
 
 def command_list() -> None:
     print("models:   " + ", ".join(list_models()))
-    print("methods:  " + ", ".join([DENSE, *list_methods(), *STRUCTURED]))
+    print("methods:  " + ", ".join(method_names()))
     print("datasets: " + ", ".join(DATASET_NAMES))
 
 

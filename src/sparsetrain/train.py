@@ -59,6 +59,11 @@ CONFIG, METRICS, CHECKPOINT, MODEL, REPORT = (
 )
 
 
+def method_names() -> list[str]:
+    """Every ``--method`` a run accepts: dense, the unstructured presets, the channel-pruning methods."""
+    return [DENSE, *list_methods(), *STRUCTURED]
+
+
 @dataclass(frozen=True)
 class TrainOptions:
     """Every option of a training run; the defaults are the seeds' recipe."""
@@ -91,7 +96,7 @@ class TrainOptions:
     def __post_init__(self) -> None:
         if self.model not in list_models():
             raise ValueError(f"unknown model {self.model!r}; known models: {', '.join(list_models())}.")
-        methods = [DENSE, *list_methods(), *STRUCTURED]
+        methods = method_names()
         if self.method not in methods:
             raise ValueError(f"unknown method {self.method!r}; known methods: {', '.join(methods)}.")
         if self.dataset not in DATASET_NAMES:
