@@ -95,5 +95,5 @@ def test_plot_layer_sparsity_grows_with_the_layer_count(tmp_path):
 
 
 def test_method_colors_are_one_per_method_in_name_order_with_dense_black():
-    records = [{"method": m} for m in ("gmp", "dense", "feather", "gdp", "feather")]
-    assert method_colors(records) == {"dense": "black", "feather": "C0", "gdp": "C1", "gmp": "C2"}
+    methods = ["gmp", "dense", "feather", "gdp", "feather"]
+    assert method_colors(methods) == {"dense": "black", "feather": "C0", "gdp": "C1", "gmp": "C2"}

@@ -159,12 +159,17 @@ def run_grid(
     return records
 
 
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation; the std is 0 for a single value."""
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
 def summarise(records: Sequence[dict[str, Any]]) -> dict[tuple[str, float], tuple[float, float, int]]:
     """(method, sparsity) -> (mean accuracy, std accuracy, runs); std is 0 for a single run."""
     groups: dict[tuple[str, float], list[float]] = {}
     for record in records:
         groups.setdefault((record["method"], record["sparsity"]), []).append(record["test_acc"])
-    return {key: (statistics.mean(v), statistics.stdev(v) if len(v) > 1 else 0.0, len(v)) for key, v in groups.items()}
+    return {key: (*_mean_std(v), len(v)) for key, v in groups.items()}
 
 
 def results_table(records: Sequence[dict[str, Any]]) -> str:
@@ -184,11 +189,10 @@ def _flops_table(records: Sequence[dict[str, Any]]) -> str:
         groups.setdefault((record["method"], record.get("flops_target")), []).append(record)
     rows = ["| method | FLOPs target | FLOPs reached (% of dense) | test accuracy (%) |", "|---|---:|---:|---:|"]
     for (method, target), group in sorted(groups.items(), key=lambda item: item[0][0]):
-        accs = [100 * r["test_acc"] for r in group]
+        mean, std = _mean_std([100 * r["test_acc"] for r in group])
         flops = statistics.mean(100 * r["flops"] / r["dense_flops"] for r in group)
-        std = statistics.stdev(accs) if len(accs) > 1 else 0.0
         target_text = "—" if target is None else f"{target:.0%}"
-        rows.append(f"| {method} | {target_text} | {flops:.1f} | {statistics.mean(accs):.2f} ± {std:.2f} (n={len(accs)}) |")
+        rows.append(f"| {method} | {target_text} | {flops:.1f} | {mean:.2f} ± {std:.2f} (n={len(group)}) |")
     return "\n".join(rows)
 
 
@@ -217,8 +221,8 @@ def write_outputs(records: Sequence[dict[str, Any]], out: Path) -> None:
         return
     atomic_write(out / TABLE, lambda tmp: Path(tmp).write_text(results_table(records) + "\n"))
     unstructured = [r for r in records if r["method"] not in STRUCTURED]
-    colors = method_colors(records)  # one colour per method across both plots
+    colors = method_colors(r["method"] for r in records)  # one colour per method across both plots
     if unstructured:
-        plot_accuracy_vs_sparsity(unstructured, out / "accuracy_vs_sparsity.png", colors)
+        plot_accuracy_vs_sparsity(summarise(unstructured), out / "accuracy_vs_sparsity.png", colors)
     plot_accuracy_vs_flops(records, out / "accuracy_vs_flops.png", colors)
 

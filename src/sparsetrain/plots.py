@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import statistics
+from collections.abc import Iterable, Mapping, Sequence, Sized
 from pathlib import Path
 
 from matplotlib.axes import Axes
@@ -88,38 +89,37 @@ def _by_method(records: Sequence[Mapping]) -> dict[str, list[Mapping]]:
     return groups
 
 
-def method_colors(records: Sequence[Mapping]) -> dict[str, str]:
-    """One colour per method, the same in every plot of the same records: dense black, the others
-    matplotlib's C0, C1, ... in name order."""
-    methods = sorted({str(r["method"]) for r in records} - {"dense"})
-    return {"dense": "black", **{method: f"C{i % 10}" for i, method in enumerate(methods)}}
+def method_colors(methods: Iterable[str]) -> dict[str, str]:
+    """One colour per method, the same in every plot that is given this mapping: dense black,
+    the others matplotlib's C0, C1, ... in name order."""
+    others = sorted(set(methods) - {"dense"})
+    return {"dense": "black", **{method: f"C{i % 10}" for i, method in enumerate(others)}}
 
 
-def _comparison_figure(records: Sequence[Mapping]) -> tuple[Figure, Axes]:
-    """The figure and axes of a method-comparison plot; ``ValueError`` if there is no record."""
-    if not records:
+def _comparison_figure(runs: Sized) -> tuple[Figure, Axes]:
+    """The figure and axes of a method-comparison plot; ``ValueError`` if there is no run."""
+    if not runs:
         raise ValueError("records is empty: there is no run to plot.")
     fig = Figure(figsize=(7, 4.5), layout="constrained")
     return fig, fig.subplots()
 
 
-def plot_accuracy_vs_sparsity(records: Sequence[Mapping], path: str | Path, colors: Mapping[str, str] | None = None) -> Path:
+def plot_accuracy_vs_sparsity(summary: Mapping[tuple[str, float], tuple[float, float, int]], path: str | Path,
+                              colors: Mapping[str, str] | None = None) -> Path:
     """Mean ± std test accuracy against target sparsity, one line per method; dense as a band.
-    ``colors`` maps method names to colours (default: :func:`method_colors` of ``records``)."""
-    fig, ax = _comparison_figure(records)
-    colors = colors or method_colors(records)
-    for method, rows in sorted(_by_method(records).items()):
-        accs = [100 * r["test_acc"] for r in rows]
+    ``summary`` maps (method, sparsity) to (mean accuracy, std, runs), as
+    :func:`sparsetrain.bench.summarise` gives it; ``colors`` maps method names to colours
+    (default: :func:`method_colors`)."""
+    fig, ax = _comparison_figure(summary)
+    colors = colors or method_colors(method for method, _ in summary)
+    for method in sorted({method for method, _ in summary}):
+        points = sorted((100 * s, 100 * mean, 100 * std) for (m, s), (mean, std, _) in summary.items() if m == method)
+        sparsities, means, stds = zip(*points)
         if method == "dense":
-            mean = sum(accs) / len(accs)
+            mean = statistics.mean(means)
             ax.axhline(mean, color=colors[method], linestyle="--", label=f"dense ({mean:.1f}%)")
             continue
-        sparsities = sorted({r["sparsity"] for r in rows})
-        groups = [[100 * r["test_acc"] for r in rows if r["sparsity"] == s] for s in sparsities]
-        means = [sum(g) / len(g) for g in groups]
-        stds = [(sum((a - m) ** 2 for a in g) / (len(g) - 1)) ** 0.5 if len(g) > 1 else 0.0 for g, m in zip(groups, means)]
-        ax.errorbar([100 * s for s in sparsities], means, yerr=stds, marker="o", capsize=3, label=method,
-                    color=colors[method])
+        ax.errorbar(sparsities, means, yerr=stds, marker="o", capsize=3, label=method, color=colors[method])
     ax.set_xlabel("sparsity")
     ax.set_ylabel("test accuracy")
     ax.xaxis.set_major_formatter(PercentFormatter())
@@ -133,7 +133,7 @@ def plot_accuracy_vs_flops(records: Sequence[Mapping], path: str | Path, colors:
     """Test accuracy against FLOPs (non-zero weights only, % of dense), every run a point, per method.
     ``colors`` as in :func:`plot_accuracy_vs_sparsity`."""
     fig, ax = _comparison_figure(records)
-    colors = colors or method_colors(records)
+    colors = colors or method_colors(r["method"] for r in records)
     for method, rows in sorted(_by_method(records).items()):
         ax.scatter([100 * r["flops"] / r["dense_flops"] for r in rows], [100 * r["test_acc"] for r in rows],
                    label=method, color=colors[method])
