@@ -12,8 +12,6 @@ from sparsetrain.data import BatchLoader, load_dataset
 from sparsetrain.models import create_model
 from sparsetrain.structured import GDP, count_flops_params
 
-
-
 CASES = {
     "resnet20": {"width": 0.25},
     "resnet56": {"width": 0.25},
@@ -21,8 +19,6 @@ CASES = {
     "densenet40": {"growth_rate": 6},
     "vgg16": {},
 }
-
-
 
 
 def random_gates(gdp: GDP, seed: int = 0) -> None:

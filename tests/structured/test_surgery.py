@@ -13,15 +13,6 @@ from torch import nn
 from sparsetrain.models import create_model
 from sparsetrain.structured import channel_groups, count_flops_params, layer_shapes, rebuild, remove_channels
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These tiny models run fastest on one thread (and many times slower on two on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 CASES = {
     "resnet20": {"width": 0.5},
     "resnet56": {"width": 0.25},
@@ -29,8 +20,6 @@ CASES = {
     "densenet40": {"growth_rate": 6},
     "vgg16": {},
 }
-
-
 
 
 def masked(model: nn.Module, drop: dict[str, list[int]], x: torch.Tensor) -> nn.Module:
