@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import sparsetrain as st
-from sparsetrain.export import load_sparse, save_sparse
+from sparsetrain.run.export import load_sparse, save_sparse
 from sparsetrain.models import create_model
 
 

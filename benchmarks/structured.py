@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 from sparsetrain.models import create_model
 from sparsetrain.report import count_flops
 from sparsetrain.structured import rebuild
-from sparsetrain.train import CHECKPOINT, CONFIG, MODEL, TrainOptions, train
+from sparsetrain.run import TrainOptions, load_run, train
 
 
 def trained(out: Path, method: str, epochs: int, flops_target: float, channels_per_step: int | None, seed: int) -> Path:

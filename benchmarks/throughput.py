@@ -16,7 +16,7 @@ import tempfile
 
 import torch
 
-from sparsetrain.train import TrainOptions, fit, prepare
+from sparsetrain.run import TrainOptions, fit, prepare
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny models and deterministic data for exact tests."""
+"""Shared fixtures: one torch thread, tiny models and deterministic data for exact tests."""
 
 import pytest
 import torch
@@ -37,6 +37,17 @@ def _train(model, sparsifier, optimizer, batches) -> None:
         sparsifier.step()
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Every test's tensors are small: intra-op threads only add overhead (on a shared 2-core
+    machine OpenMP's waiting threads made tiny tests 20x slower), and the thread count must not
+    depend on the machine. Restored afterwards. Child processes set their own (--workers 1)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def tiny_net() -> TinyNet:
     torch.manual_seed(0)
@@ -53,3 +64,22 @@ def make_batches():
 def train():
     """train(model, sparsifier, optimizer, batches): forward, backward, optimizer step, sparsifier step."""
     return _train
+
+
+def _randomize_batch_norms(model: nn.Module, seed: int = 0) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                n = module.num_features
+                module.weight.copy_(torch.rand(n, generator=gen) + 0.5)
+                module.bias.copy_(torch.randn(n, generator=gen) * 0.1)
+                module.running_mean.copy_(torch.randn(n, generator=gen) * 0.1)
+                module.running_var.copy_(torch.rand(n, generator=gen) + 0.5)
+
+
+@pytest.fixture(scope="session")
+def randomize_batch_norms():
+    """randomize_batch_norms(model, seed=0): non-trivial batch-norm statistics, so that removed
+    channels would show in the outputs."""
+    return _randomize_batch_norms

@@ -1,21 +1,42 @@
-"""Exact thresholds: the k-th smallest magnitude over one or many tensors."""
+"""Exact selection: the k-th smallest magnitude, and exactly k pruned even when magnitudes tie."""
 
 import pytest
 import torch
 
 from sparsetrain.selection import (
-    _bracketed_kth,
-    sample_stride,
+    _NUMPY,
+    _TORCH,
+    Selection,
+    _bracketed,
     kth_smallest,
     layer_sigma,
     magnitude_threshold,
     prune_count,
+    sample_stride,
+    select,
     select_thresholds,
 )
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 
 
 def reference_kth(values, k):
     return torch.cat([v.reshape(-1) for v in values]).sort().values[k - 1].item()
+
+
+def pruned_masks(magnitudes, selection):
+    """What the operator prunes: |m| <= threshold, plus the tie masks."""
+    masks = [m <= t for m, t in zip(magnitudes, selection.thresholds)]
+    return [mask if ties is None else mask | ties for mask, ties in zip(masks, selection.ties)]
+
+
+def grid_magnitudes(sizes, dtype, seed=0):
+    """Magnitudes on a 1/16 grid: every value ties with thousands of others."""
+    gen = torch.Generator().manual_seed(seed)
+    return [(torch.randint(1, 33, (n,), generator=gen) / 16).to(dtype) for n in sizes]
+
+
+# -- the k-th smallest ---------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("sizes", [[10], [3, 7, 1], [300_000, 5, 123_457]])
@@ -28,22 +49,35 @@ def test_kth_smallest_is_exact(sizes, fraction):
     assert kth_smallest(values, k) == reference_kth(values, k)
 
 
-def test_bracket_finds_random_data_without_fallback():
+@pytest.mark.parametrize("ops", [_NUMPY, _TORCH], ids=["numpy", "torch"])
+def test_bracket_finds_random_data_without_fallback(ops):
     gen = torch.Generator().manual_seed(0)
     values = [torch.rand(400_000, generator=gen), torch.rand(200_000, generator=gen)]
+    arrays = [v.numpy() for v in values] if ops is _NUMPY else values
     k = 450_000
-    assert _bracketed_kth([v.reshape(-1) for v in values], k, 600_000) == reference_kth(values, k)
+    found = _bracketed(arrays, k, 600_000, ops)
+    flat = torch.cat(values)
+    expected = reference_kth(values, k)
+    assert found == (expected, int((flat < expected).sum()), int((flat <= expected).sum()))
 
 
-def test_adversarial_layout_falls_back_to_exact_answer():
+@pytest.mark.parametrize("ops", [_NUMPY, _TORCH], ids=["numpy", "torch"])
+def test_adversarial_layout_falls_back_to_exact_answer(ops):
     # The strided sample only ever sees 1.0, so the bracket misses; the answer must stay exact.
     n = 600_000
     stride = sample_stride(n)
     values = torch.linspace(0.0, 0.5, n)
     values[stride // 2 :: stride] = 1.0
     k = 100_000
-    assert _bracketed_kth([values], k, n) is None
+    assert _bracketed([values.numpy()] if ops is _NUMPY else [values], k, n, ops) is None
     assert kth_smallest([values], k) == reference_kth([values], k)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_kth_smallest_keeps_the_dtype_exact(dtype):
+    values = grid_magnitudes([200_000, 70_000], dtype)
+    for k in (1, 12_345, 135_000, 269_999):
+        assert kth_smallest(values, k) == reference_kth(values, k)
 
 
 def test_ties_give_the_tied_value():
@@ -71,3 +105,89 @@ def test_scopes():
 
 def test_layer_sigma():
     assert layer_sigma((64, 32, 3, 3)) == pytest.approx(1 / 102**0.5)
+
+
+# -- select: exactly k pruned --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_a_tie_group_across_two_layers_is_cut_in_layer_then_flat_order(dtype):
+    # k = 4 of 8; sorted: 0.125, 0.25 x 4, 0.5, 0.75, 1. v = 0.25 with one value below it,
+    # so the threshold drops to 0.125 and the first 3 of the four 0.25s are pruned.
+    a = torch.tensor([0.5, 0.25, 0.125, 0.25], dtype=dtype)
+    b = torch.tensor([[0.25, 1.0], [0.25, 0.75]], dtype=dtype)
+    selection = select([a, b], 0.5, "global")
+    assert selection.thresholds == [0.125, 0.125]
+    assert selection.ties[0].tolist() == [False, True, False, True]
+    assert selection.ties[1].tolist() == [[True, False], [False, False]]
+    assert [m.tolist() for m in pruned_masks([a, b], selection)] == [
+        [False, True, True, True],
+        [[True, False], [False, False]],
+    ]
+
+
+def test_tie_masks_only_where_a_pruned_tie_lies():
+    a = torch.tensor([0.25, 0.25, 0.5])
+    b = torch.tensor([0.75, 0.25])
+    c = torch.tensor([0.25, 0.125])
+    selection = select([a, b, c], 0.4, "global")  # k = 3: 0.125 and the first two 0.25s (in a)
+    assert selection.thresholds == [0.125] * 3
+    assert selection.ties[0].tolist() == [True, True, False]
+    assert selection.ties[1] is None and selection.ties[2] is None
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("sparsity", [0.05, 0.3, 0.5, 0.9, 0.99, 1.0])
+def test_exactly_k_pruned_on_a_grid(dtype, sparsity):
+    magnitudes = grid_magnitudes([150_000, 7, 60_000, 1_000], dtype)
+    n = sum(m.numel() for m in magnitudes)
+    k = prune_count(sparsity, n)
+    selection = select(magnitudes, sparsity, "global")
+    masks = pruned_masks(magnitudes, selection)
+    assert sum(int(mask.sum()) for mask in masks) == k
+    v = reference_kth(magnitudes, k)
+    for m, mask in zip(magnitudes, masks):
+        assert bool(mask[m < v].all()) and not bool(mask[m > v].any())
+    ties = torch.cat([torch.zeros(m.numel(), dtype=torch.bool) if t is None else t.reshape(-1) for m, t in zip(magnitudes, selection.ties)])
+    tied = torch.cat(magnitudes) == v
+    chosen = ties[tied]  # the ties pruned must be the first ones in layer, then flat, order
+    assert not bool((ties & ~tied).any())
+    assert chosen.tolist() == sorted(chosen.tolist(), reverse=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_layer_scope_prunes_exactly_k_in_each_layer(dtype):
+    magnitudes = grid_magnitudes([100_000, 30, 5_000], dtype, seed=1)
+    selection = select(magnitudes, 0.7, "layer")
+    for m, mask in zip(magnitudes, pruned_masks(magnitudes, selection)):
+        assert int(mask.sum()) == prune_count(0.7, m.numel())
+
+
+@pytest.mark.parametrize("scope", ["global", "layer", "sigma"])
+def test_without_ties_select_is_select_thresholds(scope):
+    gen = torch.Generator().manual_seed(2)
+    magnitudes = [torch.rand(n, generator=gen, dtype=torch.float64) for n in (50_000, 333, 20_000)]
+    selection = select(magnitudes, 0.8, scope)
+    assert selection.ties == [None, None, None]
+    assert selection.thresholds == select_thresholds(magnitudes, 0.8, scope)
+
+
+def test_zero_sparsity_prunes_nothing():
+    magnitudes = grid_magnitudes([1_000, 40], torch.float32)
+    assert select(magnitudes, 0.0, "global") == Selection([0.0, 0.0], [None, None])
+    assert select(magnitudes, 0.0, "layer") == Selection([0.0, 0.0], [None, None])
+    assert not any(bool(mask.any()) for mask in pruned_masks(magnitudes, select(magnitudes, 0.0, "global")))
+
+
+def test_more_zeros_than_k_are_all_at_threshold_zero():
+    a = torch.tensor([0.0, 0.5, 0.0, 0.0])
+    selection = select([a], 0.5, "global")  # k = 2 < 3 zeros: the ties pick the first two
+    assert selection.thresholds == [0.0]
+    assert selection.ties[0].tolist() == [True, False, True, False]
+
+
+def test_bad_sparsity_is_rejected():
+    with pytest.raises(ValueError, match=r"sparsity=1.5 is out of range; allowed: a number in \[0, 1\]"):
+        select([torch.ones(4)], 1.5, "global")
+    with pytest.raises(ValueError, match="unknown scope 'model'"):
+        select([torch.ones(4)], 0.5, "model")

@@ -1,12 +1,24 @@
 """sparsetrain: make neural networks sparse during ordinary training."""
 
-from .methods import MethodConfig, list_methods, method_config, register_method
+from .methods import (
+    FRS,
+    GDP,
+    Method,
+    MethodConfig,
+    MethodSpec,
+    Sparsifier,
+    create,
+    list_methods,
+    method_config,
+    method_options,
+    register_method,
+    register_preset,
+)
+from .prunable import find_prunable
 from .operators import sparsify_ste, threshold_operator
 from .report import LayerReport, SparsityReport, sparsity_report
 from .schedules import Constant, Cubic, Linear, make_schedule
-from .selection import kth_smallest, magnitude_threshold
-from .sparsifier import Sparsifier, find_prunable
-from .structured import FRS, GDP
+from .selection import Selection, kth_smallest, magnitude_threshold, select
 
 __all__ = [
     "FRS",
@@ -15,16 +27,23 @@ __all__ = [
     "Cubic",
     "LayerReport",
     "Linear",
+    "Method",
     "MethodConfig",
+    "MethodSpec",
+    "Selection",
     "Sparsifier",
     "SparsityReport",
+    "create",
     "find_prunable",
     "kth_smallest",
     "list_methods",
     "magnitude_threshold",
     "make_schedule",
     "method_config",
+    "method_options",
     "register_method",
+    "register_preset",
+    "select",
     "sparsify_ste",
     "sparsity_report",
     "threshold_operator",

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .sparsifier import Sparsifier
+from .methods import Sparsifier
 
 
 class Pruner:

@@ -11,6 +11,9 @@ The straight-through estimator uses P_p in the forward pass and passes the gradi
 the dense weights, scaled per element:
 
     dL/dw = m * dL/dw~,   m = 1 where |w| > T, theta where |w| <= T
+
+An optional boolean ``ties`` mask prunes more entries: where it is True the forward value is 0
+and the gradient is scaled by theta, as for |w| <= T (exact counts when magnitudes tie).
 """
 
 from __future__ import annotations
@@ -47,34 +50,40 @@ def threshold_operator(w: Tensor, threshold: float, p: float) -> Tensor:
     return torch.sign(w) * shrunk
 
 
-def gradient_scale(w: Tensor, threshold: float, theta: float) -> Tensor:
-    """The straight-through gradient mask m: 1 where |w| > T, theta elsewhere."""
-    if threshold <= 0.0:
+def gradient_scale(w: Tensor, threshold: float, theta: float, ties: Tensor | None = None) -> Tensor:
+    """The straight-through gradient mask m: 1 where |w| > T (and not a pruned tie), theta elsewhere."""
+    if threshold <= 0.0 and ties is None:
         return torch.ones_like(w)
     kept = w.abs() > threshold
+    if ties is not None:
+        kept &= ~ties
     return torch.where(kept, torch.ones_like(w), torch.full_like(w, theta))
 
 
 class _ScaledStraightThrough(torch.autograd.Function):
-    """Forward: P_p(w; T), optionally rescaled per output channel. Backward: m * grad."""
+    """Forward: P_p(w; T), zero at ``ties``, optionally rescaled per output channel. Backward: m * grad."""
 
     @staticmethod
-    def forward(ctx, w: Tensor, threshold: float, p: float, theta: float, rescale: Tensor | None) -> Tensor:
+    def forward(ctx, w: Tensor, threshold: float, p: float, theta: float, rescale: Tensor | None,
+                ties: Tensor | None) -> Tensor:
         ctx.threshold, ctx.theta = threshold, theta
-        ctx.save_for_backward(w)
+        ctx.save_for_backward(w, ties)
         out = threshold_operator(w, threshold, p)
+        if ties is not None:
+            out = out.masked_fill(ties, 0.0)
         return out if rescale is None else out * rescale
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        (w,) = ctx.saved_tensors
-        if ctx.threshold <= 0.0 or ctx.theta == 1.0:
-            return grad, None, None, None, None
-        return grad * gradient_scale(w, ctx.threshold, ctx.theta), None, None, None, None
+        w, ties = ctx.saved_tensors
+        if ctx.theta == 1.0 or (ctx.threshold <= 0.0 and ties is None):
+            return grad, None, None, None, None, None
+        return grad * gradient_scale(w, ctx.threshold, ctx.theta, ties), None, None, None, None, None
 
 
 def sparsify_ste(
-    w: Tensor, threshold: float, p: float, theta: float, rescale: Tensor | None = None
+    w: Tensor, threshold: float, p: float, theta: float, rescale: Tensor | None = None, ties: Tensor | None = None
 ) -> Tensor:
-    """P_p(w; T) (times ``rescale``, broadcast over w) with the theta-scaled straight-through gradient."""
-    return _ScaledStraightThrough.apply(w, threshold, p, theta, rescale)
+    """P_p(w; T), zero at ``ties`` (times ``rescale``, broadcast over w), with the theta-scaled
+    straight-through gradient."""
+    return _ScaledStraightThrough.apply(w, threshold, p, theta, rescale, ties)

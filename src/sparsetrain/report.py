@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from .modes import eval_mode
-from .sparsifier import Sparsifier, find_prunable
+from .prunable import find_prunable
 
 
 @dataclass(frozen=True)
@@ -53,16 +53,13 @@ class SparsityReport:
         return self.to_markdown()
 
 
-def sparsity_report(source: nn.Module | Sparsifier) -> SparsityReport:
-    """Report the forward-pass sparsity of an attached Sparsifier, or the zeros of a plain model's
-    prunable layers (Conv1d/2d/3d and Linear weights)."""
-    if isinstance(source, Sparsifier):
-        stats = source.layer_stats()
-    else:
-        with torch.no_grad():
-            stats = [(n, m.weight.numel(), int((m.weight == 0).sum())) for n, m in find_prunable(source)]
+def sparsity_report(model: nn.Module) -> SparsityReport:
+    """The zeros of each prunable layer's weight (Conv1d/2d/3d and Linear) as the forward pass
+    uses it: the thresholded weight while a method is attached, the plain weight after."""
+    with torch.no_grad():
+        stats = [(n, m.weight.numel(), int((m.weight == 0).sum())) for n, m in find_prunable(model)]
     if not stats:
-        raise ValueError(f"model {type(source).__name__} has no prunable layer to report on.")
+        raise ValueError(f"model {type(model).__name__} has no prunable layer to report on.")
     return SparsityReport(tuple(LayerReport(*row) for row in stats))
 
 

@@ -1,27 +1,44 @@
-"""Exact magnitude thresholds: the k-th smallest magnitude, k = round(s * N).
+"""Exact magnitude selection: prune exactly k = round(s * N) of N magnitudes, smallest first.
 
-Pruning every weight with |w| <= T zeroes exactly k of the N weights when magnitudes are
-distinct (ties at T are all pruned, deterministically). T = 0 means "prune nothing".
+Scopes decide which weights share a selection:
 
-Scopes decide which weights share a threshold:
-
-    global  one T over all prunable weights
-    layer   each layer its own T_l, pruned to the same fraction s
-    sigma   one T over the normalised magnitudes |w| / sigma_l,
+    global  one selection over all prunable weights
+    layer   each layer on its own, pruned to the same fraction s
+    sigma   one selection over the normalised magnitudes |w| / sigma_l,
             sigma_l = 1 / sqrt(sum of the dims of the layer's weight shape)  (ST-3 sigma)
+
+Let v be the k-th smallest magnitude of a scope. When exactly k magnitudes are <= v, pruning
+|m| <= v is exact. When magnitudes tie at v across position k (bf16/fp16 weights, weights on a
+grid), :func:`select` lowers the threshold below v and prunes r = k - #(m < v) of the entries
+equal to v through tie masks, so exactly k are pruned. A threshold of 0 means "prune nothing".
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import reduce
+from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 from torch import Tensor
 
 SCOPES = ("global", "layer", "sigma")
 
 _DIRECT_LIMIT = 1 << 15
+_CHUNK = 1 << 18
+_NUMPY_DTYPES = (torch.float16, torch.float32, torch.float64)
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Per layer: prune |m| <= thresholds[i], plus the entries where ties[i] is True (None: none)."""
+
+    thresholds: list[float]
+    ties: list[Tensor | None]
 
 
 def validate_scope(scope: str) -> str:
@@ -41,22 +58,133 @@ def prune_count(sparsity: float, n: int) -> int:
     return round(sparsity * n)
 
 
-def kth_smallest(values: Sequence[Tensor], k: int) -> float:
-    """The exact k-th smallest (1-based) element of the concatenation of ``values``.
+def select(magnitudes: Sequence[Tensor], sparsity: float, scope: str) -> Selection:
+    """Choose exactly k = round(s * N) magnitudes to prune, smallest first.
 
-    Runs in O(N) without a full sort and without concatenating large inputs: a strided
-    sample brackets the answer, one pass counts the values below the bracket and gathers
-    those inside it, and a selection among the few gathered values finishes the job.
-    Falls back to ``torch.kthvalue`` over everything if the bracket misses.
+    "global" and "sigma" select once over all layers (the caller has normalised the
+    magnitudes for "sigma"); "layer" selects in each layer alone with k_l = round(s * N_l).
+    With v the k-th smallest magnitude (1-based) of the scope: if #(m <= v) = k, the
+    threshold is v and there are no tie masks. Otherwise the threshold is the largest
+    magnitude below v (0.0 if none) and the first r = k - #(m < v) entries equal to v, in
+    layer order then flat (row-major) index, are pruned through ``ties``. Either way
+    #(m <= threshold) + #ties = k and every magnitude above v survives. k = 0 gives
+    thresholds 0.0 and no ties. If v = 0, more than k magnitudes are exactly 0: the ties
+    pick k of them, but a weight that is 0 stays 0, so the zeros in the weights number
+    #(m = 0) > k.
     """
-    flat = [v.reshape(-1) for v in values]
-    n = sum(v.numel() for v in flat)
+    validate_scope(scope)
+    if not 0.0 <= sparsity <= 1.0:
+        raise ValueError(f"sparsity={sparsity!r} is out of range; allowed: a number in [0, 1].")
+    if scope != "layer":
+        return _select_group(magnitudes, sparsity)
+    parts = [_select_group([m], sparsity) for m in magnitudes]
+    return Selection([p.thresholds[0] for p in parts], [p.ties[0] for p in parts])
+
+
+def _select_group(magnitudes: Sequence[Tensor], sparsity: float) -> Selection:
+    flat = _flatten(magnitudes)
+    k = prune_count(sparsity, sum(f.numel() for f in flat))
+    if k == 0:
+        return Selection([0.0] * len(flat), [None] * len(flat))
+    rank = _locate(flat, k)
+    if rank.through == k:
+        return Selection([rank.value] * len(flat), [None] * len(flat))
+    threshold = _largest_below(flat, rank.value)
+    return Selection([threshold] * len(flat), _tie_masks(magnitudes, flat, rank.value, k - rank.below))
+
+
+def _largest_below(flat: Sequence[Tensor], value: float) -> float:
+    """The largest magnitude below ``value``, 0.0 if there is none."""
+    peaks = [torch.where(f < value, f, 0).amax() for f in flat if f.numel()]
+    return float(torch.stack(peaks).max())
+
+
+def _tie_masks(magnitudes: Sequence[Tensor], flat: Sequence[Tensor], value: float, count: int) -> list[Tensor | None]:
+    """Masks of the first ``count`` entries equal to ``value``, in layer order then flat index."""
+    masks: list[Tensor | None] = [None] * len(flat)
+    for i, f in enumerate(flat):
+        if count == 0:
+            break
+        tied = f == value
+        size = int(tied.sum())
+        if size > count:
+            tied &= tied.cumsum(0) <= count
+            size = count
+        if size:
+            masks[i] = tied.view(magnitudes[i].shape)
+            count -= size
+    return masks
+
+
+def kth_smallest(values: Sequence[Tensor], k: int) -> float:
+    """The exact k-th smallest (1-based) element of the concatenation of ``values``."""
+    return _locate(_flatten(values), k).value
+
+
+def magnitude_threshold(magnitudes: Sequence[Tensor], sparsity: float) -> float:
+    """The k-th smallest magnitude, k = round(s * N) (0 if k = 0): pruning |m| <= T zeroes k
+    magnitudes when none ties with T, and every tie at T too (see :func:`select`)."""
+    n = sum(m.numel() for m in magnitudes)
+    k = prune_count(sparsity, n)
+    return kth_smallest(magnitudes, k) if k > 0 else 0.0
+
+
+def select_thresholds(magnitudes: Sequence[Tensor], sparsity: float, scope: str) -> list[float]:
+    """One :func:`magnitude_threshold` per layer, in the units of that layer's (normalised)
+    magnitudes: the shared one for "global" and "sigma", each layer's own for "layer"."""
+    if validate_scope(scope) == "layer":
+        return [magnitude_threshold([m], sparsity) for m in magnitudes]
+    shared = magnitude_threshold(magnitudes, sparsity)
+    return [shared] * len(magnitudes)
+
+
+# -- finding the k-th smallest value ------------------------------------------------------
+
+
+class _Rank(NamedTuple):
+    """The k-th smallest value and how many values lie below it and at or below it."""
+
+    value: float
+    below: int
+    through: int
+
+
+class _Ops(NamedTuple):
+    """The three primitives the selection needs, for numpy arrays or for tensors."""
+
+    concat: Callable[[Sequence[Any]], Any]
+    kth: Callable[[Any, int], float]
+    split: Callable[[Sequence[Any], float, float], tuple[int, Any]]
+
+
+def _flatten(values: Sequence[Tensor]) -> list[Tensor]:
+    """Flat detached views, in one dtype so that every comparison is exact."""
+    dtype = reduce(torch.promote_types, (v.dtype for v in values), values[0].dtype) if values else None
+    return [v.detach().reshape(-1).to(dtype) for v in values]
+
+
+def _locate(flat: Sequence[Tensor], k: int) -> _Rank:
+    """The k-th smallest (1-based) of the concatenation of ``flat``, in O(N), without a sort.
+
+    A strided sample brackets the answer, one pass counts the values below the bracket and
+    gathers those inside it, and a selection among the few gathered values finishes the job;
+    if the bracket misses, the selection runs over everything. CPU tensors are read through
+    numpy, whose comparisons and selections are several times faster than torch's there.
+    """
+    n = sum(f.numel() for f in flat)
     if not 1 <= k <= n:
         raise ValueError(f"k={k} is out of range; allowed: 1 <= k <= {n}.")
-    if n <= _DIRECT_LIMIT:
-        return torch.cat(flat).kthvalue(k).values.item()
-    found = _bracketed_kth(flat, k, n)
-    return found if found is not None else torch.cat(flat).kthvalue(k).values.item()
+    arrays: Sequence[Any] = flat
+    ops = _TORCH
+    if flat[0].device.type == "cpu" and flat[0].dtype in _NUMPY_DTYPES:
+        arrays, ops = [f.numpy() for f in flat], _NUMPY
+    found = _bracketed(arrays, k, n, ops) if n > _DIRECT_LIMIT else None
+    return found if found is not None else _rank(ops.concat(arrays), k, ops)
+
+
+def _rank(values: Any, k: int, ops: _Ops) -> _Rank:
+    value = ops.kth(values, k)
+    return _Rank(value, int((values < value).sum()), int((values <= value).sum()))
 
 
 def sample_stride(n: int) -> int:
@@ -65,42 +193,65 @@ def sample_stride(n: int) -> int:
     return max(1, n // size)
 
 
-def _bracketed_kth(flat: Sequence[Tensor], k: int, n: int) -> float | None:
+def _bracketed(arrays: Sequence[Any], k: int, n: int, ops: _Ops) -> _Rank | None:
+    """The k-th smallest via a bracket [lo, hi] from a sample, or None if it misses."""
     stride = sample_stride(n)
-    sample = torch.cat([v[stride // 2 :: stride] for v in flat]).sort().values
-    m = sample.numel()
+    sample = ops.concat([a[stride // 2 :: stride] for a in arrays])
+    m = len(sample)
     q = k / n
     margin = 4.0 * math.sqrt(m * q * (1.0 - q)) + 8.0
-    lo_index, hi_index = math.floor(q * m - margin), math.ceil(q * m + margin)
-    lo = sample[lo_index].item() if lo_index >= 0 else -math.inf
-    hi = sample[hi_index].item() if hi_index < m else math.inf
-    below, inside = 0, []
-    for v in flat:
-        below_mask = v < lo
-        inside_mask = (v <= hi) & ~below_mask
-        below += int(below_mask.sum())
-        inside.append(v[inside_mask])
-    candidates = torch.cat(inside)
-    rank = k - below
-    if not 1 <= rank <= candidates.numel():
+    lo_rank, hi_rank = math.floor(q * m - margin) + 1, math.ceil(q * m + margin) + 1
+    lo = ops.kth(sample, lo_rank) if lo_rank >= 1 else -math.inf
+    hi = ops.kth(sample, hi_rank) if hi_rank <= m else math.inf
+    below, inside = ops.split(arrays, lo, hi)
+    if not 1 <= k - below <= len(inside):
         return None
-    return candidates.kthvalue(rank).values.item()
+    rank = _rank(inside, k - below, ops)
+    return _Rank(rank.value, below + rank.below, below + rank.through)
 
 
-def magnitude_threshold(magnitudes: Sequence[Tensor], sparsity: float) -> float:
-    """T such that pruning |w| <= T zeroes round(s * N) of the given magnitudes (0 if none)."""
-    n = sum(m.numel() for m in magnitudes)
-    k = prune_count(sparsity, n)
-    return kth_smallest(magnitudes, k) if k > 0 else 0.0
+def _kth_numpy(values: np.ndarray, k: int) -> float:
+    return float(np.partition(values, k - 1)[k - 1])
 
 
-def select_thresholds(magnitudes: Sequence[Tensor], sparsity: float, scope: str) -> list[float]:
-    """One threshold per layer, in the units of that layer's (normalised) magnitudes.
+def _split_numpy(arrays: Sequence[np.ndarray], lo: float, hi: float) -> tuple[int, np.ndarray]:
+    """#(a < lo) and the values lo <= a <= hi, in cache-sized chunks spread over torch's threads."""
+    chunks = [a[start : start + _CHUNK] for a in arrays for start in range(0, a.size, _CHUNK)]
+    workers = max(1, min(torch.get_num_threads(), len(chunks)))
+    shares = [chunks[i::workers] for i in range(workers)]
+    if workers == 1:
+        results = [_split_chunks(shares[0], lo, hi)]
+    else:
+        with ThreadPoolExecutor(workers) as pool:  # numpy releases the GIL while it compares
+            results = list(pool.map(_split_chunks, shares, [lo] * workers, [hi] * workers))
+    return sum(below for below, _ in results), np.concatenate([inside for _, inside in results])
 
-    For "global" and "sigma" every entry is the shared T (the caller normalises the
-    magnitudes for "sigma"); for "layer" each layer is thresholded on its own.
-    """
-    if scope == "layer":
-        return [magnitude_threshold([m], sparsity) for m in magnitudes]
-    shared = magnitude_threshold(magnitudes, sparsity)
-    return [shared] * len(magnitudes)
+
+def _split_chunks(chunks: Sequence[np.ndarray], lo: float, hi: float) -> tuple[int, np.ndarray]:
+    low, inside = np.empty(_CHUNK, dtype=bool), np.empty(_CHUNK, dtype=bool)
+    below, parts = 0, [chunks[0][:0]]
+    for chunk in chunks:
+        lt, le = low[: chunk.size], inside[: chunk.size]
+        np.less(chunk, lo, out=lt)
+        below += int(np.count_nonzero(lt))
+        np.less_equal(chunk, hi, out=le)
+        np.not_equal(lt, le, out=le)
+        parts.append(chunk[le])
+    return below, np.concatenate(parts)
+
+
+def _kth_torch(values: Tensor, k: int) -> float:
+    # kthvalue lacks bfloat16 on CUDA before torch 2.3; float32 holds 16-bit floats exactly.
+    wide = values.float() if values.dtype in (torch.float16, torch.bfloat16) else values
+    return wide.kthvalue(k).values.item()
+
+
+def _split_torch(flat: Sequence[Tensor], lo: float, hi: float) -> tuple[int, Tensor]:
+    """#(v < lo) and the values lo <= v <= hi, with one host sync for the count."""
+    below = torch.stack([(v < lo).sum() for v in flat]).sum()
+    inside = torch.cat([v[(v >= lo) & (v <= hi)] for v in flat])
+    return int(below), inside
+
+
+_NUMPY = _Ops(np.concatenate, _kth_numpy, _split_numpy)
+_TORCH = _Ops(torch.cat, _kth_torch, _split_torch)

@@ -1,7 +1,7 @@
-"""Structured (channel-level) pruning: channel surgery, GDP gates and FRS relevance pruning."""
+"""Structured (channel-level) building blocks: channel surgery on Torch-Pruning's dependency
+graph and layer-wise relevance propagation. The methods built on them (GDP, FRS) live in
+:mod:`sparsetrain.methods`."""
 
-from sparsetrain.structured.frs import FRS
-from sparsetrain.structured.gdp import GDP
 from sparsetrain.structured.surgery import (
     ChannelGroup,
     channel_groups,
@@ -9,6 +9,9 @@ from sparsetrain.structured.surgery import (
     layer_shapes,
     rebuild,
     remove_channels,
+    remove_channels_,
+    resize_,
 )
 
-__all__ = ["FRS", "GDP", "ChannelGroup", "channel_groups", "count_flops_params", "layer_shapes", "rebuild", "remove_channels"]
+__all__ = ["ChannelGroup", "channel_groups", "count_flops_params", "layer_shapes", "rebuild", "remove_channels",
+           "remove_channels_", "resize_"]

@@ -159,17 +159,75 @@ def channel_groups(model: nn.Module, example_inputs: Tensor) -> list[ChannelGrou
 
 
 def remove_channels(model: nn.Module, drop: Mapping[str, Sequence[int]], example_inputs: Tensor) -> nn.Module:
-    """A physically smaller deep copy of ``model`` without the given output channels.
+    """A physically smaller deep copy of ``model`` without the given output channels; ``model``
+    is never modified (see :func:`remove_channels_`)."""
+    compact = copy.deepcopy(model)
+    _cut(compact, drop, example_inputs, type(model).__name__)
+    return compact
+
+
+def remove_channels_(
+    model: nn.Module,
+    drop: Mapping[str, Sequence[int]],
+    example_inputs: Tensor,
+    optimizer: torch.optim.Optimizer | None = None,
+) -> nn.Module:
+    """Remove the given output channels from ``model`` in place and return it.
 
     ``drop`` maps a Conv/Linear name (as in ``model.named_modules()``) to output-channel indices
     of that layer; each channel is removed from its whole group (batch norms, readers'
-    inputs, residual partners, depthwise convolutions, concatenations). ``model`` is never
-    modified; bad input raises ``ValueError`` naming the layer, before anything is cut.
+    inputs, residual partners, depthwise convolutions, concatenations). Each resized parameter
+    is a new Parameter; ``optimizer`` (over ``model.parameters()``) is re-pointed at it, in its
+    param group's place, with its per-parameter state (momentum, Adam moments: any tensor shaped
+    like the parameter) sliced to the survivors. Bad input raises ``ValueError`` naming the layer,
+    before anything is cut.
     """
-    compact = copy.deepcopy(model)
-    modules = dict(compact.named_modules())
-    requested = {name: _indices(modules, name, indices, type(model).__name__) for name, indices in drop.items()}
-    graph, couplings = trace_couplings(compact, example_inputs)
+    survivors = surviving_indices(model, drop, example_inputs)
+    params = dict(model.named_parameters())
+    _cut(model, drop, example_inputs, type(model).__name__)
+    for name, old in params.items():
+        new = model.get_parameter(name)
+        if new is not old:
+            _repoint(optimizer, old, new, lambda value: _gather(value, old.shape, survivors[name], new.shape))
+    return model
+
+
+def _repoint(optimizer: torch.optim.Optimizer | None, old: Tensor, new: Tensor, convert: Any = None) -> None:
+    """Put ``new`` where ``old`` was in the optimizer's param groups, its state converted by
+    ``convert`` (dropped without one)."""
+    if optimizer is None:
+        return
+    for group in optimizer.param_groups:
+        group["params"] = [new if p is old else p for p in group["params"]]
+    state = optimizer.state.pop(old, None)
+    if state is not None and convert is not None:
+        optimizer.state[new] = {key: convert(value) for key, value in state.items()}
+
+
+def surviving_indices(model: nn.Module, drop: Mapping[str, Sequence[int]], example_inputs: Tensor) -> dict[str, Tensor]:
+    """For each parameter of ``remove_channels(model, drop, ...)``, by name, the flat indices
+    into the original parameter of its surviving entries (found by cutting a copy whose
+    parameters hold their own flat indices, in float64 so indices stay exact)."""
+    tagged = copy.deepcopy(model).double()
+    with torch.no_grad():
+        for param in tagged.parameters():
+            param.copy_(torch.arange(param.numel(), dtype=torch.float64, device=param.device).view_as(param))
+    cut = remove_channels(tagged, drop, example_inputs.double())
+    return {name: param.detach().flatten().long() for name, param in cut.named_parameters()}
+
+
+def _gather(value: Any, shape: torch.Size, survivors: Tensor, new_shape: torch.Size) -> Any:
+    """A parameter-shaped state tensor at the surviving indices; anything else as it is."""
+    if isinstance(value, Tensor) and value.shape == shape:
+        return value.flatten()[survivors.to(value.device)].view(new_shape).clone()
+    return value
+
+
+def _cut(model: nn.Module, drop: Mapping[str, Sequence[int]], example_inputs: Tensor, model_name: str) -> None:
+    """Cut ``model`` in place with Torch-Pruning (new Parameter objects for the cut layers)."""
+    modules = dict(model.named_modules())
+    requested = {name: _indices(modules, name, indices, model_name) for name, indices in drop.items()}
+    graph, couplings = trace_couplings(model, example_inputs)
     writers = {name: c for c in couplings for name in c.outputs}
     plan: dict[str, tuple[Coupling, set[int]]] = {}
     for name, indices in requested.items():
@@ -196,7 +254,6 @@ def remove_channels(model: nn.Module, drop: Mapping[str, Sequence[int]], example
         if chosen:
             module = modules[root]
             graph.get_pruning_group(module, _out_fn(graph, module), sorted(chosen)).prune(record_history=False)
-    return compact
 
 
 def _indices(modules: Mapping[str, nn.Module], name: str, indices: Sequence[int], model_name: str) -> list[int]:
@@ -249,6 +306,35 @@ def rebuild(name: str, kwargs: Mapping[str, Any], shapes: Mapping[str, Mapping[s
         new = _resized(old, dict(sizes), layer)
         parent, _, attr = layer.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, attr, new)
+    return model
+
+
+def resize_(
+    model: nn.Module, shapes: Mapping[str, Mapping[str, int]], optimizer: torch.optim.Optimizer | None = None
+) -> nn.Module:
+    """Give ``model``'s layers the sizes in ``shapes`` (as :func:`layer_shapes` wrote them), in
+    place: resized parameters and buffers become zeros of their new shape, to be overwritten by
+    a state dict of the compact model; ``optimizer`` is re-pointed at the new parameters (their
+    state dropped)."""
+    modules = dict(model.named_modules())
+    for layer, sizes in shapes.items():
+        old = modules.get(layer)
+        if old is None or _sizes(old) is None:
+            raise ValueError(f"shapes name layer {layer!r}, which is not a Conv, BatchNorm or Linear layer of {type(model).__name__}.")
+        fresh = _resized(old, dict(sizes), layer)
+        for attr in _sizes(old):
+            setattr(old, attr, getattr(fresh, attr))
+        for name, tensor in [*fresh.named_parameters(recurse=False), *fresh.named_buffers(recurse=False)]:
+            current = getattr(old, name)
+            if current is None or current.shape == tensor.shape:
+                continue
+            zeros = torch.zeros(tensor.shape, dtype=current.dtype, device=current.device)
+            if isinstance(current, nn.Parameter):
+                new = nn.Parameter(zeros, current.requires_grad)
+                setattr(old, name, new)
+                _repoint(optimizer, current, new)
+            else:
+                setattr(old, name, zeros)
     return model
 
 

@@ -8,12 +8,15 @@ trainable parameter x_c per channel and the gate
 
     g(x) = x^2 / (x^2 + eps),        g in [0, 1), g = 0 exactly when x = 0.
 
-A forward pre-hook multiplies the *input* of every regular (not depthwise) convolution, and of
-the final Linear layer, by the gates of the channels it reads. All readers of one group share
-its gates: every convolution reading a ResNet residual stream uses the one gate vector of that
-stream. Depthwise convolutions are not gated; their channels belong to the group of the layer
-feeding them and are gated where the next regular convolution reads them. The input image is
-never gated. The model's own parameters are untouched until :meth:`GDP.finalize`.
+Every regular (not depthwise) convolution, and the final Linear layer, reads its input channels
+gated: its weight is parametrized as W[:, c] * g_c (the same as scaling its input by g, since the
+layer is linear in its input). All readers of one group share its gates: every convolution
+reading a ResNet residual stream uses the one gate vector of that stream. Depthwise
+convolutions are not gated; their channels belong to the group of the layer feeding them and
+are gated where the next regular convolution reads them. The input image is never gated.
+The gate parameters x are a parameter *of the model* (held by the first gated layer's
+parametrization), so an optimizer built from ``model.parameters()`` trains them and
+``model.state_dict()`` holds them.
 
 FLOPs. Each Conv/Linear layer l costs f_l (its dense FLOPs on ``example_inputs``, counted as
 ``torch.utils.flop_counter`` does: 2 * output elements * input channels per group * kernel
@@ -27,9 +30,11 @@ C_out. F is bilinear in the gates of consecutive layers. With the gates replaced
 1[x != 0] ("hard" counts) it equals, exactly, the FLOPs of the compact model ``finalize()``
 returns.
 
-Objective. The loss gets ``penalty() = lambda * F(g) / F_dense``. Its gradient on a gate is
-the FLOPs its channel costs divided by the channel's fan n_c, the number of Conv/Linear layers
-reading or writing the channel's group (the value of the penalty is unchanged):
+Objective. The objective adds ``penalty() = lambda * F(g) / F_dense``; ``before_optimizer_step()``
+adds its gradient to the gates' (so the penalty works in trainers that never show us the loss).
+Its gradient on a gate is the FLOPs its channel costs divided by the channel's fan n_c, the
+number of Conv/Linear layers reading or writing the channel's group (the value of the penalty is
+unchanged):
 
     d penalty / d g_c = lambda / F_dense * (dF / dg_c) / n_c
 
@@ -68,38 +73,40 @@ and does, in order:
 So the compact model's FLOPs land in [target * (1 - tolerance), target]: within 2 % of the
 target for tolerance <= 0.02 (default 0.01), and it equals the hard ratio ``flops_ratio(hard=True)``.
 
-Optimizing the gates. The gate parameters are not registered on the model: add
-``gdp.parameters()`` to the optimizer (``{"params": gdp.parameters(), "weight_decay": 0}``;
-weight decay would add a second, unweighted shrinkage; leave them out of gradient clipping,
-since early on the penalty's gradient can dominate the norm). Under torch.distributed,
-``step()`` averages the gate parameters over ranks; for SGD, with or without momentum, that is
-the same as synchronizing their gradients.
+Optimizing the gates. Weight decay on the gates would add a second, unweighted shrinkage:
+give 1-D parameters none (as the training recipe does). Under DDP the gates' gradients are
+averaged with the others; the penalty's gradient, a function of the gates alone, is the same on
+every rank.
 
-Finalizing. ``finalize()`` removes the hooks, folds every gate into the weights of the layers
-reading it (W[:, c] *= g_c, in place on the model passed in), removes the zero-gated channels
-from their whole group with :func:`~sparsetrain.structured.surgery.remove_channels` and returns
-that compact plain model; in eval mode it computes what the gated model computed.
+Finalizing. ``finalize()`` folds every gate into the weights of the layers reading it
+(W[:, c] *= g_c, removing the parametrizations), removes the zero-gated channels from their
+whole group, in place, with :func:`~sparsetrain.structured.surgery.remove_channels_`, and returns
+the same model object, now compact and plain; in eval mode it computes what the gated model
+computed.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.modules.conv import _ConvNd
-from torch.utils.hooks import RemovableHandle
+from torch.nn.utils import parametrize
 
 from ..modes import eval_mode
 from ..report import output_width
 from ..schedules import validate_total_steps
-from .surgery import LAYER_TYPES, ChannelGroup, Coupling, is_depthwise, remove_channels, trace_couplings
+from ..structured.surgery import LAYER_TYPES, ChannelGroup, Coupling, is_depthwise, remove_channels_, trace_couplings
+from .protocol import Method
+from .registry import Context, MethodSpec, register_method
 
 
 def validate_flops_target(value: object) -> float:
@@ -111,22 +118,81 @@ def validate_flops_target(value: object) -> float:
     return float(value)
 
 
-class GDP:
-    """Channel gates trained with a FLOPs penalty whose weight adapts to land on ``flops_target``.
+@dataclass(frozen=True)
+class GDPOptions:
+    """GDP's options (see the module docstring for the maths).
 
-    ``flops_target`` is the wanted fraction of the dense model's FLOPs, in (0, 1);
-    ``total_steps`` (T) the number of ``step()`` calls in training; ``example_inputs`` a batch
-    used to trace the model and count FLOPs. Knobs (see the module docstring for the maths):
+    ``flops_target``: the wanted fraction of the dense model's FLOPs, in (0, 1);
     ``eps_start``/``eps_end`` the eps schedule (eps_start = 0.1 kept more accuracy than 1.0 on
     the bundled sample: ResNet-20 x0.5, 12 epochs, 46.1 % vs 39.6 % at 50 % FLOPs, one seed);
-    ``init`` the initial x of every gate (g = 1 / 1.1 with the defaults); ``lambda_init`` and ``lr_lambda`` (log-rate per pruning
-    window) of the FLOPs weight; ``gate_min`` the gate value under which a gate is zeroed;
-    ``min_keep`` the fraction of every group's channels that stays (at least one): the FLOPs
-    pressure is highest on the high-resolution first stage, whose groups would otherwise be
-    emptied (ResNet-56 at 50 % FLOPs: every stage-1 group ends on this floor);
+    ``init`` the initial x of every gate (g = 1 / 1.1 with the defaults); ``lambda_init`` and
+    ``lr_lambda`` (log-rate per pruning window) of the FLOPs weight; ``gate_min`` the gate value
+    under which a gate is zeroed; ``min_keep`` the fraction of every group's channels that stays
+    (at least one): the FLOPs pressure is highest on the high-resolution first stage, whose groups
+    would otherwise be emptied (ResNet-56 at 50 % FLOPs: every stage-1 group ends on this floor);
     ``prune_end`` the end of the pruning window, as a fraction of T; ``tolerance`` how far under
     the target (as a fraction of it) the compact model's FLOPs may land.
     """
+
+    flops_target: float = 0.5
+    eps_start: float = 0.1
+    eps_end: float = 1e-4
+    init: float = 1.0
+    lambda_init: float = 1.0
+    lr_lambda: float = 20.0
+    gate_min: float = 0.01
+    prune_end: float = 0.5
+    tolerance: float = 0.01
+    min_keep: float = 0.25
+
+    def __post_init__(self) -> None:
+        validate_flops_target(self.flops_target)
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{f.name}={value!r} is not allowed; allowed: a finite number.")
+        if not 0.0 < self.eps_end <= self.eps_start:
+            raise ValueError(f"eps_start={self.eps_start!r}, eps_end={self.eps_end!r} are not allowed; allowed: 0 < eps_end <= eps_start.")
+        if not 0.0 < self.prune_end <= 1.0:
+            raise ValueError(f"prune_end={self.prune_end!r} is not allowed; allowed: a fraction of training in (0, 1].")
+        if not 0.0 <= self.tolerance < 1.0:
+            raise ValueError(f"tolerance={self.tolerance!r} is not allowed; allowed: a fraction in [0, 1).")
+        if not 0.0 <= self.min_keep < 1.0:
+            raise ValueError(f"min_keep={self.min_keep!r} is not allowed; allowed: a fraction of each group in [0, 1).")
+        if not 0.0 < self.gate_min < 1.0:
+            raise ValueError(f"gate_min={self.gate_min!r} is not allowed; allowed: a gate value in (0, 1).")
+        for name in ("init", "lambda_init", "lr_lambda"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name}={getattr(self, name)!r} is not allowed; allowed: a positive finite number.")
+
+
+class InputGate(nn.Module):
+    """The parametrization of a reader's weight: W[:, c] * g_c, g looked up by input feature.
+
+    ``values`` returns the gate values with a trailing 1 for ungated features; the parameter
+    ``gates`` is registered only on the first reader (``owner``) so the model holds it once.
+    """
+
+    def __init__(self, gates: nn.Parameter, values: Callable[[], Tensor], index: Tensor, owner: bool) -> None:
+        super().__init__()
+        if owner:
+            self.gates = gates
+        self.__dict__["_values"] = values  # not a submodule: shared by every reader
+        self.register_buffer("index", index, persistent=False)
+
+    def forward(self, weight: Tensor) -> Tensor:
+        gate = self._values()[self.index].to(weight.dtype)
+        return weight * gate.view((1, -1) + (1,) * (weight.dim() - 2))
+
+
+class GDP(Method):
+    """Channel gates trained with a FLOPs penalty whose weight adapts to land on ``flops_target``.
+
+    ``total_steps`` (T) is the number of ``step()`` calls in training; ``example_inputs`` a batch
+    used to trace the model and count FLOPs; the knobs are those of :class:`GDPOptions`.
+    """
+
+    name = "gdp"
 
     def __init__(
         self,
@@ -134,38 +200,18 @@ class GDP:
         flops_target: float,
         total_steps: int,
         example_inputs: Tensor,
-        *,
-        eps_start: float = 0.1,
-        eps_end: float = 1e-4,
-        init: float = 1.0,
-        lambda_init: float = 1.0,
-        lr_lambda: float = 20.0,
-        gate_min: float = 0.01,
-        prune_end: float = 0.5,
-        tolerance: float = 0.01,
-        min_keep: float = 0.25,
+        **knobs: Any,
     ) -> None:
-        self.target = validate_flops_target(flops_target)
-        validate_total_steps(total_steps)
-        if not 0.0 < eps_end <= eps_start:
-            raise ValueError(f"eps_start={eps_start!r}, eps_end={eps_end!r} are not allowed; allowed: 0 < eps_end <= eps_start.")
-        if not 0.0 < prune_end <= 1.0:
-            raise ValueError(f"prune_end={prune_end!r} is not allowed; allowed: a fraction of training in (0, 1].")
-        if not 0.0 <= tolerance < 1.0:
-            raise ValueError(f"tolerance={tolerance!r} is not allowed; allowed: a fraction in [0, 1).")
-        if not 0.0 <= min_keep < 1.0:
-            raise ValueError(f"min_keep={min_keep!r} is not allowed; allowed: a fraction of each group in [0, 1).")
-        if not 0.0 < gate_min < 1.0:
-            raise ValueError(f"gate_min={gate_min!r} is not allowed; allowed: a gate value in (0, 1).")
-        for name, value in (("init", init), ("lambda_init", lambda_init), ("lr_lambda", lr_lambda)):
-            if not (math.isfinite(value) and value > 0):
-                raise ValueError(f"{name}={value!r} is not allowed; allowed: a positive finite number.")
+        super().__init__()
+        options = self.options = GDPOptions(flops_target, **knobs)
+        self.target = float(options.flops_target)
         self.model = model
-        self.total_steps = total_steps
-        self.eps_start, self.eps_end = float(eps_start), float(eps_end)
-        self.lr_lambda, self.gate_min, self.tolerance = float(lr_lambda), float(gate_min), float(tolerance)
-        self.prune_steps = max(1, round(prune_end * total_steps))
-        self.lambda_init = float(lambda_init)
+        self.total_steps = validate_total_steps(total_steps)
+        self.eps_start, self.eps_end = float(options.eps_start), float(options.eps_end)
+        self.lr_lambda, self.gate_min, self.tolerance = float(options.lr_lambda), float(options.gate_min), float(options.tolerance)
+        self.prune_steps = max(1, round(options.prune_end * total_steps))
+        self.lambda_init = float(options.lambda_init)
+        self.eps = self.eps_start
         self.example_inputs = example_inputs.detach().clone()
 
         _, couplings = trace_couplings(copy.deepcopy(model), example_inputs)
@@ -176,7 +222,7 @@ class GDP:
         offsets = np.cumsum([0] + [c.channels for c in self.couplings])
         self.size = int(offsets[-1])  # gated channels; index self.size is the constant 1
         self._group_of = np.repeat(np.arange(len(self.couplings)), [c.channels for c in self.couplings])
-        self._min_live = np.array([max(1, math.ceil(min_keep * c.channels)) for c in self.couplings])
+        self._min_live = np.array([max(1, math.ceil(options.min_keep * c.channels)) for c in self.couplings])
 
         modules = dict(model.named_modules())
         in_index: dict[str, np.ndarray] = {}
@@ -217,24 +263,25 @@ class GDP:
         fan = ((m_in[:, : self.size] > 0) | (m_out[:, : self.size] > 0)).sum(axis=0)
 
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
-        self.gates = nn.Parameter(torch.full((self.size,), float(init), device=device))
+        self.gates = nn.Parameter(torch.full((self.size,), float(options.init), device=device))
         self._soft = [torch.as_tensor(a, dtype=torch.float32, device=device) for a in (m_in, m_out, coef)]
         self._inverse_fan = torch.as_tensor(1.0 / np.maximum(fan, 1), dtype=torch.float32, device=device)
-        self._hooks: list[RemovableHandle] = []
-        self._readers: dict[str, Tensor] = {}
-        for name, index in in_index.items():
-            if name in dense and (index != self.size).any() and not is_depthwise(modules[name]):
-                gate_index = torch.as_tensor(index, device=device)
-                self._readers[name] = gate_index
-                self._hooks.append(modules[name].register_forward_pre_hook(partial(self._gate_input, gate_index)))
+        self._readers = [
+            name for name, index in in_index.items()
+            if name in dense and (index != self.size).any() and not is_depthwise(modules[name])
+        ]
+        for name in self._readers:
+            if parametrize.is_parametrized(modules[name], "weight"):
+                raise ValueError(f"layer {name!r} is already parametrized; allowed: a model not yet attached to a method.")
+        for position, name in enumerate(self._readers):
+            gate = InputGate(self.gates, self._gates_and_one, torch.as_tensor(in_index[name], device=device), position == 0)
+            parametrize.register_parametrization(modules[name], "weight", gate)
 
         self._step = 0
         self.lam = self.lambda_init
-        self.eps = self.eps_start
         self.forced = 0
         self.holding = False
         self._last = self.gates.detach().clone()  # x after the last step(); its zeros are dead
-        self._finalized = False
 
     # -- the gated forward pass ----------------------------------------------------------
 
@@ -245,12 +292,6 @@ class GDP:
 
     def _gates_and_one(self) -> Tensor:
         return torch.cat([self.gate_values(), self.gates.new_ones(1)])
-
-    def _gate_input(self, index: Tensor, module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
-        gate = self._gates_and_one()[index]
-        x = args[0]
-        shape = (-1,) if isinstance(module, nn.Linear) else (-1,) + (1,) * (x.dim() - 2)
-        return (x * gate.view(shape), *args[1:])
 
     # -- reading the state ---------------------------------------------------------------
 
@@ -263,10 +304,6 @@ class GDP:
     def groups(self) -> list[ChannelGroup]:
         """The gated channel groups, in gate order."""
         return [c.group() for c in self.couplings]
-
-    def parameters(self) -> Iterator[nn.Parameter]:
-        """The gate parameters x, to add to the optimizer (without weight decay)."""
-        yield self.gates
 
     def flops(self) -> Tensor:
         """Expected FLOPs F(g) under the current gates: differentiable with respect to them."""
@@ -288,6 +325,9 @@ class GDP:
         """Nonzero gates per group, by root layer name."""
         alive = self._alive()
         return {c.root: int(alive[self._group_of == k].sum()) for k, c in enumerate(self.couplings)}
+
+    def metrics(self) -> dict[str, float]:
+        return {"flops_ratio": self.flops_ratio(hard=True)}
 
     def penalty(self) -> Tensor:
         """lambda * F(g) / F_dense, to add to the loss, its gradient on each gate divided by the
@@ -314,13 +354,20 @@ class GDP:
 
     # -- changing the state --------------------------------------------------------------
 
-    def step(self) -> None:
+    def before_optimizer_step(self) -> None:
+        """Add the penalty's gradient to the gates' gradient (nothing once holding)."""
+        self._check_attached()
+        if self.holding:
+            return
+        (grad,) = torch.autograd.grad(self.penalty(), self.gates)
+        self.gates.grad = grad if self.gates.grad is None else self.gates.grad + grad
+
+    def step(self) -> bool:
         """Advance t: anneal eps, make exact zeros by the proximal step, adapt lambda."""
         self._check_attached()
         self._step += 1
         with torch.no_grad():
             x = self.gates
-            _average_over_ranks(x)
             x[self._last == 0] = 0
             self.eps = self.eps_at(self._step)
             if not self.holding:
@@ -341,6 +388,7 @@ class GDP:
                 error = (self._hard_ratio(large) - self.reference()) / (1.0 - self.target)
                 self.lam *= math.exp(self.lr_lambda * error / self.prune_steps)
                 self.lam = min(max(self.lam, 1e-6 * self.lambda_init), 1e6 * self.lambda_init)
+        return False
 
     def zero_threshold(self) -> float:
         """|x| below which the proximal step zeroes a gate: where g(x) = gate_min under the current eps."""
@@ -378,17 +426,13 @@ class GDP:
     # -- finishing -----------------------------------------------------------------------
 
     def finalize(self) -> nn.Module:
-        """Fold the gates into the readers' weights, remove the hooks and the zero-gated
-        channels, and return the compact plain model."""
+        """Fold the gates into the readers' weights, remove the parametrizations and the
+        zero-gated channels (in place), and return the compact plain model."""
         self._check_attached()
-        for hook in self._hooks:
-            hook.remove()
         modules = dict(self.model.named_modules())
         with torch.no_grad():
-            gates = self._gates_and_one()
-            for name, index in self._readers.items():
-                weight = modules[name].weight
-                weight.mul_(gates[index].view((1, -1) + (1,) * (weight.dim() - 2)).to(weight.dtype))
+            for name in self._readers:
+                parametrize.remove_parametrizations(modules[name], "weight", leave_parametrized=True)
             alive = self._alive()
             offset, drop = 0, {}
             for coupling in self.couplings:
@@ -397,11 +441,8 @@ class GDP:
                 if dead:
                     drop[coupling.root] = [i for i, c in coupling.outputs[coupling.root] if c in dead]
         self._finalized = True
-        return remove_channels(self.model, drop, self.example_inputs)
-
-    def _check_attached(self) -> None:
-        if self._finalized:
-            raise RuntimeError("this GDP was finalized; create a new one to gate again.")
+        remove_channels_(self.model, drop, self.example_inputs, self.optimizer)
+        return self.model
 
     # -- checkpointing -------------------------------------------------------------------
 
@@ -458,8 +499,13 @@ def _dense_flops(model: nn.Module, example_inputs: Tensor) -> dict[str, float]:
     return flops
 
 
-def _average_over_ranks(tensor: Tensor) -> None:
-    """Under torch.distributed, replace ``tensor`` by its mean over ranks (in place)."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(tensor)
-        tensor /= dist.get_world_size()
+def _build(model: nn.Module, options: GDPOptions, context: Context) -> GDP:
+    knobs = {k: v for k, v in dataclasses.asdict(options).items() if k != "flops_target"}
+    return GDP(model, options.flops_target, context.total_steps, context.need_example_inputs("gdp"), **knobs)
+
+
+register_method(MethodSpec(
+    "gdp", GDPOptions, _build,
+    "channel gates with differentiable polarization and a FLOPs penalty; zero gates removed (ICCV 2021)",
+    target="flops_target",
+))

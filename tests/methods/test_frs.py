@@ -1,4 +1,4 @@
-"""FRS: score formula, channel selection, real removal, optimizer carry-over and schedule."""
+"""FRS: score formula, channel selection, real removal in place, optimizer carry-over and schedule."""
 
 import copy
 import json
@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparsetrain.models import create_model
-from sparsetrain.structured.frs import FRS, PruneSchedule, class_weights, layer_scores
+from sparsetrain.methods.frs import FRS, FRSOptions, PruneSchedule, class_weights, feature_relevance_scores, layer_scores
 from sparsetrain.structured.relevance import channel_relevance
 from sparsetrain.structured.surgery import channel_groups, layer_shapes, rebuild
 
@@ -63,7 +63,7 @@ def test_scores_are_class_weighted_relevance_normalised_per_layer():
     torch.manual_seed(0)
     model = create_model("resnet20", width=0.25)
     batches = _batches(2)
-    frs = FRS(model, example_inputs=EXAMPLE)
+    frs = FRS(model, 100, EXAMPLE, batches)
     # The default class accuracy is measured on the same batches, in eval mode.
     y = torch.cat([labels for _, labels in batches])
     model.eval()
@@ -73,8 +73,8 @@ def test_scores_are_class_weighted_relevance_normalised_per_layer():
     present = torch.bincount(y, minlength=10) > 0
     accuracy = torch.zeros(10, dtype=torch.float64)
     accuracy[present] = torch.stack([hits[y == c].mean() for c in range(10) if present[c]])
-    scores = frs.scores(batches)
-    torch.testing.assert_close(scores, frs.scores(batches, class_accuracy=accuracy))
+    scores = frs.scores()
+    torch.testing.assert_close(scores, feature_relevance_scores(model, batches, 10, class_accuracy=accuracy))
 
     per_batch = [channel_relevance(model, x, labels) for x, labels in batches]
     weights = class_weights(accuracy[present])
@@ -129,7 +129,7 @@ def _flat_indices(old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("name, kwargs", [("resnet20", {"width": 0.5}), ("mobilenetv1", {"width": 0.25})])
-def test_prune_removes_channels_for_real_and_carries_the_optimizer(name, kwargs):
+def test_prune_removes_channels_in_place_and_carries_the_optimizer(name, kwargs):
     torch.manual_seed(0)
     model = create_model(name, **kwargs)
     batches = _batches(2)
@@ -137,94 +137,106 @@ def test_prune_removes_channels_for_real_and_carries_the_optimizer(name, kwargs)
     for x, y in batches:
         _step(model, optimizer, x, y)
     _distinct_weights(model)  # so that surviving entries can be found by value below
-    before = {n: p.detach().clone() for n, p in model.state_dict().items()}
-    frs = FRS(model, prune_every=1, channels_per_step=10, stop_at=3, example_inputs=EXAMPLE)
-    compact, new_optimizer = frs.prune(model, batches, optimizer)
+    original = copy.deepcopy(model)
+    old_params = {n: p for n, p in model.named_parameters()}
+    old_buffers = {n: optimizer.state[p]["momentum_buffer"].clone() for n, p in old_params.items()}
+    frs = FRS(model, 10, EXAMPLE, batches, prune_every=1, channels_per_step=10, stop_at=3)
+    frs.bind(optimizer)
+    drop = frs.prune()
 
-    # Exactly channels_per_step group channels are gone; the input model is untouched.
-    (drop,) = frs.removals
-    assert sum(map(len, drop.values())) == 10 and frs.channels_removed == 10 and frs.model is compact
+    # Exactly channels_per_step group channels are gone, from the same model object.
+    assert sum(map(len, drop.values())) == 10 and frs.channels_removed == 10 and frs.removals == [drop]
     widths = lambda m: sum(g.channels for g in channel_groups(m, EXAMPLE))  # noqa: E731
-    assert widths(model) - widths(compact) == 10
-    assert all(torch.equal(before[n], t) for n, t in model.state_dict().items())
+    assert widths(original) - widths(model) == 10
 
     # Same function as the original with those channels zeroed (eval mode).
     x = batches[0][0]
-    zeroed = _zero_channels(model, drop, EXAMPLE).eval()
+    zeroed = _zero_channels(original, drop, EXAMPLE).eval()
     with torch.no_grad():
-        torch.testing.assert_close(compact.eval()(x), zeroed(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(model.eval()(x), zeroed(x), rtol=1e-5, atol=1e-5)
 
-    # Same optimizer settings; momentum gathered at the surviving entries of each weight.
-    assert [g["weight_decay"] for g in new_optimizer.param_groups] == [5e-4, 0.0]
-    assert all(g["momentum"] == 0.9 and g["lr"] == 0.05 for g in new_optimizer.param_groups)
-    old_params = dict(model.named_parameters())
+    # The same optimizer holds exactly the live parameters; momentum gathered at the survivors.
+    held = [p for g in optimizer.param_groups for p in g["params"]]
+    assert {id(p) for p in held} == {id(p) for p in model.parameters()} and len(held) == len(old_params)
+    assert [g["weight_decay"] for g in optimizer.param_groups] == [5e-4, 0.0]
     shrunk = 0
-    for pname, param in compact.named_parameters():
-        old = old_params[pname]
+    for pname, param in model.named_parameters():
         if param.ndim > 1:
-            index = _flat_indices(old.detach(), param.detach())
-            old_buffer = optimizer.state[old]["momentum_buffer"]
-            assert old_buffer.shape == old.shape
-            torch.testing.assert_close(new_optimizer.state[param]["momentum_buffer"],
-                                       old_buffer.flatten()[index].view(param.shape), rtol=0, atol=0)
-            shrunk += param.shape != old.shape
+            index = _flat_indices(original.get_parameter(pname).detach(), param.detach())
+            torch.testing.assert_close(optimizer.state[param]["momentum_buffer"],
+                                       old_buffers[pname].flatten()[index].view(param.shape), rtol=0, atol=0)
+            shrunk += param is not old_params[pname]
     assert shrunk > 0
 
-    # Training goes on with the compact model and the rebuilt optimizer.
-    weight = next(compact.parameters()).detach().clone()
-    assert math.isfinite(_step(compact, new_optimizer, *batches[1]))
-    assert not torch.equal(weight, next(compact.parameters()))
+    # Training goes on with the same objects.
+    weight = next(model.parameters()).detach().clone()
+    assert math.isfinite(_step(model, optimizer, *batches[1]))
+    assert not torch.equal(weight, next(model.parameters()))
 
-    # The compact model rebuilds from its widths (what a checkpoint stores) and loads strictly.
-    rebuilt = rebuild(name, kwargs, layer_shapes(compact))
-    rebuilt.load_state_dict(compact.state_dict())
+    # The compact model rebuilds from its widths (what a run folder stores) and loads strictly.
+    rebuilt = rebuild(name, kwargs, layer_shapes(model))
+    rebuilt.load_state_dict(model.state_dict())
 
 
 def test_too_many_channels_is_an_error_and_changes_nothing():
     torch.manual_seed(0)
     model = create_model("resnet20", width=0.25)
     batches = _batches(1)
-    prunable = FRS(model, example_inputs=EXAMPLE).prunable()
+    prunable = FRS(model, 10, EXAMPLE, batches, prune_every=1, stop_at=1, channels_per_step=1).prunable()
     # Groups: 3 residual streams (4, 8, 16 channels) and 9 inner block widths (3 x 4, 8, 16).
     assert prunable == (4 + 8 + 16 + 3 * (4 + 8 + 16)) - 12
-    frs = FRS(model, prune_every=1, channels_per_step=prunable + 1, stop_at=1, example_inputs=EXAMPLE)
-    before = copy.deepcopy(model.state_dict())
-    optimizer = _sgd(model)
-    with pytest.raises(ValueError, match=f"channels_per_step={prunable + 1} exceeds the {prunable} channels"):
-        frs.prune(model, batches, optimizer)
-    assert all(torch.equal(before[n], t) for n, t in model.state_dict().items())
-    assert frs.prunes_done == 0 and frs.model is model
+    with pytest.raises(ValueError, match=f"channels_per_step={prunable + 1} over 1 pruning steps removes {prunable + 1}"):
+        FRS(model, 10, EXAMPLE, batches, prune_every=1, channels_per_step=prunable + 1, stop_at=1)
 
-    # Pruning everything prunable leaves exactly one channel in every group.
-    frs = FRS(model, prune_every=1, channels_per_step=prunable, stop_at=1, example_inputs=EXAMPLE)
-    compact, _ = frs.prune(model, batches, optimizer)
+    # Pruning everything prunable leaves exactly one channel in every group; then nothing is left.
+    frs = FRS(model, 10, EXAMPLE, batches, prune_every=1, channels_per_step=prunable, stop_at=1)
+    frs.bind(_sgd(model))
+    assert frs.step() is True
     assert frs.prunable() == 0
-    assert all(g.channels == 1 for g in channel_groups(compact, EXAMPLE))
+    assert all(g.channels == 1 for g in channel_groups(model, EXAMPLE))
+    before = copy.deepcopy(model.state_dict())
+    assert frs.step() is False  # past stop_at
+    with pytest.raises(ValueError, match=f"channels_per_step={prunable} exceeds the 0 channels still prunable"):
+        frs.prune()
+    assert all(torch.equal(before[n], t) for n, t in model.state_dict().items())
 
 
 def test_schedule_defaults_and_validation():
-    frs = FRS(create_model("resnet20", width=0.25), example_inputs=EXAMPLE)
-    assert frs.schedule == PruneSchedule(21, 120, 150)
-    assert [e for e in range(1, 201) if frs.should_prune(e)] == [21, 42, 63, 84, 105, 126, 147]
-    for bad in ({"prune_every": 0}, {"channels_per_step": 2.5}, {"prune_every": 10, "stop_at": 5}):
+    frs = FRS(create_model("resnet20", width=0.25), 2000, EXAMPLE, _batches(1))
+    assert frs.options == FRSOptions()
+    # The public code's CIFAR schedule (every 21 of 200 epochs until 150) as fractions of training.
+    assert frs.schedule == PruneSchedule(210, 1500)
+    assert [t for t in range(1, 2001) if t % 210 == 0 and t <= 1500] == [210 * i for i in range(1, 8)]
+    assert frs.schedule.steps == 7
+    # 30 % of the prunable channels over the 7 steps.
+    assert frs.channels_per_step == round(0.3 * frs.prunable() / 7)
+    for bad in ({"prune_every": 0}, {"channels_per_step": 2.5}, {"stop_at": 1.5}, {"prune_every": True}):
         with pytest.raises(ValueError, match="allowed"):
-            PruneSchedule(**bad)
+            FRSOptions(**bad)
+    with pytest.raises(ValueError, match="leave no pruning step"):
+        FRS(create_model("resnet20", width=0.25), 100, EXAMPLE, _batches(1), prune_every=10, stop_at=5)
 
 
-def test_state_dict_resumes_the_schedule():
+def test_state_dict_resumes_the_schedule_and_the_widths():
     torch.manual_seed(0)
     model = create_model("resnet20", width=0.25)
-    frs = FRS(model, prune_every=2, channels_per_step=3, stop_at=6, example_inputs=EXAMPLE)
-    assert frs.should_prune(2)
-    compact, _ = frs.prune(model, _batches(1), _sgd(model))
-    assert not frs.should_prune(2) and frs.should_prune(4)
+    settings = dict(prune_every=2, channels_per_step=3, stop_at=6)
+    frs = FRS(model, 10, EXAMPLE, _batches(1), **settings)
+    assert [frs.step() for _ in range(3)] == [False, True, False]
     state = json.loads(json.dumps(frs.state_dict()))
-    assert state["prunes_done"] == 1 and state["channels_removed"] == 3
+    assert state["step"] == 3 and len(state["removals"]) == 1
 
-    resumed = FRS(compact, prune_every=2, channels_per_step=3, stop_at=6, example_inputs=EXAMPLE)
+    fresh = create_model("resnet20", width=0.25)
+    resumed = FRS(fresh, 10, EXAMPLE, _batches(1), **settings)
+    optimizer = _sgd(fresh)
+    resumed.bind(optimizer)
     resumed.load_state_dict(state)
+    assert layer_shapes(fresh) == layer_shapes(model)
+    fresh.load_state_dict(model.state_dict())
+    held = [p for g in optimizer.param_groups for p in g["params"]]
+    assert {id(p) for p in held} == {id(p) for p in fresh.parameters()}
     assert resumed.state_dict() == frs.state_dict()
-    assert [e for e in range(1, 10) if resumed.should_prune(e)] == [4, 6]
-    other = FRS(compact, prune_every=3, channels_per_step=3, stop_at=6, example_inputs=EXAMPLE)
-    with pytest.raises(ValueError, match="prune_every=2"):
-        other.load_state_dict(state)
+    assert [resumed.step() for _ in range(5)] == [True, False, True, False, False]
+    other = FRS(create_model("resnet20", width=0.25), 10, EXAMPLE, _batches(1), prune_every=3, channels_per_step=3, stop_at=6)
+    with pytest.raises(ValueError, match="made 1 pruning steps by step 3, but this schedule makes 1|same schedule"):
+        other.load_state_dict(json.loads(json.dumps({**state, "step": 6})))

@@ -12,7 +12,7 @@ RANK_SCRIPT = textwrap.dedent(
     """
     import json, os, sys
     from safetensors.torch import save_file
-    from sparsetrain.train import TrainOptions, fit, prepare
+    from sparsetrain.run import TrainOptions, fit, prepare
 
     out = sys.argv[1]
     options = TrainOptions(method="feather", sparsity=0.95, epochs=2, limit=512, batch_size=64,

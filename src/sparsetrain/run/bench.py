@@ -22,53 +22,61 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..methods import method_spec
 from .checkpoint import atomic_write, write_json
+from .folder import RunFolder
+from .options import options_from_dict
+from .loop import train
 from .plots import method_colors, plot_accuracy_vs_flops, plot_accuracy_vs_sparsity
-from .train import CHECKPOINT, CONFIG, DENSE, METRICS, STRUCTURED, options_from_dict, train
 
 RESULTS, GRID, TABLE = "results.jsonl", "grid.json", "results.md"
+REFERENCE = "dense"  # trained once per seed: the row every method is compared with
+DEFAULT_METHODS = ("feather", "st3", "st3-sigma", "gmp", "ste")
+TARGET_SHORT = {"sparsity": "s", "flops_target": "f"}  # in cell names: feather-s0.9-seed0, gdp-f0.5-seed0
 
 
 @dataclass(frozen=True)
 class Cell:
-    """One training run of the grid. ``target`` is the sparsity of an unstructured method, the
-    FLOPs target of gdp, and unused (0) for dense and frs (which runs its default budget)."""
+    """One training run of the grid: a method, the value of the option the grid varies for it
+    (``target``: its "sparsity" or "flops_target"; None for a method without one), a seed."""
 
     method: str
-    target: float
+    target: float | None
     seed: int
 
     @property
+    def target_option(self) -> str | None:
+        return method_spec(self.method).target
+
+    @property
     def name(self) -> str:
-        if self.method == "gdp":
-            return f"gdp-f{self.target:g}-seed{self.seed}"
-        if self.method == "frs":
-            return f"frs-seed{self.seed}"
-        return f"{self.method}-s{self.target:g}-seed{self.seed}"
+        if self.target is None:
+            return f"{self.method}-seed{self.seed}"
+        return f"{self.method}-{TARGET_SHORT.get(self.target_option, self.target_option)}{self.target:g}-seed{self.seed}"
 
     def options(self) -> dict[str, Any]:
         """The training options that make this cell different from the others."""
         options: dict[str, Any] = {"method": self.method, "seed": self.seed}
-        if self.method == "gdp":
-            options["flops_target"] = self.target
-        elif self.method not in STRUCTURED:
-            options["sparsity"] = self.target
+        if self.target is not None:
+            options[self.target_option] = self.target
         return options
 
 
 def grid_cells(
     methods: Sequence[str], sparsities: Sequence[float], seeds: Sequence[int], flops_targets: Sequence[float] = (0.5,)
 ) -> list[Cell]:
-    """Seed by seed: the dense reference, then every method at each of its targets (so a partial
-    grid covers every method)."""
+    """Seed by seed: the dense reference, then every method at each value of the option its grid
+    varies (so a partial grid covers every method)."""
+    values = {"sparsity": sparsities, "flops_target": flops_targets}
 
-    def targets(method: str) -> Sequence[float]:
-        return flops_targets if method == "gdp" else (0.0,) if method == "frs" else sparsities
+    def targets(method: str) -> Sequence[float | None]:
+        option = method_spec(method).target
+        return (None,) if option is None else values[option]
 
     return [
         cell
         for seed in seeds
-        for cell in [Cell(DENSE, 0.0, seed)] + [Cell(m, t, seed) for m in methods if m != DENSE for t in targets(m)]
+        for cell in [Cell(REFERENCE, None, seed)] + [Cell(m, t, seed) for m in methods if m != REFERENCE for t in targets(m)]
     ]
 
 
@@ -96,10 +104,10 @@ def _append(path: Path, record: dict[str, Any]) -> None:
         os.fsync(file.fileno())
 
 
-def _measure(run_dir: Path) -> dict[str, Any]:
+def _measure(folder: RunFolder) -> dict[str, Any]:
     """Accuracy, reached sparsity, params and FLOPs (non-zero weights only) of a finished run."""
-    metrics = json.loads((run_dir / CONFIG).read_text())["metrics"]
-    history = [json.loads(line) for line in (run_dir / METRICS).read_text().splitlines()]
+    metrics = folder.config()["metrics"]
+    history = folder.metrics()
     keep = ("test_acc", "params", "nonzero_params", "flops", "dense_flops")
     return {
         **{key: metrics[key] for key in keep},
@@ -145,14 +153,15 @@ def run_grid(
         if cell.name in done:
             continue
         options = options_from_dict({**base, **cell.options(), "out": str(out / "runs"), "name": cell.name})
-        run_dir = options.run_dir
-        resume = (run_dir / CHECKPOINT).is_file()
-        if run_dir.exists() and not resume:
-            shutil.rmtree(run_dir)  # killed before its first checkpoint: nothing to keep
+        folder = RunFolder(options.run_dir)
+        resume = folder.has_checkpoint()
+        if folder.exists() and not resume:
+            shutil.rmtree(folder.path)  # killed before its first checkpoint: nothing to keep
         log(f"[{index + 1}/{len(cells)}] {cell.name}" + (" (resuming)" if resume else ""))
         train(options, resume=resume, log=lambda line: log(f"  {line}"))
-        record = {"cell": cell.name, "method": cell.method, "sparsity": cell.options().get("sparsity", 0.0),
-                  "flops_target": cell.options().get("flops_target"), "seed": cell.seed, **_measure(run_dir)}
+        record = {"cell": cell.name, "method": cell.method, "target": cell.target_option,
+                  "sparsity": cell.options().get("sparsity", 0.0), "flops_target": cell.options().get("flops_target"),
+                  "seed": cell.seed, **_measure(folder)}
         _append(results_path, record)
         records.append(record)
     write_outputs(records, out)
@@ -175,12 +184,18 @@ def summarise(records: Sequence[dict[str, Any]]) -> dict[tuple[str, float], tupl
 def results_table(records: Sequence[dict[str, Any]]) -> str:
     """Markdown: mean ± std test accuracy (%) per method (rows) and target sparsity (columns);
     channel-pruning runs in a second table, by FLOPs reached."""
-    unstructured = [r for r in records if r["method"] not in STRUCTURED]
-    structured = [r for r in records if r["method"] in STRUCTURED]
+    unstructured = [r for r in records if _by_sparsity(r)]
+    structured = [r for r in records if not _by_sparsity(r)]
     tables = [_sparsity_table(unstructured)] if unstructured else []
     if structured:
         tables.append(_flops_table(structured))
     return "\n\n".join(tables)
+
+
+def _by_sparsity(record: dict[str, Any]) -> bool:
+    """Whether a record belongs in the accuracy-by-sparsity table: the reference, and the methods
+    whose grid varies their sparsity (the others are compared by FLOPs)."""
+    return record["method"] == REFERENCE or record.get("target", "sparsity") == "sparsity"
 
 
 def _flops_table(records: Sequence[dict[str, Any]]) -> str:
@@ -198,19 +213,19 @@ def _flops_table(records: Sequence[dict[str, Any]]) -> str:
 
 def _sparsity_table(records: Sequence[dict[str, Any]]) -> str:
     summary = summarise(records)
-    sparsities = sorted({s for m, s in summary if m != DENSE})
-    methods = sorted({m for m, _ in summary}, key=lambda m: (m != DENSE, m))
+    sparsities = sorted({s for m, s in summary if m != REFERENCE})
+    methods = sorted({m for m, _ in summary}, key=lambda m: (m != REFERENCE, m))
     rows = ["| method | " + " | ".join(f"{s:.0%}" for s in sparsities) + " |", "|---" + "|---:" * len(sparsities) + "|"]
     for method in methods:
         cells = []
         for sparsity in sparsities:
-            key = (method, 0.0 if method == DENSE else sparsity)
+            key = (method, 0.0 if method == REFERENCE else sparsity)
             if key in summary:
                 mean, std, n = summary[key]
                 cells.append(f"{100 * mean:.2f} ± {100 * std:.2f} (n={n})")
             else:
                 cells.append("—")
-        label = "dense (reference, unpruned)" if method == DENSE else method
+        label = f"{REFERENCE} (reference, unpruned)" if method == REFERENCE else method
         rows.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
@@ -220,7 +235,7 @@ def write_outputs(records: Sequence[dict[str, Any]], out: Path) -> None:
     if not records:
         return
     atomic_write(out / TABLE, lambda tmp: Path(tmp).write_text(results_table(records) + "\n"))
-    unstructured = [r for r in records if r["method"] not in STRUCTURED]
+    unstructured = [r for r in records if _by_sparsity(r)]
     colors = method_colors(r["method"] for r in records)  # one colour per method across both plots
     if unstructured:
         plot_accuracy_vs_sparsity(summarise(unstructured), out / "accuracy_vs_sparsity.png", colors)

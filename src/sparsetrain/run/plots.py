@@ -12,7 +12,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator, PercentFormatter
 
 from .checkpoint import atomic_write
-from .report import SparsityReport
+from ..report import SparsityReport
 
 
 def plot_training(metrics: Sequence[Mapping[str, float]], path: str | Path, title: str | None = None) -> Path:

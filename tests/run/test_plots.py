@@ -6,7 +6,7 @@ from pathlib import Path
 import matplotlib.image
 import pytest
 
-from sparsetrain.plots import method_colors, plot_layer_sparsity, plot_training
+from sparsetrain.run.plots import method_colors, plot_layer_sparsity, plot_training
 from sparsetrain.report import LayerReport, SparsityReport
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

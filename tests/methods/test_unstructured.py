@@ -1,4 +1,5 @@
-"""The Sparsifier: exact sparsity, threshold timing, resume, knobs, layer choice and bad input."""
+"""The unstructured engine (Sparsifier) and its presets: exact sparsity, ties, shared weights,
+threshold timing, resume, knobs, layer choice and bad input."""
 
 import io
 import math
@@ -11,7 +12,7 @@ from torch import nn
 import sparsetrain as st
 from sparsetrain.selection import layer_sigma
 
-PRESETS = st.list_methods()
+PRESETS = ["feather", "st3", "st3-sigma", "gmp", "ste"]
 
 
 def fresh_copy(model_class, seed=1):
@@ -24,8 +25,10 @@ def forward_zeros(model: nn.Module, sparsifier: st.Sparsifier) -> int:
     return sum(int((module.weight == 0).sum()) for module in sparsifier._modules)
 
 
-def test_presets_are_registered():
-    assert PRESETS == ["feather", "gmp", "st3", "st3-sigma", "ste"]
+def test_presets_are_registered_methods():
+    methods = st.list_methods()
+    assert all(name in methods for name in PRESETS)
+    assert all(isinstance(st.create(nn.Linear(8, 8), name, total_steps=2), st.Sparsifier) for name in PRESETS)
 
 
 @pytest.mark.parametrize("method", PRESETS)
@@ -227,7 +230,7 @@ def test_layer_filters(tiny_net):
 
 
 def test_unknown_method_lists_the_known_ones(tiny_net):
-    with pytest.raises(ValueError, match="unknown method 'feathr'; known methods: feather, gmp, st3, st3-sigma, ste"):
+    with pytest.raises(ValueError, match="unknown method 'feathr'; known methods: feather, st3, st3-sigma, gmp, ste"):
         st.Sparsifier(tiny_net, "feathr", 0.9, total_steps=10)
 
 
@@ -276,3 +279,88 @@ def test_load_state_of_another_method_is_rejected(tiny_net):
     state = sp.state_dict() | {"method": "gmp"}
     with pytest.raises(ValueError, match="method 'gmp'"):
         sp.load_state_dict(state)
+
+
+class GridNet(nn.Module):
+    """Two Linear layers whose weights sit on a 1/16 grid: thousands of tied magnitudes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(64, 64), nn.Linear(64, 10)
+        gen = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for layer in (self.a, self.b):
+                layer.weight.copy_(torch.randint(-8, 9, layer.weight.shape, generator=gen) / 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.relu(self.a(x)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("method", PRESETS)
+def test_exact_count_with_tied_magnitudes(method, dtype):
+    model = GridNet().to(dtype)
+    n = sum(layer.weight.numel() for layer in (model.a, model.b))
+    sp = st.Sparsifier(model, method, 0.5, total_steps=4, schedule="constant")
+    k = round(0.5 * n)
+    magnitudes = torch.cat([w.detach().abs().reshape(-1) for w in sp.dense_weights()])
+    assert int((magnitudes <= magnitudes.sort().values[k - 1]).sum()) > k, "test needs ties at the threshold"
+    assert forward_zeros(model, sp) == k and sp.sparsity() == k / n
+    opt = torch.optim.SGD(model.parameters(), lr=1 / 16)
+    for x, y in [(torch.randn(4, 64).to(dtype), torch.randint(0, 10, (4,))) for _ in range(3)]:
+        F.cross_entropy(model(x).float(), y).backward()
+        opt.step()
+        opt.zero_grad()
+        sp.step()
+        assert forward_zeros(model, sp) == k
+    final = sp.finalize()
+    assert sum(int((m.weight == 0).sum()) for m in (final.a, final.b)) == k
+
+
+def test_ties_are_broken_by_index_and_pruned_ties_get_theta():
+    layer = nn.Linear(4, 2, bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[0.1, 0.2, 0.2, 0.4], [-0.2, 0.5, 0.2, 0.1]]))
+    # s = 0.5: k = 4 of 8; magnitudes 0.1 x2, then 0.2 x4 tied: the first two 0.2s (flat order) go.
+    sp = st.Sparsifier(layer, "gmp", 0.5, total_steps=1, schedule="constant")
+    pruned = (layer.weight == 0).flatten().tolist()
+    assert pruned == [True, True, True, False, False, False, False, True]
+    layer.weight.sum().backward()
+    grad = layer.parametrizations.weight.original.grad
+    assert grad.flatten().tolist() == [0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 0.0]  # gmp: theta = 0 on pruned
+
+
+class SharedNet(nn.Module):
+    """The same Linear weight used by two layers (tied weights)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first, self.second, self.head = nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 4)
+        self.second.weight = self.first.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.second(torch.relu(self.first(x)))))
+
+
+@pytest.mark.parametrize("method", PRESETS)
+def test_a_shared_weight_is_one_weight(method):
+    torch.manual_seed(0)
+    model = SharedNet().double()
+    sp = st.Sparsifier(model, method, 0.6, total_steps=3, end=2)
+    assert sp.names == ["first", "head"] and sp.numel() == 16 * 16 + 16 * 4
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(3):
+        model(torch.randn(8, 16, dtype=torch.float64)).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+        sp.step()
+    x = torch.randn(8, 16, dtype=torch.float64)
+    with torch.no_grad():
+        before = model(x)
+    assert sp.sparsity() == round(0.6 * sp.numel()) / sp.numel()
+    final = sp.finalize()
+    assert final.first.weight is final.second.weight
+    with torch.no_grad():
+        torch.testing.assert_close(final(x), before, rtol=0, atol=0)
+    zeros = int((final.first.weight == 0).sum()) + int((final.head.weight == 0).sum())
+    assert zeros == round(0.6 * sp.numel())

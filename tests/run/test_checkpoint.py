@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from sparsetrain.checkpoint import atomic_write, flatten, load_checkpoint, save_checkpoint, unflatten
+from sparsetrain.run.checkpoint import atomic_write, flatten, load_checkpoint, save_checkpoint, unflatten
 
 
 def test_round_trip_of_a_nested_state(tmp_path):

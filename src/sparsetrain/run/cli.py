@@ -1,4 +1,4 @@
-"""The ``sparsetrain`` command: train, eval, report, list.
+"""The ``sparsetrain`` command: train, eval, report, export, list, bench.
 
 Usage errors (bad options, unknown names, missing or corrupt data, a run folder that would
 be overwritten) print one line and exit with status 2.
@@ -18,32 +18,16 @@ import torch
 import torch.distributed as dist
 import yaml
 from safetensors.torch import load_file
-from torch import nn
 
-from .bench import check_grid, grid_cells, run_grid
-from .checkpoint import load_checkpoint
+from ..data import DATASET_NAMES, BatchLoader, load_dataset
+from ..methods import list_methods, method_options, method_spec
+from ..models import create_model, input_size, list_models
+from ..report import size_report, sparsity_report
+from .bench import DEFAULT_METHODS, check_grid, grid_cells, run_grid
 from .export import save_sparse
-from .data import DATASET_NAMES, BatchLoader, load_dataset
-from .methods import list_methods
-from .models import create_model, input_size, list_models
-from .report import size_report, sparsity_report
-from .sparsifier import Sparsifier
-from .structured import GDP, rebuild
-from .train import (
-    CHECKPOINT,
-    CONFIG,
-    DENSE,
-    STRUCTURED,
-    EVAL_BATCH_SIZE,
-    MODEL,
-    TrainOptions,
-    evaluate,
-    fit,
-    method_names,
-    options_from_dict,
-    prepare,
-    resolve_device,
-)
+from .folder import CONFIG, MODEL, final_weights, load_run
+from .loop import EVAL_BATCH_SIZE, evaluate, fit, prepare
+from .options import TrainOptions, options_from_dict, resolve_device
 
 USAGE_ERROR = 2
 
@@ -64,7 +48,7 @@ def _json_value(text: str) -> Any:
         return text
 
 
-def _model_arg(text: str) -> tuple[str, Any]:
+def _key_value(text: str) -> tuple[str, Any]:
     key, sep, value = text.partition("=")
     if not sep or not key:
         raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE")
@@ -94,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = commands.add_parser("bench", help="train the grid of methods x sparsities x seeds and tabulate accuracy")
     grid = bench.add_argument_group("grid")
-    grid.add_argument("--methods", type=_name_list, default=["feather", "st3", "st3-sigma", "gmp", "ste"],
+    grid.add_argument("--methods", type=_name_list, default=list(DEFAULT_METHODS),
                       help="comma-separated methods; the dense reference always runs")
     grid.add_argument("--sparsities", type=_float_list, default=[0.9, 0.95, 0.98, 0.99], help="comma-separated")
     grid.add_argument("--flops-targets", type=_float_list, default=[0.5], help="gdp's FLOPs targets, comma-separated")
@@ -128,17 +112,18 @@ def _add_training_options(parser: argparse.ArgumentParser, single_run: bool) -> 
     s = argparse.SUPPRESS  # options not given stay absent, so a config file or the defaults supply them
     what = parser.add_argument_group("what to train")
     what.add_argument("--model", default=s, help=f"model name ({', '.join(list_models())})")
-    what.add_argument("--model-arg", dest="model_args", type=_model_arg, action="append", default=s,
+    what.add_argument("--model-arg", dest="model_args", type=_key_value, action="append", default=s,
                       metavar="KEY=VALUE", help="model constructor argument, e.g. width=0.5 (repeatable)")
     what.add_argument("--dataset", default=s, help=f"dataset ({', '.join(DATASET_NAMES)}); default cifar10-sample")
     what.add_argument("--data-dir", default=s, help="folder holding cifar-10-batches-py or cifar-100-python")
     what.add_argument("--limit", type=int, default=s, help="train on the first N training images only")
     how = parser.add_argument_group("sparsification")
     if single_run:
-        how.add_argument("--method", default=s,
-                         help=f"{DENSE}, a preset ({', '.join(list_methods())}) or channel pruning ({', '.join(STRUCTURED)}); default feather")
+        how.add_argument("--method", default=s, help=f"{', '.join(list_methods())}; default feather")
         how.add_argument("--sparsity", "--ptarget", dest="sparsity", type=float, default=s,
                          help="final sparsity in [0, 1); default 0.9")
+    how.add_argument("--method-arg", dest="method_args", type=_key_value, action="append", default=s,
+                     metavar="KEY=VALUE", help="any option of the method (sparsetrain list), e.g. theta=0.5 (repeatable)")
     how.add_argument("--t1", type=float, default=s, help="epoch at which pruning starts (default: the method's)")
     how.add_argument("--pthres", type=int, default=s, help="leave layers with at most this many weights dense")
     how.add_argument("--flops-target", type=float, default=s, help="gdp: FLOPs of the compact model, fraction of dense; default 0.5")
@@ -193,63 +178,31 @@ def train_options(args: dict[str, Any]) -> tuple[TrainOptions, bool]:
         saved.update(args, out=str(run_dir.parent), name=run_dir.name)
         return options_from_dict(saved), True
     values = read_config_file(args.pop("config")) if "config" in args else {}
-    if "model_args" in args:
-        args["model_args"] = dict(args["model_args"])
+    _pairs_to_dicts(args)
     values.update(args)
     return options_from_dict(values), False
 
 
-def _run_files(path: str) -> tuple[Path, Path]:
-    """(config.json, weights file) of a run folder or of a weights file inside one."""
-    target = Path(path)
-    weights = target / MODEL if target.is_dir() else target
-    if target.is_dir() and not weights.is_file():
-        weights = target / CHECKPOINT
-    config = weights.parent / CONFIG
-    if not weights.is_file() or not config.is_file():
-        raise UsageError(f"{path} is not a run folder or a weights file beside {CONFIG}")
-    return config, weights
-
-
-def load_run_model(path: str, device: torch.device) -> tuple[nn.Module, dict[str, Any], Sparsifier | None]:
-    """Rebuild a run's model from config.json (with its saved widths when channels were removed)
-    and load its weights: the final ones, or a checkpoint's with the method re-attached."""
-    config_path, weights = _run_files(path)
-    config = json.loads(config_path.read_text())
-    name, kwargs = config["model"]["name"], config["model"]["kwargs"]
-    state = load_checkpoint(weights, device) if weights.name == CHECKPOINT else None
-    shapes = config.get("shapes") if state is None else state.get("shapes")
-    model = rebuild(name, kwargs, shapes).to(device)
-    if state is None:
-        model.load_state_dict(load_file(str(weights), device=str(device)))
-        return model, config, None
-    options = config["options"]
-    sparsifier = None
-    if options["method"] == "gdp":
-        example = torch.zeros(2, *input_size(name), device=device)
-        GDP(model, options["flops_target"], 1, example).load_state_dict(state["structured"])
-    elif options["method"] in list_methods():
-        sparsifier = Sparsifier(model, options["method"], options["sparsity"], 1, min_size=options["pthres"] + 1)
-        sparsifier.load_state_dict(state["sparsifier"])
-    model.load_state_dict(state["model"])
-    return model, config, sparsifier
+def _pairs_to_dicts(args: dict[str, Any]) -> None:
+    """--model-arg and --method-arg pairs become mappings."""
+    for key in ("model_args", "method_args"):
+        if key in args:
+            args[key] = dict(args[key])
 
 
 def command_eval(path: str, data_dir: str | None, device_spec: str) -> None:
     device = resolve_device(device_spec)
-    model, config, sparsifier = load_run_model(path, device)
-    options = config["options"]
+    run = load_run(path, device)
+    options = run.config["options"]
     data = load_dataset(options["dataset"], data_dir or options["data_dir"])
     loader = BatchLoader(data.x_test, data.y_test, EVAL_BATCH_SIZE, data.mean, data.std, shuffle=False, device=device)
-    loss, accuracy = evaluate(model, loader)
-    report = sparsity_report(sparsifier if sparsifier is not None else model)
+    loss, accuracy = evaluate(run.model, loader)
+    report = sparsity_report(run.model)
     print(f"test acc {accuracy:.2%}  test loss {loss:.4f}  sparsity {report.sparsity:.2%}  ({len(data.y_test)} images)")
 
 
 def command_export(path: str, out: str | None) -> None:
-    _, weights = _run_files(path)
-    if weights.name != MODEL:
-        raise UsageError(f"{path} has no finished {MODEL} to export")
+    weights = final_weights(path)
     target = Path(out) if out else weights.with_name("model.sparse.safetensors")
     save_sparse(target, load_file(str(weights)))
     before, after = weights.stat().st_size, target.stat().st_size
@@ -257,19 +210,24 @@ def command_export(path: str, out: str | None) -> None:
 
 
 def command_report(path: str) -> None:
-    model, config, sparsifier = load_run_model(path, torch.device("cpu"))
-    name, options = config["model"]["name"], config["options"]
-    print(f"{name} · {options['method']} · target sparsity {options['sparsity']:.2%}\n")
-    print(sparsity_report(sparsifier if sparsifier is not None else model).to_markdown() + "\n")
-    if sparsifier is None:  # a finished model: sizes before and after
+    run = load_run(path, torch.device("cpu"))
+    name, method = run.config["model"]["name"], run.config["method"]
+    target = getattr(method_options(method["name"], **method["options"]), "sparsity", None)
+    print(f"{name} · {method['name']}" + ("" if target is None else f" · target sparsity {target:.2%}") + "\n")
+    print(sparsity_report(run.model).to_markdown() + "\n")
+    if run.method is None:  # a finished model: sizes before and after
         example = torch.zeros(1, *input_size(name))
-        print(size_report(create_model(name, **config["model"]["kwargs"]), model, example))
+        print(size_report(create_model(name, **run.config["model"]["kwargs"]), run.model, example))
 
 
 def command_list() -> None:
     print("models:   " + ", ".join(list_models()))
-    print("methods:  " + ", ".join(method_names()))
     print("datasets: " + ", ".join(DATASET_NAMES))
+    print("methods:")
+    for name, defaults in list_methods().items():
+        print(f"  {name:<10} {method_spec(name).summary}")
+        if defaults:
+            print("  " + " " * 10 + " options: " + ", ".join(f"{key}={value!r}" for key, value in defaults.items()))
 
 
 def _checked_command(args: dict[str, Any]) -> Callable[[], None]:
@@ -281,8 +239,7 @@ def _checked_command(args: dict[str, Any]) -> Callable[[], None]:
         return lambda: fit(setup)
     if command == "bench":
         grid = {key: args.pop(key) for key in ("methods", "sparsities", "flops_targets", "seeds", "out")}
-        if "model_args" in args:
-            args["model_args"] = dict(args["model_args"])
+        _pairs_to_dicts(args)
         cells = grid_cells(grid["methods"], grid["sparsities"], grid["seeds"], grid["flops_targets"])
         check_grid(args, cells, grid["out"])
         return lambda: run_grid(args, cells, grid["out"])

@@ -3,7 +3,7 @@
 import torch
 
 import sparsetrain as st
-from sparsetrain.export import load_sparse, save_sparse
+from sparsetrain.run.export import load_sparse, save_sparse
 from sparsetrain.models import create_model
 from sparsetrain.report import count_flops
 
@@ -77,7 +77,7 @@ def test_sparse_flops_count_only_nonzero_weights():
 def test_export_command_writes_a_loadable_compressed_file(tmp_path, capsys):
     from safetensors.torch import save_file
 
-    from sparsetrain.cli import main
+    from sparsetrain.run.cli import main
 
     run = tmp_path / "run"
     run.mkdir()

@@ -7,10 +7,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
 
 from sparsetrain.data import BatchLoader, load_dataset
 from sparsetrain.models import create_model
-from sparsetrain.structured import GDP, count_flops_params
+from sparsetrain.methods import GDP
+from sparsetrain.structured import count_flops_params
 
 CASES = {
     "resnet20": {"width": 0.25},
@@ -90,14 +92,14 @@ def test_gates_shared_by_readers_and_none_before_depthwise():
     gdp = GDP(resnet, 0.5, 10, torch.randn(1, 3, 32, 32))
     stream = next(g for g in gdp.groups if g.root == "conv1")
     assert set(stream.readers) == {"layer1.0.conv1", "layer1.1.conv1", "layer1.2.conv1", "layer2.0.conv1", "layer2.0.shortcut.0"}
-    hooked = {name for name, m in resnet.named_modules() if m._forward_pre_hooks}
+    gated = {name for name, m in resnet.named_modules() if parametrize.is_parametrized(m, "weight")}
     regular = {name for name, m in resnet.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
-    assert hooked == regular - {"conv1"}  # every reader gated, never the input image
+    assert gated == regular - {"conv1"}  # every reader gated, never the input image
     mobilenet = create_model("mobilenetv1", width=0.25)
     GDP(mobilenet, 0.5, 10, torch.randn(1, 3, 32, 32))
     for name, module in mobilenet.named_modules():
         if isinstance(module, nn.Conv2d):
-            assert bool(module._forward_pre_hooks) == (module.groups == 1 and name != "conv1"), name
+            assert parametrize.is_parametrized(module, "weight") == (module.groups == 1 and name != "conv1"), name
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -115,15 +117,17 @@ def test_gated_model_equals_compact_model(name, randomize_batch_norms):
     model.eval()
     with torch.no_grad():
         gated = model(x)
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    original = {k.replace("parametrizations.weight.original", "weight"): v for k, v in model.state_dict().items()}
+    assert all(torch.equal(before[k], original[k]) for k in before)  # the weights are untouched until finalize
     hard = gdp.flops_ratio(hard=True)
     compact = gdp.finalize().eval()
+    assert compact is model
     with torch.no_grad():
         torch.testing.assert_close(compact(x), gated, rtol=1e-5, atol=1e-5 * float(gated.abs().max()))
     flops, params = count_flops_params(compact, x)
     assert flops / dense_flops == pytest.approx(hard, rel=1e-9)
     assert params < dense_params
-    assert not any(m._forward_pre_hooks for m in compact.modules())
+    assert not any(parametrize.is_parametrized(m) for m in compact.modules())
     with pytest.raises(RuntimeError, match="finalized"):
         gdp.step()
 
@@ -163,18 +167,32 @@ def test_model_without_gateable_group():
 
 def _train(model, gdp, optimizer, batches):
     for x, y in batches:
-        loss = F.cross_entropy(model(x), y) + gdp.penalty()
+        loss = F.cross_entropy(model(x), y)
         optimizer.zero_grad()
         loss.backward()
+        gdp.before_optimizer_step()
         optimizer.step()
         gdp.step()
+
+
+def test_before_optimizer_step_adds_the_penalty_gradient():
+    model = TwoConvNet()
+    x = torch.randn(2, 3, 8, 8)
+    gdp = GDP(model, 0.5, 10, x)
+    loss = F.cross_entropy(model(x), torch.tensor([0, 1]))
+    (loss_grad,) = torch.autograd.grad(loss, gdp.gates, retain_graph=True)
+    (penalty_grad,) = torch.autograd.grad(gdp.penalty(), gdp.gates)
+    loss.backward()
+    gdp.before_optimizer_step()
+    torch.testing.assert_close(gdp.gates.grad, loss_grad + penalty_grad)
 
 
 def _setup(seed: int = 0):
     torch.manual_seed(seed)
     model = create_model("resnet20", width=0.25)
     gdp = GDP(model, 0.5, 12, torch.zeros(1, 3, 32, 32), prune_end=0.75)
-    optimizer = torch.optim.SGD([*model.parameters(), *gdp.parameters()], lr=0.1, momentum=0.9)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    gdp.bind(optimizer)
     return model, gdp, optimizer
 
 
@@ -186,8 +204,8 @@ def test_resume_mid_training_is_exact(make_batches):
     _train(model, gdp, optimizer, batches[6:])
 
     resumed_model, resumed, resumed_optimizer = _setup(seed=1)
-    resumed_model.load_state_dict(saved[0])
     resumed.load_state_dict(saved[1])
+    resumed_model.load_state_dict(saved[0])
     resumed_optimizer.load_state_dict(saved[2])
     state = resumed.state_dict()
     assert torch.equal(state["gates"], saved[1]["gates"]) and state["lambda"] == saved[1]["lambda"]
@@ -219,8 +237,8 @@ def test_run_on_bundled_sample_reaches_flops_target():
     decay = [p for p in model.parameters() if p.dim() > 1]
     no_decay = [p for p in model.parameters() if p.dim() <= 1]
     optimizer = torch.optim.SGD(
-        [{"params": decay, "weight_decay": 5e-4}, {"params": no_decay + list(gdp.parameters()), "weight_decay": 0}],
-        lr=0.1, momentum=0.9)
+        [{"params": decay, "weight_decay": 5e-4}, {"params": no_decay, "weight_decay": 0}], lr=0.1, momentum=0.9)
+    gdp.bind(optimizer)
     for epoch in range(epochs):
         _train(model, gdp, optimizer, loader.batches(epoch))
     zeros = int((gdp.gates == 0).sum())

@@ -2,7 +2,7 @@
 
 import pytest
 
-from sparsetrain.train import TrainOptions, train
+from sparsetrain.run import TrainOptions, train
 
 event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
 

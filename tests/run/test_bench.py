@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from sparsetrain.bench import grid_cells, read_results, results_table, run_grid
-from sparsetrain.cli import main
+from sparsetrain.run.bench import grid_cells, read_results, results_table, run_grid
+from sparsetrain.run.cli import main
 
 BASE = {"epochs": 1, "limit": 128, "batch_size": 64, "model_args": {"width": 0.25}, "device": "cpu", "workers": 1}
 
@@ -21,7 +21,7 @@ def finished_grid(tmp_path_factory):
 
 def test_tiny_grid_writes_results_table_and_plots(finished_grid):
     out, cells, records, lines = finished_grid
-    assert [c.name for c in cells] == ["dense-s0-seed0", "feather-s0.9-seed0", "gmp-s0.9-seed0"]
+    assert [c.name for c in cells] == ["dense-seed0", "feather-s0.9-seed0", "gmp-s0.9-seed0"]
     assert [r["cell"] for r in records] == [c.name for c in cells]
     for name in ("results.jsonl", "results.md", "accuracy_vs_sparsity.png", "accuracy_vs_flops.png", "grid.json"):
         assert (out / name).is_file(), name
@@ -90,7 +90,7 @@ def test_bench_cli_usage_errors(tmp_path, capsys):
 
 def test_channel_pruning_cells_land_in_their_own_table(tmp_path):
     cells = grid_cells(["gdp", "frs"], [0.9], [0], flops_targets=[0.5])
-    assert [c.name for c in cells] == ["dense-s0-seed0", "gdp-f0.5-seed0", "frs-seed0"]
+    assert [c.name for c in cells] == ["dense-seed0", "gdp-f0.5-seed0", "frs-seed0"]
     records = run_grid({**BASE, "epochs": 2}, cells, tmp_path, log=lambda line: None)
     gdp, frs = records[1], records[2]
     assert gdp["flops_target"] == 0.5 and gdp["flops"] < gdp["dense_flops"]

@@ -1,0 +1,47 @@
+"""``dense``: the reference that sparsifies nothing, driven like every other method."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from .protocol import Method
+from .registry import Context, MethodSpec, register_method
+
+
+@dataclass(frozen=True)
+class DenseOptions:
+    """The dense reference has no options."""
+
+
+class Dense(Method):
+    """Trains the model as it is; ``finalize()`` returns it unchanged."""
+
+    name = "dense"
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self._step = 0
+
+    def step(self) -> bool:
+        self._check_attached()
+        self._step += 1
+        return False
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"method": self.name, "step": self._step}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("method") != self.name:
+            raise ValueError(f"this state is for method {state.get('method')!r}; allowed: a state of method 'dense'.")
+        self._step = int(state["step"])
+
+
+def _build(model: nn.Module, options: DenseOptions, context: Context) -> Dense:
+    return Dense(model)
+
+
+register_method(MethodSpec("dense", DenseOptions, _build, "the unpruned reference: trains the model as it is"))

@@ -1,0 +1,125 @@
+"""The registry of methods: one entry per method, each with a validated options dataclass.
+
+``create(model, name, total_steps=..., example_inputs=..., data=..., **options)`` builds any
+registered method. The context arguments are offered to every method and used by those that
+need them: ``example_inputs`` by the methods that trace the model (gdp, frs), ``data`` (a
+re-iterable of (x, y) batches) by those that score it (frs).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import Tensor, nn
+
+from ..schedules import validate_total_steps
+from .protocol import Method
+
+
+@dataclass(frozen=True)
+class Context:
+    """What a method may need besides its options: the length of training, a batch to trace
+    the model with, and batches to score it on."""
+
+    total_steps: int
+    example_inputs: Tensor | None = None
+    data: Iterable[tuple[Tensor, Tensor]] | None = None
+
+    def need_example_inputs(self, method: str) -> Tensor:
+        if not isinstance(self.example_inputs, Tensor):
+            raise ValueError(f"method {method!r} traces the model; allowed: example_inputs=a tensor batch the model accepts.")
+        return self.example_inputs
+
+    def need_data(self, method: str) -> Iterable[tuple[Tensor, Tensor]]:
+        if self.data is None:
+            raise ValueError(f"method {method!r} scores the model on data; allowed: data=a re-iterable of (x, y) batches.")
+        return self.data
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A registered method: its options dataclass, a builder, a one-line summary, the option
+    its grid varies (``target``: e.g. "sparsity"; None for none) and defaults to show in listings."""
+
+    name: str
+    options: type
+    build: Callable[[nn.Module, Any, Context], Method]
+    summary: str
+    target: str | None = None
+    shown_defaults: dict[str, Any] = field(default_factory=dict)
+
+    def option_names(self) -> list[str]:
+        return [f.name for f in dataclasses.fields(self.options)]
+
+    def defaults(self) -> dict[str, Any]:
+        """Every option with its default value."""
+        values = {f.name: _default(f) for f in dataclasses.fields(self.options)}
+        return {**values, **self.shown_defaults}
+
+
+def _default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None
+
+
+_REGISTRY: dict[str, MethodSpec] = {}
+
+
+def register_method(spec: MethodSpec) -> MethodSpec:
+    """Add a method to the registry; it then appears in ``create``, ``list_methods`` and the CLI."""
+    if spec.name in _REGISTRY:
+        raise ValueError(f"method {spec.name!r} is already registered.")
+    if not dataclasses.is_dataclass(spec.options):
+        raise ValueError(f"method {spec.name!r}: options={spec.options!r} is not allowed; allowed: a dataclass type.")
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def method_spec(name: str) -> MethodSpec:
+    """The registered entry of method ``name``."""
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown method {name!r}; known methods: {', '.join(_REGISTRY)}.")
+    return _REGISTRY[name]
+
+
+def list_methods() -> dict[str, dict[str, Any]]:
+    """Every registered method, in registration order, with its options and their defaults."""
+    return {name: spec.defaults() for name, spec in _REGISTRY.items()}
+
+
+def method_options(name: str, **options: Any) -> Any:
+    """The validated options dataclass of method ``name``; an unknown option is a ValueError
+    that lists the allowed ones."""
+    spec = method_spec(name)
+    allowed = spec.option_names()
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        listed = ", ".join(allowed) if allowed else "none"
+        raise ValueError(f"unknown option {unknown[0]!r} for method {name!r}; allowed options: {listed}.")
+    return spec.options(**options)
+
+
+def create(
+    model: nn.Module,
+    method: str,
+    *,
+    total_steps: int,
+    example_inputs: Tensor | None = None,
+    data: Iterable[tuple[Tensor, Tensor]] | None = None,
+    **options: Any,
+) -> Method:
+    """Attach method ``method`` to ``model`` for a training of ``total_steps`` optimizer steps.
+
+    Build the optimizer after this call (so it holds the method's parameters, e.g. GDP's
+    gates), then ``bind`` it.
+    """
+    spec = method_spec(method)
+    validated = method_options(method, **options)
+    context = Context(validate_total_steps(total_steps), example_inputs, data)
+    return spec.build(model, validated, context)

@@ -1,0 +1,152 @@
+"""The run folder: the one place that knows its files, writes them and reads them back.
+
+    config.json             resolved options, the model's constructor call, the method's name and
+                            options, total steps; at the end the final metrics and the widths of
+                            layers whose sizes changed (channel pruning)
+    metrics.jsonl           one record per epoch
+    checkpoint.safetensors  model, optimizer, LR schedule, method and RNG states (atomic, every epoch)
+    model.safetensors       the final plain weights
+    report.md, training.png, layers.png, tensorboard/
+
+:func:`load_run` rebuilds a run's model for eval, report, export, the bench and the benchmark
+scripts: a finished one from its widths and weights, a checkpoint with its method re-attached.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..methods import Method, create
+from ..models import create_model, input_size
+from ..structured import layer_shapes, rebuild
+from .checkpoint import atomic_write, load_checkpoint, save_checkpoint, write_json
+
+CONFIG, METRICS, CHECKPOINT, MODEL, REPORT = (
+    "config.json",
+    "metrics.jsonl",
+    "checkpoint.safetensors",
+    "model.safetensors",
+    "report.md",
+)
+TRAINING_PLOT, LAYERS_PLOT = "training.png", "layers.png"
+
+
+class RunFolder:
+    """One run's folder at ``path``."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    def exists(self) -> bool:
+        return self.path.exists()
+
+    def has_checkpoint(self) -> bool:
+        return self.file(CHECKPOINT).is_file()
+
+    def is_finished(self) -> bool:
+        return self.file(MODEL).is_file()
+
+    def create(self, config: dict[str, Any]) -> None:
+        """Make the folder and write its config.json."""
+        self.path.mkdir(parents=True)
+        write_json(self.file(CONFIG), config)
+
+    def config(self) -> dict[str, Any]:
+        return json.loads(self.file(CONFIG).read_text())
+
+    def update_config(self, **values: Any) -> None:
+        write_json(self.file(CONFIG), {**self.config(), **values})
+
+    def save_checkpoint(self, state: dict[str, Any]) -> None:
+        save_checkpoint(self.file(CHECKPOINT), state)
+
+    def load_checkpoint(self, device: torch.device) -> dict[str, Any]:
+        return load_checkpoint(self.file(CHECKPOINT), device)
+
+    def write_metrics(self, history: list[dict[str, Any]]) -> None:
+        text = "".join(json.dumps(record) + "\n" for record in history)
+        atomic_write(self.file(METRICS), lambda tmp: Path(tmp).write_text(text))
+
+    def metrics(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.file(METRICS).read_text().splitlines()]
+
+    def write_model(self, model: nn.Module) -> None:
+        state = {key: value.detach().contiguous().cpu() for key, value in model.state_dict().items()}
+        atomic_write(self.file(MODEL), lambda tmp: save_file(state, tmp))
+
+    def write_text(self, name: str, text: str) -> None:
+        atomic_write(self.file(name), lambda tmp: Path(tmp).write_text(text))
+
+    def tensorboard(self) -> Any:
+        """A TensorBoard writer into tensorboard/, or None when tensorboard is not installed."""
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            return None
+        return SummaryWriter(str(self.file("tensorboard")))
+
+
+def changed_shapes(model: nn.Module, reference: nn.Module) -> dict[str, dict[str, int]]:
+    """The sizes of the layers of ``model`` that differ from ``reference`` (JSON-ready)."""
+    before = layer_shapes(reference)
+    return {name: sizes for name, sizes in layer_shapes(model).items() if before.get(name) != sizes}
+
+
+@dataclass
+class LoadedRun:
+    """A run's model rebuilt from its folder. ``method`` is attached when it came from a
+    checkpoint (the model then computes with the method's forward weights), else None."""
+
+    folder: RunFolder
+    config: dict[str, Any]
+    model: nn.Module
+    method: Method | None
+    weights: Path
+
+
+def final_weights(path: str | Path) -> Path:
+    """The finished model.safetensors of the run folder at ``path``; ValueError if it has none."""
+    weights = _weights_file(Path(path))
+    if weights.name != MODEL or not weights.is_file():
+        raise ValueError(f"{path} has no finished {MODEL} to export")
+    return weights
+
+
+def _weights_file(path: Path) -> Path:
+    if path.is_dir():
+        return path / MODEL if (path / MODEL).is_file() else path / CHECKPOINT
+    return path
+
+
+def load_run(path: str | Path, device: torch.device) -> LoadedRun:
+    """Rebuild the model of the run folder (or weights file inside one) at ``path``: the final
+    weights with the saved widths, or a checkpoint's with its method re-attached. ValueError if
+    ``path`` is not such a folder or file."""
+    weights = _weights_file(Path(path))
+    folder = RunFolder(weights.parent)
+    if not weights.is_file() or not folder.file(CONFIG).is_file():
+        raise ValueError(f"{path} is not a run folder or a weights file beside {CONFIG}")
+    config = folder.config()
+    name, kwargs = config["model"]["name"], config["model"]["kwargs"]
+    if weights.name != CHECKPOINT:
+        model = rebuild(name, kwargs, config.get("shapes")).to(device)
+        model.load_state_dict(load_file(str(weights), device=str(device)))
+        return LoadedRun(folder, config, model, None, weights)
+    state = load_checkpoint(weights, device)
+    model = create_model(name, **kwargs).to(device)
+    example = torch.zeros(2, *input_size(name), device=device)
+    method = create(model, config["method"]["name"], total_steps=config["total_steps"], example_inputs=example, data=(),
+                    **config["method"]["options"])
+    method.load_state_dict(state["method"])
+    model.load_state_dict(state["model"])
+    return LoadedRun(folder, config, model, method, weights)

@@ -1,0 +1,325 @@
+"""The training loop as a library function: the seed papers' CIFAR recipe with any method.
+
+Every method is driven through the protocol of :mod:`sparsetrain.methods` and nothing else:
+``create`` before the optimizer, ``bind``, ``before_optimizer_step`` and ``step`` around each
+optimizer step, ``finalize`` at the end, ``state_dict`` in every checkpoint.
+
+Under ``torchrun`` the run is data-parallel (DDP): the method keeps every rank's thresholds,
+masks and removed channels the same, the DDP wrapper is rebuilt when ``step()`` reports new
+shapes, and only rank 0 writes files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from ..data import BatchLoader, ImageDataset, load_dataset
+from ..methods import Method, create, method_options
+from ..models import create_model
+from ..modes import eval_mode
+from ..report import count_flops, sparsity_report
+from .folder import LAYERS_PLOT, REPORT, TRAINING_PLOT, RunFolder, changed_shapes
+from .options import TrainOptions, resolve_device
+from .plots import plot_layer_sparsity, plot_training
+
+EVAL_BATCH_SIZE = 256
+
+
+@dataclass
+class Distributed:
+    """This process's place in a torchrun job (rank 0 of 1 when not distributed)."""
+
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @staticmethod
+    def from_environment(device: torch.device) -> Distributed:
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        if world_size == 1:
+            return Distributed()
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        return Distributed(dist.get_rank(), dist.get_world_size())
+
+
+@dataclass
+class Setup:
+    """Everything a run needs, built and validated before the first step."""
+
+    options: TrainOptions
+    folder: RunFolder
+    device: torch.device
+    ranks: Distributed
+    data: ImageDataset
+    train_loader: BatchLoader
+    test_loader: BatchLoader
+    model: nn.Module
+    method: Method
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    example_inputs: torch.Tensor
+    start_epoch: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def model_record(options: TrainOptions, num_classes: int) -> dict[str, Any]:
+    """The model's constructor call, enough to rebuild it: {"name": ..., "kwargs": {...}}."""
+    return {"name": options.model, "kwargs": {**options.model_args, "num_classes": num_classes}}
+
+
+def prepare(options: TrainOptions, resume: bool = False) -> Setup:
+    """Validate inputs, build data, model, method, optimizer and schedule; create or reopen the run folder.
+
+    Every usage error (bad option, missing data, existing run folder) is a ValueError raised
+    here, before anything is written.
+    """
+    folder = RunFolder(options.run_dir)
+    if resume:
+        _check_resumable(options, folder)
+    elif folder.exists():
+        raise ValueError(f"run folder {folder.path} already exists; allowed: --resume to continue it, or a new --name.")
+    device = resolve_device(options.device)
+    if options.workers:
+        torch.set_num_threads(options.workers)
+    data = load_dataset(options.dataset, options.data_dir)
+    state = folder.load_checkpoint(device) if resume else None
+    torch.manual_seed(options.seed)
+    record = model_record(options, data.num_classes)
+    model = create_model(record["name"], **record["kwargs"]).to(device)
+    ranks = Distributed.from_environment(device)
+    x_train, y_train = data.x_train[: options.limit], data.y_train[: options.limit]
+    train_loader = BatchLoader(
+        x_train, y_train, options.batch_size, data.mean, data.std, augment=True, seed=options.seed,
+        rank=ranks.rank, world_size=ranks.world_size, device=device,
+    )
+    test_loader = BatchLoader(data.x_test, data.y_test, EVAL_BATCH_SIZE, data.mean, data.std, shuffle=False, device=device)
+    scoring = BatchLoader(x_train, y_train, EVAL_BATCH_SIZE, data.mean, data.std, shuffle=False, device=device)
+    total_steps = options.epochs * len(train_loader)
+    example_inputs = data.x_test[:2].float().to(device)  # shape and device are what tracing needs
+    method_options = options.method_options(len(train_loader))
+    method = create(model, options.method, total_steps=total_steps, example_inputs=example_inputs, data=scoring,
+                    **method_options)
+    optimizer = make_optimizer(model, options)
+    method.bind(optimizer)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
+    setup = Setup(options, folder, device, ranks, data, train_loader, test_loader, model, method, optimizer, scheduler,
+                  example_inputs)
+    if state is not None:
+        _restore(setup, state)
+    elif ranks.main:
+        folder.create({
+            "options": dataclasses.asdict(options),
+            "model": record,
+            "method": {"name": options.method, "options": method_options},
+            "total_steps": total_steps,
+        })
+    return setup
+
+
+def make_optimizer(model: nn.Module, options: TrainOptions) -> torch.optim.SGD:
+    """SGD with weight decay on conv/linear weights only (none on 1-D parameters: batch norms,
+    biases, GDP's gates)."""
+    groups = [
+        {"params": [p for p in model.parameters() if p.ndim > 1], "weight_decay": options.wd},
+        {"params": [p for p in model.parameters() if p.ndim <= 1], "weight_decay": 0.0},
+    ]
+    return torch.optim.SGD(groups, lr=options.lr, momentum=options.momentum)
+
+
+def _check_resumable(options: TrainOptions, folder: RunFolder) -> None:
+    if not folder.has_checkpoint():
+        raise ValueError(f"cannot resume: {folder.path / 'checkpoint.safetensors'} does not exist; allowed: a run folder with a checkpoint.")
+    saved = folder.config()["options"]
+    for key, value in dataclasses.asdict(options).items():
+        if key not in ("device", "workers") and saved.get(key) != value:
+            raise ValueError(
+                f"option {key}={value!r} differs from the run's saved {saved.get(key)!r}; "
+                "allowed: the options the run was started with."
+            )
+
+
+def _restore(setup: Setup, state: dict[str, Any]) -> None:
+    """The protocol's resume order: the method first (it may resize the model), then the model,
+    optimizer and schedule."""
+    setup.method.load_state_dict(state["method"])
+    setup.model.load_state_dict(state["model"])
+    setup.optimizer.load_state_dict(state["optimizer"])
+    setup.scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng"])
+    setup.start_epoch = int(state["epoch"])
+    setup.history = list(state["history"])
+
+
+def _checkpoint_state(setup: Setup, epoch: int) -> dict[str, Any]:
+    return {
+        "epoch": epoch,
+        "model": setup.model.state_dict(),
+        "optimizer": setup.optimizer.state_dict(),
+        "scheduler": setup.scheduler.state_dict(),
+        "method": setup.method.state_dict(),
+        "rng": torch.get_rng_state(),
+        "history": setup.history,
+    }
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: BatchLoader) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy of ``model`` (in eval mode) over one pass of ``loader``."""
+    loss, correct = 0.0, 0
+    with eval_mode(model):
+        for x, y in loader.batches(0):
+            logits = model(x)
+            loss += F.cross_entropy(logits, y, reduction="sum").item()
+            correct += int((logits.argmax(1) == y).sum())
+    n = loader.samples_per_rank
+    return loss / n, correct / n
+
+
+def _progress(batches: Iterable, total: int, enabled: bool, label: str) -> Iterable:
+    if not enabled:
+        return batches
+    from tqdm import tqdm
+
+    return tqdm(batches, total=total, desc=label, leave=False)
+
+
+def _share_buffers(model: nn.Module, ranks: Distributed) -> None:
+    """Give every rank rank 0's buffers (batch-norm running statistics), so evaluation agrees."""
+    if ranks.world_size > 1:
+        for buffer in model.buffers():
+            dist.broadcast(buffer, src=0)
+
+
+def _mean_over_ranks(value: torch.Tensor, ranks: Distributed) -> float:
+    if ranks.world_size > 1:
+        dist.all_reduce(value)
+        value = value / ranks.world_size
+    return value.item()
+
+
+def _wrap(model: nn.Module, ranks: Distributed) -> nn.Module:
+    return DistributedDataParallel(model) if ranks.world_size > 1 else model
+
+
+def fit(setup: Setup, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Train from ``setup.start_epoch`` to the end, checkpointing every epoch; return the final metrics."""
+    options, ranks, method, model, optimizer = setup.options, setup.ranks, setup.method, setup.model, setup.optimizer
+    writer = setup.folder.tensorboard() if ranks.main else None
+    show_progress = ranks.main and sys.stderr.isatty()
+    record = model_record(options, setup.data.num_classes)
+    dense_flops = count_flops(create_model(record["name"], **record["kwargs"]), setup.example_inputs[:1].cpu())
+    net = _wrap(model, ranks)
+    for epoch in range(setup.start_epoch, options.epochs):
+        start = time.perf_counter()
+        model.train()
+        loss_sum = torch.zeros((), device=setup.device)
+        label = f"epoch {epoch + 1}/{options.epochs}"
+        for x, y in _progress(setup.train_loader.batches(epoch), len(setup.train_loader), show_progress, label):
+            loss = F.cross_entropy(net(x), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(model.parameters(), options.clip)
+            method.before_optimizer_step()
+            optimizer.step()
+            setup.scheduler.step()
+            if method.step():  # parameter shapes changed: DDP must see the new ones
+                net = _wrap(model, ranks)
+            loss_sum += loss.detach()
+        train_loss = _mean_over_ranks(loss_sum / len(setup.train_loader), ranks)
+        train_time = time.perf_counter() - start
+        _share_buffers(model, ranks)
+        test_loss, test_acc = evaluate(model, setup.test_loader)
+        entry = {
+            "epoch": epoch + 1,
+            "train_loss": train_loss,
+            "test_loss": test_loss,
+            "test_acc": test_acc,
+            "lr": setup.scheduler.get_last_lr()[0],
+            "train_time": train_time,
+            **method.metrics(),
+            "epoch_time": time.perf_counter() - start,
+        }
+        setup.history.append(entry)
+        if ranks.main:
+            setup.folder.save_checkpoint(_checkpoint_state(setup, epoch + 1))
+            setup.folder.write_metrics(setup.history)
+            log(format_record(entry, options.epochs))
+            if writer is not None:
+                for key, value in entry.items():
+                    writer.add_scalar(key, value, epoch + 1)
+    if writer is not None:
+        writer.close()
+    return _finish(setup, dense_flops, log)
+
+
+def format_record(record: dict[str, Any], epochs: int) -> str:
+    """One line per epoch: the numbers a user watches."""
+    parts = [
+        f"epoch {record['epoch']}/{epochs}",
+        f"train loss {record['train_loss']:.4f}",
+        f"test loss {record['test_loss']:.4f}",
+        f"test acc {record['test_acc']:.2%}",
+    ]
+    if "sparsity" in record:
+        parts.append(f"sparsity {record['sparsity']:.2%}")
+    if "threshold" in record:
+        parts.append(f"threshold {record['threshold']:.4g}")
+    if "flops_ratio" in record:
+        parts.append(f"FLOPs {record['flops_ratio']:.1%} of dense")
+    parts += [f"lr {record['lr']:.4g}", f"{record['epoch_time']:.1f} s"]
+    return "  ".join(parts)
+
+
+def _finish(setup: Setup, dense_flops: int, log: Callable[[str], None]) -> dict[str, Any]:
+    """Finalize the method; rank 0 writes the plain weights, config, report and plots."""
+    options, folder = setup.options, setup.folder
+    model = setup.method.finalize()
+    test_loss, test_acc = evaluate(model, setup.test_loader)
+    report = sparsity_report(model)
+    final = {
+        "test_loss": test_loss,
+        "test_acc": test_acc,
+        "sparsity": report.sparsity,
+        "epochs": options.epochs,
+        "flops": count_flops(model, setup.example_inputs[:1], skip_zeros=True),
+        "dense_flops": dense_flops,
+        "params": sum(p.numel() for p in model.parameters()),
+        "nonzero_params": sum(int(torch.count_nonzero(p)) for p in model.parameters()),
+    }
+    if setup.ranks.main:
+        record = model_record(options, setup.data.num_classes)
+        folder.write_model(model)
+        shapes = changed_shapes(model, create_model(record["name"], **record["kwargs"]))
+        folder.update_config(metrics=final, shapes=shapes)
+        target = getattr(method_options(options.method, **folder.config()["method"]["options"]), "sparsity", None)
+        title = f"# {options.model} · {options.method}" + ("" if target is None else f" · target sparsity {target:.2%}")
+        header = f"{title}\n\ntest accuracy {test_acc:.2%}, sparsity of prunable weights {report.sparsity:.2%}\n\n"
+        folder.write_text(REPORT, header + report.to_markdown() + "\n")
+        plot_training(setup.history, folder.file(TRAINING_PLOT))
+        plot_layer_sparsity(report, folder.file(LAYERS_PLOT))
+        log(
+            f"final: test acc {test_acc:.2%}  sparsity {report.sparsity:.2%}  "
+            f"FLOPs {final['flops'] / dense_flops:.1%} of dense  saved to {folder.path}"
+        )
+    return final
+
+
+def train(options: TrainOptions, resume: bool = False, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run (or resume) a whole training run; return its final metrics."""
+    return fit(prepare(options, resume), log)

@@ -1,0 +1,166 @@
+"""The options of a training run: the seed papers' CIFAR recipe, and how the command line's
+method flags become a method's options.
+
+Recipe (Feather / ST-3 seeds): SGD with momentum 0.9, lr 0.1, weight decay 5e-4 on conv and
+linear weights only (none on batch-norm parameters, biases and GDP's gates), cosine decay per
+step, gradient-norm clipping at 3, random crop (pad 4) + horizontal flip, CIFAR normalisation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..data import DATASET_NAMES
+from ..methods import list_methods, method_options, method_spec
+from ..models import list_models
+
+DEFAULT_EPOCHS = {"cifar10-sample": 12, "cifar10": 160, "cifar100": 160}
+
+# Command-line flags that set a method option: flag -> (option, unit). Epoch-valued flags become
+# steps; pthres (layers with at most this many weights stay dense) becomes min_size = pthres + 1.
+METHOD_FLAGS: dict[str, tuple[str, str]] = {
+    "sparsity": ("sparsity", "value"),
+    "t1": ("start", "epochs"),
+    "pthres": ("min_size", "pthres"),
+    "flops_target": ("flops_target", "value"),
+    "prune_every": ("prune_every", "epochs"),
+    "channels_per_step": ("channels_per_step", "value"),
+    "stop_at": ("stop_at", "epochs"),
+}
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    """Every option of a training run; the defaults are the seeds' recipe. Method flags left at
+    None take the method's own defaults; ``method_args`` sets any other option of the method."""
+
+    model: str = "resnet20"
+    model_args: dict[str, Any] = field(default_factory=dict)
+    dataset: str = "cifar10-sample"
+    data_dir: str | None = None
+    method: str = "feather"
+    method_args: dict[str, Any] = field(default_factory=dict)
+    sparsity: float | None = None
+    t1: float | None = None
+    pthres: int | None = None
+    flops_target: float | None = None
+    prune_every: int | None = None
+    channels_per_step: int | None = None
+    stop_at: int | None = None
+    epochs: int | None = None
+    batch_size: int = 128
+    lr: float = 0.1
+    wd: float = 5e-4
+    momentum: float = 0.9
+    clip: float = 3.0
+    seed: int = 0
+    device: str = "auto"
+    workers: int = 0
+    limit: int | None = None
+    name: str | None = None
+    out: str = "runs"
+
+    def __post_init__(self) -> None:
+        if self.model not in list_models():
+            raise ValueError(f"unknown model {self.model!r}; known models: {', '.join(list_models())}.")
+        if self.dataset not in DATASET_NAMES:
+            raise ValueError(f"unknown dataset {self.dataset!r}; known datasets: {', '.join(DATASET_NAMES)}.")
+        for name in ("model_args", "method_args"):
+            if not isinstance(getattr(self, name), dict):
+                raise ValueError(f"{name}={getattr(self, name)!r} is not allowed; allowed: a mapping of names to values.")
+        _check_number("epochs", self.epochs, int, minimum=1, optional=True)
+        _check_number("batch_size", self.batch_size, int, minimum=1)
+        _check_number("lr", self.lr, float, minimum=0.0, exclusive=True)
+        _check_number("wd", self.wd, float, minimum=0.0)
+        _check_number("momentum", self.momentum, float, minimum=0.0)
+        _check_number("clip", self.clip, float, minimum=0.0, exclusive=True)
+        _check_number("t1", self.t1, float, minimum=0.0, optional=True)
+        _check_number("pthres", self.pthres, int, minimum=0, optional=True)
+        _check_number("prune_every", self.prune_every, int, minimum=1, optional=True)
+        _check_number("stop_at", self.stop_at, int, minimum=1, optional=True)
+        _check_number("seed", self.seed, int, minimum=0)
+        _check_number("workers", self.workers, int, minimum=0)
+        _check_number("limit", self.limit, int, minimum=1, optional=True)
+        if self.epochs is None:
+            object.__setattr__(self, "epochs", DEFAULT_EPOCHS[self.dataset])
+        self.method_options(steps_per_epoch=1)  # the method exists and takes every option given
+        if self.name is None:
+            stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+            object.__setattr__(self, "name", f"{self.model}-{self.method}-{stamp}")
+        resolve_device(self.device)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.out) / str(self.name)
+
+    def method_options(self, steps_per_epoch: int) -> dict[str, Any]:
+        """The options given to the method: ``method_args`` and the method flags that were set,
+        epochs turned into steps; validated by the method (a flag it does not take is an error)."""
+        spec = method_spec(self.method)
+        values = dict(self.method_args)
+        for flag, (option, unit) in METHOD_FLAGS.items():
+            value = getattr(self, flag)
+            if value is None:
+                continue
+            if option not in spec.option_names():
+                raise ValueError(
+                    f"--{flag.replace('_', '-')} does not apply to method {self.method!r}; "
+                    f"its options: {', '.join(spec.option_names()) or 'none'}."
+                )
+            if unit == "epochs":
+                value = round(value * steps_per_epoch)
+            elif unit == "pthres":
+                value = value + 1
+            values[option] = value
+        method_options(self.method, **values)
+        return values
+
+
+def method_names() -> list[str]:
+    """Every ``--method`` a run accepts, in registration order."""
+    return list(list_methods())
+
+
+def _check_number(
+    name: str, value: Any, kind: type, minimum: float, exclusive: bool = False, optional: bool = False
+) -> None:
+    if value is None and optional:
+        return
+    allowed = (int,) if kind is int else (int, float)
+    bound = f"> {minimum:g}" if exclusive else f">= {minimum:g}"
+    if isinstance(value, bool) or not isinstance(value, allowed) or not math.isfinite(value) or (
+        value <= minimum if exclusive else value < minimum
+    ):
+        raise ValueError(f"{name}={value!r} is not allowed; allowed: {'an integer' if kind is int else 'a number'} {bound}.")
+
+
+def resolve_device(spec: str) -> torch.device:
+    """'auto' (CUDA when available, else CPU), 'cpu', 'cuda' or 'cuda:N'."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise ValueError(f"device={spec!r} is not a device; allowed: auto, cpu, cuda or cuda:N.") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device={spec!r} is not supported; allowed: auto, cpu, cuda or cuda:N.")
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise ValueError(f"device={spec!r} is not available here; allowed: cpu or one of the {torch.cuda.device_count()} CUDA devices.")
+    return device
+
+
+def options_from_dict(values: dict[str, Any]) -> TrainOptions:
+    """Build options from a mapping (a config file); unknown keys are an error that lists the known ones."""
+    known = [f.name for f in dataclasses.fields(TrainOptions)]
+    normalised = {key.replace("-", "_"): value for key, value in values.items()}
+    unknown = sorted(set(normalised) - set(known))
+    if unknown:
+        raise ValueError(f"unknown option {unknown[0]!r}; known options: {', '.join(known)}.")
+    return TrainOptions(**normalised)
