@@ -1,8 +1,9 @@
 """Size of a sparse model stored densely vs with the compressed export (bitmask / index layouts).
 
-For each run folder given (or, with none, ResNet-20 made sparse at 0.9/0.95/0.98/0.99 by a
-Sparsifier), writes model.safetensors-style dense files and `sparsetrain.export` files to a
-temporary folder, checks the export loads back to identical tensors, and prints the sizes.
+For each finished run folder given (or, with none, ResNet-20 made sparse at 0.9/0.95/0.98/0.99
+by the feather method), writes its final weights to a temporary folder as a dense safetensors file
+and as a `sparsetrain.run.export` file, checks the export loads back to identical tensors, and
+prints the sizes.
 
     python benchmarks/export_size.py [RUN_DIR ...]
 """
@@ -17,18 +18,20 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import sparsetrain as st
-from sparsetrain.run.export import load_sparse, save_sparse
 from sparsetrain.models import create_model
+from sparsetrain.run.export import load_sparse, save_sparse
+from sparsetrain.run.folder import final_weights
 
 
 def states() -> dict[str, dict[str, torch.Tensor]]:
     if len(sys.argv) > 1:
-        return {run: load_file(str(Path(run) / "model.safetensors")) for run in sys.argv[1:]}
+        return {run: load_file(str(final_weights(run))) for run in sys.argv[1:]}
     found = {}
     for sparsity in (0.9, 0.95, 0.98, 0.99):
         torch.manual_seed(0)
         model = create_model("resnet20")
-        found[f"resnet20 at {sparsity:.0%}"] = st.Sparsifier(model, "feather", sparsity, 1, schedule="constant").finalize().state_dict()
+        method = st.create(model, "feather", total_steps=1, sparsity=sparsity, schedule="constant")
+        found[f"resnet20 at {sparsity:.0%}"] = method.finalize().state_dict()
     return found
 
 

@@ -1,11 +1,12 @@
 """Cost of sparsifying during training, and of exact threshold selection.
 
-1. Median training-step time (forward, backward, SGD step, sparsifier step) of a CIFAR
-   ResNet-20 at batch 128, dense and with every preset.
+1. Median training-step time (forward, backward, ``before_optimizer_step``, SGD step, ``step``)
+   of a CIFAR ResNet-20 at batch 128: a plain loop with no method, then every registered method
+   driven through the protocol (``dense`` shows the protocol's own cost).
 2. Time to select one global threshold over 25.6 M magnitudes (ResNet-50's size):
    sparsetrain's bracketed selection vs torch.kthvalue vs a full sort.
 
-    python benchmarks/overhead.py [--steps 30] [--batch-size 128] [--device cpu] [--flush-denormal]
+    python benchmarks/overhead.py [--steps 30] [--methods a,b] [--batch-size 128] [--device cpu] [--flush-denormal]
 """
 
 from __future__ import annotations
@@ -27,6 +28,9 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+TOTAL_STEPS = 1000  # schedules mid-ramp during the measured steps; FRS never reaches a pruning step
+
+
 class Trainer:
     """One ResNet-20 training set-up; ``step()`` runs and times one full training step."""
 
@@ -34,10 +38,15 @@ class Trainer:
         torch.manual_seed(0)
         self.device = device
         self.model = create_model("resnet20").to(device)
-        self.opt = torch.optim.SGD(self.model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
-        self.sparsifier = st.Sparsifier(self.model, method, 0.9, total_steps=1000) if method else None
         self.x = torch.randn(batch_size, 3, 32, 32, device=device)
         self.y = torch.randint(0, 10, (batch_size,), device=device)
+        self.method = None
+        if method is not None:
+            data = [(self.x, self.y)]
+            self.method = st.create(self.model, method, total_steps=TOTAL_STEPS, example_inputs=self.x[:2], data=data)
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+        if self.method is not None:
+            self.method.bind(self.opt)
 
     def step(self) -> float:
         sync(self.device)
@@ -45,9 +54,11 @@ class Trainer:
         loss = F.cross_entropy(self.model(self.x), self.y)
         self.opt.zero_grad()
         loss.backward()
+        if self.method is not None:
+            self.method.before_optimizer_step()
         self.opt.step()
-        if self.sparsifier is not None:
-            self.sparsifier.step()
+        if self.method is not None:
+            self.method.step()
         sync(self.device)
         return time.perf_counter() - start
 
@@ -66,22 +77,25 @@ def median_step_times(
     return trainers, [statistics.median(record) for record in times]
 
 
-def sparsifier_costs(trainer: Trainer, repeats: int) -> tuple[float, float]:
-    """Median ms of the sparsifier's own work per step: ``step()``, and the forward and backward
-    of the thresholded weights (every layer's w -> w~ and its straight-through gradient)."""
-    sp = trainer.sparsifier
-    modules = sp._modules
+def method_costs(trainer: Trainer, repeats: int) -> tuple[float, float]:
+    """Median ms of the method's own work per step: ``before_optimizer_step()`` + ``step()``, and
+    the forward and backward of the parametrized weights (every layer's w -> w~ and its gradient)."""
+    method = trainer.method
+    modules = [m for m in trainer.model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
     step_times, weight_times = [], []
     for _ in range(repeats):
         sync(trainer.device)
         start = time.perf_counter()
-        sp.step()
+        method.before_optimizer_step()
+        method.step()
         sync(trainer.device)
         step_times.append(time.perf_counter() - start)
+        trainer.opt.zero_grad()
         start = time.perf_counter()
         sum(module.weight.sum() for module in modules).backward()
         sync(trainer.device)
         weight_times.append(time.perf_counter() - start)
+    trainer.opt.zero_grad()
     return statistics.median(step_times) * 1e3, statistics.median(weight_times) * 1e3
 
 
@@ -115,6 +129,7 @@ def selection_times(n: int, repeats: int, device: torch.device) -> dict[str, flo
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--methods", default="", help="comma-separated (default: every registered method)")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--weights", type=int, default=25_600_000)
     parser.add_argument("--repeats", type=int, default=5)
@@ -126,15 +141,16 @@ def main() -> None:
     print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
           f"{torch.get_num_threads()} threads, device {device}, flush denormal {args.flush_denormal}")
 
+    methods = [m for m in args.methods.split(",") if m] if args.methods else list(st.list_methods())
     print(f"\nResNet-20, batch {args.batch_size}: median step time over {args.steps} interleaved rounds")
-    print("| method | step (ms) | overhead vs dense | sparsifier step() (ms) | w -> w~ fwd+bwd (ms) | own cost vs dense step |")
+    print("| method | step (ms) | overhead vs no method | method's before_optimizer_step + step (ms) | w -> w~ fwd+bwd (ms) | own cost vs plain step |")
     print("|---|---:|---:|---:|---:|---:|")
-    trainers, (dense, *sparse) = median_step_times([None, *st.list_methods()], args.steps, args.batch_size, device)
-    print(f"| dense | {dense * 1e3:.1f} | - | - | - | - |")
-    for method, t, trainer in zip(st.list_methods(), sparse, trainers[1:]):
-        step_ms, weight_ms = sparsifier_costs(trainer, args.steps)
-        own = (step_ms + weight_ms) / (dense * 1e3)
-        print(f"| {method} | {t * 1e3:.1f} | {100 * (t / dense - 1):+.1f} % | {step_ms:.2f} | {weight_ms:.2f} | {100 * own:.1f} % |")
+    trainers, (plain, *timed) = median_step_times([None, *methods], args.steps, args.batch_size, device)
+    print(f"| (no method) | {plain * 1e3:.1f} | - | - | - | - |")
+    for method, t, trainer in zip(methods, timed, trainers[1:]):
+        step_ms, weight_ms = method_costs(trainer, args.steps)
+        own = (step_ms + weight_ms) / (plain * 1e3)
+        print(f"| {method} | {t * 1e3:.1f} | {100 * (t / plain - 1):+.1f} % | {step_ms:.2f} | {weight_ms:.2f} | {100 * own:.1f} % |")
 
     print(f"\nGlobal threshold over {args.weights:,} magnitudes (50 layers), s = 0.9, median of {args.repeats}")
     print("| selection | time (ms) | vs full sort |")

@@ -13,36 +13,46 @@ Finished runs in --out are reused.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
+import sparsetrain as st
 from sparsetrain.models import create_model
 from sparsetrain.report import count_flops
-from sparsetrain.structured import rebuild
-from sparsetrain.run import TrainOptions, load_run, train
+from sparsetrain.run import RunFolder, TrainOptions, load_run, train
+from sparsetrain.run.folder import final_weights
 
 
 def trained(out: Path, method: str, epochs: int, flops_target: float, channels_per_step: int | None, seed: int) -> Path:
-    options = TrainOptions(model="resnet56", method=method, epochs=epochs, flops_target=flops_target, seed=seed,
-                           channels_per_step=channels_per_step if method == "frs" else None,
-                           device="cpu", out=str(out), name=f"{method}-c{channels_per_step}" if method == "frs" else method)
-    if not (options.run_dir / MODEL).is_file():
-        train(options, resume=(options.run_dir / CHECKPOINT).is_file(), log=lambda line: print(f"  {method}: {line}"))
-    return options.run_dir
+    """The finished run folder of ``method``: trained now unless --out holds it (resumed from its checkpoint).
+
+    Each benchmark flag goes to the methods that take the option (flops_target: GDP; channels_per_step:
+    FRS, also naming its run). A method with a pruning schedule in epochs (FRS) gets the public one
+    (every 21 epochs until 150 of 200) scaled to ``epochs`` and rounded to whole epochs, so it prunes
+    at epoch ends (10 epochs: after each of epochs 1-8)."""
+    takes = st.list_methods()[method]
+    flags = {
+        "flops_target": flops_target if "flops_target" in takes else None,
+        "channels_per_step": channels_per_step if "channels_per_step" in takes else None,
+        "prune_every": max(1, round(epochs * 21 / 200)) if "prune_every" in takes else None,
+        "stop_at": max(1, round(epochs * 150 / 200)) if "stop_at" in takes else None,
+    }
+    name = f"{method}-c{channels_per_step}" if "channels_per_step" in takes else method
+    options = TrainOptions(model="resnet56", method=method, epochs=epochs, seed=seed, device="cpu", out=str(out),
+                           name=name, **flags)
+    folder = RunFolder(options.run_dir)
+    if not folder.is_finished():
+        train(options, resume=folder.has_checkpoint(), log=lambda line: print(f"  {method}: {line}"))
+    return folder.path
 
 
 def load(run_dir: Path) -> tuple[torch.nn.Module, dict]:
-    config = json.loads((run_dir / CONFIG).read_text())
-    name, kwargs = config["model"]["name"], config["model"]["kwargs"]
-    model = rebuild(name, kwargs, config.get("shapes"))
-    model.load_state_dict(load_file(str(run_dir / MODEL)))
-    return model.eval(), config
+    run = load_run(final_weights(run_dir), torch.device("cpu"))
+    return run.model.eval(), run.config
 
 
 @torch.no_grad()

@@ -38,10 +38,14 @@ def _train(model, sparsifier, optimizer, batches) -> None:
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    """Every test's tensors are small: intra-op threads only add overhead (on a shared 2-core
-    machine OpenMP's waiting threads made tiny tests 20x slower), and the thread count must not
-    depend on the machine. Restored afterwards. Child processes set their own (--workers 1)."""
+def one_thread(request):
+    """One torch thread for every test of tiny models: intra-op threads only add overhead (on a
+    shared 2-core machine OpenMP's waiting threads made tiny tests 20x slower), and the thread
+    count must not depend on the machine. Tests marked ``slow`` train real models and keep
+    torch's default; child processes set their own (--workers 1). Restored afterwards."""
+    if request.node.get_closest_marker("slow"):
+        yield
+        return
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

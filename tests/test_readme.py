@@ -3,6 +3,8 @@
 import re
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
 
@@ -11,6 +13,7 @@ def code_blocks(language: str) -> list[str]:
     return re.findall(rf"```{language}\n(.*?)```", README, flags=re.DOTALL)
 
 
+@pytest.mark.slow
 def test_readme_python_examples_run(capsys):
     namespace: dict = {}
     for block in code_blocks("python"):
@@ -18,6 +21,7 @@ def test_readme_python_examples_run(capsys):
     out = capsys.readouterr().out
     assert "sparsity 0.9000" in out
     assert "| **total** |" in out
+    assert "channels removed 80" in out and namespace["compact"] is namespace["method"].model
     assert namespace["percent"] == 0.0  # the compat Pruner starts dense (cubic schedule at t = 0)
 
 

@@ -19,6 +19,7 @@ def finished_grid(tmp_path_factory):
     return out, cells, records, lines
 
 
+@pytest.mark.slow
 def test_tiny_grid_writes_results_table_and_plots(finished_grid):
     out, cells, records, lines = finished_grid
     assert [c.name for c in cells] == ["dense-seed0", "feather-s0.9-seed0", "gmp-s0.9-seed0"]
@@ -36,6 +37,7 @@ def test_tiny_grid_writes_results_table_and_plots(finished_grid):
     assert (out / "accuracy_vs_flops.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_rerunning_a_finished_grid_trains_nothing(finished_grid):
     out, cells, records, _ = finished_grid
     lines = []
@@ -43,6 +45,7 @@ def test_rerunning_a_finished_grid_trains_nothing(finished_grid):
     assert lines == [] and again == records
 
 
+@pytest.mark.slow
 def test_truncated_last_line_is_repaired_without_losing_finished_cells(finished_grid):
     out, cells, records, _ = finished_grid
     results = out / "results.jsonl"
@@ -57,6 +60,7 @@ def test_truncated_last_line_is_repaired_without_losing_finished_cells(finished_
     assert again[:2] == records[:2] and again[2]["test_acc"] == records[2]["test_acc"]
 
 
+@pytest.mark.slow
 def test_a_cell_killed_before_its_first_checkpoint_restarts(tmp_path):
     cells = grid_cells(["ste"], [0.5], [0])[:1]  # just the dense cell
     stale = tmp_path / "runs" / cells[0].name
@@ -88,6 +92,7 @@ def test_bench_cli_usage_errors(tmp_path, capsys):
     assert "holds a grid with other options" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_channel_pruning_cells_land_in_their_own_table(tmp_path):
     cells = grid_cells(["gdp", "frs"], [0.9], [0], flops_targets=[0.5])
     assert [c.name for c in cells] == ["dense-seed0", "gdp-f0.5-seed0", "frs-seed0"]

@@ -19,6 +19,7 @@ def run_cli(capsys, *argv):
     return code, out, err
 
 
+@pytest.mark.slow
 def test_train_one_epoch_on_the_bundled_sample_then_eval_reproduces_it(tmp_path, capsys):
     code, out, err = run_cli(capsys, "train", "--epochs", 1, "--out", tmp_path, "--name", "run", "--device", "cpu")
     assert code == 0, err
@@ -42,11 +43,12 @@ def test_train_one_epoch_on_the_bundled_sample_then_eval_reproduces_it(tmp_path,
     assert code == 0 and "| **total** |" in out and "90.00%" in out
 
 
+@pytest.mark.slow
 def test_console_script_and_config_file(tmp_path):
     config = tmp_path / "options.yaml"
     config.write_text("method: gmp\nptarget: 0.5\nepochs: 1\nlimit: 256\nmodel_args: {width: 0.25}\n".replace("ptarget", "sparsity"))
     done = subprocess.run(
-        [sys.executable, "-m", "sparsetrain", "train", "--config", config, "--out", tmp_path, "--name", "cfg",
+        [sys.executable, "-u", "-m", "sparsetrain", "train", "--config", config, "--out", tmp_path, "--name", "cfg",
          "--device", "cpu", "--lr", "0.05"],
         capture_output=True, text=True, timeout=300,
     )
@@ -55,6 +57,7 @@ def test_console_script_and_config_file(tmp_path):
     assert (saved["method"], saved["sparsity"], saved["lr"], saved["model_args"]) == ("gmp", 0.5, 0.05, {"width": 0.25})
 
 
+@pytest.mark.slow
 def test_toml_config_and_aliases(tmp_path, capsys):
     config = tmp_path / "options.toml"
     config.write_text('method = "ste"\nepochs = 1\nlimit = 128\n')
@@ -131,6 +134,7 @@ def test_existing_run_folder_is_never_overwritten(tmp_path, capsys):
     assert [p.name for p in run.iterdir()] == ["keep.txt"] and (run / "keep.txt").read_text() == "precious"
 
 
+@pytest.mark.slow
 def test_resume_rejects_changed_options_and_missing_runs(tmp_path, capsys):
     code, _, err = run_cli(capsys, "train", "--resume", tmp_path / "nothing")
     assert code == 2 and "has no config.json" in err
@@ -145,10 +149,11 @@ def test_eval_of_a_missing_run(tmp_path, capsys):
     assert code == 2 and "is not a run folder or a weights file" in err
 
 
+@pytest.mark.slow
 def test_resume_of_a_killed_run_equals_a_straight_run(tmp_path):
     args = ["--epochs", "3", "--device", "cpu", "--out", str(tmp_path), "--method", "st3", "--workers", "1", *SMALL,
             "--limit", "1024"]
-    command = [sys.executable, "-m", "sparsetrain", "train"]
+    command = [sys.executable, "-u", "-m", "sparsetrain", "train"]  # -u: each epoch line reaches the pipe at once
     straight = subprocess.run([*command, *args, "--name", "straight"], capture_output=True, text=True, timeout=300)
     assert straight.returncode == 0, straight.stderr
 

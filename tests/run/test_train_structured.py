@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from sparsetrain.run.cli import main
 
 SMALL = ["--model-arg", "width=0.5", "--limit", "1024", "--batch-size", "64", "--device", "cpu", "--workers", "1"]
-COMMAND = [sys.executable, "-m", "sparsetrain", "train"]
+COMMAND = [sys.executable, "-u", "-m", "sparsetrain", "train"]  # -u: each epoch line reaches the pipe at once
 
 
 def run_cli(capsys, *argv):
@@ -19,6 +19,7 @@ def run_cli(capsys, *argv):
     return code, out, err
 
 
+@pytest.mark.slow
 def test_gdp_run_lands_on_its_flops_target_and_eval_rebuilds_the_compact_model(tmp_path, capsys):
     code, out, err = run_cli(capsys, "train", "--method", "gdp", "--flops-target", 0.5, "--epochs", 4,
                              "--out", tmp_path, "--name", "gdp", *SMALL)
@@ -44,6 +45,7 @@ def kill_after_epoch(argv, epoch):
 
 
 @pytest.mark.parametrize("method, extra", [("frs", ["--prune-every", "1", "--stop-at", "2"]), ("gdp", [])])
+@pytest.mark.slow
 def test_killed_structured_run_resumes_bit_identical(tmp_path, method, extra):
     args = ["--method", method, "--epochs", "3", "--out", str(tmp_path), *SMALL, "--limit", "512", *extra]
     straight = subprocess.run([*COMMAND, *args, "--name", "straight"], capture_output=True, text=True, timeout=600)
@@ -62,6 +64,7 @@ def test_killed_structured_run_resumes_bit_identical(tmp_path, method, extra):
     assert shapes[0] == shapes[1]
 
 
+@pytest.mark.slow
 def test_frs_removes_channels_on_schedule(tmp_path, capsys):
     code, out, err = run_cli(capsys, "train", "--method", "frs", "--epochs", 2, "--prune-every", 1,
                              "--channels-per-step", 20, "--out", tmp_path, "--name", "frs", *SMALL)

@@ -261,8 +261,9 @@ class FRS(Method):
         self.model = model
         self.example_inputs = example_inputs
         self.data = data
-        self.schedule = PruneSchedule(
-            max(1, resolve_step(prune_every, total_steps, "prune_every")), resolve_step(stop_at, total_steps, "stop_at")
+        self.schedule = PruneSchedule(  # fractions floor to whole steps, at least one
+            max(1, resolve_step(prune_every, total_steps, "prune_every")),
+            max(1, resolve_step(stop_at, total_steps, "stop_at")),
         )
         with torch.no_grad(), eval_mode(model):
             self.num_classes = num_classes or int(model(example_inputs).shape[-1])

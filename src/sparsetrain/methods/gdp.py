@@ -447,10 +447,11 @@ class GDP(Method):
     # -- checkpointing -------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """Gate parameters (now and after the last step), lambda, eps, step, hold flag and forced count:
-        everything needed to resume. Save it right after ``step()``."""
+        """The gate parameters after the last step, lambda, eps, step, hold flag and forced count:
+        with the model's state dict (which holds the gates themselves), everything needed to resume.
+        Save it right after ``step()``."""
         return {
-            "gates": self.gates.detach().clone(),
+            "method": self.name,
             "last": self._last.clone(),
             "lambda": self.lam,
             "eps": self.eps,
@@ -464,11 +465,9 @@ class GDP(Method):
         """Restore a state saved by :meth:`state_dict` of a GDP on the same model."""
         self._check_attached()
         roots = [c.root for c in self.couplings]
-        if list(state["groups"]) != roots or tuple(state["gates"].shape) != (self.size,):
-            raise ValueError(f"this state gates groups {list(state['groups'])[:3]}...; allowed: a state of a GDP on "
+        if state.get("method") != self.name or list(state["groups"]) != roots or tuple(state["last"].shape) != (self.size,):
+            raise ValueError(f"this state gates groups {list(state.get('groups', []))[:3]}...; allowed: a state of a GDP on "
                              f"the same model, gating {roots[:3]}... ({self.size} channels).")
-        with torch.no_grad():
-            self.gates.copy_(state["gates"])
         self.lam = float(state["lambda"])
         self.eps = float(state["eps"])
         self._step = int(state["step"])
