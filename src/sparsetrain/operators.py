@@ -35,19 +35,32 @@ def validate_p(p: float) -> float:
 def threshold_operator(w: Tensor, threshold: float, p: float) -> Tensor:
     """Apply P_p(w; T) elementwise.
 
-    For finite p > 1 the difference |w|^p - T^p is computed as
-    T^p * expm1(p * log1p((|w| - T) / T)), which stays non-zero for every |w| > T in
-    floating point, so the count of zeros is exactly the count of |w| <= T.
+    The difference |w|^p - T^p is computed so that it stays non-zero for every |w| > T in
+    floating point (the count of zeros is then exactly the count of |w| <= T): for an integer p
+    as (|w| - T) * sum_i |w|^i T^(p-1-i) (Feather's p = 3: (|w| - T)(|w|(|w| + T) + T^2), one
+    power function in all), for any other finite p > 1 as T^p * expm1(p * log1p((|w| - T) / T)).
     """
     if threshold <= 0.0:
         return w
     if math.isinf(p):
         return w * (w.abs() > threshold)
-    excess = torch.relu(w.abs() - threshold)
+    magnitude = w.abs()
+    excess = torch.relu(magnitude - threshold)
     if p == 1.0:
         return torch.sign(w) * excess
-    shrunk = threshold * torch.expm1(p * torch.log1p(excess / threshold)).pow(1.0 / p)
+    if p.is_integer():
+        shrunk = (excess * _power_sum(magnitude, threshold, int(p))).pow(1.0 / p)
+    else:
+        shrunk = threshold * torch.expm1(p * torch.log1p(excess / threshold)).pow(1.0 / p)
     return torch.sign(w) * shrunk
+
+
+def _power_sum(a: Tensor, t: float, p: int) -> Tensor:
+    """sum_{i=0}^{p-1} a^i t^(p-1-i) by Horner's rule: ((a + t) a + t^2) a + ... + t^(p-1)."""
+    total = a + t
+    for power in range(2, p):
+        total = total * a + t**power
+    return total
 
 
 def gradient_scale(w: Tensor, threshold: float, theta: float, ties: Tensor | None = None) -> Tensor:

@@ -100,6 +100,9 @@ def write_cifar10(folder, corrupt=None):
         (["--dataset", "cifar10", "--data-dir", "/nonexistent/dir"], "/nonexistent/dir"),
         (["--device", "cuda:7"], "device='cuda:7' is not available here"),
         (["--bogus"], "unrecognized arguments: --bogus"),
+        (["--method", "gdp", "--sparsity", "0.5"], "--sparsity does not apply to method 'gdp'; its options: flops_target"),
+        (["--method-arg", "thetta=1"], "unknown option 'thetta' for method 'feather'; allowed options: sparsity, p, theta"),
+        (["--method-arg", "theta=2"], "theta=2 is out of range; allowed: a number in [0, 1]"),
     ],
 )
 def test_usage_errors_exit_2_with_one_line(tmp_path, capsys, argv, message):
@@ -179,3 +182,16 @@ def test_resume_of_a_killed_run_equals_a_straight_run(tmp_path):
     resumed_metrics = (killed / "metrics.jsonl").read_text().splitlines()
     strip = lambda lines: [{k: v for k, v in json.loads(l).items() if not k.endswith("_time")} for l in lines]
     assert strip(resumed_metrics) == strip(straight_metrics)
+
+
+def test_method_args_and_flags_reach_the_method(tmp_path):
+    from sparsetrain.run import TrainOptions, prepare
+
+    options = TrainOptions(method="feather", sparsity=0.8, t1=1.0, pthres=100, method_args={"theta": 0.25},
+                           limit=256, batch_size=64, epochs=3, device="cpu", out=str(tmp_path), name="r")
+    setup = prepare(options)
+    method = setup.method
+    assert (method.config.theta, method.schedule.final, method.schedule.start) == (0.25, 0.8, 4)  # t1: 1 epoch = 4 steps
+    assert all(w.numel() > 100 for w in method.dense_weights())
+    saved = json.loads((tmp_path / "r" / "config.json").read_text())["method"]
+    assert saved == {"name": "feather", "options": {"theta": 0.25, "sparsity": 0.8, "start": 4, "min_size": 101}}
