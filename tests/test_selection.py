@@ -3,11 +3,13 @@
 import pytest
 import torch
 
+from sparsetrain import selection as sel
 from sparsetrain.selection import (
     _NUMPY,
     _TORCH,
     Selection,
     _bracketed,
+    _split_numpy,
     kth_smallest,
     layer_sigma,
     magnitude_threshold,
@@ -28,6 +30,14 @@ def pruned_masks(magnitudes, selection):
     """What the operator prunes: |m| <= threshold, plus the tie masks."""
     masks = [m <= t for m, t in zip(magnitudes, selection.thresholds)]
     return [mask if ties is None else mask | ties for mask, ties in zip(masks, selection.ties)]
+
+
+@pytest.fixture(params=["numpy", "torch"])
+def engine(request, monkeypatch):
+    """Select through numpy (the CPU path) or through torch (the path of every other device)."""
+    if request.param == "torch":
+        monkeypatch.setattr(sel, "_FLOATS", ())
+    return request.param
 
 
 def grid_magnitudes(sizes, dtype, seed=0):
@@ -73,6 +83,19 @@ def test_adversarial_layout_falls_back_to_exact_answer(ops):
     assert kth_smallest([values], k) == reference_kth([values], k)
 
 
+@pytest.mark.parametrize("threads", [1, 3])
+def test_split_counts_and_gathers_exactly_in_chunks_and_threads(monkeypatch, threads):
+    monkeypatch.setattr(sel, "_CHUNK", 1 << 10)  # 74 chunks, the last ones partial
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    gen = torch.Generator().manual_seed(3)
+    values = [torch.rand(50_000, generator=gen), torch.rand(7, generator=gen), torch.rand(25_555, generator=gen)]
+    flat = torch.cat(values)
+    lo, hi = flat[17].item(), flat[17].item() + 0.01
+    below, inside = _split_numpy([v.numpy() for v in values], lo, hi)
+    assert below == int((flat < lo).sum())
+    assert sorted(inside.tolist()) == sorted(flat[(flat >= lo) & (flat <= hi)].tolist())
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_kth_smallest_keeps_the_dtype_exact(dtype):
     values = grid_magnitudes([200_000, 70_000], dtype)
@@ -111,6 +134,7 @@ def test_layer_sigma():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.usefixtures("engine")
 def test_a_tie_group_across_two_layers_is_cut_in_layer_then_flat_order(dtype):
     # k = 4 of 8; sorted: 0.125, 0.25 x 4, 0.5, 0.75, 1. v = 0.25 with one value below it,
     # so the threshold drops to 0.125 and the first 3 of the four 0.25s are pruned.
@@ -126,6 +150,13 @@ def test_a_tie_group_across_two_layers_is_cut_in_layer_then_flat_order(dtype):
     ]
 
 
+def test_ties_follow_the_logical_row_major_order_of_a_strided_layer():
+    a = torch.tensor([[0.25, 0.5], [0.25, 0.25]]).t()  # [[0.25, 0.25], [0.5, 0.25]]
+    selection = select([a], 0.5, "global")  # k = 2 of three 0.25s, none below them
+    assert selection.thresholds == [0.0]
+    assert selection.ties[0].tolist() == [[True, True], [False, False]]
+
+
 def test_tie_masks_only_where_a_pruned_tie_lies():
     a = torch.tensor([0.25, 0.25, 0.5])
     b = torch.tensor([0.75, 0.25])
@@ -138,17 +169,20 @@ def test_tie_masks_only_where_a_pruned_tie_lies():
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("sparsity", [0.05, 0.3, 0.5, 0.9, 0.99, 1.0])
+@pytest.mark.usefixtures("engine")
 def test_exactly_k_pruned_on_a_grid(dtype, sparsity):
     magnitudes = grid_magnitudes([150_000, 7, 60_000, 1_000], dtype)
     n = sum(m.numel() for m in magnitudes)
     k = prune_count(sparsity, n)
     selection = select(magnitudes, sparsity, "global")
+    assert (selection.ties == [None] * 4) == (k == n)  # the grid ties at v unless all are pruned
     masks = pruned_masks(magnitudes, selection)
     assert sum(int(mask.sum()) for mask in masks) == k
     v = reference_kth(magnitudes, k)
     for m, mask in zip(magnitudes, masks):
         assert bool(mask[m < v].all()) and not bool(mask[m > v].any())
-    ties = torch.cat([torch.zeros(m.numel(), dtype=torch.bool) if t is None else t.reshape(-1) for m, t in zip(magnitudes, selection.ties)])
+    none = [torch.zeros(m.numel(), dtype=torch.bool) for m in magnitudes]
+    ties = torch.cat([n if t is None else t.reshape(-1) for n, t in zip(none, selection.ties)])
     tied = torch.cat(magnitudes) == v
     chosen = ties[tied]  # the ties pruned must be the first ones in layer, then flat, order
     assert not bool((ties & ~tied).any())
@@ -156,6 +190,7 @@ def test_exactly_k_pruned_on_a_grid(dtype, sparsity):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.usefixtures("engine")
 def test_layer_scope_prunes_exactly_k_in_each_layer(dtype):
     magnitudes = grid_magnitudes([100_000, 30, 5_000], dtype, seed=1)
     selection = select(magnitudes, 0.7, "layer")

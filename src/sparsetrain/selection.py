@@ -7,10 +7,9 @@ Scopes decide which weights share a selection:
     sigma   one selection over the normalised magnitudes |w| / sigma_l,
             sigma_l = 1 / sqrt(sum of the dims of the layer's weight shape)  (ST-3 sigma)
 
-Let v be the k-th smallest magnitude of a scope. When exactly k magnitudes are <= v, pruning
-|m| <= v is exact. When magnitudes tie at v across position k (bf16/fp16 weights, weights on a
-grid), :func:`select` lowers the threshold below v and prunes r = k - #(m < v) of the entries
-equal to v through tie masks, so exactly k are pruned. A threshold of 0 means "prune nothing".
+:func:`select` gives each layer a threshold T (prune |m| <= T; T = 0 prunes nothing) and,
+when magnitudes tie across the k-th position, a mask of the tied entries pruned too.
+:func:`kth_smallest` finds the k-th smallest value in O(N) without sorting.
 """
 
 from __future__ import annotations
@@ -30,7 +29,8 @@ SCOPES = ("global", "layer", "sigma")
 
 _DIRECT_LIMIT = 1 << 15
 _CHUNK = 1 << 18
-_NUMPY_DTYPES = (torch.float16, torch.float32, torch.float64)
+_CHUNKS_PER_THREAD = 4
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 @dataclass(frozen=True)
@@ -63,14 +63,15 @@ def select(magnitudes: Sequence[Tensor], sparsity: float, scope: str) -> Selecti
 
     "global" and "sigma" select once over all layers (the caller has normalised the
     magnitudes for "sigma"); "layer" selects in each layer alone with k_l = round(s * N_l).
-    With v the k-th smallest magnitude (1-based) of the scope: if #(m <= v) = k, the
-    threshold is v and there are no tie masks. Otherwise the threshold is the largest
-    magnitude below v (0.0 if none) and the first r = k - #(m < v) entries equal to v, in
-    layer order then flat (row-major) index, are pruned through ``ties``. Either way
-    #(m <= threshold) + #ties = k and every magnitude above v survives. k = 0 gives
-    thresholds 0.0 and no ties. If v = 0, more than k magnitudes are exactly 0: the ties
-    pick k of them, but a weight that is 0 stays 0, so the zeros in the weights number
-    #(m = 0) > k.
+    Let v be the k-th smallest magnitude (1-based) of the scope. If #(m <= v) = k, the
+    threshold is v and every ``ties`` entry is None. Otherwise (ties at v straddle position
+    k) the threshold is the largest magnitude below v (0.0 if none), and the first
+    r = k - #(m < v) entries equal to v, in layer order then flat (row-major) index, are
+    pruned through ``ties``: a bool mask shaped like the layer, None for a layer holding
+    none of them. So, for v > 0, #(m <= threshold) + #ties = k in any dtype, and every
+    magnitude above v survives. k = 0 gives thresholds 0.0 and no ties. v = 0 means more
+    than k magnitudes are exactly 0: the threshold is 0.0 and the ties pick k of the zeros,
+    but the weights keep all #(m = 0) > k of their zeros.
     """
     validate_scope(scope)
     if not 0.0 <= sparsity <= 1.0:
@@ -82,43 +83,38 @@ def select(magnitudes: Sequence[Tensor], sparsity: float, scope: str) -> Selecti
 
 
 def _select_group(magnitudes: Sequence[Tensor], sparsity: float) -> Selection:
-    flat = _flatten(magnitudes)
-    k = prune_count(sparsity, sum(f.numel() for f in flat))
+    arrays, ops = _arrays(magnitudes)
+    k = prune_count(sparsity, sum(len(a) for a in arrays))
     if k == 0:
-        return Selection([0.0] * len(flat), [None] * len(flat))
-    rank = _locate(flat, k)
+        return Selection([0.0] * len(arrays), [None] * len(arrays))
+    rank = _locate(arrays, ops, k)
     if rank.through == k:
-        return Selection([rank.value] * len(flat), [None] * len(flat))
-    threshold = _largest_below(flat, rank.value)
-    return Selection([threshold] * len(flat), _tie_masks(magnitudes, flat, rank.value, k - rank.below))
+        return Selection([rank.value] * len(arrays), [None] * len(arrays))
+    below = _locate(arrays, ops, rank.below).value if rank.below else 0.0  # the largest magnitude < v
+    ties = _tie_masks(arrays, rank.value, k - rank.below)
+    return Selection([below] * len(arrays), [t if t is None else t.view(m.shape) for t, m in zip(ties, magnitudes)])
 
 
-def _largest_below(flat: Sequence[Tensor], value: float) -> float:
-    """The largest magnitude below ``value``, 0.0 if there is none."""
-    peaks = [torch.where(f < value, f, 0).amax() for f in flat if f.numel()]
-    return float(torch.stack(peaks).max())
-
-
-def _tie_masks(magnitudes: Sequence[Tensor], flat: Sequence[Tensor], value: float, count: int) -> list[Tensor | None]:
-    """Masks of the first ``count`` entries equal to ``value``, in layer order then flat index."""
-    masks: list[Tensor | None] = [None] * len(flat)
-    for i, f in enumerate(flat):
+def _tie_masks(arrays: Sequence[Any], value: float, count: int) -> list[Tensor | None]:
+    """Flat masks of the first ``count`` entries equal to ``value``, in layer order then flat index."""
+    masks: list[Tensor | None] = [None] * len(arrays)
+    for i, a in enumerate(arrays):
         if count == 0:
             break
-        tied = f == value
+        tied = a == value
         size = int(tied.sum())
         if size > count:
             tied &= tied.cumsum(0) <= count
             size = count
         if size:
-            masks[i] = tied.view(magnitudes[i].shape)
+            masks[i] = torch.as_tensor(tied)
             count -= size
     return masks
 
 
 def kth_smallest(values: Sequence[Tensor], k: int) -> float:
     """The exact k-th smallest (1-based) element of the concatenation of ``values``."""
-    return _locate(_flatten(values), k).value
+    return _locate(*_arrays(values), k).value
 
 
 def magnitude_threshold(magnitudes: Sequence[Tensor], sparsity: float) -> float:
@@ -157,27 +153,28 @@ class _Ops(NamedTuple):
     split: Callable[[Sequence[Any], float, float], tuple[int, Any]]
 
 
-def _flatten(values: Sequence[Tensor]) -> list[Tensor]:
-    """Flat detached views, in one dtype so that every comparison is exact."""
-    dtype = reduce(torch.promote_types, (v.dtype for v in values), values[0].dtype) if values else None
-    return [v.detach().reshape(-1).to(dtype) for v in values]
+def _arrays(values: Sequence[Tensor]) -> tuple[list[Any], _Ops]:
+    """Flat detached views in one dtype, so that every comparison is exact, and the primitives
+    to select among them: numpy arrays on the CPU, where numpy compares and selects many times
+    faster than torch (16-bit floats are widened to float32, exactly), tensors elsewhere."""
+    flat = [v.detach().reshape(-1) for v in values]
+    dtype = reduce(torch.promote_types, [f.dtype for f in flat]) if flat else None
+    if flat and flat[0].device.type == "cpu" and dtype in _FLOATS:
+        wide = torch.promote_types(dtype, torch.float32)
+        return [f.to(wide).numpy() for f in flat], _NUMPY
+    return [f.to(dtype) for f in flat], _TORCH
 
 
-def _locate(flat: Sequence[Tensor], k: int) -> _Rank:
-    """The k-th smallest (1-based) of the concatenation of ``flat``, in O(N), without a sort.
+def _locate(arrays: Sequence[Any], ops: _Ops, k: int) -> _Rank:
+    """The k-th smallest (1-based) of the concatenation of ``arrays``, in O(N), without a sort.
 
     A strided sample brackets the answer, one pass counts the values below the bracket and
     gathers those inside it, and a selection among the few gathered values finishes the job;
-    if the bracket misses, the selection runs over everything. CPU tensors are read through
-    numpy, whose comparisons and selections are several times faster than torch's there.
+    if the bracket misses, the selection runs over everything.
     """
-    n = sum(f.numel() for f in flat)
+    n = sum(len(a) for a in arrays)
     if not 1 <= k <= n:
         raise ValueError(f"k={k} is out of range; allowed: 1 <= k <= {n}.")
-    arrays: Sequence[Any] = flat
-    ops = _TORCH
-    if flat[0].device.type == "cpu" and flat[0].dtype in _NUMPY_DTYPES:
-        arrays, ops = [f.numpy() for f in flat], _NUMPY
     found = _bracketed(arrays, k, n, ops) if n > _DIRECT_LIMIT else None
     return found if found is not None else _rank(ops.concat(arrays), k, ops)
 
@@ -188,8 +185,9 @@ def _rank(values: Any, k: int, ops: _Ops) -> _Rank:
 
 
 def sample_stride(n: int) -> int:
-    """Stride of the bracketing sample: about 8 * sqrt(N) values, between 1,024 and 65,536."""
-    size = min(max(8 * math.isqrt(n), 1 << 10), 1 << 16)
+    """Stride of the bracketing sample: about 32 * sqrt(N) values, between 1,024 and 262,144
+    (a larger sample narrows the bracket, so fewer values are gathered)."""
+    size = min(max(32 * math.isqrt(n), 1 << 10), 1 << 18)
     return max(1, n // size)
 
 
@@ -215,21 +213,24 @@ def _kth_numpy(values: np.ndarray, k: int) -> float:
 
 
 def _split_numpy(arrays: Sequence[np.ndarray], lo: float, hi: float) -> tuple[int, np.ndarray]:
-    """#(a < lo) and the values lo <= a <= hi, in cache-sized chunks spread over torch's threads."""
+    """#(a < lo) and the values lo <= a <= hi, read in cache-sized chunks; large inputs are
+    shared among torch's threads (numpy releases the GIL while it compares and gathers)."""
     chunks = [a[start : start + _CHUNK] for a in arrays for start in range(0, a.size, _CHUNK)]
-    workers = max(1, min(torch.get_num_threads(), len(chunks)))
+    workers = max(1, min(torch.get_num_threads(), len(chunks) // _CHUNKS_PER_THREAD))
     shares = [chunks[i::workers] for i in range(workers)]
     if workers == 1:
         results = [_split_chunks(shares[0], lo, hi)]
     else:
-        with ThreadPoolExecutor(workers) as pool:  # numpy releases the GIL while it compares
+        with ThreadPoolExecutor(workers) as pool:
             results = list(pool.map(_split_chunks, shares, [lo] * workers, [hi] * workers))
     return sum(below for below, _ in results), np.concatenate([inside for _, inside in results])
 
 
 def _split_chunks(chunks: Sequence[np.ndarray], lo: float, hi: float) -> tuple[int, np.ndarray]:
+    """_split_numpy for one thread's (non-empty) share: compare, count, compare and gather
+    each chunk while it is in cache, into reused mask buffers."""
     low, inside = np.empty(_CHUNK, dtype=bool), np.empty(_CHUNK, dtype=bool)
-    below, parts = 0, [chunks[0][:0]]
+    below, parts = 0, []
     for chunk in chunks:
         lt, le = low[: chunk.size], inside[: chunk.size]
         np.less(chunk, lo, out=lt)
