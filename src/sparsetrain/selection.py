@@ -216,7 +216,8 @@ def _split_numpy(arrays: Sequence[np.ndarray], lo: float, hi: float) -> tuple[in
     """#(a < lo) and the values lo <= a <= hi, read in cache-sized chunks; large inputs are
     shared among torch's threads (numpy releases the GIL while it compares and gathers)."""
     chunks = [a[start : start + _CHUNK] for a in arrays for start in range(0, a.size, _CHUNK)]
-    workers = max(1, min(torch.get_num_threads(), len(chunks) // _CHUNKS_PER_THREAD))
+    total = sum(a.size for a in arrays)  # threads pay off from _CHUNKS_PER_THREAD full chunks each
+    workers = max(1, min(torch.get_num_threads(), total // (_CHUNK * _CHUNKS_PER_THREAD)))
     shares = [chunks[i::workers] for i in range(workers)]
     if workers == 1:
         results = [_split_chunks(shares[0], lo, hi)]

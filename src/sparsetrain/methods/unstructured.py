@@ -343,8 +343,8 @@ class Sparsifier(Method):
         """Recompute thresholds (and rescales) for s(t) from the current weights, t unchanged."""
         self._check_attached()
         with torch.no_grad():
-            self._check_finite()
             magnitudes = [param.normalised(w).abs() for param, w in zip(self._params, self._weights)]
+            self._check_finite(magnitudes)
             selection = _same_on_every_rank(select(magnitudes, self.target, self.config.scope), magnitudes)
             for param, w, mag, threshold, ties in zip(
                 self._params, self._weights, magnitudes, selection.thresholds, selection.ties
@@ -355,8 +355,8 @@ class Sparsifier(Method):
                     kept = mag > threshold
                     param.rescale = st3_rescale(w, kept if ties is None else kept & ~ties)
 
-    def _check_finite(self) -> None:
-        peaks = torch.stack(torch._foreach_norm(self._weights, float("inf")))
+    def _check_finite(self, magnitudes: Sequence[Tensor]) -> None:
+        peaks = torch.stack(torch._foreach_max(magnitudes))
         if not bool(torch.isfinite(peaks).all()):
             name = self.names[int((~torch.isfinite(peaks)).nonzero()[0])]
             raise FloatingPointError(
