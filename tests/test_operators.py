@@ -64,3 +64,13 @@ def test_p3_keeps_every_weight_above_threshold_nonzero():
 def test_invalid_p_is_rejected(bad):
     with pytest.raises(ValueError, match=r"p=.* allowed: a number >= 1 or inf"):
         validate_p(bad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_p3_in_16_bits_keeps_every_weight_above_threshold_nonzero(dtype):
+    gen = torch.Generator().manual_seed(0)
+    w = (torch.randn(100_000, generator=gen) * 1e-2).to(dtype)
+    threshold = w.abs().float().kthvalue(90_000).values.item()  # a magnitude of the weights, as the engine picks
+    out = threshold_operator(w, threshold, 3.0)
+    assert out.dtype == dtype
+    assert int((out == 0).sum()) == int((w.abs() <= threshold).sum())

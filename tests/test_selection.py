@@ -12,11 +12,9 @@ from sparsetrain.selection import (
     _split_numpy,
     kth_smallest,
     layer_sigma,
-    magnitude_threshold,
     prune_count,
     sample_stride,
     select,
-    select_thresholds,
 )
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
@@ -115,15 +113,15 @@ def test_k_out_of_range_is_rejected():
 def test_prune_count_and_zero_threshold():
     assert prune_count(0.9, 1000) == 900
     assert prune_count(0.99, 1234) == round(0.99 * 1234)
-    assert magnitude_threshold([torch.ones(10)], 0.01) == 0.0  # round(0.1) = 0 weights pruned
+    assert select([torch.ones(10)], 0.01, "global").thresholds == [0.0]  # round(0.1) = 0 weights pruned
 
 
 def test_scopes():
     a = torch.tensor([1.0, 2.0, 3.0, 4.0])
     b = torch.tensor([10.0, 20.0, 30.0, 40.0])
-    assert select_thresholds([a, b], 0.5, "global") == [4.0, 4.0]
-    assert select_thresholds([a, b], 0.5, "layer") == [2.0, 20.0]
-    assert select_thresholds([a, b], 0.5, "sigma") == [4.0, 4.0]  # the caller normalises
+    assert select([a, b], 0.5, "global").thresholds == [4.0, 4.0]
+    assert select([a, b], 0.5, "layer").thresholds == [2.0, 20.0]
+    assert select([a, b], 0.5, "sigma").thresholds == [4.0, 4.0]  # the caller normalises
 
 
 def test_layer_sigma():
@@ -199,12 +197,14 @@ def test_layer_scope_prunes_exactly_k_in_each_layer(dtype):
 
 
 @pytest.mark.parametrize("scope", ["global", "layer", "sigma"])
-def test_without_ties_select_is_select_thresholds(scope):
+def test_without_ties_the_threshold_is_the_kth_smallest(scope):
     gen = torch.Generator().manual_seed(2)
     magnitudes = [torch.rand(n, generator=gen, dtype=torch.float64) for n in (50_000, 333, 20_000)]
     selection = select(magnitudes, 0.8, scope)
     assert selection.ties == [None, None, None]
-    assert selection.thresholds == select_thresholds(magnitudes, 0.8, scope)
+    groups = [[m] for m in magnitudes] if scope == "layer" else [magnitudes] * 3
+    expected = [reference_kth(g, prune_count(0.8, sum(m.numel() for m in g))) for g in groups]
+    assert selection.thresholds == expected
 
 
 def test_zero_sparsity_prunes_nothing():

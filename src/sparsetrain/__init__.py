@@ -18,7 +18,7 @@ from .prunable import find_prunable
 from .operators import sparsify_ste, threshold_operator
 from .report import LayerReport, SparsityReport, sparsity_report
 from .schedules import Constant, Cubic, Linear, make_schedule
-from .selection import Selection, kth_smallest, magnitude_threshold, select
+from .selection import Selection, kth_smallest, select
 
 __all__ = [
     "FRS",
@@ -37,7 +37,6 @@ __all__ = [
     "find_prunable",
     "kth_smallest",
     "list_methods",
-    "magnitude_threshold",
     "make_schedule",
     "method_config",
     "method_options",

@@ -39,11 +39,15 @@ def threshold_operator(w: Tensor, threshold: float, p: float) -> Tensor:
     floating point (the count of zeros is then exactly the count of |w| <= T): for an integer p
     as (|w| - T) * sum_i |w|^i T^(p-1-i) (Feather's p = 3: (|w| - T)(|w|(|w| + T) + T^2), one
     power function in all), for any other finite p > 1 as T^p * expm1(p * log1p((|w| - T) / T)).
+    Float16 and bfloat16 weights are shrunk in float32 (in 16 bits the product underflows to 0
+    just above T) and the result rounded back.
     """
     if threshold <= 0.0:
         return w
     if math.isinf(p):
         return w * (w.abs() > threshold)
+    if w.dtype in (torch.float16, torch.bfloat16) and p != 1.0:
+        return threshold_operator(w.float(), threshold, p).to(w.dtype)
     magnitude = w.abs()
     excess = torch.relu(magnitude - threshold)
     if p == 1.0:

@@ -117,23 +117,6 @@ def kth_smallest(values: Sequence[Tensor], k: int) -> float:
     return _locate(*_arrays(values), k).value
 
 
-def magnitude_threshold(magnitudes: Sequence[Tensor], sparsity: float) -> float:
-    """The k-th smallest magnitude, k = round(s * N) (0 if k = 0): pruning |m| <= T zeroes k
-    magnitudes when none ties with T, and every tie at T too (see :func:`select`)."""
-    n = sum(m.numel() for m in magnitudes)
-    k = prune_count(sparsity, n)
-    return kth_smallest(magnitudes, k) if k > 0 else 0.0
-
-
-def select_thresholds(magnitudes: Sequence[Tensor], sparsity: float, scope: str) -> list[float]:
-    """One :func:`magnitude_threshold` per layer, in the units of that layer's (normalised)
-    magnitudes: the shared one for "global" and "sigma", each layer's own for "layer"."""
-    if validate_scope(scope) == "layer":
-        return [magnitude_threshold([m], sparsity) for m in magnitudes]
-    shared = magnitude_threshold(magnitudes, sparsity)
-    return [shared] * len(magnitudes)
-
-
 # -- finding the k-th smallest value ------------------------------------------------------
 
 

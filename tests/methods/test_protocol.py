@@ -2,6 +2,7 @@
 issue #9 checked for each: finalize() computes what the trained model computed, the optimizer
 always holds exactly the live parameters, mid-run state resumes bit-identically."""
 
+import copy
 import io
 
 import pytest
@@ -64,6 +65,7 @@ def test_the_loop_drives_every_method(name):
         trained = model(x)
     final = method.finalize()
     assert final is model  # every method works in place, FRS included
+    assert live_parameters_match(model, optimizer)  # GDP's optimizer lets go of the gates
     assert not any(hasattr(m, "parametrizations") for m in final.modules())
     final.eval()
     with torch.no_grad():
@@ -74,6 +76,11 @@ def test_gdp_gates_are_parameters_of_the_model():
     model, method, _ = build("gdp")
     assert any(p is method.gates for p in model.parameters())
     assert sum(1 for key in model.state_dict() if key.endswith(".gates")) == 1
+    copied = copy.deepcopy(model)  # the gated model copies without the method or its optimizer
+    assert sum(p.numel() for p in copied.parameters()) == sum(p.numel() for p in model.parameters())
+    stale = torch.optim.SGD([p for p in model.parameters() if p is not method.gates], lr=0.1)
+    with pytest.raises(ValueError, match="the optimizer does not hold GDP's gates"):
+        method.bind(stale)
 
 
 def test_frs_removes_channels_in_place_and_reports_it():

@@ -258,7 +258,7 @@ class GridNet(nn.Module):
         return self.b(torch.relu(self.a(x)))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("method", PRESETS)
 def test_exact_count_with_tied_magnitudes(method, dtype):
     model = GridNet().to(dtype)
@@ -326,3 +326,10 @@ def test_a_shared_weight_is_one_weight(method):
         torch.testing.assert_close(final(x), before, rtol=0, atol=0)
     zeros = int((final.first.weight == 0).sum()) + int((final.head.weight == 0).sum())
     assert zeros == round(0.6 * sp.numel())
+
+
+def test_a_shared_weight_with_an_excluded_user_is_refused():
+    model = SharedNet()
+    with pytest.raises(ValueError, match="layer 'second' shares a weight with a prunable layer but is not prunable"):
+        st.Sparsifier(model, "feather", 0.5, total_steps=2, exclude=["second"])
+    assert not any(hasattr(m, "parametrizations") for m in model.modules())  # nothing attached

@@ -104,3 +104,19 @@ def test_channel_pruning_cells_land_in_their_own_table(tmp_path):
     assert "| method | FLOPs target | FLOPs reached (% of dense) | test accuracy (%) |" in table
     assert "| gdp | 50% |" in table and "| frs | — |" in table
     assert (tmp_path / "accuracy_vs_flops.png").is_file()
+
+
+def test_shared_method_options_go_to_the_methods_that_take_them(tmp_path):
+    from sparsetrain.run.bench import check_grid
+
+    cells = grid_cells(["feather", "gdp"], [0.9], [0])
+    base = {**BASE, "pthres": 100, "method_args": {"theta": 0.5}}
+    check_grid(base, cells, tmp_path)  # dense and gdp take neither: no error
+    by_method = {c.method: c.training_options(base) for c in cells}
+    assert "pthres" not in by_method["dense"] and by_method["dense"]["method_args"] == {}
+    assert by_method["feather"]["pthres"] == 100 and by_method["feather"]["method_args"] == {"theta": 0.5}
+    assert by_method["gdp"]["flops_target"] == 0.5 and "pthres" not in by_method["gdp"]
+    with pytest.raises(ValueError, match="method option 'thetta' applies to none of the grid's methods"):
+        check_grid({**BASE, "method_args": {"thetta": 0.5}}, cells, tmp_path)
+    with pytest.raises(ValueError, match="--prune-every applies to none of the grid's methods"):
+        check_grid({**BASE, "prune_every": 2}, cells, tmp_path)

@@ -25,7 +25,8 @@ L2-normalised in its layer), so a stream channel is judged over its whole depth.
 pruning step removes the ``channels_per_step`` lowest-scoring group channels across all
 groups (ties: earlier group, lower index first), always leaving at least one channel per
 group; the classifier's outputs are never candidates. Channels are removed for real with
-:func:`~sparsetrain.structured.surgery.remove_channels` (the public code only zeroes them).
+:func:`~sparsetrain.structured.surgery.remove_channels_`, in place (the public code only zeroes
+them).
 
 In place: the model object keeps its identity, its resized layers get new parameters and the
 bound optimizer is re-pointed at them, so it still holds exactly the live parameters, with

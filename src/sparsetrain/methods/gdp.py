@@ -90,7 +90,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -166,22 +166,38 @@ class GDPOptions:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not allowed; allowed: a positive finite number.")
 
 
+class GateBank:
+    """The gate parameters x and the current eps, shared by every gated layer."""
+
+    def __init__(self, gates: nn.Parameter, eps: float) -> None:
+        self.gates, self.eps = gates, eps
+
+    def values(self) -> Tensor:
+        """g(x) = x^2 / (x^2 + eps) of every gated channel."""
+        x2 = self.gates * self.gates
+        return x2 / (x2 + self.eps)
+
+    def values_and_one(self) -> Tensor:
+        """g(x) with a trailing 1, the value of every ungated feature."""
+        return torch.cat([self.values(), self.gates.new_ones(1)])
+
+
 class InputGate(nn.Module):
     """The parametrization of a reader's weight: W[:, c] * g_c, g looked up by input feature.
 
-    ``values`` returns the gate values with a trailing 1 for ungated features; the parameter
-    ``gates`` is registered only on the first reader (``owner``) so the model holds it once.
+    The bank's parameter is registered only on the first reader (``owner``), so the model holds
+    it once; the others reach it through the bank, which is not a module.
     """
 
-    def __init__(self, gates: nn.Parameter, values: Callable[[], Tensor], index: Tensor, owner: bool) -> None:
+    def __init__(self, bank: GateBank, index: Tensor, owner: bool) -> None:
         super().__init__()
         if owner:
-            self.gates = gates
-        self.__dict__["_values"] = values  # not a submodule: shared by every reader
+            self.gates = bank.gates
+        self.__dict__["bank"] = bank
         self.register_buffer("index", index, persistent=False)
 
     def forward(self, weight: Tensor) -> Tensor:
-        gate = self._values()[self.index].to(weight.dtype)
+        gate = self.bank.values_and_one()[self.index].to(weight.dtype)
         return weight * gate.view((1, -1) + (1,) * (weight.dim() - 2))
 
 
@@ -211,7 +227,6 @@ class GDP(Method):
         self.lr_lambda, self.gate_min, self.tolerance = float(options.lr_lambda), float(options.gate_min), float(options.tolerance)
         self.prune_steps = max(1, round(options.prune_end * total_steps))
         self.lambda_init = float(options.lambda_init)
-        self.eps = self.eps_start
         self.example_inputs = example_inputs.detach().clone()
 
         _, couplings = trace_couplings(copy.deepcopy(model), example_inputs)
@@ -264,6 +279,7 @@ class GDP(Method):
 
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
         self.gates = nn.Parameter(torch.full((self.size,), float(options.init), device=device))
+        self.bank = GateBank(self.gates, self.eps_start)
         self._soft = [torch.as_tensor(a, dtype=torch.float32, device=device) for a in (m_in, m_out, coef)]
         self._inverse_fan = torch.as_tensor(1.0 / np.maximum(fan, 1), dtype=torch.float32, device=device)
         self._readers = [
@@ -274,7 +290,7 @@ class GDP(Method):
             if parametrize.is_parametrized(modules[name], "weight"):
                 raise ValueError(f"layer {name!r} is already parametrized; allowed: a model not yet attached to a method.")
         for position, name in enumerate(self._readers):
-            gate = InputGate(self.gates, self._gates_and_one, torch.as_tensor(in_index[name], device=device), position == 0)
+            gate = InputGate(self.bank, torch.as_tensor(in_index[name], device=device), position == 0)
             parametrize.register_parametrization(modules[name], "weight", gate)
 
         self._step = 0
@@ -285,13 +301,18 @@ class GDP(Method):
 
     # -- the gated forward pass ----------------------------------------------------------
 
+    @property
+    def eps(self) -> float:
+        """The current eps of g(x) = x^2 / (x^2 + eps)."""
+        return self.bank.eps
+
+    @eps.setter
+    def eps(self, value: float) -> None:
+        self.bank.eps = value
+
     def gate_values(self) -> Tensor:
         """g(x) of every gated channel, groups concatenated in the order of :attr:`groups`."""
-        x2 = self.gates * self.gates
-        return x2 / (x2 + self.eps)
-
-    def _gates_and_one(self) -> Tensor:
-        return torch.cat([self.gate_values(), self.gates.new_ones(1)])
+        return self.bank.values()
 
     # -- reading the state ---------------------------------------------------------------
 
@@ -354,13 +375,23 @@ class GDP(Method):
 
     # -- changing the state --------------------------------------------------------------
 
+    def bind(self, optimizer: torch.optim.Optimizer) -> None:
+        """Remember the optimizer; it must hold the gates (build it after ``create()``)."""
+        if not any(p is self.gates for group in optimizer.param_groups for p in group["params"]):
+            raise ValueError("the optimizer does not hold GDP's gates; allowed: an optimizer built from "
+                             "model.parameters() after sparsetrain.create().")
+        super().bind(optimizer)
+
     def before_optimizer_step(self) -> None:
         """Add the penalty's gradient to the gates' gradient (nothing once holding)."""
         self._check_attached()
         if self.holding:
             return
         (grad,) = torch.autograd.grad(self.penalty(), self.gates)
-        self.gates.grad = grad if self.gates.grad is None else self.gates.grad + grad
+        if self.gates.grad is None:
+            self.gates.grad = grad
+        else:
+            self.gates.grad.add_(grad)
 
     def step(self) -> bool:
         """Advance t: anneal eps, make exact zeros by the proximal step, adapt lambda."""
@@ -441,6 +472,10 @@ class GDP(Method):
                 if dead:
                     drop[coupling.root] = [i for i, c in coupling.outputs[coupling.root] if c in dead]
         self._finalized = True
+        if self.optimizer is not None:  # the gates are gone from the model: the optimizer lets go too
+            for group in self.optimizer.param_groups:
+                group["params"] = [p for p in group["params"] if p is not self.gates]
+            self.optimizer.state.pop(self.gates, None)
         remove_channels_(self.model, drop, self.example_inputs, self.optimizer)
         return self.model
 
@@ -464,9 +499,11 @@ class GDP(Method):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a state saved by :meth:`state_dict` of a GDP on the same model."""
         self._check_attached()
+        if state.get("method") != self.name:
+            raise ValueError(f"this state is for method {state.get('method')!r}; allowed: a state of method 'gdp'.")
         roots = [c.root for c in self.couplings]
-        if state.get("method") != self.name or list(state["groups"]) != roots or tuple(state["last"].shape) != (self.size,):
-            raise ValueError(f"this state gates groups {list(state.get('groups', []))[:3]}...; allowed: a state of a GDP on "
+        if list(state["groups"]) != roots or tuple(state["last"].shape) != (self.size,):
+            raise ValueError(f"this state gates groups {list(state['groups'])[:3]}...; allowed: a state of a GDP on "
                              f"the same model, gating {roots[:3]}... ({self.size} channels).")
         self.lam = float(state["lambda"])
         self.eps = float(state["eps"])

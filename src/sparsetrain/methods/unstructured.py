@@ -254,6 +254,14 @@ class Sparsifier(Method):
             )
         if any(parametrize.is_parametrized(module, "weight") for _, module in layers):
             raise ValueError("the model's weights are already parametrized; allowed: a model not yet attached to a method.")
+        chosen = {id(module) for _, module in layers}
+        pruned_weights = {id(module.weight) for _, module in layers}
+        for name, module in model.named_modules(remove_duplicate=False):
+            if id(module) not in chosen and id(getattr(module, "weight", None)) in pruned_weights:
+                raise ValueError(
+                    f"layer {name!r} shares a weight with a prunable layer but is not prunable itself (its type, "
+                    "name pattern or size); allowed: every layer of a shared weight pruned, or none."
+                )
         self.model = model
         self._modules = [module for _, module in layers]
         # One entry per distinct weight: a Parameter shared by several layers is one weight.
@@ -394,9 +402,9 @@ class Sparsifier(Method):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a state saved by :meth:`state_dict` on the same model and method."""
         self._check_attached()
-        if state["method"] != self.name or list(state["layers"]) != self.names:
+        if state.get("method") != self.name or list(state["layers"]) != self.names:
             raise ValueError(
-                f"this state is for method {state['method']!r} on layers {state['layers'][:3]}...; "
+                f"this state is for method {state.get('method')!r} on layers {list(state.get('layers', []))[:3]}...; "
                 f"allowed: a state of method {self.name!r} on the same layers."
             )
         self._step = int(state["step"])

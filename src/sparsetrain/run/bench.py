@@ -1,7 +1,9 @@
 """The comparison grid: accuracy against sparsity for every method, resumable, with a table and plots.
 
-A grid trains the dense reference once per seed and every (method, sparsity, seed) cell with
-the same recipe. Each finished cell appends one record to ``results.jsonl``; re-running the grid
+A grid trains the dense reference once per seed and every (method, target, seed) cell with
+the same recipe; the target is the option the method's registry entry names (sparsity for the
+unstructured presets, the FLOPs target for gdp, none for frs). Method flags and ``method_args``
+shared by the grid go to the methods that take them. Each finished cell appends one record to ``results.jsonl``; re-running the grid
 skips finished cells, resumes a cell killed mid-run from its last epoch checkpoint, and drops a
 truncated last line of the results file (a grid killed while writing it) without losing the
 other records.
@@ -15,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ from typing import Any
 from ..methods import method_spec
 from .checkpoint import atomic_write, write_json
 from .folder import RunFolder
-from .options import options_from_dict
+from .options import METHOD_FLAGS, options_from_dict
 from .loop import train
 from .plots import method_colors, plot_accuracy_vs_flops, plot_accuracy_vs_sparsity
 
@@ -61,6 +62,15 @@ class Cell:
             options[self.target_option] = self.target
         return options
 
+    def training_options(self, base: dict[str, Any]) -> dict[str, Any]:
+        """The shared options, less the method flags and ``method_args`` this cell's method does
+        not take (the dense reference takes none), with the cell's own on top."""
+        takes = set(method_spec(self.method).option_names())
+        shared = {k: v for k, v in base.items() if k not in METHOD_FLAGS or METHOD_FLAGS[k][0] in takes}
+        if "method_args" in base:
+            shared["method_args"] = {k: v for k, v in base["method_args"].items() if k in takes}
+        return {**shared, **self.options()}
+
 
 def grid_cells(
     methods: Sequence[str], sparsities: Sequence[float], seeds: Sequence[int], flops_targets: Sequence[float] = (0.5,)
@@ -70,8 +80,7 @@ def grid_cells(
     values = {"sparsity": sparsities, "flops_target": flops_targets}
 
     def targets(method: str) -> Sequence[float | None]:
-        option = method_spec(method).target
-        return (None,) if option is None else values[option]
+        return values.get(method_spec(method).target, (None,))  # another target: the method's default
 
     return [
         cell
@@ -125,8 +134,15 @@ def check_grid(base: dict[str, Any], cells: Sequence[Cell], out: str | Path) -> 
     """Raise ValueError, before anything trains, for a bad cell option or a folder holding another grid."""
     if not cells:
         raise ValueError("the grid has no cell; allowed: at least one seed.")
+    taken = {name for cell in cells for name in method_spec(cell.method).option_names()}
+    for flag, (option, _) in METHOD_FLAGS.items():
+        if flag in base and option not in taken:
+            raise ValueError(f"--{flag.replace('_', '-')} applies to none of the grid's methods; allowed: a flag one of them takes.")
+    unknown = sorted(set(base.get("method_args", {})) - taken)
+    if unknown:
+        raise ValueError(f"method option {unknown[0]!r} applies to none of the grid's methods; allowed: {', '.join(sorted(taken))}.")
     for cell in cells:
-        options_from_dict({**base, **cell.options(), "name": "check"})
+        options_from_dict({**cell.training_options(base), "name": "check"})
     saved = Path(out) / GRID
     if saved.is_file() and json.loads(saved.read_text()) != _shared_options(base):
         raise ValueError(f"{out} holds a grid with other options ({saved}); allowed: the same options, or a new --out.")
@@ -152,11 +168,11 @@ def run_grid(
     for index, cell in enumerate(cells):
         if cell.name in done:
             continue
-        options = options_from_dict({**base, **cell.options(), "out": str(out / "runs"), "name": cell.name})
+        options = options_from_dict({**cell.training_options(base), "out": str(out / "runs"), "name": cell.name})
         folder = RunFolder(options.run_dir)
         resume = folder.has_checkpoint()
         if folder.exists() and not resume:
-            shutil.rmtree(folder.path)  # killed before its first checkpoint: nothing to keep
+            folder.remove()  # killed before its first checkpoint: nothing to keep
         log(f"[{index + 1}/{len(cells)}] {cell.name}" + (" (resuming)" if resume else ""))
         train(options, resume=resume, log=lambda line: log(f"  {line}"))
         record = {"cell": cell.name, "method": cell.method, "target": cell.target_option,

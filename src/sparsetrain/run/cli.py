@@ -20,13 +20,13 @@ import yaml
 from safetensors.torch import load_file
 
 from ..data import DATASET_NAMES, BatchLoader, load_dataset
-from ..methods import list_methods, method_options, method_spec
+from ..methods import list_methods, method_spec
 from ..models import create_model, input_size, list_models
 from ..report import size_report, sparsity_report
 from .bench import DEFAULT_METHODS, check_grid, grid_cells, run_grid
 from .export import save_sparse
-from .folder import CONFIG, MODEL, final_weights, load_run
-from .loop import EVAL_BATCH_SIZE, evaluate, fit, prepare
+from .folder import CONFIG, MODEL, RunFolder, final_weights, load_run
+from .loop import EVAL_BATCH_SIZE, evaluate, fit, method_title, prepare
 from .options import TrainOptions, options_from_dict, resolve_device
 
 USAGE_ERROR = 2
@@ -168,10 +168,10 @@ def train_options(args: dict[str, Any]) -> tuple[TrainOptions, bool]:
     """Merge defaults, the config file and the command line; or reload a run to resume."""
     if "resume" in args:
         run_dir = Path(args.pop("resume"))
-        config = run_dir / CONFIG
-        if not config.is_file():
+        folder = RunFolder(run_dir)
+        if not folder.has_config():
             raise UsageError(f"cannot resume {run_dir}: it has no {CONFIG}")
-        saved = json.loads(config.read_text())["options"]
+        saved = folder.saved_options()
         extra = sorted(set(args) - {"device", "workers"})
         if extra:
             raise UsageError(f"--{extra[0].replace('_', '-')} cannot change when resuming; a resumed run keeps its options")
@@ -212,8 +212,7 @@ def command_export(path: str, out: str | None) -> None:
 def command_report(path: str) -> None:
     run = load_run(path, torch.device("cpu"))
     name, method = run.config["model"]["name"], run.config["method"]
-    target = getattr(method_options(method["name"], **method["options"]), "sparsity", None)
-    print(f"{name} · {method['name']}" + ("" if target is None else f" · target sparsity {target:.2%}") + "\n")
+    print(f"{name} · {method_title(method['name'], method['options'])}\n")
     print(sparsity_report(run.model).to_markdown() + "\n")
     if run.method is None:  # a finished model: sizes before and after
         example = torch.zeros(1, *input_size(name))

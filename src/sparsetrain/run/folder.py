@@ -15,6 +15,7 @@ scripts: a finished one from its widths and weights, a checkpoint with its metho
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,8 +54,15 @@ class RunFolder:
     def has_checkpoint(self) -> bool:
         return self.file(CHECKPOINT).is_file()
 
+    def has_config(self) -> bool:
+        return self.file(CONFIG).is_file()
+
     def is_finished(self) -> bool:
         return self.file(MODEL).is_file()
+
+    def remove(self) -> None:
+        """Delete the folder and everything in it (a run killed before its first checkpoint)."""
+        shutil.rmtree(self.path)
 
     def create(self, config: dict[str, Any]) -> None:
         """Make the folder and write its config.json."""
@@ -63,6 +71,10 @@ class RunFolder:
 
     def config(self) -> dict[str, Any]:
         return json.loads(self.file(CONFIG).read_text())
+
+    def saved_options(self) -> dict[str, Any]:
+        """The training options the run was started with."""
+        return self.config()["options"]
 
     def update_config(self, **values: Any) -> None:
         write_json(self.file(CONFIG), {**self.config(), **values})

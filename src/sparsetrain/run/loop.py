@@ -26,11 +26,11 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from ..data import BatchLoader, ImageDataset, load_dataset
-from ..methods import Method, create, method_options
+from ..methods import Method, create, method_options, method_spec
 from ..models import create_model
 from ..modes import eval_mode
 from ..report import count_flops, sparsity_report
-from .folder import LAYERS_PLOT, REPORT, TRAINING_PLOT, RunFolder, changed_shapes
+from .folder import CHECKPOINT, LAYERS_PLOT, REPORT, TRAINING_PLOT, RunFolder, changed_shapes
 from .options import TrainOptions, resolve_device
 from .plots import plot_layer_sparsity, plot_training
 
@@ -50,9 +50,12 @@ class Distributed:
 
     @staticmethod
     def from_environment(device: torch.device) -> Distributed:
+        """Join the torchrun job, if any; each rank on its own GPU (LOCAL_RANK) under CUDA."""
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
         if world_size == 1:
             return Distributed()
+        if device.type == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         if not dist.is_initialized():
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         return Distributed(dist.get_rank(), dist.get_world_size())
@@ -78,6 +81,12 @@ class Setup:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
+def method_title(name: str, given: dict[str, Any]) -> str:
+    """The method and the value of its target option, e.g. "feather · sparsity 0.9"."""
+    target = method_spec(name).target
+    return name if target is None else f"{name} · {target} {getattr(method_options(name, **given), target):g}"
+
+
 def model_record(options: TrainOptions, num_classes: int) -> dict[str, Any]:
     """The model's constructor call, enough to rebuild it: {"name": ..., "kwargs": {...}}."""
     return {"name": options.model, "kwargs": {**options.model_args, "num_classes": num_classes}}
@@ -98,11 +107,13 @@ def prepare(options: TrainOptions, resume: bool = False) -> Setup:
     if options.workers:
         torch.set_num_threads(options.workers)
     data = load_dataset(options.dataset, options.data_dir)
+    ranks = Distributed.from_environment(device)
+    if ranks.world_size > 1 and device.type == "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())  # this rank's GPU
     state = folder.load_checkpoint(device) if resume else None
     torch.manual_seed(options.seed)
     record = model_record(options, data.num_classes)
     model = create_model(record["name"], **record["kwargs"]).to(device)
-    ranks = Distributed.from_environment(device)
     x_train, y_train = data.x_train[: options.limit], data.y_train[: options.limit]
     train_loader = BatchLoader(
         x_train, y_train, options.batch_size, data.mean, data.std, augment=True, seed=options.seed,
@@ -144,8 +155,8 @@ def make_optimizer(model: nn.Module, options: TrainOptions) -> torch.optim.SGD:
 
 def _check_resumable(options: TrainOptions, folder: RunFolder) -> None:
     if not folder.has_checkpoint():
-        raise ValueError(f"cannot resume: {folder.path / 'checkpoint.safetensors'} does not exist; allowed: a run folder with a checkpoint.")
-    saved = folder.config()["options"]
+        raise ValueError(f"cannot resume: {folder.file(CHECKPOINT)} does not exist; allowed: a run folder with a checkpoint.")
+    saved = folder.saved_options()
     for key, value in dataclasses.asdict(options).items():
         if key not in ("device", "workers") and saved.get(key) != value:
             raise ValueError(
@@ -161,7 +172,7 @@ def _restore(setup: Setup, state: dict[str, Any]) -> None:
     setup.model.load_state_dict(state["model"])
     setup.optimizer.load_state_dict(state["optimizer"])
     setup.scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["rng"])
+    torch.set_rng_state(state["rng"].cpu())
     setup.start_epoch = int(state["epoch"])
     setup.history = list(state["history"])
 
@@ -234,8 +245,8 @@ def fit(setup: Setup, log: Callable[[str], None] = print) -> dict[str, Any]:
             loss = F.cross_entropy(net(x), y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            nn.utils.clip_grad_norm_(model.parameters(), options.clip)
-            method.before_optimizer_step()
+            nn.utils.clip_grad_norm_(model.parameters(), options.clip)  # the loss's gradient only:
+            method.before_optimizer_step()  # the method's own (GDP's penalty) is added unclipped
             optimizer.step()
             setup.scheduler.step()
             if method.step():  # parameter shapes changed: DDP must see the new ones
@@ -307,8 +318,7 @@ def _finish(setup: Setup, dense_flops: int, log: Callable[[str], None]) -> dict[
         folder.write_model(model)
         shapes = changed_shapes(model, create_model(record["name"], **record["kwargs"]))
         folder.update_config(metrics=final, shapes=shapes)
-        target = getattr(method_options(options.method, **folder.config()["method"]["options"]), "sparsity", None)
-        title = f"# {options.model} · {options.method}" + ("" if target is None else f" · target sparsity {target:.2%}")
+        title = f"# {options.model} · {method_title(options.method, folder.config()['method']['options'])}"
         header = f"{title}\n\ntest accuracy {test_acc:.2%}, sparsity of prunable weights {report.sparsity:.2%}\n\n"
         folder.write_text(REPORT, header + report.to_markdown() + "\n")
         plot_training(setup.history, folder.file(TRAINING_PLOT))
