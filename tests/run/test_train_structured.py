@@ -46,13 +46,17 @@ def kill_after_epoch(argv, epoch):
 
 @pytest.mark.parametrize("method, extra", [("frs", ["--prune-every", "1", "--stop-at", "2"]), ("gdp", [])])
 @pytest.mark.slow
-def test_killed_structured_run_resumes_bit_identical(tmp_path, method, extra):
+def test_killed_structured_run_resumes_bit_identical(tmp_path, capsys, method, extra):
     args = ["--method", method, "--epochs", "3", "--out", str(tmp_path), *SMALL, "--limit", "512", *extra]
     straight = subprocess.run([*COMMAND, *args, "--name", "straight"], capture_output=True, text=True, timeout=600)
     assert straight.returncode == 0, straight.stderr[-2000:]
     assert kill_after_epoch([*COMMAND, *args, "--name", "killed"], 2) != 0
     killed = tmp_path / "killed"
     assert not (killed / "model.safetensors").exists()
+    # The checkpoint evaluates with its method re-attached (FRS's widths, GDP's gates).
+    code, out, err = run_cli(capsys, "eval", killed / "checkpoint.safetensors", "--device", "cpu")
+    history = [json.loads(line) for line in (killed / "metrics.jsonl").read_text().splitlines()]
+    assert code == 0 and out.startswith(f"test acc {history[-1]['test_acc']:.2%}"), err
     resumed = subprocess.run([*COMMAND, "--resume", str(killed)], capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     expected = load_file(str(tmp_path / "straight" / "model.safetensors"))
