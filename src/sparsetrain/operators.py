@@ -74,7 +74,7 @@ def gradient_scale(w: Tensor, threshold: float, theta: float, ties: Tensor | Non
     kept = w.abs() > threshold
     if ties is not None:
         kept &= ~ties
-    return torch.where(kept, torch.ones_like(w), torch.full_like(w, theta))
+    return kept.to(w.dtype) if theta == 0.0 else torch.where(kept, 1.0, theta).to(w.dtype)
 
 
 class _ScaledStraightThrough(torch.autograd.Function):

@@ -21,7 +21,7 @@ def run_cli(capsys, *argv):
 
 @pytest.mark.slow
 def test_train_one_epoch_on_the_bundled_sample_then_eval_reproduces_it(tmp_path, capsys):
-    code, out, err = run_cli(capsys, "train", "--epochs", 1, "--out", tmp_path, "--name", "run", "--device", "cpu")
+    code, out, err = run_cli(capsys, "train", "--epochs", 1, "--limit", 1024, "--out", tmp_path, "--name", "run", "--device", "cpu")
     assert code == 0, err
     run = tmp_path / "run"
     expected = {"config.json", "metrics.jsonl", "checkpoint.safetensors", "model.safetensors", "report.md",

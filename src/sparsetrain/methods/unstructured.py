@@ -194,14 +194,15 @@ class SparseWeight(nn.Module):
         return int((pruned | self.ties).sum() if self.ties is not None else pruned.sum())
 
 
-def st3_rescale(w: Tensor, kept: Tensor) -> Tensor:
-    """ST-3 per-output-channel rescale a_c = 1.01 / (r_c + 0.01), shaped to broadcast over w.
+def st3_rescale(magnitude: Tensor, kept: Tensor) -> Tensor:
+    """ST-3 per-output-channel rescale a_c = 1.01 / (r_c + 0.01) of a weight's magnitudes |w|,
+    shaped to broadcast over w.
 
     r_c = (mean_k |w_ck| M_ck + 1e-6) / (mean_k |w_ck| + 1e-6), k running over the other dims.
     """
-    magnitude = w.detach().abs().flatten(1)
-    ratio = ((magnitude * kept.flatten(1)).mean(1) + RESCALE_EPS) / (magnitude.mean(1) + RESCALE_EPS)
-    return (1.01 / (ratio + 0.01)).view(-1, *([1] * (w.dim() - 1)))
+    flat = magnitude.flatten(1)
+    ratio = ((flat * kept.flatten(1)).mean(1) + RESCALE_EPS) / (flat.mean(1) + RESCALE_EPS)
+    return (1.01 / (ratio + 0.01)).view(-1, *([1] * (magnitude.dim() - 1)))
 
 
 class Sparsifier(Method):
@@ -359,9 +360,9 @@ class Sparsifier(Method):
             ):
                 param.threshold = threshold
                 param.ties = ties
-                if self.config.rescale:
+                if self.config.rescale:  # on |w|: the sigma scale cancels in the ratio r_c
                     kept = mag > threshold
-                    param.rescale = st3_rescale(w, kept if ties is None else kept & ~ties)
+                    param.rescale = st3_rescale(w.abs() if param.norm != 1.0 else mag, kept if ties is None else kept & ~ties)
 
     def _check_finite(self, magnitudes: Sequence[Tensor]) -> None:
         peaks = torch.stack(torch._foreach_max(magnitudes))
