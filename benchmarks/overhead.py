@@ -67,14 +67,16 @@ class Trainer:
 def interleaved_step_times(
     methods: list[str | None], rounds: int, batch_size: int, device: torch.device
 ) -> tuple[list[Trainer], list[list[float]]]:
-    """Step times per set-up; the set-ups take turns each round so machine drift hits all alike."""
+    """Step times per set-up; the set-ups take turns each round so machine drift hits all alike,
+    and the order rotates from round to round so no set-up always runs first or after the same one."""
     trainers = [Trainer(method, batch_size, device) for method in methods]
     times: list[list[float]] = [[] for _ in methods]
     for round_index in range(rounds + 3):
-        for trainer, record in zip(trainers, times):
-            elapsed = trainer.step()
+        for offset in range(len(trainers)):
+            i = (round_index + offset) % len(trainers)
+            elapsed = trainers[i].step()
             if round_index >= 3:
-                record.append(elapsed)
+                times[i].append(elapsed)
     return trainers, times
 
 
