@@ -351,8 +351,9 @@ class GDP(Method):
         return {"flops_ratio": self.flops_ratio(hard=True)}
 
     def penalty(self) -> Tensor:
-        """lambda * F(g) / F_dense, to add to the loss, its gradient on each gate divided by the
-        gate's fan; zero (still differentiable) once holding."""
+        """lambda * F(g) / F_dense, its gradient on each gate divided by the gate's fan; zero (still
+        differentiable) once holding. ``before_optimizer_step()`` adds its gradient; a loop that
+        adds the penalty to its loss instead must not call that too."""
         g = self.gate_values()
         g = g.detach() + (g - g.detach()) * self._inverse_fan  # value g, gradient scaled by 1 / n_c
         return (0.0 if self.holding else self.lam) * self._expected_flops(g) / self.dense_flops
