@@ -1,64 +1,113 @@
-"""compat.Pruner against an independent re-derivation of the reference recipe."""
+"""compat.Pruner is the published Feather Pruner: its own loop on the published code's recorded
+outputs (tests/fixtures/feather_pruner_*.npz, from athglentis/feather @ d4aefe6), and the rules
+of issue #10 derived by hand."""
+
+import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from sparsetrain.compat import Pruner
+from sparsetrain.compat import Pruner, feather_schedule, interpolated_quantile
 
-
-def reference_rate(step: int, final_rate: float, t1: int, t2: int) -> float:
-    """The Feather recipe: cubic from t1 to t2 = half of training (Zhu & Gupta form)."""
-    if step < t1:
-        return 0.0
-    if step >= t2:
-        return final_rate
-    return final_rate - final_rate * (1 - (step - t1) / (t2 - t1)) ** 3
+FIXTURES = Path(__file__).parent / "fixtures"
+CASES = json.loads((FIXTURES / "feather_pruner.json").read_text())["feather_pruner"]
 
 
-def reference_threshold(weights, rate: float) -> float:
-    """Sort every prunable magnitude and take the k-th, k = round(rate * N)."""
-    magnitudes = np.sort(np.concatenate([w.detach().numpy().ravel() for w in weights]).__abs__())
-    k = round(rate * magnitudes.size)
-    return float(magnitudes[k - 1]) if k > 0 else 0.0
+def fixture_network() -> nn.Sequential:
+    """The fixtures' network; module names are the Sequential indices."""
+    return nn.Sequential(
+        nn.Conv2d(3, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6), nn.ReLU(),
+        nn.Conv2d(6, 6, 3, padding=1, groups=6, bias=False), nn.BatchNorm2d(6), nn.ReLU(),
+        nn.Conv2d(6, 12, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(12), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(12, 5),
+    )
 
 
-@pytest.mark.parametrize("final_rate, t1", [(0.9, 0), (0.98, 1)])
-def test_pruner_follows_the_reference_schedule_and_thresholds(tiny_net, make_batches, final_rate, t1):
-    nbatches, epochs = 3, 6
-    pruner = Pruner(tiny_net, "cpu", final_rate, nbatches, epochs, t1=t1)
-    assert pruner.sparsifier.config.theta == (0.5 if final_rate > 0.95 else 1.0)
-    weights = pruner.sparsifier.dense_weights()
-    opt = torch.optim.SGD(tiny_net.parameters(), lr=0.05)
-    t2 = nbatches * epochs // 2
-    for step, (x, y) in enumerate(make_batches(nbatches * epochs)):
-        assert pruner.thresh == reference_threshold(weights, reference_rate(step, final_rate, t1 * nbatches, t2))
-        loss = F.cross_entropy(tiny_net(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+def run_published_loop(case: dict, data: dict, capsys) -> tuple[list[float], list[int], list[float], dict, str]:
+    """The published loop, verbatim but for the import: update_thresh before every forward,
+    update_thresh(end_of_batch=True) and print_sparsity after each epoch, desparsify at the end."""
+    model = fixture_network()
+    model.load_state_dict({k[len("init/"):]: torch.from_numpy(data[k]) for k in data.files if k.startswith("init/")})
+    model.train()
+    pruner = Pruner(model, "cpu", case["final_rate"], case["nbatches"], case["epochs"], case["pthres"], case["t1"])
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    thresholds, kinds, printed = [], [], []
+    x, y = torch.from_numpy(data["x"]), torch.from_numpy(data["y"])
+    for epoch in range(case["epochs"]):
+        for i in range(case["nbatches"]):
+            batch = epoch * case["nbatches"] + i
+            pruner.update_thresh()
+            thresholds.append(pruner.thresh)
+            kinds.append(0)
+            loss = F.cross_entropy(model(x[batch]), y[batch])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
         pruner.update_thresh(end_of_batch=True)
-    assert pruner.thresh == reference_threshold(weights, final_rate)
-    n = sum(w.numel() for w in weights)
-    assert pruner.print_sparsity() == pytest.approx(100 * round(final_rate * n) / n)
+        thresholds.append(pruner.thresh)
+        kinds.append(1)
+        printed.append(pruner.print_sparsity())
+    final = pruner.desparsify()
+    assert final is model and not any(hasattr(m, "parametrizations") for m in model.modules())
+    return thresholds, kinds, printed, model.state_dict(), capsys.readouterr().out
 
 
-def test_update_without_end_of_batch_keeps_the_step(tiny_net):
-    pruner = Pruner(tiny_net, "cpu", 0.5, nbatches=2, epochs=2)
-    pruner.update_thresh(end_of_batch=True)
-    with torch.no_grad():
-        pruner.sparsifier.dense_weights()[0].mul_(10)
+@pytest.mark.parametrize("case", CASES, ids=[c["file"][len("feather_pruner_"):-4] for c in CASES])
+def test_the_published_loop_gives_the_published_numbers(case, capsys):
+    data = np.load(FIXTURES / case["file"])
+    thresholds, kinds, printed, state, out = run_published_loop(case, data, capsys)
+    assert kinds == data["end_of_batch"].tolist()
+    np.testing.assert_allclose(thresholds, data["threshold"], rtol=1e-6, atol=0)
+    assert printed == pytest.approx(data["printed"].tolist(), abs=1e-9)  # the same weights counted as zero
+    for key in (k[len("final/"):] for k in data.files if k.startswith("final/")):
+        expected = torch.from_numpy(data[f"final/{key}"])
+        if expected.is_floating_point():
+            torch.testing.assert_close(state[key], expected, rtol=1e-5, atol=1e-6)
+            if key.endswith("weight") and expected.dim() > 1:
+                assert torch.equal(state[key] == 0, expected == 0), key  # the same zeros
+        else:
+            assert torch.equal(state[key], expected), key
+    lines = [line for line in out.splitlines() if "| sparsity:" in line]
+    assert len(lines) == case["epochs"] * len({"0", "3", "6", "11"} - ({"3", "11"} if case["pthres"] > 60 else set()))
+
+
+def test_schedule_by_hand():
+    # 2 batches x 4 epochs, t1 = 1 epoch: zeros for t < 2, cubic from t1 = 2 to t2 = floor(0.5 * 8) = 4, then s_f.
+    schedule = feather_schedule(0.8, nbatches=2, epochs=4, t1=1)
+    assert schedule.tolist() == pytest.approx([0, 0, 0.0, 0.8 - 0.8 * 0.5**3, 0.8, 0.8, 0.8, 0.8])
+
+
+def test_interpolated_quantile_by_hand():
+    values = torch.tensor([0.4, 0.1, 0.3, 0.2])  # sorted 0.1 0.2 0.3 0.4; m = 3 * 0.5 = 1.5 -> 0.25
+    assert interpolated_quantile(values, 0.5) == pytest.approx(0.25)
+    assert interpolated_quantile(values, 1.0) == pytest.approx(0.4)
+    assert interpolated_quantile(values, 0.0) == pytest.approx(0.1)
+
+
+def test_update_thresh_advances_and_end_of_batch_recomputes_without_advancing():
+    torch.manual_seed(0)
+    model = fixture_network()
+    pruner = Pruner(model, "cpu", 0.5, nbatches=2, epochs=2)  # schedule [0, 0.4375, 0.5, 0.5]
     pruner.update_thresh()
-    assert pruner.sparsifier.step_count == 1
-    assert pruner.thresh == reference_threshold(pruner.sparsifier.dense_weights(), reference_rate(1, 0.5, 0, 2))
-
-
-def test_pthres_leaves_small_layers_dense_and_desparsify_gives_a_plain_model(tiny_net, capsys):
-    pruner = Pruner(tiny_net, "cpu", 0.5, nbatches=1, epochs=2, pthres=320)  # fc has 320 weights
-    assert "fc" not in pruner.sparsifier.names and "conv2" in pruner.sparsifier.names
+    assert (pruner.step_idx, pruner.thresh) == (1, 0.0)
+    pruner.update_thresh()
+    magnitudes = torch.cat([m.parametrizations.weight.original.detach().flatten() for _, m in pruner.layers]).abs()
+    assert pruner.step_idx == 2 and pruner.thresh == pytest.approx(interpolated_quantile(magnitudes, 0.4375))
+    with torch.no_grad():
+        model[0].parametrizations.weight.original.mul_(3)  # the weights change: end_of_batch sees it
     pruner.update_thresh(end_of_batch=True)
-    percent = pruner.print_sparsity()
-    assert f"{percent:.2f}%" in capsys.readouterr().out
-    model = pruner.desparsify()
-    assert set(model.state_dict()) == set(type(tiny_net)().state_dict())
+    magnitudes = torch.cat([m.parametrizations.weight.original.detach().flatten() for _, m in pruner.layers]).abs()
+    assert pruner.step_idx == 2 and pruner.thresh == pytest.approx(interpolated_quantile(magnitudes, 0.4375))
+
+
+def test_pthres_boundary_and_exact_types():
+    model = fixture_network()  # prunable counts 162, 54, 648, 60
+    assert [name for name, _ in Pruner(model, "cpu", 0.5, 1, 2, pthres=162).layers] == ["0", "6"]  # 162 >= 162
+    class MyConv(nn.Conv2d):
+        pass
+    other = nn.Sequential(MyConv(3, 4, 3), nn.Conv2d(4, 4, 1))
+    assert [name for name, _ in Pruner(other, "cpu", 0.5, 1, 2).layers] == ["1"]  # exactly nn.Conv2d, not a subclass

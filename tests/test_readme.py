@@ -22,7 +22,8 @@ def test_readme_python_examples_run(capsys):
     assert "sparsity 0.9000" in out
     assert "| **total** |" in out
     assert "channels removed 80" in out and namespace["compact"] is namespace["method"].model
-    assert namespace["percent"] == 0.0  # the compat Pruner starts dense (cubic schedule at t = 0)
+    # the published count: floor((N - 1) s) + 1 of ResNet-20's N = 270,896 weights are |w| <= T
+    assert namespace["percent"] == pytest.approx(100 * 243_806 / 270_896)
 
 
 def test_ci_runs_the_readme_test_command():
