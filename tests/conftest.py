@@ -28,13 +28,15 @@ def _make_batches(count: int, seed: int = 0, size: int = 8) -> list[tuple[torch.
     return [(torch.randn(8, 3, size, size, generator=gen), torch.randint(0, 10, (8,), generator=gen)) for _ in range(count)]
 
 
-def _train(model, sparsifier, optimizer, batches) -> None:
+def train_steps(model, method, optimizer, batches) -> None:
+    """The protocol loop: forward, backward, before_optimizer_step, optimizer step, method step."""
     for x, y in batches:
         loss = F.cross_entropy(model(x), y)
         optimizer.zero_grad()
         loss.backward()
+        method.before_optimizer_step()
         optimizer.step()
-        sparsifier.step()
+        method.step()
 
 
 @pytest.fixture(autouse=True)
@@ -66,8 +68,8 @@ def make_batches():
 
 @pytest.fixture
 def train():
-    """train(model, sparsifier, optimizer, batches): forward, backward, optimizer step, sparsifier step."""
-    return _train
+    """train(model, method, optimizer, batches): the protocol loop over ``batches``."""
+    return train_steps
 
 
 def _randomize_batch_norms(model: nn.Module, seed: int = 0) -> None:

@@ -165,16 +165,6 @@ def test_model_without_gateable_group():
         GDP(nn.Sequential(nn.Flatten(), nn.Linear(12, 2)), 0.5, 10, torch.randn(1, 3, 2, 2))
 
 
-def _train(model, gdp, optimizer, batches):
-    for x, y in batches:
-        loss = F.cross_entropy(model(x), y)
-        optimizer.zero_grad()
-        loss.backward()
-        gdp.before_optimizer_step()
-        optimizer.step()
-        gdp.step()
-
-
 def test_before_optimizer_step_adds_the_penalty_gradient():
     model = TwoConvNet()
     x = torch.randn(2, 3, 8, 8)
@@ -196,12 +186,12 @@ def _setup(seed: int = 0):
     return model, gdp, optimizer
 
 
-def test_resume_mid_training_is_exact(make_batches):
+def test_resume_mid_training_is_exact(make_batches, train):
     batches = make_batches(12, size=32)
     model, gdp, optimizer = _setup()
-    _train(model, gdp, optimizer, batches[:6])
+    train(model, gdp, optimizer, batches[:6])
     saved = (copy.deepcopy(model.state_dict()), copy.deepcopy(gdp.state_dict()), copy.deepcopy(optimizer.state_dict()))
-    _train(model, gdp, optimizer, batches[6:])
+    train(model, gdp, optimizer, batches[6:])
 
     resumed_model, resumed, resumed_optimizer = _setup(seed=1)
     resumed.load_state_dict(saved[1])
@@ -211,7 +201,7 @@ def test_resume_mid_training_is_exact(make_batches):
     assert torch.equal(resumed.gates, saved[0][next(k for k in saved[0] if k.endswith(".gates"))])
     assert torch.equal(state["last"], saved[1]["last"]) and state["lambda"] == saved[1]["lambda"]
     assert (state["eps"], state["step"]) == (saved[1]["eps"], 6) and state["eps"] == resumed.eps_at(6)
-    _train(resumed_model, resumed, resumed_optimizer, batches[6:])
+    train(resumed_model, resumed, resumed_optimizer, batches[6:])
     a, b = gdp.state_dict(), resumed.state_dict()
     assert torch.equal(gdp.gates, resumed.gates) and (a["lambda"], a["eps"], a["step"], a["holding"]) == (
         b["lambda"], b["eps"], b["step"], b["holding"])
@@ -226,7 +216,7 @@ def test_load_state_of_other_model_is_refused():
 
 
 @pytest.mark.slow
-def test_run_on_bundled_sample_reaches_flops_target():
+def test_run_on_bundled_sample_reaches_flops_target(train):
     """ResNet-20 (width 0.5) on 1,024 sample images, batch 32, 3 epochs (96 steps), target 50 %."""
     torch.manual_seed(0)
     data = load_dataset()
@@ -242,7 +232,7 @@ def test_run_on_bundled_sample_reaches_flops_target():
         [{"params": decay, "weight_decay": 5e-4}, {"params": no_decay, "weight_decay": 0}], lr=0.1, momentum=0.9)
     gdp.bind(optimizer)
     for epoch in range(epochs):
-        _train(model, gdp, optimizer, loader.batches(epoch))
+        train(model, gdp, optimizer, loader.batches(epoch))
     zeros = int((gdp.gates == 0).sum())
     assert gdp.holding and gdp.forced <= zeros // 4, (zeros, gdp.forced)  # lambda made most zeros
     compact = gdp.finalize()
