@@ -14,14 +14,19 @@ Threshold timing: the forward pass of step t uses the threshold that makes the w
 they stand before step t exactly s(t) sparse. ``step()``, called right after
 ``optimizer.step()``, advances t and recomputes T from the updated weights.
 
+Fixed-mask phase (``fix_at``, ST-3's last 10 of 170 epochs): when t reaches ``fix_at`` the
+thresholds are recomputed for s(t), the forward weights a * P_p(w; T) are written into the
+weights, and from then on each layer computes with w * M, M the frozen mask of the kept
+weights: no shift, no rescale, gradient only on the kept weights, thresholds no longer move.
+
 A weight shared by several layers (one Parameter in two modules) is one weight: counted
 once, thresholded once, finalized once.
 
 | preset      | operator | theta                          | rescale | scope  | cubic schedule   |
 |-------------|----------|--------------------------------|---------|--------|------------------|
 | feather     | p = 3    | 0.5 if s_f > 0.95 else 1.0     | no      | global | 0 -> 1/2         |
-| st3         | p = 1    | 1.0                            | yes     | global | 5/160 -> 80/160  |
-| st3-sigma   | p = 1    | 1.0                            | yes     | sigma  | 5/160 -> 80/160  |
+| st3         | p = 1    | 1.0                            | yes     | global | 5/170 -> 80/170, fixed mask from 160/170 |
+| st3-sigma   | p = 1    | 1.0                            | yes     | sigma  | 5/170 -> 80/170, fixed mask from 160/170 |
 | gmp         | p = inf  | 0.0                            | no      | global | 0 -> 1/2         |
 | ste         | p = inf  | 1.0                            | no      | global | 0 -> 1/2         |
 
@@ -70,6 +75,7 @@ class MethodConfig:
     schedule: str = "cubic"
     start: int | float = 0
     end: int | float = 0.5
+    fix_at: int | float | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "p", validate_p(self.p))
@@ -80,8 +86,9 @@ class MethodConfig:
             raise ValueError(f"rescale={self.rescale!r} is not allowed; allowed: true or false.")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"unknown schedule {self.schedule!r}; known schedules: {', '.join(sorted(SCHEDULES))}.")
-        for name in ("start", "end"):
-            resolve_step(getattr(self, name), 1, name)
+        for name in ("start", "end", "fix_at"):
+            if getattr(self, name) is not None:
+                resolve_step(getattr(self, name), 1, name)
 
 
 KNOBS = tuple(f.name for f in dataclasses.fields(MethodConfig))
@@ -102,6 +109,7 @@ class UnstructuredOptions:
     schedule: str | None = None
     start: int | float | None = None
     end: int | float | None = None
+    fix_at: int | float | None = None
     exclude: tuple[str, ...] = ()
     min_size: int = 0
 
@@ -151,12 +159,12 @@ def feather(sparsity: float) -> MethodConfig:
 
 @register_preset("st3", "straight-through soft thresholding with per-channel rescale (WACV 2023)")
 def st3(sparsity: float) -> MethodConfig:
-    return MethodConfig(p=1.0, theta=1.0, rescale=True, start=5 / 160, end=80 / 160)
+    return MethodConfig(p=1.0, theta=1.0, rescale=True, start=5 / 170, end=80 / 170, fix_at=160 / 170)
 
 
 @register_preset("st3-sigma", "ST-3 with the global threshold on sigma-normalised weights (WACV 2023)")
 def st3_sigma(sparsity: float) -> MethodConfig:
-    return MethodConfig(p=1.0, theta=1.0, rescale=True, scope="sigma", start=5 / 160, end=80 / 160)
+    return MethodConfig(p=1.0, theta=1.0, rescale=True, scope="sigma", start=5 / 170, end=80 / 170, fix_at=160 / 170)
 
 
 @register_preset("gmp", "gradual magnitude pruning: hard threshold, no gradient to pruned weights (Zhu & Gupta 2017)")
@@ -179,17 +187,23 @@ class SparseWeight(nn.Module):
         self.threshold = 0.0
         self.register_buffer("rescale", None, persistent=False)
         self.register_buffer("ties", None, persistent=False)
+        self.register_buffer("mask", None, persistent=False)  # the kept weights, once fixed
 
     def normalised(self, w: Tensor) -> Tensor:
         """w * n, the magnitudes the threshold is compared against (w itself when n = 1)."""
         return w if self.norm == 1.0 else w * self.norm
 
     def forward(self, w: Tensor) -> Tensor:
+        if self.mask is not None:
+            return w * self.mask
         out = sparsify_ste(self.normalised(w), self.threshold, self.p, self.theta, self.rescale, self.ties)
         return out if self.norm == 1.0 else out / self.norm
 
     def zeros(self, w: Tensor) -> int:
-        """How many entries of the forward weight are zero: |w * n| <= T, or a pruned tie."""
+        """How many entries of the forward weight are pruned: |w * n| <= T, or a pruned tie; once
+        fixed, outside the mask."""
+        if self.mask is not None:
+            return int((~self.mask).sum())
         pruned = self.normalised(w).abs() <= self.threshold
         return int((pruned | self.ties).sum() if self.ties is not None else pruned.sum())
 
@@ -243,6 +257,7 @@ class Sparsifier(Method):
             resolve_step(self.config.start, total_steps, "start"),
             resolve_step(self.config.end, total_steps, "end"),
         )
+        self.fix_step = None if self.config.fix_at is None else resolve_step(self.config.fix_at, total_steps, "fix_at")
         if not math.isclose(self.schedule.final, sparsity):
             raise ValueError(
                 f"the schedule's final sparsity {self.schedule.final} differs from sparsity={sparsity}; allowed: equal values."
@@ -341,16 +356,37 @@ class Sparsifier(Method):
 
     # -- changing the state ------------------------------------------------------------
 
+    @property
+    def fixed(self) -> bool:
+        """Whether the fixed-mask phase has begun."""
+        return self._params[0].mask is not None
+
     def step(self) -> bool:
-        """Advance t by one and recompute thresholds (and rescales) from the current weights."""
+        """Advance t by one and recompute thresholds (and rescales) from the current weights; at
+        ``fix_at`` write the forward weights into the weights and freeze the masks."""
         self._check_attached()
         self._step += 1
+        if self.fixed:
+            return False
         self.refresh()
+        if self.fix_step is not None and self._step >= self.fix_step:
+            self._fix()
         return False
 
+    def _fix(self) -> None:
+        """w <- a * P_p(w; T) and M <- 1[w kept], for good."""
+        with torch.no_grad():
+            for param, w in zip(self._params, self._weights):
+                value = param(w)
+                w.copy_(value)
+                param.mask = value != 0
+
     def refresh(self) -> None:
-        """Recompute thresholds (and rescales) for s(t) from the current weights, t unchanged."""
+        """Recompute thresholds (and rescales) for s(t) from the current weights, t unchanged
+        (nothing once the masks are fixed)."""
         self._check_attached()
+        if self.fixed:
+            return
         with torch.no_grad():
             magnitudes = [param.normalised(w).abs() for param, w in zip(self._params, self._weights)]
             self._check_finite(magnitudes)
@@ -390,7 +426,7 @@ class Sparsifier(Method):
     # -- checkpointing -----------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """Step, thresholds, tie masks and rescales: everything needed to resume mid-schedule."""
+        """Step, thresholds, tie masks, rescales and fixed masks: everything needed to resume mid-schedule."""
         return {
             "method": self.name,
             "step": self._step,
@@ -398,6 +434,7 @@ class Sparsifier(Method):
             "thresholds": [param.threshold for param in self._params],
             "ties": [None if param.ties is None else param.ties.clone() for param in self._params],
             "rescale": [None if param.rescale is None else param.rescale.clone() for param in self._params],
+            "masks": [None if param.mask is None else param.mask.clone() for param in self._params],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -409,12 +446,13 @@ class Sparsifier(Method):
                 f"allowed: a state of method {self.name!r} on the same layers."
             )
         self._step = int(state["step"])
-        for param, w, threshold, ties, rescale in zip(
-            self._params, self._weights, state["thresholds"], state["ties"], state["rescale"]
+        for param, w, threshold, ties, rescale, mask in zip(
+            self._params, self._weights, state["thresholds"], state["ties"], state["rescale"], state["masks"]
         ):
             param.threshold = float(threshold)
             param.ties = None if ties is None else ties.to(w.device).bool()
             param.rescale = None if rescale is None else rescale.to(w.device)
+            param.mask = None if mask is None else mask.to(w.device).bool()
 
 
 def _same_on_every_rank(selection: Selection, magnitudes: Sequence[Tensor]) -> Selection:
