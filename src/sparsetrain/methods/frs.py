@@ -381,4 +381,5 @@ def _build(model: nn.Module, options: FRSOptions, context: Context) -> FRS:
 register_method(MethodSpec(
     "frs", FRSOptions, _build,
     "gradual channel pruning by feature relevance scores (LRP alpha-beta) at fixed intervals (IEEE Access 2020)",
+    recipe="frs",
 ))

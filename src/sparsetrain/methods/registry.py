@@ -42,13 +42,15 @@ class Context:
 @dataclass(frozen=True)
 class MethodSpec:
     """A registered method: its options dataclass, a builder, a one-line summary, the option
-    its grid varies (``target``: e.g. "sparsity"; None for none) and defaults to show in listings."""
+    its grid varies (``target``: e.g. "sparsity"; None for none), the training recipe of its paper
+    (``recipe``, a name of :func:`sparsetrain.run.options.list_recipes`) and defaults to show in listings."""
 
     name: str
     options: type
     build: Callable[[nn.Module, Any, Context], Method]
     summary: str
     target: str | None = None
+    recipe: str = "feather"
     shown_defaults: dict[str, Any] = field(default_factory=dict)
 
     def option_names(self) -> list[str]:

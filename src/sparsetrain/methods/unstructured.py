@@ -128,9 +128,12 @@ class UnstructuredOptions:
         return {k: v for k in KNOBS if (v := getattr(self, k)) is not None}
 
 
-def register_preset(name: str, summary: str) -> Callable[[Callable[[float], MethodConfig]], Callable[[float], MethodConfig]]:
+def register_preset(
+    name: str, summary: str, recipe: str = "feather"
+) -> Callable[[Callable[[float], MethodConfig]], Callable[[float], MethodConfig]]:
     """Register a preset: a function from the final sparsity to a :class:`MethodConfig`; it
-    becomes a method of the registry (``create(model, name, sparsity=...)``)."""
+    becomes a method of the registry (``create(model, name, sparsity=...)``) trained by its
+    paper's ``recipe``."""
 
     def add(preset: Callable[[float], MethodConfig]) -> Callable[[float], MethodConfig]:
         def build(model: nn.Module, options: UnstructuredOptions, context: Context) -> Sparsifier:
@@ -138,7 +141,8 @@ def register_preset(name: str, summary: str) -> Callable[[Callable[[float], Meth
                               exclude=options.exclude, min_size=options.min_size, **options.knobs())
 
         shown = dataclasses.asdict(preset(UnstructuredOptions.sparsity))
-        register_method(MethodSpec(name, UnstructuredOptions, build, summary, target="sparsity", shown_defaults=shown))
+        register_method(MethodSpec(name, UnstructuredOptions, build, summary, target="sparsity", recipe=recipe,
+                                   shown_defaults=shown))
         _PRESETS[name] = preset
         return preset
 
@@ -157,12 +161,12 @@ def feather(sparsity: float) -> MethodConfig:
     return MethodConfig(p=3.0, theta=0.5 if sparsity > 0.95 else 1.0)
 
 
-@register_preset("st3", "straight-through soft thresholding with per-channel rescale (WACV 2023)")
+@register_preset("st3", "straight-through soft thresholding with per-channel rescale (WACV 2023)", recipe="st3")
 def st3(sparsity: float) -> MethodConfig:
     return MethodConfig(p=1.0, theta=1.0, rescale=True, start=5 / 170, end=80 / 170, fix_at=160 / 170)
 
 
-@register_preset("st3-sigma", "ST-3 with the global threshold on sigma-normalised weights (WACV 2023)")
+@register_preset("st3-sigma", "ST-3 with the global threshold on sigma-normalised weights (WACV 2023)", recipe="st3")
 def st3_sigma(sparsity: float) -> MethodConfig:
     return MethodConfig(p=1.0, theta=1.0, rescale=True, scope="sigma", start=5 / 170, end=80 / 170, fix_at=160 / 170)
 

@@ -3,7 +3,9 @@
 A grid trains the dense reference once per seed and every (method, target, seed) cell with
 the same recipe; the target is the option the method's registry entry names (sparsity for the
 unstructured presets, the FLOPs target for gdp, none for frs). Method flags and ``method_args``
-shared by the grid go to the methods that take them. Each finished cell appends one record to ``results.jsonl``; re-running the grid
+shared by the grid go to the methods that take them. With ``recipe="paper"`` each method trains
+on its own paper's recipe (its registry entry names it), scaled to the grid's epochs; by default
+all share one recipe, for a like-for-like table. Each finished cell appends one record to ``results.jsonl``; re-running the grid
 skips finished cells, resumes a cell killed mid-run from its last epoch checkpoint, and drops a
 truncated last line of the results file (a grid killed while writing it) without losing the
 other records.
@@ -32,6 +34,7 @@ from .plots import method_colors, plot_accuracy_vs_flops, plot_accuracy_vs_spars
 
 RESULTS, GRID, TABLE = "results.jsonl", "grid.json", "results.md"
 REFERENCE = "dense"  # trained once per seed: the row every method is compared with
+PAPER = "paper"  # as --recipe: each method on its own paper's recipe
 DEFAULT_METHODS = ("feather", "st3", "st3-sigma", "gmp", "ste")
 TARGET_SHORT = {"sparsity": "s", "flops_target": "f"}  # in cell names: feather-s0.9-seed0, gdp-f0.5-seed0
 
@@ -69,6 +72,8 @@ class Cell:
         shared = {k: v for k, v in base.items() if k not in METHOD_FLAGS or METHOD_FLAGS[k][0] in takes}
         if "method_args" in base:
             shared["method_args"] = {k: v for k, v in base["method_args"].items() if k in takes}
+        if base.get("recipe") == PAPER:
+            shared["recipe"] = method_spec(self.method).recipe
         return {**shared, **self.options()}
 
 

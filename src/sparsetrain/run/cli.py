@@ -27,7 +27,7 @@ from .bench import DEFAULT_METHODS, check_grid, grid_cells, run_grid
 from .export import save_sparse
 from .folder import CONFIG, MODEL, RunFolder, final_weights, load_run
 from .loop import EVAL_BATCH_SIZE, evaluate, fit, method_title, prepare
-from .options import TrainOptions, options_from_dict, resolve_device
+from .options import TrainOptions, list_recipes, options_from_dict, resolve_device
 
 USAGE_ERROR = 2
 
@@ -138,6 +138,13 @@ def _add_training_options(parser: argparse.ArgumentParser, single_run: bool) -> 
     recipe.add_argument("--wd", type=float, default=s, help="weight decay on conv/linear weights; default 5e-4")
     recipe.add_argument("--momentum", type=float, default=s, help="default 0.9")
     recipe.add_argument("--clip", type=float, default=s, help="gradient-norm clipping; default 3")
+    recipe.add_argument("--recipe", default=s, help=f"a paper's recipe ({', '.join(list_recipes())}"
+                        + ("; 'paper': each method its own paper's" if not single_run else "") + "); options given win")
+    recipe.add_argument("--lr-schedule", default=s, help="cosine (per step, default) or multistep")
+    recipe.add_argument("--milestones", type=_int_list, default=s, help="multistep: epochs at which lr is multiplied by --gamma")
+    recipe.add_argument("--gamma", type=float, default=s, help="multistep factor; default 0.1")
+    recipe.add_argument("--warmup", type=int, default=s, help="epochs of linear learning-rate warm-up; default 0")
+    recipe.add_argument("--label-smoothing", type=float, default=s, help="default 0")
     if single_run:
         recipe.add_argument("--seed", type=int, default=s, help="default 0")
     device = parser.add_argument_group("device")
@@ -222,6 +229,7 @@ def command_report(path: str) -> None:
 def command_list() -> None:
     print("models:   " + ", ".join(list_models()))
     print("datasets: " + ", ".join(DATASET_NAMES))
+    print("recipes:  " + ", ".join(list_recipes()))
     print("methods:")
     for name, defaults in list_methods().items():
         print(f"  {name:<10} {method_spec(name).summary}")

@@ -12,11 +12,13 @@ shapes, and only rank 0 writes files.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -128,7 +130,7 @@ def prepare(options: TrainOptions, resume: bool = False) -> Setup:
                     **method_options)
     optimizer = make_optimizer(model, options)
     method.bind(optimizer)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(lr_factor, options, len(train_loader)))
     setup = Setup(options, folder, device, ranks, data, train_loader, test_loader, model, method, optimizer, scheduler,
                   example_inputs)
     if state is not None:
@@ -151,6 +153,18 @@ def make_optimizer(model: nn.Module, options: TrainOptions) -> torch.optim.SGD:
         {"params": [p for p in model.parameters() if p.ndim <= 1], "weight_decay": 0.0},
     ]
     return torch.optim.SGD(groups, lr=options.lr, momentum=options.momentum)
+
+
+def lr_factor(options: TrainOptions, steps_per_epoch: int, step: int) -> float:
+    """The learning rate at optimizer step t as a fraction of ``lr``: a linear warm-up over the
+    first ``warmup`` epochs, (t + 1) / W, times the schedule: cosine, (1 + cos(pi t / T)) / 2 over
+    all T steps, or multistep, gamma^(milestones passed), milestones in epochs."""
+    total = options.epochs * steps_per_epoch
+    warmup = options.warmup * steps_per_epoch
+    factor = min(1.0, (step + 1) / warmup) if warmup else 1.0
+    if options.lr_schedule == "cosine":
+        return factor * 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
+    return factor * options.gamma ** sum(step >= m * steps_per_epoch for m in options.milestones)
 
 
 def _check_resumable(options: TrainOptions, folder: RunFolder) -> None:
@@ -242,7 +256,7 @@ def fit(setup: Setup, log: Callable[[str], None] = print) -> dict[str, Any]:
         loss_sum = torch.zeros((), device=setup.device)
         label = f"epoch {epoch + 1}/{options.epochs}"
         for x, y in _progress(setup.train_loader.batches(epoch), len(setup.train_loader), show_progress, label):
-            loss = F.cross_entropy(net(x), y)
+            loss = F.cross_entropy(net(x), y, label_smoothing=options.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             nn.utils.clip_grad_norm_(model.parameters(), options.clip)  # the loss's gradient only:

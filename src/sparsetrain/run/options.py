@@ -1,9 +1,14 @@
-"""The options of a training run: the seed papers' CIFAR recipe, and how the command line's
-method flags become a method's options.
+"""The options of a training run: the recipes of the papers, and how the command line's method
+flags become a method's options.
 
-Recipe (Feather / ST-3 seeds): SGD with momentum 0.9, lr 0.1, weight decay 5e-4 on conv and
-linear weights only (none on batch-norm parameters, biases and GDP's gates), cosine decay per
-step, gradient-norm clipping at 3, random crop (pad 4) + horizontal flip, CIFAR normalisation.
+Default recipe (Feather's): SGD with momentum 0.9, lr 0.1, weight decay 5e-4 on conv and linear
+weights only (none on batch-norm parameters, biases and GDP's gates), cosine decay per step,
+gradient-norm clipping at 3, random crop (pad 4) + horizontal flip, CIFAR normalisation.
+
+Named recipes (``recipe``: files in ``run/recipes/``, listed by :func:`list_recipes`) set the
+papers' own options; options given explicitly win. Their epoch-valued settings (milestones,
+warm-up, FRS's prune_every and stop_at) scale with the epochs of the run when those differ from
+the recipe's.
 """
 
 from __future__ import annotations
@@ -16,12 +21,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 from ..data import DATASET_NAMES
 from ..methods import list_methods, method_options, method_spec
 from ..models import list_models
 
 DEFAULT_EPOCHS = {"cifar10-sample": 12, "cifar10": 160, "cifar100": 160}
+LR_SCHEDULES = ("cosine", "multistep")
+RECIPES = Path(__file__).parent / "recipes"
+EPOCH_VALUED = ("milestones", "warmup", "prune_every", "stop_at")  # scaled with the run's epochs
 
 # Command-line flags that set a method option: flag -> (option, unit). Epoch-valued flags become
 # steps; pthres (layers with at most this many weights stay dense) becomes min_size = pthres + 1.
@@ -60,6 +69,12 @@ class TrainOptions:
     wd: float = 5e-4
     momentum: float = 0.9
     clip: float = 3.0
+    lr_schedule: str = "cosine"
+    milestones: list[int] = field(default_factory=list)
+    gamma: float = 0.1
+    warmup: int = 0
+    label_smoothing: float = 0.0
+    recipe: str | None = None
     seed: int = 0
     device: str = "auto"
     workers: int = 0
@@ -81,6 +96,17 @@ class TrainOptions:
         _check_number("wd", self.wd, float, minimum=0.0)
         _check_number("momentum", self.momentum, float, minimum=0.0)
         _check_number("clip", self.clip, float, minimum=0.0, exclusive=True)
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule={self.lr_schedule!r} is not allowed; allowed: {', '.join(LR_SCHEDULES)}.")
+        if not isinstance(self.milestones, list) or any(
+            isinstance(m, bool) or not isinstance(m, int) or m < 1 for m in self.milestones
+        ) or self.milestones != sorted(self.milestones):
+            raise ValueError(f"milestones={self.milestones!r} is not allowed; allowed: increasing epochs >= 1.")
+        _check_number("gamma", self.gamma, float, minimum=0.0, exclusive=True)
+        _check_number("warmup", self.warmup, int, minimum=0)
+        _check_number("label_smoothing", self.label_smoothing, float, minimum=0.0)
+        if self.label_smoothing >= 1.0:
+            raise ValueError(f"label_smoothing={self.label_smoothing!r} is not allowed; allowed: a number in [0, 1).")
         _check_number("t1", self.t1, float, minimum=0.0, optional=True)
         _check_number("pthres", self.pthres, int, minimum=0, optional=True)
         _check_number("prune_every", self.prune_every, int, minimum=1, optional=True)
@@ -156,11 +182,32 @@ def resolve_device(spec: str) -> torch.device:
     return device
 
 
+def list_recipes() -> list[str]:
+    """The names of the packaged recipes."""
+    return sorted(path.stem for path in RECIPES.glob("*.yaml"))
+
+
+def recipe_values(name: str, epochs: int | None = None) -> dict[str, Any]:
+    """The options recipe ``name`` sets; with ``epochs``, its epoch-valued ones scaled to them."""
+    if name not in list_recipes():
+        raise ValueError(f"unknown recipe {name!r}; known recipes: {', '.join(list_recipes())}.")
+    values = yaml.safe_load((RECIPES / f"{name}.yaml").read_text())
+    if epochs is None or epochs == values["epochs"]:
+        return values
+    scale = epochs / values["epochs"]
+    scaled = {key: [max(1, round(v * scale)) for v in value] if isinstance(value, list) else max(1, round(value * scale))
+              for key, value in values.items() if key in EPOCH_VALUED}
+    return {**values, **scaled, "epochs": epochs}
+
+
 def options_from_dict(values: dict[str, Any]) -> TrainOptions:
-    """Build options from a mapping (a config file); unknown keys are an error that lists the known ones."""
+    """Build options from a mapping (a config file): a named ``recipe`` first, then the values
+    given; unknown keys are an error that lists the known ones."""
     known = [f.name for f in dataclasses.fields(TrainOptions)]
     normalised = {key.replace("-", "_"): value for key, value in values.items()}
     unknown = sorted(set(normalised) - set(known))
     if unknown:
         raise ValueError(f"unknown option {unknown[0]!r}; known options: {', '.join(known)}.")
+    if normalised.get("recipe") is not None:
+        normalised = {**recipe_values(normalised["recipe"], normalised.get("epochs")), **normalised}
     return TrainOptions(**normalised)
