@@ -22,6 +22,7 @@ def test_recipes_resolve_to_the_papers_numbers():
     assert (st3.lr_schedule, st3.milestones, st3.gamma) == ("multistep", [80, 120], 0.1)
     frs = options_from_dict({"recipe": "frs", "method": "frs"})
     assert (frs.epochs, frs.lr, frs.lr_schedule, frs.milestones) == (200, 0.1, "multistep", [100, 150])
+    assert (frs.batch_size, frs.momentum, frs.wd) == (256, 0.9, 5e-4)  # the public prune_resnet.py
     assert (frs.prune_every, frs.channels_per_step, frs.stop_at) == (21, 120, 150)
     assert frs.method_options(steps_per_epoch=10) == {"prune_every": 210, "channels_per_step": 120, "stop_at": 1500}
     feather = options_from_dict({"recipe": "feather"})
