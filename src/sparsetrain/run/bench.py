@@ -259,6 +259,6 @@ def write_outputs(records: Sequence[dict[str, Any]], out: Path) -> None:
     unstructured = [r for r in records if _by_sparsity(r)]
     colors = method_colors(r["method"] for r in records)  # one colour per method across both plots
     if unstructured:
-        plot_accuracy_vs_sparsity(summarise(unstructured), out / "accuracy_vs_sparsity.png", colors)
+        plot_accuracy_vs_sparsity(summarise(unstructured), out / "accuracy_vs_sparsity.png", REFERENCE, colors)
     plot_accuracy_vs_flops(records, out / "accuracy_vs_flops.png", colors)
 

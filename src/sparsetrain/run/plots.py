@@ -105,8 +105,9 @@ def _comparison_figure(runs: Sized) -> tuple[Figure, Axes]:
 
 
 def plot_accuracy_vs_sparsity(summary: Mapping[tuple[str, float], tuple[float, float, int]], path: str | Path,
-                              colors: Mapping[str, str] | None = None) -> Path:
-    """Mean ± std test accuracy against target sparsity, one line per method; dense as a band.
+                              reference: str, colors: Mapping[str, str] | None = None) -> Path:
+    """Mean ± std test accuracy against target sparsity, one line per method; the ``reference``
+    method (the unpruned one the grid compares with) as a horizontal line.
     ``summary`` maps (method, sparsity) to (mean accuracy, std, runs), as
     :func:`sparsetrain.bench.summarise` gives it; ``colors`` maps method names to colours
     (default: :func:`method_colors`)."""
@@ -115,9 +116,9 @@ def plot_accuracy_vs_sparsity(summary: Mapping[tuple[str, float], tuple[float, f
     for method in sorted({method for method, _ in summary}):
         points = sorted((100 * s, 100 * mean, 100 * std) for (m, s), (mean, std, _) in summary.items() if m == method)
         sparsities, means, stds = zip(*points)
-        if method == "dense":
+        if method == reference:
             mean = statistics.mean(means)
-            ax.axhline(mean, color=colors[method], linestyle="--", label=f"dense ({mean:.1f}%)")
+            ax.axhline(mean, color=colors[method], linestyle="--", label=f"{reference} ({mean:.1f}%)")
             continue
         ax.errorbar(sparsities, means, yerr=stds, marker="o", capsize=3, label=method, color=colors[method])
     ax.set_xlabel("sparsity")
