@@ -248,7 +248,7 @@ def fit(setup: Setup, log: Callable[[str], None] = print) -> dict[str, Any]:
     writer = setup.folder.tensorboard() if ranks.main else None
     show_progress = ranks.main and sys.stderr.isatty()
     record = model_record(options, setup.data.num_classes)
-    dense_flops = count_flops(create_model(record["name"], **record["kwargs"]), setup.example_inputs[:1].cpu())
+    dense = create_model(record["name"], **record["kwargs"])  # the registered model, for FLOPs and widths
     net = _wrap(model, ranks)
     for epoch in range(setup.start_epoch, options.epochs):
         start = time.perf_counter()
@@ -290,7 +290,7 @@ def fit(setup: Setup, log: Callable[[str], None] = print) -> dict[str, Any]:
                     writer.add_scalar(key, value, epoch + 1)
     if writer is not None:
         writer.close()
-    return _finish(setup, dense_flops, log)
+    return _finish(setup, dense, log)
 
 
 def format_record(record: dict[str, Any], epochs: int) -> str:
@@ -311,9 +311,11 @@ def format_record(record: dict[str, Any], epochs: int) -> str:
     return "  ".join(parts)
 
 
-def _finish(setup: Setup, dense_flops: int, log: Callable[[str], None]) -> dict[str, Any]:
-    """Finalize the method; rank 0 writes the plain weights, config, report and plots."""
+def _finish(setup: Setup, dense: nn.Module, log: Callable[[str], None]) -> dict[str, Any]:
+    """Finalize the method; rank 0 writes the plain weights, config, report and plots. ``dense``
+    is the registered model the FLOPs and widths are compared with."""
     options, folder = setup.options, setup.folder
+    dense_flops = count_flops(dense, setup.example_inputs[:1].cpu())
     model = setup.method.finalize()
     test_loss, test_acc = evaluate(model, setup.test_loader)
     report = sparsity_report(model)
@@ -328,11 +330,9 @@ def _finish(setup: Setup, dense_flops: int, log: Callable[[str], None]) -> dict[
         "nonzero_params": sum(int(torch.count_nonzero(p)) for p in model.parameters()),
     }
     if setup.ranks.main:
-        record = model_record(options, setup.data.num_classes)
         folder.write_model(model)
-        shapes = changed_shapes(model, create_model(record["name"], **record["kwargs"]))
-        folder.update_config(metrics=final, shapes=shapes)
-        title = f"# {options.model} · {method_title(options.method, folder.config()['method']['options'])}"
+        folder.update_config(metrics=final, shapes=changed_shapes(model, dense))
+        title = f"# {options.model} · {method_title(options.method, options.method_options(len(setup.train_loader)))}"
         header = f"{title}\n\ntest accuracy {test_acc:.2%}, sparsity of prunable weights {report.sparsity:.2%}\n\n"
         folder.write_text(REPORT, header + report.to_markdown() + "\n")
         plot_training(setup.history, folder.file(TRAINING_PLOT))
