@@ -8,20 +8,13 @@ import sys
 import pytest
 from safetensors.torch import load_file
 
-from sparsetrain.run.cli import main
 
 SMALL = ["--model-arg", "width=0.25", "--limit", "512", "--batch-size", "64"]
 
 
-def run_cli(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 @pytest.mark.slow
-def test_train_one_epoch_on_the_bundled_sample_then_eval_reproduces_it(tmp_path, capsys):
-    code, out, err = run_cli(capsys, "train", "--epochs", 1, "--limit", 1024, "--out", tmp_path, "--name", "run", "--device", "cpu")
+def test_train_one_epoch_on_the_bundled_sample_then_eval_reproduces_it(tmp_path, cli):
+    code, out, err = cli("train", "--epochs", 1, "--limit", 1024, "--out", tmp_path, "--name", "run", "--device", "cpu")
     assert code == 0, err
     run = tmp_path / "run"
     expected = {"config.json", "metrics.jsonl", "checkpoint.safetensors", "model.safetensors", "report.md",
@@ -36,10 +29,10 @@ def test_train_one_epoch_on_the_bundled_sample_then_eval_reproduces_it(tmp_path,
     assert f"final: test acc {final_acc:.2%}  sparsity 90.00%" in out
     assert "| **total** |" in (run / "report.md").read_text()
 
-    code, out, _ = run_cli(capsys, "eval", run, "--device", "cpu")
+    code, out, _ = cli("eval", run, "--device", "cpu")
     assert code == 0
     assert out.startswith(f"test acc {final_acc:.2%}") and "sparsity 90.00%" in out
-    code, out, _ = run_cli(capsys, "report", run)
+    code, out, _ = cli("report", run)
     assert code == 0 and "| **total** |" in out and "90.00%" in out
 
 
@@ -58,18 +51,18 @@ def test_console_script_and_config_file(tmp_path):
 
 
 @pytest.mark.slow
-def test_toml_config_and_aliases(tmp_path, capsys):
+def test_toml_config_and_aliases(tmp_path, cli):
     config = tmp_path / "options.toml"
     config.write_text('method = "ste"\nepochs = 1\nlimit = 128\n')
-    code, _, err = run_cli(capsys, "train", "--config", config, "--ptarget", 0.6, "--sname", "alias", "--out", tmp_path,
+    code, _, err = cli("train", "--config", config, "--ptarget", 0.6, "--sname", "alias", "--out", tmp_path,
                            "--device", "cpu", *SMALL)
     assert code == 0, err
     saved = json.loads((tmp_path / "alias" / "config.json").read_text())["options"]
     assert (saved["method"], saved["sparsity"], saved["epochs"]) == ("ste", 0.6, 1)
 
 
-def test_list(capsys):
-    code, out, _ = run_cli(capsys, "list")
+def test_list(cli):
+    code, out, _ = cli("list")
     assert code == 0 and "resnet20_feather" in out and "st3-sigma" in out and "cifar10-sample" in out
 
 
@@ -105,50 +98,50 @@ def write_cifar10(folder, corrupt=None):
         (["--method-arg", "theta=2"], "theta=2 is out of range; allowed: a number in [0, 1]"),
     ],
 )
-def test_usage_errors_exit_2_with_one_line(tmp_path, capsys, argv, message):
-    code, out, err = run_cli(capsys, "train", "--out", tmp_path, *argv)
+def test_usage_errors_exit_2_with_one_line(tmp_path, cli, argv, message):
+    code, out, err = cli("train", "--out", tmp_path, *argv)
     assert code == 2
     assert err.count("\n") == 1 and err.startswith("sparsetrain: error: ")
     assert message in err
     assert list(tmp_path.iterdir()) == []  # nothing written
 
 
-def test_corrupt_data_file_exits_2(tmp_path, capsys):
+def test_corrupt_data_file_exits_2(tmp_path, cli):
     data = write_cifar10(tmp_path / "data", corrupt="data_batch_3")
-    code, _, err = run_cli(capsys, "train", "--dataset", "cifar10", "--data-dir", data, "--out", tmp_path / "runs")
+    code, _, err = cli("train", "--dataset", "cifar10", "--data-dir", data, "--out", tmp_path / "runs")
     assert code == 2 and err.count("\n") == 1
     assert "data_batch_3 is not a valid CIFAR batch file" in err
 
 
-def test_config_file_with_unknown_key_exits_2(tmp_path, capsys):
+def test_config_file_with_unknown_key_exits_2(tmp_path, cli):
     config = tmp_path / "c.yaml"
     config.write_text("epochs: 1\nlearning_rate: 0.1\n")
-    code, _, err = run_cli(capsys, "train", "--config", config, "--out", tmp_path / "runs")
+    code, _, err = cli("train", "--config", config, "--out", tmp_path / "runs")
     assert code == 2 and err.count("\n") == 1
     assert "unknown option 'learning_rate'; known options: model, model_args" in err
 
 
-def test_existing_run_folder_is_never_overwritten(tmp_path, capsys):
+def test_existing_run_folder_is_never_overwritten(tmp_path, cli):
     run = tmp_path / "taken"
     run.mkdir()
     (run / "keep.txt").write_text("precious")
-    code, _, err = run_cli(capsys, "train", "--out", tmp_path, "--name", "taken")
+    code, _, err = cli("train", "--out", tmp_path, "--name", "taken")
     assert code == 2 and "already exists; allowed: --resume to continue it, or a new --name" in err
     assert [p.name for p in run.iterdir()] == ["keep.txt"] and (run / "keep.txt").read_text() == "precious"
 
 
 @pytest.mark.slow
-def test_resume_rejects_changed_options_and_missing_runs(tmp_path, capsys):
-    code, _, err = run_cli(capsys, "train", "--resume", tmp_path / "nothing")
+def test_resume_rejects_changed_options_and_missing_runs(tmp_path, cli):
+    code, _, err = cli("train", "--resume", tmp_path / "nothing")
     assert code == 2 and "has no config.json" in err
-    code, _, err = run_cli(capsys, "train", "--out", tmp_path, "--name", "r", "--epochs", 1, "--device", "cpu", *SMALL)
+    code, _, err = cli("train", "--out", tmp_path, "--name", "r", "--epochs", 1, "--device", "cpu", *SMALL)
     assert code == 0, err
-    code, _, err = run_cli(capsys, "train", "--resume", tmp_path / "r", "--lr", 0.5)
+    code, _, err = cli("train", "--resume", tmp_path / "r", "--lr", 0.5)
     assert code == 2 and "--lr cannot change when resuming" in err
 
 
-def test_eval_of_a_missing_run(tmp_path, capsys):
-    code, _, err = run_cli(capsys, "eval", tmp_path / "nope")
+def test_eval_of_a_missing_run(tmp_path, cli):
+    code, _, err = cli("eval", tmp_path / "nope")
     assert code == 2 and "is not a run folder or a weights file" in err
 
 

@@ -7,30 +7,23 @@ import sys
 import pytest
 from safetensors.torch import load_file
 
-from sparsetrain.run.cli import main
 
 SMALL = ["--model-arg", "width=0.5", "--limit", "1024", "--batch-size", "64", "--device", "cpu", "--workers", "1"]
 COMMAND = [sys.executable, "-u", "-m", "sparsetrain", "train"]  # -u: each epoch line reaches the pipe at once
 
 
-def run_cli(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 @pytest.mark.slow
-def test_gdp_run_lands_on_its_flops_target_and_eval_rebuilds_the_compact_model(tmp_path, capsys):
-    code, out, err = run_cli(capsys, "train", "--method", "gdp", "--flops-target", 0.5, "--epochs", 4,
+def test_gdp_run_lands_on_its_flops_target_and_eval_rebuilds_the_compact_model(tmp_path, cli):
+    code, out, err = cli("train", "--method", "gdp", "--flops-target", 0.5, "--epochs", 4,
                              "--out", tmp_path, "--name", "gdp", *SMALL)
     assert code == 0, err
     config = json.loads((tmp_path / "gdp" / "config.json").read_text())
     ratio = config["metrics"]["flops"] / config["metrics"]["dense_flops"]
     assert abs(ratio - 0.5) <= 0.02 * 0.5, ratio
     assert config["shapes"] and all(s.get("out_channels", 1) <= 32 for s in config["shapes"].values())  # the changed layers
-    code, eval_out, _ = run_cli(capsys, "eval", tmp_path / "gdp", "--device", "cpu")
+    code, eval_out, _ = cli("eval", tmp_path / "gdp", "--device", "cpu")
     assert code == 0 and eval_out.startswith(f"test acc {config['metrics']['test_acc']:.2%}")
-    code, report, _ = run_cli(capsys, "report", tmp_path / "gdp")
+    code, report, _ = cli("report", tmp_path / "gdp")
     assert code == 0 and "| FLOPs (non-zero weights) |" in report and "| layer | width before | width after |" in report
 
 
@@ -46,7 +39,7 @@ def kill_after_epoch(argv, epoch):
 
 @pytest.mark.parametrize("method, extra", [("frs", ["--prune-every", "1", "--stop-at", "2"]), ("gdp", [])])
 @pytest.mark.slow
-def test_killed_structured_run_resumes_bit_identical(tmp_path, capsys, method, extra):
+def test_killed_structured_run_resumes_bit_identical(tmp_path, cli, method, extra):
     args = ["--method", method, "--epochs", "3", "--out", str(tmp_path), *SMALL, "--limit", "512", *extra]
     straight = subprocess.run([*COMMAND, *args, "--name", "straight"], capture_output=True, text=True, timeout=600)
     assert straight.returncode == 0, straight.stderr[-2000:]
@@ -54,7 +47,7 @@ def test_killed_structured_run_resumes_bit_identical(tmp_path, capsys, method, e
     killed = tmp_path / "killed"
     assert not (killed / "model.safetensors").exists()
     # The checkpoint evaluates with its method re-attached (FRS's widths, GDP's gates).
-    code, out, err = run_cli(capsys, "eval", killed / "checkpoint.safetensors", "--device", "cpu")
+    code, out, err = cli("eval", killed / "checkpoint.safetensors", "--device", "cpu")
     history = [json.loads(line) for line in (killed / "metrics.jsonl").read_text().splitlines()]
     assert code == 0 and out.startswith(f"test acc {history[-1]['test_acc']:.2%}"), err
     resumed = subprocess.run([*COMMAND, "--resume", str(killed)], capture_output=True, text=True, timeout=600)
@@ -69,8 +62,8 @@ def test_killed_structured_run_resumes_bit_identical(tmp_path, capsys, method, e
 
 
 @pytest.mark.slow
-def test_frs_removes_channels_on_schedule(tmp_path, capsys):
-    code, out, err = run_cli(capsys, "train", "--method", "frs", "--epochs", 2, "--prune-every", 1,
+def test_frs_removes_channels_on_schedule(tmp_path, cli):
+    code, out, err = cli("train", "--method", "frs", "--epochs", 2, "--prune-every", 1,
                              "--channels-per-step", 20, "--out", tmp_path, "--name", "frs", *SMALL)
     assert code == 0, err
     config = json.loads((tmp_path / "frs" / "config.json").read_text())
@@ -87,7 +80,7 @@ def test_frs_removes_channels_on_schedule(tmp_path, capsys):
         (["--method", "frs", "--channels-per-step", "100000", "--epochs", "2"], "channels_per_step=100000"),
     ],
 )
-def test_structured_usage_errors(tmp_path, capsys, argv, message):
-    code, _, err = run_cli(capsys, "train", "--out", tmp_path, *argv, *SMALL)
+def test_structured_usage_errors(tmp_path, cli, argv, message):
+    code, _, err = cli("train", "--out", tmp_path, *argv, *SMALL)
     assert code == 2 and message in err and err.count("\n") == 1
     assert list(tmp_path.iterdir()) == []
