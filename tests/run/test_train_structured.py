@@ -7,7 +7,6 @@ import sys
 import pytest
 from safetensors.torch import load_file
 
-
 SMALL = ["--model-arg", "width=0.5", "--limit", "1024", "--batch-size", "64", "--device", "cpu", "--workers", "1"]
 COMMAND = [sys.executable, "-u", "-m", "sparsetrain", "train"]  # -u: each epoch line reaches the pipe at once
 
