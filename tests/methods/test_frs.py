@@ -10,7 +10,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparsetrain.models import create_model
-from sparsetrain.methods.frs import FRS, FRSOptions, PruneSchedule, class_weights, feature_relevance_scores, layer_scores
+from sparsetrain.methods.frs import (
+    FRS,
+    FRSOptions,
+    PruneSchedule,
+    candidates,
+    class_weights,
+    feature_relevance_scores,
+    layer_scores,
+    select,
+)
 from sparsetrain.structured.relevance import channel_relevance
 from sparsetrain.structured.surgery import channel_groups, layer_shapes, rebuild
 
@@ -142,12 +151,14 @@ def test_prune_removes_channels_in_place_and_carries_the_optimizer(name, kwargs)
     old_buffers = {n: optimizer.state[p]["momentum_buffer"].clone() for n, p in old_params.items()}
     frs = FRS(model, 10, EXAMPLE, batches, prune_every=1, channels_per_step=10, stop_at=3)
     frs.bind(optimizer)
+    expected = select(frs.scores(), candidates(model, EXAMPLE), {"conv": 10, "linear": 0})
     drop = frs.prune()
 
-    # Exactly channels_per_step group channels are gone, from the same model object.
-    assert sum(map(len, drop.values())) == 10 and frs.channels_removed == 10 and frs.removals == [drop]
+    # The channels of the 10 lowest entries are gone, from the same model object.
+    removed = sum(map(len, drop.values()))
+    assert drop == expected and 0 < removed <= 10 and frs.channels_removed == removed and frs.removals == [drop]
     widths = lambda m: sum(g.channels for g in channel_groups(m, EXAMPLE))  # noqa: E731
-    assert widths(original) - widths(model) == 10
+    assert widths(original) - widths(model) == removed
 
     # Same function as the original with those channels zeroed (eval mode).
     x = batches[0][0]
@@ -182,21 +193,23 @@ def test_too_many_channels_is_an_error_and_changes_nothing():
     torch.manual_seed(0)
     model = create_model("resnet20", width=0.25)
     batches = _batches(1)
-    prunable = FRS(model, 10, EXAMPLE, batches, prune_every=1, stop_at=1, channels_per_step=1).prunable()
-    # Groups: 3 residual streams (4, 8, 16 channels) and 9 inner block widths (3 x 4, 8, 16).
-    assert prunable == (4 + 8 + 16 + 3 * (4 + 8 + 16)) - 12
-    with pytest.raises(ValueError, match=f"channels_per_step={prunable + 1} over 1 pruning steps removes {prunable + 1}"):
+    pools = FRS(model, 10, EXAMPLE, batches, prune_every=1, stop_at=1, channels_per_step=1).prunable()
+    # Groups: 3 residual streams (4, 8, 16 channels), each scored at its 3 block outputs, and 9
+    # inner block widths (3 x 4, 8, 16) scored once; every group keeps one channel.
+    assert pools == {"conv": 3 * (3 + 7 + 15) + 3 * (3 + 7 + 15), "linear": 0}
+    prunable = pools["conv"]
+    with pytest.raises(ValueError, match=f"channels_per_step={prunable + 1} over 1 pruning steps picks {prunable + 1}"):
         FRS(model, 10, EXAMPLE, batches, prune_every=1, channels_per_step=prunable + 1, stop_at=1)
 
     # Pruning everything prunable leaves exactly one channel in every group; then nothing is left.
     frs = FRS(model, 10, EXAMPLE, batches, prune_every=1, channels_per_step=prunable, stop_at=1)
     frs.bind(_sgd(model))
     assert frs.step() is True
-    assert frs.prunable() == 0
+    assert frs.prunable() == {"conv": 0, "linear": 0}
     assert all(g.channels == 1 for g in channel_groups(model, EXAMPLE))
     before = copy.deepcopy(model.state_dict())
     assert frs.step() is False  # past stop_at
-    with pytest.raises(ValueError, match=f"channels_per_step={prunable} exceeds the 0 channels still prunable"):
+    with pytest.raises(ValueError, match=f"channels_per_step={prunable} exceeds the 0 entries still prunable"):
         frs.prune()
     assert all(torch.equal(before[n], t) for n, t in model.state_dict().items())
 
@@ -208,9 +221,10 @@ def test_schedule_defaults_and_validation():
     assert frs.schedule == PruneSchedule(210, 1500)
     assert [t for t in range(1, 2001) if t % 210 == 0 and t <= 1500] == [210 * i for i in range(1, 8)]
     assert frs.schedule.steps == 7
-    # 30 % of the prunable channels over the 7 steps.
-    assert frs.channels_per_step == round(0.3 * frs.prunable() / 7)
-    for bad in ({"prune_every": 0}, {"channels_per_step": 2.5}, {"stop_at": 1.5}, {"prune_every": True}):
+    # 30 % of the prunable entries over the 7 steps; the model has no hidden Linear neurons.
+    assert frs.channels_per_step == round(0.3 * frs.prunable()["conv"] / 7) and frs.linear_per_step == 0
+    for bad in ({"prune_every": 0}, {"channels_per_step": 2.5}, {"stop_at": 1.5}, {"prune_every": True},
+                {"linear_per_step": -1}, {"lrp_eps": -1.0}, {"lrp_eps": "1e-9"}):
         with pytest.raises(ValueError, match="allowed"):
             FRSOptions(**bad)
     with pytest.raises(ValueError, match="leave no pruning step"):

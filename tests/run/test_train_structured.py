@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 SMALL = ["--model-arg", "width=0.5", "--limit", "1024", "--batch-size", "64", "--device", "cpu", "--workers", "1"]
@@ -83,3 +84,20 @@ def test_structured_usage_errors(tmp_path, cli, argv, message):
     code, _, err = cli("train", "--out", tmp_path, *argv, *SMALL)
     assert code == 2 and message in err and err.count("\n") == 1
     assert list(tmp_path.iterdir()) == []
+
+
+def test_frs_scores_augmented_training_batches_fresh_each_epoch(tmp_path):
+    from sparsetrain.run import TrainOptions, fit, prepare
+
+    options = TrainOptions(method="frs", epochs=2, prune_every=1, channels_per_step=4, limit=64, batch_size=64,
+                           model_args={"width": 0.25}, device="cpu", workers=1, out=str(tmp_path), name="r")
+    setup = prepare(options)
+    assert setup.method.data is setup.scoring and setup.scoring.augment
+    (x0, y0), = setup.scoring.batches(0)
+    (x1, y1), = setup.scoring.batches(1)
+    train_images = setup.data.x_train[:64]
+    assert torch.equal(y0, y1) and not torch.equal(x0, x1)  # the same samples, augmented anew
+    assert x0.shape == (64, *train_images.shape[1:])
+    fit(setup, log=lambda line: None)
+    (x_last, _), = setup.scoring  # what the method scored in the last epoch: that epoch's batches
+    assert torch.equal(x_last, x1)

@@ -1,11 +1,12 @@
-"""LRP alpha-beta (alpha = 2, beta = 1) relevance against values computed by hand."""
+"""LRP alpha-beta (alpha = 2, beta = 1) relevance with the public FRS code's conventions (one-hot start,
+biases take none) against values computed by hand."""
 
 import pytest
 import torch
 from torch import nn
 
 from sparsetrain.models import create_model
-from sparsetrain.structured.relevance import activation_sources, channel_relevance, input_relevance
+from sparsetrain.structured.relevance import Activation, channel_relevance, input_relevance, post_relu_activations
 
 
 
@@ -42,26 +43,28 @@ X = torch.tensor([[2.0, -1.0]])
 
 
 def test_linear_relu_linear_by_hand():
-    # Hidden pre-activations 2 - 2 + 0.5 = 0.5 and 6 + 1 - 1 = 6; logit of class 2 is 2.
-    # fc2, output 2 (R = 2): contributions -0.5, 3; z+ = 3, z- = -0.5 + b- = -1.
-    r_hidden = [-1 * (-0.5 / -1) * 2, 2 * (3 / 3) * 2]  # [-1, 4]
-    # fc1, unit 0 (R = -1): contributions 2, -2; z+ = 2 + 0.5, z- = -2.
-    # fc1, unit 1 (R = 4): contributions 6, 1; z+ = 7, z- = b- = -1 (the bias keeps its share).
-    r_input = [2 * (2 / 2.5) * -1 + 2 * (6 / 7) * 4, -1 * (-2 / -2) * -1 + 2 * (1 / 7) * 4]
+    # Hidden pre-activations 2 - 2 + 0.5 = 0.5 and 6 + 1 - 1 = 6. Relevance starts as the one-hot
+    # of class 2 (R = 1), whatever its logit; biases take none.
+    # fc2, output 2: contributions -0.5, 3; z+ = 3, z- = -0.5.
+    r_hidden = [-1 * (-0.5 / -0.5) * 1, 2 * (3 / 3) * 1]  # [-1, 2], as the public FRS code gives
+    # fc1, unit 0 (R = -1): contributions 2, -2; z+ = 2, z- = -2.
+    # fc1, unit 1 (R = 2): contributions 6, 1; z+ = 7, z- = 0 (nothing negative).
+    r_input = [2 * (2 / 2) * -1 + 2 * (6 / 7) * 2, -1 * (-2 / -2) * -1 + 2 * (1 / 7) * 2]
     model, y = MLP(), torch.tensor([2])
     relevance = channel_relevance(model, X, y)
     assert list(relevance) == ["relu"]
+    torch.testing.assert_close(relevance["relu"], torch.tensor([[-1.0, 2.0]]), rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(relevance["relu"], torch.tensor([r_hidden]), rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(input_relevance(model, X, y), torch.tensor([r_input]), rtol=1e-6, atol=1e-6)
 
 
 def test_batch_norm_passes_relevance_through():
-    # BN maps the pre-activations 0.5, 6 to 2 * 0.5 + 1 = 2 and 0.5 * 6 = 3; logit 2 is -1.
-    # fc2, output 2 (R = -1): contributions -2, 1.5; z+ = 1.5, z- = -2 - 0.5 = -2.5.
-    r_hidden = [-1 * (-2 / -2.5) * -1, 2 * (1.5 / 1.5) * -1]  # [0.8, -2]
+    # BN maps the pre-activations 0.5, 6 to 2 * 0.5 + 1 = 2 and 0.5 * 6 = 3.
+    # fc2, output 0 (R = 1): contributions 2, -3; z+ = 2, z- = -3.
+    r_hidden = [2 * (2 / 2) * 1, -1 * (-3 / -3) * 1]  # [2, -1]
     # fc1 sees those relevances unchanged at its outputs, with its own (pre-BN) contributions.
-    r_input = [2 * (2 / 2.5) * 0.8 + 2 * (6 / 7) * -2, -1 * (-2 / -2) * 0.8 + 2 * (1 / 7) * -2]
-    model, y = MLP(bn=True), torch.tensor([2])
+    r_input = [2 * (2 / 2) * 2 + 2 * (6 / 7) * -1, -1 * (-2 / -2) * 2 + 2 * (1 / 7) * -1]
+    model, y = MLP(bn=True), torch.tensor([0])
     relevance = channel_relevance(model, X, y)
     torch.testing.assert_close(relevance["relu"], torch.tensor([r_hidden]), rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(input_relevance(model, X, y), torch.tensor([r_input]), rtol=1e-6, atol=1e-6)
@@ -81,16 +84,16 @@ class ConvNet(nn.Module):
 
 def test_conv_pool_linear_by_hand():
     # Input row [2, -1, 3]. Channel 0 (w [1, 2], b 0.5): 0.5, 5.5; channel 1 (w [-1, 1]): -3 -> 0, 4.
-    # Pooled [3, 2]; logit 0 = 3 - 2 = 1. fc, output 0: contributions 3, -2; z+ = 3, z- = -2.
+    # Pooled [3, 2]; class 0 starts with R = 1. fc, output 0: contributions 3, -2; z+ = 3, z- = -2.
     r_pooled = [2 * (3 / 3) * 1, -1 * (-2 / -2) * 1]  # [2, -1]
     # Average pooling shares in proportion to the activations.
     r_act = [[0.5 / 6 * r_pooled[0], 5.5 / 6 * r_pooled[0]], [0.0, 4 / 4 * r_pooled[1]]]
-    # Conv, channel 0 at position 0: contributions 2, -2, z+ = 2 + 0.5, z- = -2;
-    # position 1: contributions -1, 6, z+ = 6 + 0.5, z- = -1; channel 1 at position 1: 1, 3, z+ = 4.
+    # Conv (its bias takes nothing), channel 0 at position 0: contributions 2, -2, z+ = 2, z- = -2;
+    # position 1: contributions -1, 6, z+ = 6, z- = -1; channel 1 at position 1: 1, 3, z+ = 4.
     r_input = [
-        2 * (2 / 2.5) * r_act[0][0],
+        2 * (2 / 2) * r_act[0][0],
         -1 * (-2 / -2) * r_act[0][0] - 1 * (-1 / -1) * r_act[0][1] + 2 * (1 / 4) * r_act[1][1],
-        2 * (6 / 6.5) * r_act[0][1] + 2 * (3 / 4) * r_act[1][1],
+        2 * (6 / 6) * r_act[0][1] + 2 * (3 / 4) * r_act[1][1],
     ]
     model, x, y = ConvNet(), torch.tensor([[[[2.0, -1.0, 3.0]]]]), torch.tensor([0])
     relevance = channel_relevance(model, x, y)
@@ -112,8 +115,8 @@ class Residual(nn.Module):
 
 
 def test_residual_add_splits_in_proportion():
-    # u = [2, 1], v = [1, 3], sum [3, 4]; logit 0 = 3 - 4 = -1; contributions 3, -4.
-    r_sum = [2 * (3 / 3) * -1, -1 * (-4 / -4) * -1]  # [-2, 1]
+    # u = [2, 1], v = [1, 3], sum [3, 4]; class 0 (R = 1, its logit is -1): contributions 3, -4.
+    r_sum = [2 * (3 / 3) * 1, -1 * (-4 / -4) * 1]  # [2, -1]
     relevance = channel_relevance(Residual(), torch.tensor([[1.0]]), torch.tensor([0]))
     torch.testing.assert_close(relevance["relu_u"], torch.tensor([[2 / 3 * r_sum[0], 1 / 4 * r_sum[1]]]))
     torch.testing.assert_close(relevance["relu_v"], torch.tensor([[1 / 3 * r_sum[0], 3 / 4 * r_sum[1]]]))
@@ -123,13 +126,14 @@ def test_resnet_sources_shapes_and_no_side_effects():
     torch.manual_seed(0)
     model = create_model("resnet20", width=0.25)
     x, y = torch.randn(3, 3, 32, 32), torch.tensor([0, 4, 9])
-    sources = activation_sources(model, x)
-    assert len(sources) == 19  # stem + 2 per block; the classifier has no ReLU after it
-    assert sources["relu"] == ("conv1",)
-    assert sources["layer1.0.relu2"] == ("layer1.0.conv2",)
-    assert sources["layer2.0.relu2"] == ("layer2.0.conv2", "layer2.0.shortcut.0")
+    activations = post_relu_activations(model, x)
+    assert len(activations) == 19  # stem + 2 per block; the classifier has no ReLU after it
+    assert activations["relu"] == Activation(("conv1",), after_add=False)
+    assert activations["layer1.0.relu1"] == Activation(("layer1.0.conv1",), after_add=False)
+    assert activations["layer1.0.relu2"] == Activation(("layer1.0.conv2",), after_add=True)
+    assert activations["layer2.0.relu2"] == Activation(("layer2.0.conv2", "layer2.0.shortcut.0"), after_add=True)
     relevance = channel_relevance(model, x, y)
-    assert list(relevance) == list(sources)
+    assert list(relevance) == list(activations)
     assert relevance["layer3.2.relu2"].shape == (3, 16)
     assert model.training and all(p.grad is None for p in model.parameters())
     assert all(torch.isfinite(r).all() for r in relevance.values())
@@ -154,3 +158,10 @@ def test_unsupported_models_are_rejected():
         channel_relevance(model, X, torch.tensor([0]))
     with pytest.raises(ValueError, match="in-place"):
         channel_relevance(nn.Sequential(nn.Linear(2, 2), nn.ReLU(inplace=True), nn.Linear(2, 2)), X, torch.tensor([0]))
+
+
+def test_logits_not_written_by_a_layer_still_start_from_the_one_hot():
+    # A view after the classifier: the start is g = one-hot / z at the logits, the same relevance.
+    model = nn.Sequential(MLP(), nn.Flatten())
+    relevance = channel_relevance(model, X, torch.tensor([2]))
+    torch.testing.assert_close(relevance["0.relu"], torch.tensor([[-1.0, 2.0]]), rtol=1e-6, atol=1e-6)

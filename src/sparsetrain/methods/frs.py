@@ -15,18 +15,29 @@ labelled batches with classes c = 1..K:
 Classes without a sample in the batches are left out of the mean. acc_c = 0 gives w_c = 1
 (the limit); if every class has accuracy 0, all weights are sigmoid(1).
 
-Candidates and coupling: a channel is a candidate when it has a post-ReLU activation, that
-is a ReLU module fed by its Conv/Linear layer through batch norms and residual adds only
-(:func:`~sparsetrain.structured.relevance.activation_sources`). Channels are pruned per
-coupled group of :func:`~sparsetrain.structured.surgery.channel_groups` (a residual stream,
-or a pointwise convolution with the depthwise one reading it); a group channel's score is
-the *mean* of the scores of the group's activations at that channel (each already
-L2-normalised in its layer), so a stream channel is judged over its whole depth. Each
-pruning step removes the ``channels_per_step`` lowest-scoring group channels across all
-groups (ties: earlier group, lower index first), always leaving at least one channel per
-group; the classifier's outputs are never candidates. Channels are removed for real with
-:func:`~sparsetrain.structured.surgery.remove_channels_`, in place (the public code only zeroes
-them).
+Relevance (:mod:`sparsetrain.structured.relevance`) follows the public code
+(purdue-nrl/Gradual-Channel-Pruning-using-FRS): it starts from the one-hot of the true label, biases
+take none, and it is scored on augmented training batches. Two numerical quirks of the public code
+are left out: its 1e-9 stabiliser (``lrp_eps=1e-9`` reproduces it) and its per-class divisor
+n_c + number of batches in the ResNet code (we divide by n_c, which the formula above states).
+
+Candidates, as the public code scores them (except that its VGG-16 leaves conv1 and conv2 alone;
+we score every layer): every post-ReLU activation fed by a channel group's
+layers through batch norms and residual adds
+(:func:`~sparsetrain.structured.relevance.post_relu_activations`), one *entry* per channel per
+activation. A residual stream is scored at its block outputs (the ReLU after each add), never at
+the stem; a group read by a depthwise convolution at both activations. Each pruning step makes
+the public code's pick: the ``channels_per_step`` lowest entries over all convolutional groups,
+and separately (as the public VGG code does for its hidden Linear neurons) the
+``linear_per_step`` lowest entries over groups written by Linear layers; ties: earlier group,
+earlier activation, lower channel first; no group loses its last channel. A group scored at one
+activation (a block's inner channels, a plain convolution) loses exactly its picked channels.
+The public code only masks, so it can drop a stream channel in one block and keep it in the
+next; we remove channels for real, and a stream channel exists in every block of its stage. Our
+rule: a group scored at K activations with S picked entries loses round(S / K) whole channels
+(half up), those with the lowest mean score over its K activations. Channels are removed with
+:func:`~sparsetrain.structured.surgery.remove_channels_`; the classifier's outputs are never
+candidates.
 
 In place: the model object keeps its identity, its resized layers get new parameters and the
 bound optimizer is re-pointed at them, so it still holds exactly the live parameters, with
@@ -37,8 +48,9 @@ and selects, and broadcasts its choice: every rank removes the same channels.
 Schedule, in optimizer steps t counted from 1 (``step()`` advances t, then prunes when due):
 pruning happens after steps prune_every, 2 prune_every, ... up to and including ``stop_at``
 (ints are steps, floats fractions of ``total_steps``). Defaults are the public code's for CIFAR
-ResNets, as fractions of its 200 epochs: every 21/200 of training until 150/200, removing 30 % of
-the prunable channels in all unless ``channels_per_step`` is given (the public code: 120).
+ResNets, as fractions of its 200 epochs: every 21/200 of training until 150/200, picking 30 % of
+the prunable entries of each pool in all unless ``channels_per_step`` / ``linear_per_step`` are
+given (the public code: 120 for ResNets; 200 and 22 for VGG-16).
 """
 
 from __future__ import annotations
@@ -54,12 +66,13 @@ from torch import Tensor, nn
 from ..modes import eval_mode
 from ..report import count_flops, output_width
 from ..schedules import resolve_step, validate_total_steps
-from ..structured.relevance import activation_sources, relevance_and_logits
+from ..structured.relevance import post_relu_activations, relevance_and_logits
 from ..structured.surgery import ChannelGroup, channel_groups, layer_shapes, remove_channels_, resize_
 from .protocol import Method
 from .registry import Context, MethodSpec, register_method
 
-DEFAULT_FRACTION = 0.3  # of the prunable channels, removed over the schedule when channels_per_step is unset
+DEFAULT_FRACTION = 0.3  # of the prunable entries of each pool, picked over the schedule when no count is given
+POOLS = ("conv", "linear")
 
 
 def _step_value(name: str, value: object) -> int | float:
@@ -73,13 +86,17 @@ def _step_value(name: str, value: object) -> int | float:
 @dataclass(frozen=True)
 class FRSOptions:
     """``prune_every`` and ``stop_at``: int steps or float fractions of training;
-    ``channels_per_step``: None for 30 % of the prunable channels spread over the steps;
-    ``num_classes``: None for the width of the model's output."""
+    ``channels_per_step`` / ``linear_per_step``: entries picked per step among convolutional /
+    Linear groups, None for 30 % of the pool's prunable entries spread over the steps;
+    ``num_classes``: None for the width of the model's output; ``lrp_eps``: 0 for the exact
+    alpha-beta rule, 1e-9 for the public code's stabiliser."""
 
     prune_every: int | float = 21 / 200
     channels_per_step: int | None = None
     stop_at: int | float = 150 / 200
     num_classes: int | None = None
+    linear_per_step: int | None = None
+    lrp_eps: float = 0.0
 
     def __post_init__(self) -> None:
         _step_value("prune_every", self.prune_every)
@@ -88,6 +105,12 @@ class FRSOptions:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name}={value!r} is not allowed; allowed: an int >= 1.")
+        value = self.linear_per_step
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise ValueError(f"linear_per_step={value!r} is not allowed; allowed: an int >= 0.")
+        eps = self.lrp_eps
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps < 1e-3:
+            raise ValueError(f"lrp_eps={eps!r} is not allowed; allowed: a number in [0, 1e-3), e.g. 1e-9 as the public code.")
 
 
 @dataclass(frozen=True)
@@ -131,15 +154,26 @@ def layer_scores(class_relevance: Tensor, weights: Tensor) -> Tensor:
 
 
 @dataclass(frozen=True)
-class _Candidate:
-    """A coupled group with a score vector: its root, size and the activations scoring it."""
+class Candidate:
+    """A coupled group, the activations scoring it (one entry per channel each) and its pool:
+    "linear" when Linear layers write it, else "conv"."""
 
     group: ChannelGroup
     activations: tuple[str, ...]
+    pool: str
+
+    @property
+    def entries(self) -> int:
+        """Entries that may still be picked: every group keeps one channel."""
+        return (self.group.channels - 1) * len(self.activations)
 
 
 def feature_relevance_scores(
-    model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], num_classes: int, class_accuracy: Tensor | None = None
+    model: nn.Module,
+    batches: Iterable[tuple[Tensor, Tensor]],
+    num_classes: int,
+    class_accuracy: Tensor | None = None,
+    lrp_eps: float = 0.0,
 ) -> dict[str, Tensor]:
     """Feature relevance scores of ``model`` on ``batches``: for each post-ReLU activation (ReLU
     module name) a float64 vector (C,), non-negative with L2 norm 1 (all zeros if the layer has
@@ -154,7 +188,7 @@ def feature_relevance_scores(
         bad = y[(y < 0) | (y >= k)]
         if bad.numel():
             raise ValueError(f"label {int(bad[0])} is out of range; allowed: class indices 0 to {k - 1}.")
-        relevance, logits = relevance_and_logits(model, x, y)
+        relevance, logits = relevance_and_logits(model, x, y, lrp_eps)
         onehot = nn.functional.one_hot(y, k).double()
         for name, r in relevance.items():
             sums[name] = sums.get(name, 0) + onehot.T @ r.double()
@@ -176,68 +210,99 @@ def feature_relevance_scores(
     }
 
 
-def candidates(model: nn.Module, example_inputs: Tensor) -> list[_Candidate]:
-    """Prunable groups that have at least one post-ReLU activation of their own width."""
-    sources = activation_sources(model, example_inputs)
-    widths = {name: output_width(model.get_submodule(name)) for name in {s for v in sources.values() for s in v}}
+def candidates(model: nn.Module, example_inputs: Tensor) -> list[Candidate]:
+    """Prunable groups with the post-ReLU activations of their own width that score them; a
+    residual stream (a group with an activation after an add) only at those, never the stem."""
+    activations = post_relu_activations(model, example_inputs)
+    sources = {s for a in activations.values() for s in a.sources}
+    widths = {name: output_width(model.get_submodule(name)) for name in sources}
     found = []
     for group in channel_groups(model, example_inputs):
         writers = set(group.layers)
-        activations = tuple(
-            act for act, layers in sources.items()
-            if writers.intersection(layers) and all(widths[s] == group.channels for s in layers)
-        )
-        if activations and group.channels > 1:
-            found.append(_Candidate(group, activations))
+        own = [
+            name for name, a in activations.items()
+            if writers.intersection(a.sources) and all(widths[s] == group.channels for s in a.sources)
+        ]
+        if any(activations[name].after_add for name in own):
+            own = [name for name in own if activations[name].after_add]
+        if own and group.channels > 1:
+            linear = all(isinstance(model.get_submodule(layer), nn.Linear) for layer in group.layers)
+            found.append(Candidate(group, tuple(own), "linear" if linear else "conv"))
     return found
 
 
-def select_lowest(scores: Mapping[str, Tensor], found: list[_Candidate], count: int) -> list[int]:
-    """The ``count`` lowest-scoring group channels (ties: earlier group, lower index first), each
-    group keeping one, as flat indices into the concatenated channels of ``found``."""
-    group_scores = [torch.stack([scores[a] for a in c.activations]).mean(0) for c in found]
-    offsets = [0]
-    for c in found:
-        offsets.append(offsets[-1] + c.group.channels)
-    left = [c.group.channels for c in found]
-    owner = torch.cat([torch.full((len(s),), i) for i, s in enumerate(group_scores)]).tolist()
-    chosen: list[int] = []
-    for index in torch.argsort(torch.cat(group_scores), stable=True).tolist():
-        if len(chosen) == count:
+def pick_entries(scores: Mapping[str, Tensor], found: list[Candidate], count: int) -> list[int]:
+    """How many entries of each candidate are among the ``count`` lowest entries of ``found``
+    (ties: earlier candidate, earlier activation, lower channel), none past a candidate's
+    ``entries``."""
+    values = torch.cat([scores[a] for c in found for a in c.activations])
+    owner = torch.cat([torch.full((len(scores[a]),), i) for i, c in enumerate(found) for a in c.activations]).tolist()
+    left = [c.entries for c in found]
+    picked = [0] * len(found)
+    taken = 0
+    for index in torch.argsort(values, stable=True).tolist():
+        if taken == count:
             break
-        if left[owner[index]] > 1:
-            left[owner[index]] -= 1
-            chosen.append(index)
-    return sorted(chosen)
+        i = owner[index]
+        if left[i]:
+            left[i] -= 1
+            picked[i] += 1
+            taken += 1
+    return picked
 
 
-def _as_drop(flat: list[int], found: list[_Candidate]) -> dict[str, list[int]]:
-    """{root layer: channel indices} of flat indices into the concatenated candidate channels."""
+def channels_to_remove(scores: Mapping[str, Tensor], candidate: Candidate, picked: int) -> list[int]:
+    """round(picked / K) channels (half up) of a candidate scored at K activations: those with
+    the lowest mean score (ties: lower index), sorted."""
+    k = len(candidate.activations)
+    mean = torch.stack([scores[a] for a in candidate.activations]).mean(0)
+    return sorted(torch.argsort(mean, stable=True)[: (2 * picked + k) // (2 * k)].tolist())
+
+
+def select(scores: Mapping[str, Tensor], found: list[Candidate], counts: Mapping[str, int]) -> dict[str, list[int]]:
+    """The channels a pruning step removes, {group root: channel indices}: in each pool the
+    ``counts[pool]`` lowest entries are picked, then each group loses its share of whole channels."""
     drop: dict[str, list[int]] = {}
-    offset = 0
-    for c in found:
-        picked = [i - offset for i in flat if offset <= i < offset + c.group.channels]
-        if picked:
-            drop[c.group.root] = picked
-        offset += c.group.channels
+    for pool in POOLS:
+        members = [c for c in found if c.pool == pool]
+        if not members or not counts[pool]:
+            continue
+        for candidate, picked in zip(members, pick_entries(scores, members, counts[pool])):
+            channels = channels_to_remove(scores, candidate, picked)
+            if channels:
+                drop[candidate.group.root] = channels
     return drop
 
 
-def _rank0_choice(flat: list[int], count: int) -> list[int]:
-    """Under torch.distributed, every rank takes rank 0's choice."""
+def _rank0_choice(drop: dict[str, list[int]], found: list[Candidate]) -> dict[str, list[int]]:
+    """Under torch.distributed, every rank takes rank 0's choice (sent as a mask over the
+    concatenated channels of ``found``, which all ranks trace alike)."""
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        return flat
+        return drop
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-    values = torch.tensor(flat if dist.get_rank() == 0 else [0] * count, dtype=torch.int64, device=device)
-    dist.broadcast(values, src=0)
-    return values.tolist()
+    masks = [torch.zeros(c.group.channels, dtype=torch.uint8, device=device) for c in found]
+    for mask, c in zip(masks, found):
+        mask[drop.get(c.group.root, [])] = 1
+    flat = torch.cat(masks)
+    dist.broadcast(flat, src=0)
+    chosen = {}
+    for c, part in zip(found, flat.split([c.group.channels for c in found])):
+        indices = part.nonzero().flatten().tolist()
+        if indices:
+            chosen[c.group.root] = indices
+    return chosen
+
+
+def _default_count(prunable: int, steps: int) -> int:
+    """DEFAULT_FRACTION of a pool's prunable entries over the steps: at least 1 if any, else 0."""
+    return max(1, round(DEFAULT_FRACTION * prunable / steps)) if prunable else 0
 
 
 class FRS(Method):
     """Gradual channel pruning with feature relevance scores, during training, in place.
 
-    ``data`` is a re-iterable of labelled batches the relevance is scored on (e.g. the training
-    set, unaugmented); ``example_inputs`` a small batch on the model's device to trace it.
+    ``data`` is a re-iterable of labelled batches the relevance is scored on (the public code:
+    the augmented training set); ``example_inputs`` a small batch on the model's device to trace it.
     """
 
     name = "frs"
@@ -253,9 +318,11 @@ class FRS(Method):
         channels_per_step: int | None = None,
         stop_at: int | float = 150 / 200,
         num_classes: int | None = None,
+        linear_per_step: int | None = None,
+        lrp_eps: float = 0.0,
     ) -> None:
         super().__init__()
-        self.options = FRSOptions(prune_every, channels_per_step, stop_at, num_classes)
+        self.options = FRSOptions(prune_every, channels_per_step, stop_at, num_classes, linear_per_step, lrp_eps)
         validate_total_steps(total_steps)
         if not isinstance(example_inputs, Tensor):
             raise ValueError(f"example_inputs={example_inputs!r} is not allowed; allowed: a tensor batch the model accepts.")
@@ -271,17 +338,29 @@ class FRS(Method):
         self.dense_flops = count_flops(model, example_inputs[:1])
         prunable = self.prunable()
         steps = self.schedule.steps
-        self.channels_per_step = channels_per_step or max(1, round(DEFAULT_FRACTION * prunable / steps))
-        if self.channels_per_step * steps > prunable:
-            raise ValueError(
-                f"channels_per_step={self.channels_per_step} over {steps} pruning steps removes "
-                f"{self.channels_per_step * steps} channels, but {type(model).__name__} has {prunable} prunable; "
-                f"allowed: channels_per_step <= {prunable // steps}."
-            )
+        given = {"conv": channels_per_step, "linear": linear_per_step}
+        self.counts = {pool: _default_count(prunable[pool], steps) if given[pool] is None else given[pool] for pool in POOLS}
+        for pool, option in (("conv", "channels_per_step"), ("linear", "linear_per_step")):
+            if self.counts[pool] * steps > prunable[pool]:
+                raise ValueError(
+                    f"{option}={self.counts[pool]} over {steps} pruning steps picks {self.counts[pool] * steps} "
+                    f"entries, but {type(model).__name__} has {prunable[pool]} prunable in its {pool} pool; "
+                    f"allowed: {option} <= {prunable[pool] // steps}."
+                )
         self._step = 0
         self.removals: list[dict[str, list[int]]] = []
 
     # -- reading the state -------------------------------------------------------------
+
+    @property
+    def channels_per_step(self) -> int:
+        """Entries picked per pruning step among the convolutional groups."""
+        return self.counts["conv"]
+
+    @property
+    def linear_per_step(self) -> int:
+        """Entries picked per pruning step among the groups written by Linear layers."""
+        return self.counts["linear"]
 
     @property
     def step_count(self) -> int:
@@ -295,13 +374,16 @@ class FRS(Method):
     def channels_removed(self) -> int:
         return sum(len(indices) for drop in self.removals for indices in drop.values())
 
-    def prunable(self) -> int:
-        """How many channels can still be pruned: group channels minus one per candidate group."""
-        return sum(c.group.channels - 1 for c in candidates(self.model, self.example_inputs))
+    def prunable(self) -> dict[str, int]:
+        """Entries that can still be picked, per pool ("conv", "linear")."""
+        found = candidates(self.model, self.example_inputs)
+        return {pool: sum(c.entries for c in found if c.pool == pool) for pool in POOLS}
 
     def scores(self, batches: Iterable[tuple[Tensor, Tensor]] | None = None) -> dict[str, Tensor]:
         """Feature relevance scores of the model on ``batches`` (default: ``data``)."""
-        return feature_relevance_scores(self.model, self.data if batches is None else batches, self.num_classes)
+        return feature_relevance_scores(
+            self.model, self.data if batches is None else batches, self.num_classes, lrp_eps=self.options.lrp_eps
+        )
 
     def metrics(self) -> dict[str, float]:
         return {"flops_ratio": count_flops(self.model, self.example_inputs[:1]) / self.dense_flops}
@@ -309,8 +391,8 @@ class FRS(Method):
     # -- changing the state ------------------------------------------------------------
 
     def step(self) -> bool:
-        """Advance t; after steps prune_every, 2 prune_every, ... <= stop_at remove the
-        ``channels_per_step`` lowest-scoring channels in place. True when channels were removed."""
+        """Advance t; after steps prune_every, 2 prune_every, ... <= stop_at remove the channels
+        of the lowest-scoring entries in place. True when a pruning step was made."""
         self._check_attached()
         self._step += 1
         if self.prunes_done >= self.schedule.done_by(self._step):
@@ -319,32 +401,33 @@ class FRS(Method):
         return True
 
     def prune(self) -> dict[str, list[int]]:
-        """Score the model on ``data``, remove the ``channels_per_step`` lowest channels in place
-        (the optimizer's state follows); return the removed {root layer: channel indices}."""
+        """Score the model on ``data``, remove the channels of each pool's lowest entries in place
+        (the optimizer's state follows); return the removed {group root: channel indices}."""
         found = candidates(self.model, self.example_inputs)
-        available = sum(c.group.channels - 1 for c in found)
-        count = self.channels_per_step
-        if count > available:
-            raise ValueError(
-                f"channels_per_step={count} exceeds the {available} channels still prunable in "
-                f"{type(self.model).__name__}; allowed: at most {available} (every group keeps one channel)."
-            )
+        for pool, option in (("conv", "channels_per_step"), ("linear", "linear_per_step")):
+            available = sum(c.entries for c in found if c.pool == pool)
+            if self.counts[pool] > available:
+                raise ValueError(
+                    f"{option}={self.counts[pool]} exceeds the {available} entries still prunable in the {pool} pool "
+                    f"of {type(self.model).__name__}; allowed: at most {available} (every group keeps one channel)."
+                )
         rank0 = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
-        flat = select_lowest(self.scores(), found, count) if rank0 else []
-        drop = _as_drop(_rank0_choice(flat, count), found)
-        remove_channels_(self.model, drop, self.example_inputs, self.optimizer)
+        drop = select(self.scores(), found, self.counts) if rank0 else {}
+        drop = _rank0_choice(drop, found)
+        if drop:
+            remove_channels_(self.model, drop, self.example_inputs, self.optimizer)
         self.removals.append(drop)
         return drop
 
     # -- state -------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """The step, each pruning step's removals ({root layer: channel indices} of the model at
+        """The step, each pruning step's removals ({group root: channel indices} of the model at
         that step) and the widths of the model now (JSON-ready)."""
         return {
             "method": self.name,
             "step": self._step,
-            "channels_per_step": self.channels_per_step,
+            "counts": dict(self.counts),
             "removals": [{root: list(indices) for root, indices in drop.items()} for drop in self.removals],
             "shapes": layer_shapes(self.model),
         }
@@ -356,10 +439,10 @@ class FRS(Method):
         expected = set(self.state_dict())
         if set(state) != expected or state["method"] != self.name:
             raise ValueError(f"this state has keys {sorted(state)}; allowed: an FRS state with exactly {sorted(expected)}.")
-        if state["channels_per_step"] != self.channels_per_step:
+        if state["counts"] != self.counts:
             raise ValueError(
-                f"the saved FRS state has channels_per_step={state['channels_per_step']!r} but this FRS has "
-                f"{self.channels_per_step!r}; allowed: the settings of the run being resumed."
+                f"the saved FRS state picks {state['counts']!r} entries per step but this FRS picks "
+                f"{self.counts!r}; allowed: the settings of the run being resumed."
             )
         removals = [{str(root): [int(i) for i in indices] for root, indices in drop.items()} for drop in state["removals"]]
         if len(removals) != self.schedule.done_by(int(state["step"])):
@@ -375,6 +458,7 @@ def _build(model: nn.Module, options: FRSOptions, context: Context) -> FRS:
         model, context.total_steps, context.need_example_inputs("frs"), context.need_data("frs"),
         prune_every=options.prune_every, channels_per_step=options.channels_per_step,
         stop_at=options.stop_at, num_classes=options.num_classes,
+        linear_per_step=options.linear_per_step, lrp_eps=options.lrp_eps,
     )
 
 

@@ -129,7 +129,8 @@ def _add_training_options(parser: argparse.ArgumentParser, single_run: bool) -> 
     how.add_argument("--flops-target", type=float, default=s, help="gdp: FLOPs of the compact model, fraction of dense; default 0.5")
     how.add_argument("--prune-every", type=int, default=s, help="frs: epochs between pruning steps (default: 21/200 of training)")
     how.add_argument("--channels-per-step", type=int, default=s,
-                     help="frs: channels removed per step (default: 30 %% of the prunable channels over the schedule)")
+                     help="frs: channel entries picked per step, a stream channel one per block output "
+                          "(default: 30 %% of the prunable entries over the schedule)")
     how.add_argument("--stop-at", type=int, default=s, help="frs: last epoch that prunes (default: 150/200 of training)")
     recipe = parser.add_argument_group("recipe")
     recipe.add_argument("--epochs", type=int, default=s, help="default 12 on the bundled sample, 160 on CIFAR")

@@ -74,6 +74,7 @@ class Setup:
     data: ImageDataset
     train_loader: BatchLoader
     test_loader: BatchLoader
+    scoring: BatchLoader
     model: nn.Module
     method: Method
     optimizer: torch.optim.Optimizer
@@ -122,7 +123,9 @@ def prepare(options: TrainOptions, resume: bool = False) -> Setup:
         rank=ranks.rank, world_size=ranks.world_size, device=device,
     )
     test_loader = BatchLoader(data.x_test, data.y_test, EVAL_BATCH_SIZE, data.mean, data.std, shuffle=False, device=device)
-    scoring = BatchLoader(x_train, y_train, EVAL_BATCH_SIZE, data.mean, data.std, shuffle=False, device=device)
+    # Methods that score the model (FRS) see the training set augmented as in training, fresh each epoch.
+    scoring = BatchLoader(x_train, y_train, EVAL_BATCH_SIZE, data.mean, data.std, shuffle=False, augment=True,
+                          seed=options.seed, device=device)
     total_steps = options.epochs * len(train_loader)
     example_inputs = data.x_test[:2].float().to(device)  # shape and device are what tracing needs
     method_options = options.method_options(len(train_loader))
@@ -131,8 +134,8 @@ def prepare(options: TrainOptions, resume: bool = False) -> Setup:
     optimizer = make_optimizer(model, options)
     method.bind(optimizer)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(lr_factor, options, len(train_loader)))
-    setup = Setup(options, folder, device, ranks, data, train_loader, test_loader, model, method, optimizer, scheduler,
-                  example_inputs)
+    setup = Setup(options, folder, device, ranks, data, train_loader, test_loader, scoring, model, method, optimizer,
+                  scheduler, example_inputs)
     if state is not None:
         _restore(setup, state)
     elif ranks.main:
@@ -253,6 +256,7 @@ def fit(setup: Setup, log: Callable[[str], None] = print) -> dict[str, Any]:
     for epoch in range(setup.start_epoch, options.epochs):
         start = time.perf_counter()
         model.train()
+        setup.scoring.set_epoch(epoch)
         loss_sum = torch.zeros((), device=setup.device)
         label = f"epoch {epoch + 1}/{options.epochs}"
         for x, y in _progress(setup.train_loader.batches(epoch), len(setup.train_loader), show_progress, label):

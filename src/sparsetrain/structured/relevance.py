@@ -1,17 +1,18 @@
 """Layer-wise relevance propagation (LRP) with the alpha-beta rule, for feature relevance scores.
 
-Relevance R starts at the output as the true class's logit (a one-hot of the label times the
-logits) and flows back layer by layer:
+Relevance R starts at the output as the one-hot of the true label (R = 1 at the true class,
+0 elsewhere, whatever the logits) and flows back layer by layer, with the conventions of the
+public FRS code (purdue-nrl/Gradual-Channel-Pruning-using-FRS):
 
 - Linear and Conv (alpha = 2, beta = 1; Bach et al. 2015, "On pixel-wise explanations ..."),
-  with contributions z_ij = x_i w_ij of input i to output j and the bias b_j as one more input:
+  with contributions z_ij = x_i w_ij of input i to output j:
 
       R_i = sum_j (alpha z_ij+ / z_j+  -  beta z_ij- / z_j-) R_j,
-      z_j+ = sum_i z_ij+ + b_j+,   z_j- = sum_i z_ij- + b_j-
+      z_j+ = sum_i z_ij+,   z_j- = sum_i z_ij-
 
-  where t+ = max(t, 0) and t- = min(t, 0). The bias keeps (absorbs) its own share; a ratio
-  whose denominator is 0 has a numerator of 0 too and counts as 0 (no stabiliser is needed,
-  so the rule is exact).
+  where t+ = max(t, 0) and t- = min(t, 0). Biases take no relevance. A ratio whose
+  denominator is 0 has a numerator of 0 too and counts as 0 (the public code adds 1e-9 to
+  the denominators instead, which leaves spurious relevance where a denominator is 0).
 - Batch norm and ReLU pass relevance through unchanged (R_in = R_out).
 - Parameter-free linear operations (average and adaptive pooling, flatten, mean, residual
   adds, concatenation) redistribute relevance in proportion to the contributions, as a
@@ -20,7 +21,8 @@ logits) and flows back layer by layer:
   (sigmoid, GELU, ...) have no rule here: they would be treated as gradient times input.
 
 Implementation: relevance is carried by autograd in "gradient times input" form. Every tensor
-t in the graph carries g_t with R_t = t * g_t (elementwise). Autograd's own backward of
+t in the graph carries g_t with R_t = t * g_t (elementwise); the output layer's backward takes
+R = one-hot as given. Autograd's own backward of
 a parameter-free op then is exactly the proportional rule above (for an add, g flows unchanged
 to both summands, so each gets summand * g = its proportional share), and ReLU's backward is
 the pass-through. Forward hooks swap in custom backwards for Linear/Conv (the alpha-beta rule)
@@ -37,6 +39,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -52,35 +55,46 @@ _AFFINE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, n
 _NORM_TYPES: tuple[type[nn.Module], ...] = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
+@dataclass(frozen=True)
+class Activation:
+    """A post-ReLU activation: the Linear/Conv layers writing its channels (sorted) and
+    whether a residual add lies between them and the ReLU (a residual block's output)."""
+
+    sources: tuple[str, ...]
+    after_add: bool
+
+
 def _ratio(numerator: Tensor, denominator: Tensor) -> Tensor:
     """numerator / denominator, 0 where the denominator is 0."""
     return (numerator / denominator).masked_fill_(denominator == 0, 0.0)
 
 
-def _affine(module: nn.Module, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """The module's linear map with replaced parameters."""
+def _affine(module: nn.Module, x: Tensor, weight: Tensor) -> Tensor:
+    """The module's linear map with ``weight`` and no bias."""
     if isinstance(module, nn.Linear):
-        return F.linear(x, weight, bias)
-    return module._conv_forward(x, weight, bias)  # type: ignore[operator]
+        return F.linear(x, weight)
+    return module._conv_forward(x, weight, None)  # type: ignore[operator]
 
 
 def alpha_beta(module: nn.Module, x: Tensor, relevance: Tensor,
-               alpha: float = ALPHA, beta: float = BETA) -> Tensor:
-    """R_in of a Linear/Conv ``module`` with input ``x`` for output relevance ``relevance``."""
+               alpha: float = ALPHA, beta: float = BETA, eps: float = 0.0) -> Tensor:
+    """R_in of a Linear/Conv ``module`` with input ``x`` for output relevance ``relevance``.
+
+    ``eps`` > 0 reproduces the public FRS code's stabiliser: eps is added to z+ and z- and,
+    in convolutions, every weight counts on both sides (W+ = max(W, eps), W- = min(W, -eps)).
+    """
     weight = module.weight.detach()
-    bias = None if module.bias is None else module.bias.detach()
-    # Split the input by sign: z+ collects x+ W+ and x- W- (and b+), z- collects x+ W- and x- W+
-    # (and b-). Inputs after a ReLU have no negative part, which is then skipped.
-    parts = [(x.clamp(min=0), weight.clamp(min=0), weight.clamp(max=0))]
+    floor = eps if eps and not isinstance(module, nn.Linear) else 0.0
+    w_pos, w_neg = weight.clamp(min=floor), weight.clamp(max=-floor)
+    # Split the input by sign: z+ collects x+ W+ and x- W-, z- collects x+ W- and x- W+.
+    # Inputs after a ReLU have no negative part, which is then skipped.
+    parts = [(x.clamp(min=0), w_pos, w_neg)]
     if bool(x.amin() < 0):
-        parts.append((x.clamp(max=0), weight.clamp(max=0), weight.clamp(min=0)))
+        parts.append((x.clamp(max=0), w_neg, w_pos))
     with torch.enable_grad():
         inputs = [part.detach().requires_grad_(True) for part, _, _ in parts]
-        z_pos = _affine(module, inputs[0], parts[0][1], None if bias is None else bias.clamp(min=0))
-        z_neg = _affine(module, inputs[0], parts[0][2], None if bias is None else bias.clamp(max=0))
-        for part, (_, w_pos, w_neg) in zip(inputs[1:], parts[1:]):
-            z_pos = z_pos + _affine(module, part, w_pos, None)
-            z_neg = z_neg + _affine(module, part, w_neg, None)
+        z_pos = sum(_affine(module, part, w_p) for part, (_, w_p, _) in zip(inputs, parts)) + eps
+        z_neg = sum(_affine(module, part, w_n) for part, (_, _, w_n) in zip(inputs, parts)) + eps
         # The vector-Jacobian products give, for each input part, sum_j w_ij (alpha R_j / z_j+)
         # over its positive contributions minus sum_j w_ij (beta R_j / z_j-) over its negative ones.
         grads = torch.autograd.grad(
@@ -93,17 +107,18 @@ class _AlphaBetaBackward(torch.autograd.Function):
     """Identity on the layer's output; backward maps g_out to g_in by the alpha-beta rule."""
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, out: Tensor, module: nn.Module) -> Tensor:
+    def forward(ctx: Any, x: Tensor, out: Tensor, module: nn.Module, eps: float) -> Tensor:
         ctx.save_for_backward(x, out)
-        ctx.module = module
+        ctx.module, ctx.eps = module, eps
         return out.clone()
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None]:
         x, out = ctx.saved_tensors
-        r_in = alpha_beta(ctx.module, x, out * grad)
+        start = getattr(ctx, "start", None)  # the output layer's relevance is set directly
+        r_in = alpha_beta(ctx.module, x, out * grad if start is None else start, eps=ctx.eps)
         # R_in = x * g_in; where x == 0 the rule gives R_in = 0 and g_in is set to 0.
-        return _ratio(r_in, x), None, None
+        return _ratio(r_in, x), None, None, None
 
 
 class _PassThroughBackward(torch.autograd.Function):
@@ -134,7 +149,7 @@ def _check_supported(model: nn.Module) -> None:
 
 
 @contextmanager
-def _lrp_hooks(model: nn.Module) -> Iterator[dict[Any, tuple[str, str]]]:
+def _lrp_hooks(model: nn.Module, eps: float) -> Iterator[dict[Any, tuple[str, str]]]:
     """Swap in the relevance backwards; yields a map grad_fn -> (module name, "affine"/"norm")."""
     _check_supported(model)
     nodes: dict[Any, tuple[str, str]] = {}
@@ -143,7 +158,7 @@ def _lrp_hooks(model: nn.Module) -> Iterator[dict[Any, tuple[str, str]]]:
         def fn(module: nn.Module, inputs: tuple[Tensor, ...], out: Tensor) -> Tensor:
             x = inputs[0]
             if kind == "affine":
-                out = _AlphaBetaBackward.apply(x, out.detach(), module)
+                out = _AlphaBetaBackward.apply(x, out.detach(), module, eps)
             else:
                 out = _PassThroughBackward.apply(x, out.detach())
             nodes[out.grad_fn] = (name, kind)
@@ -163,10 +178,11 @@ def _lrp_hooks(model: nn.Module) -> Iterator[dict[Any, tuple[str, str]]]:
             handle.remove()
 
 
-def _sources(grad_fn: Any, nodes: dict[Any, tuple[str, str]]) -> set[str]:
-    """Linear/Conv layers whose output reaches ``grad_fn`` through batch norms and adds only."""
+def _sources(grad_fn: Any, nodes: dict[Any, tuple[str, str]]) -> tuple[set[str], bool]:
+    """Linear/Conv layers whose output reaches ``grad_fn`` through batch norms and adds only,
+    and whether an add was passed on the way."""
     found: set[str] = set()
-    stack, seen = [grad_fn], set()
+    stack, seen, added = [grad_fn], set(), False
     while stack:
         node = stack.pop()
         if node is None or node in seen:
@@ -176,33 +192,35 @@ def _sources(grad_fn: Any, nodes: dict[Any, tuple[str, str]]) -> set[str]:
         if kind == "affine":
             found.add(name)
         elif kind == "norm" or type(node).__name__ == "AddBackward0":
+            added = added or kind != "norm"
             stack.extend(parent for parent, _ in node.next_functions)
-    return found
+    return found, added
 
 
 class _Trace:
-    """One relevance forward pass: the logits and each traced ReLU's output and sources."""
+    """One relevance forward pass: the logits and each traced ReLU's output and activation."""
 
-    def __init__(self, model: nn.Module, x: Tensor) -> None:
+    def __init__(self, model: nn.Module, x: Tensor, eps: float = 0.0) -> None:
         self.outputs: dict[str, Tensor] = {}
-        self.sources: dict[str, tuple[str, ...]] = {}
+        self.activations: dict[str, Activation] = {}
         calls: dict[str, int] = {}
 
         def relu_hook(name: str):
             def fn(module: nn.Module, inputs: tuple[Tensor, ...], out: Tensor) -> None:
                 calls[name] = calls.get(name, 0) + 1
-                sources = _sources(inputs[0].grad_fn, nodes)
+                sources, added = _sources(inputs[0].grad_fn, nodes)
                 if sources:
                     self.outputs[name] = out
-                    self.sources[name] = tuple(sorted(sources))
+                    self.activations[name] = Activation(tuple(sorted(sources)), added)
             return fn
 
         relus = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.ReLU)]
-        with eval_mode(model), _lrp_hooks(model) as nodes:
+        with eval_mode(model), _lrp_hooks(model, eps) as nodes:
             handles = [m.register_forward_hook(relu_hook(n)) for n, m in relus]
             try:
                 self.x = x.detach().clone().requires_grad_(True)
                 self.logits = model(self.x)
+                self.nodes = nodes
             finally:
                 for handle in handles:
                     handle.remove()
@@ -217,14 +235,27 @@ class _Trace:
                 f"the model's output has shape {tuple(self.logits.shape)}; allowed: logits of shape (N, classes)."
             )
 
-    def relevance(self, y: Tensor) -> dict[str, Tensor]:
-        """Per-sample per-channel relevance (N, C), spatially averaged, at each traced ReLU."""
+    def start(self, y: Tensor) -> Tensor:
+        """Start relevance at the logits from the one-hot of ``y``; returns the g to backpropagate.
+
+        When a Linear/Conv layer computes the logits, its backward takes R = one-hot as given;
+        otherwise g = one-hot / z (a logit of exactly 0 then starts no relevance).
+        """
         if y.shape != self.logits.shape[:1]:
             raise ValueError(
                 f"labels have shape {tuple(y.shape)}; allowed: shape ({self.logits.shape[0]},), one per sample."
             )
+        onehot = F.one_hot(y.long(), self.logits.shape[1]).to(self.logits.dtype)
+        node = self.logits.grad_fn
+        if self.nodes.get(node, (None, None))[1] == "affine":
+            node.start = onehot
+            return onehot
+        return _ratio(onehot, self.logits.detach())
+
+    def relevance(self, y: Tensor) -> dict[str, Tensor]:
+        """Per-sample per-channel relevance (N, C), spatially averaged, at each traced ReLU."""
+        start = self.start(y)
         names = list(self.outputs)
-        start = F.one_hot(y.long(), self.logits.shape[1]).to(self.logits.dtype)
         grads = torch.autograd.grad(self.logits, [self.outputs[n] for n in names], start, allow_unused=True)
         result = {}
         for name, grad in zip(names, grads):
@@ -234,35 +265,35 @@ class _Trace:
         return result
 
 
-def activation_sources(model: nn.Module, example_inputs: Tensor) -> dict[str, tuple[str, ...]]:
-    """For each ReLU module whose input comes from Linear/Conv layers through batch norms and
-    residual adds only, the names of those layers (sorted), in forward order of the ReLUs.
+def post_relu_activations(model: nn.Module, example_inputs: Tensor) -> dict[str, Activation]:
+    """Each ReLU module whose input comes from Linear/Conv layers through batch norms and
+    residual adds only, in forward order of the ReLUs.
 
     A channel c of such a ReLU's output is output channel c of each of its source layers.
     ReLUs fed otherwise (e.g. by a concatenation, as in DenseNet's BN-ReLU-conv) are left out.
     """
-    return _Trace(model, example_inputs).sources
+    return _Trace(model, example_inputs).activations
 
 
-def channel_relevance(model: nn.Module, x: Tensor, y: Tensor) -> dict[str, Tensor]:
+def channel_relevance(model: nn.Module, x: Tensor, y: Tensor, eps: float = 0.0) -> dict[str, Tensor]:
     """LRP alpha-beta (2, 1) relevance of the true class ``y`` at each post-ReLU activation.
 
-    Returns, for each ReLU module listed by :func:`activation_sources`, the relevance of its
+    Returns, for each ReLU module listed by :func:`post_relu_activations`, the relevance of its
     output averaged over spatial positions: a tensor (N, C) per module name. The model runs in
     eval mode and is left in the mode it had; its parameters and gradients are untouched.
+    ``eps``: see :func:`alpha_beta` (0: the exact rule).
     """
-    return relevance_and_logits(model, x, y)[0]
+    return relevance_and_logits(model, x, y, eps)[0]
 
 
-def relevance_and_logits(model: nn.Module, x: Tensor, y: Tensor) -> tuple[dict[str, Tensor], Tensor]:
+def relevance_and_logits(model: nn.Module, x: Tensor, y: Tensor, eps: float = 0.0) -> tuple[dict[str, Tensor], Tensor]:
     """:func:`channel_relevance` and the (detached, eval-mode) logits of the same forward pass."""
-    trace = _Trace(model, x)
+    trace = _Trace(model, x, eps)
     return trace.relevance(y), trace.logits.detach()
 
 
-def input_relevance(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+def input_relevance(model: nn.Module, x: Tensor, y: Tensor, eps: float = 0.0) -> Tensor:
     """LRP alpha-beta (2, 1) relevance of the true class ``y`` at the input, shape of ``x``."""
-    trace = _Trace(model, x)
-    start = F.one_hot(y.long(), trace.logits.shape[1]).to(trace.logits.dtype)
-    (grad,) = torch.autograd.grad(trace.logits, trace.x, start)
+    trace = _Trace(model, x, eps)
+    (grad,) = torch.autograd.grad(trace.logits, trace.x, trace.start(y))
     return trace.x.detach() * grad
