@@ -1,0 +1,158 @@
+"""PyTorch Lightning: ``Trainer(callbacks=[Sparsify("feather", sparsity=0.9)])``.
+
+The callback drives the method protocol (:mod:`sparsetrain.methods.protocol`) at Lightning's hooks:
+
+- ``setup`` (fitting): ``create`` the method on the LightningModule, for
+  ``trainer.estimated_stepping_batches`` optimizer steps, with example inputs from the first
+  training batch (or those given) and the training batches as FRS's scoring data. Resuming
+  (``fit(ckpt_path=...)``), the method's state is loaded from the checkpoint just before Lightning
+  loads the weights (a load-state-dict pre-hook), so a pruned model has its saved widths when they
+  arrive.
+- ``on_fit_start``: ``bind`` the optimizer ``configure_optimizers`` built (after ``create``, so it
+  holds GDP's gates).
+- ``on_before_optimizer_step``: ``before_optimizer_step`` (once per optimizer step, whatever the
+  gradient accumulation; Lightning clips gradients after this hook, GDP's penalty included).
+- ``on_train_batch_end``: ``step`` each time ``trainer.global_step`` advances; when the shapes
+  change (FRS) under DDP, the DDP wrapper is rebuilt. Logs the method's metrics as ``sparsify/...``.
+- checkpoints: the callback's ``state_dict`` is the method's.
+- ``on_fit_end``: ``finalize``; the LightningModule then holds the plain sparse (or compact) model.
+
+The LightningModule's ``forward`` must map a batch of inputs to logits (the example inputs and
+FRS's relevance pass through it), and a training batch must be ``(inputs, labels, ...)`` or the
+inputs alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor
+
+from ..methods import Method, create, method_options
+
+
+def _inputs_and_labels(batch: Any) -> tuple[Tensor, Tensor | None]:
+    if isinstance(batch, Tensor):
+        return batch, None
+    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], Tensor):
+        return batch[0], batch[1] if len(batch) > 1 and isinstance(batch[1], Tensor) else None
+    raise ValueError(
+        f"a training batch of type {type(batch).__name__} has no inputs tensor; allowed: (inputs, labels, ...) "
+        "or a tensor, else pass example_inputs= to Sparsify."
+    )
+
+
+class _TrainingBatches:
+    """The trainer's training batches, re-iterable, without touching the global random state."""
+
+    def __init__(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        self.trainer, self.module = trainer, module
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        with torch.random.fork_rng(devices=[]):
+            for batch in self.trainer.train_dataloader:
+                x, y = _inputs_and_labels(batch)
+                if y is None:
+                    raise ValueError("scoring needs labelled batches; allowed: training batches of (inputs, labels).")
+                yield x.to(self.module.device), y.to(self.module.device)
+
+
+class Sparsify(pl.Callback):
+    """Sparsify the LightningModule during ``Trainer.fit`` with the registered ``method``.
+
+    ``options`` are the method's (``sparsetrain list``); ``example_inputs`` a small input batch
+    (default: the first training batch's inputs).
+    """
+
+    def __init__(self, method: str, *, example_inputs: Tensor | None = None, **options: Any) -> None:
+        method_options(method, **options)  # bad options fail here, before any training
+        self.method_name = method
+        self.options = options
+        self.example_inputs = example_inputs
+        self.method: Method | None = None
+        self._steps_seen = 0
+        self._restore_hook: Any = None
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(method=self.method_name)
+
+    # -- building ------------------------------------------------------------------------
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit" or self.method is not None:
+            return
+        total = trainer.estimated_stepping_batches
+        if total == float("inf"):
+            raise ValueError("the trainer runs without an end; allowed: max_epochs or max_steps, so the schedule has a length.")
+        example = self.example_inputs
+        if example is None:
+            with torch.random.fork_rng(devices=[]):
+                example = _inputs_and_labels(next(iter(trainer.train_dataloader)))[0]
+        self.method = create(pl_module, self.method_name, total_steps=int(total), example_inputs=example[:2],
+                             data=_TrainingBatches(trainer, pl_module), **self.options)
+        self._restore_hook = pl_module.register_load_state_dict_pre_hook(
+            lambda *args: self._restore(trainer._checkpoint_connector._loaded_checkpoint)
+        )
+
+    def _restore(self, checkpoint: dict[str, Any] | None) -> None:
+        """Resuming: load the method's state from the checkpoint Lightning is restoring, just before
+        it loads the module's weights (a pruned model gets its saved widths first)."""
+        if not checkpoint:
+            return
+        state = checkpoint.get("callbacks", {}).get(self.state_key)
+        if not state:
+            raise ValueError(f"the checkpoint being restored holds no {self.state_key} state; "
+                             "allowed: a checkpoint of a run with the same Sparsify callback.")
+        self._method().load_state_dict(state["method"])
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if len(trainer.optimizers) != 1:
+            raise ValueError(f"configure_optimizers returned {len(trainer.optimizers)} optimizers; allowed: exactly one.")
+        self._restore_hook.remove()
+        self._method().bind(trainer.optimizers[0])
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._steps_seen = trainer.global_step  # restored by now when resuming
+
+    # -- training ------------------------------------------------------------------------
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        self._method().before_optimizer_step()
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        method = self._method()
+        while self._steps_seen < trainer.global_step:  # an optimizer step was taken
+            self._steps_seen += 1
+            if method.step() and trainer.world_size > 1:
+                self._rewrap(trainer)
+            pl_module.log_dict({f"sparsify/{k}": float(v) for k, v in method.metrics().items()}, on_step=True)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._method().finalize()
+
+    # -- checkpoints ---------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """The method's state (``setup`` restores it on resume, before Lightning loads the weights)."""
+        return {} if self.method is None else {"method": self.method.state_dict()}
+
+    # -- helpers -------------------------------------------------------------------------
+
+    def _method(self) -> Method:
+        if self.method is None:
+            raise RuntimeError("Sparsify has no method yet: it is created when Trainer.fit sets up.")
+        return self.method
+
+    @staticmethod
+    def _rewrap(trainer: pl.Trainer) -> None:
+        """Parameter shapes changed: wrap the module in a fresh DistributedDataParallel."""
+        strategy = trainer.strategy
+        setup_model = getattr(strategy, "_setup_model", None)
+        if setup_model is None:
+            raise RuntimeError(f"{type(strategy).__name__} cannot rebuild its model wrapper; allowed: the ddp strategies.")
+        strategy.model = setup_model(strategy.lightning_module)

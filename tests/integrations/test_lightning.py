@@ -1,0 +1,103 @@
+"""The Lightning callback drives every method through Trainer.fit: exact sparsity, GDP's FLOPs target,
+FRS's channel removal, resume from a Lightning checkpoint, gradient accumulation."""
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+from sparsetrain.data import load_dataset
+from sparsetrain.data.augment import normalize
+from sparsetrain.integrations.lightning import Sparsify
+from sparsetrain.models import create_model
+from sparsetrain.report import count_flops
+
+
+class Classifier(pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = create_model("resnet20", width=0.25)
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+
+
+def sample_loader(count: int = 256, batch_size: int = 64) -> DataLoader:
+    """The bundled sample's first ``count`` training images; the order is reshuffled per epoch from
+    a seed (the sampler's set_epoch), so a resumed run sees the same batches."""
+    data = load_dataset()
+    dataset = TensorDataset(normalize(data.x_train[:count], data.mean, data.std), data.y_train[:count].long())
+    return DataLoader(dataset, batch_size=batch_size, sampler=DistributedSampler(dataset, num_replicas=1, rank=0, seed=0))
+
+
+def trainer(max_epochs: int = 2, **kwargs) -> pl.Trainer:
+    options = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                   enable_progress_bar=False, enable_model_summary=False)
+    return pl.Trainer(max_epochs=max_epochs, **{**options, **kwargs})
+
+
+def test_feather_ends_at_exactly_the_target_sparsity():
+    module, callback = Classifier(), Sparsify("feather", sparsity=0.9)
+    trainer(callbacks=[callback]).fit(module, sample_loader())
+    weights = [module.get_submodule(name).weight for name in callback.method.names]
+    total = sum(w.numel() for w in weights)
+    assert not any(True for name, _ in module.named_parameters() if "parametrizations" in name)  # finalized
+    assert sum(int((w == 0).sum()) for w in weights) == round(0.9 * total)
+    assert callback.method.step_count == 2 * 4  # 256 images, batches of 64, 2 epochs
+
+
+def test_gdp_lands_on_its_flops_target_and_frs_removes_channels():
+    example = torch.zeros(1, 3, 32, 32)
+    dense = count_flops(Classifier(), example)
+    module = Classifier()
+    trainer(max_epochs=3, callbacks=[Sparsify("gdp", flops_target=0.5)]).fit(module, sample_loader())
+    assert abs(count_flops(module, example) / dense - 0.5) <= 0.02
+    module, callback = Classifier(), Sparsify("frs", prune_every=2, stop_at=4, channels_per_step=6)
+    trainer(callbacks=[callback]).fit(module, sample_loader())
+    assert len(callback.method.removals) == 2 and callback.method.channels_removed > 0
+    assert count_flops(module, example) < dense
+
+
+class StopAfterFirstEpoch(pl.Callback):
+    def on_train_epoch_end(self, trainer, pl_module):
+        trainer.should_stop = True
+
+
+@pytest.mark.parametrize("method, options", [("feather", {"sparsity": 0.9}), ("frs", {"prune_every": 3, "channels_per_step": 5}),
+                                             ("gdp", {"flops_target": 0.5})])
+def test_resume_from_a_lightning_checkpoint_ends_identical(tmp_path, method, options):
+    straight = Classifier()
+    trainer(callbacks=[Sparsify(method, **options)]).fit(straight, sample_loader())
+
+    stopped = Classifier()
+    saver = pl.callbacks.ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    trainer(callbacks=[Sparsify(method, **options), StopAfterFirstEpoch(), saver],
+            enable_checkpointing=True).fit(stopped, sample_loader())
+    resumed = Classifier()
+    trainer(callbacks=[Sparsify(method, **options)]).fit(resumed, sample_loader(), ckpt_path=tmp_path / "last.ckpt")
+
+    expected, got = straight.state_dict(), resumed.state_dict()
+    assert expected.keys() == got.keys()
+    for key in expected:
+        assert torch.equal(expected[key], got[key]), key
+
+
+def test_gradient_accumulation_advances_the_schedule_once_per_optimizer_step():
+    module, callback = Classifier(), Sparsify("feather", sparsity=0.9)
+    trainer(max_epochs=1, accumulate_grad_batches=2, callbacks=[callback]).fit(module, sample_loader())
+    assert callback.method.step_count == 2  # 4 batches, 2 per optimizer step
+    assert callback.method.total_steps == 2
+
+
+def test_bad_options_fail_before_training():
+    with pytest.raises(ValueError, match="sparsity"):
+        Sparsify("feather", sparsity=1.5)
