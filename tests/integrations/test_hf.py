@@ -1,0 +1,119 @@
+"""The Hugging Face callback inside Trainer: a ViT from a small config ends at exactly round(s N)
+zeros in the chosen layers; a BERT-style encoder resumed with resume_from_checkpoint ends identical.
+
+(Resume is tested on BERT: with transformers 5.x a ViT checkpoint is saved under its legacy key names,
+which Trainer._load_from_checkpoint does not map back, so the Trainer itself resumes a ViT from
+its initial weights, with or without sparsetrain.)"""
+
+import pytest
+import torch
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+    ViTConfig,
+    ViTForImageClassification,
+)
+
+from sparsetrain.data import load_dataset
+from sparsetrain.data.augment import normalize
+from sparsetrain.integrations.hf import STATE_FILE, SparsifyCallback
+
+EXCLUDE = ["vit.embeddings.*", "classifier"]  # attention and MLP Linear layers only
+
+
+def small_vit() -> ViTForImageClassification:
+    torch.manual_seed(0)
+    config = ViTConfig(image_size=32, patch_size=4, num_channels=3, hidden_size=32, num_hidden_layers=2,
+                       num_attention_heads=2, intermediate_size=64, num_labels=10)
+    return ViTForImageClassification(config)
+
+
+def sample(count: int = 128) -> list[dict]:
+    data = load_dataset()
+    images = normalize(data.x_train[:count], data.mean, data.std)
+    return [{"pixel_values": image, "labels": int(label)} for image, label in zip(images, data.y_train[:count])]
+
+
+def small_bert() -> BertForSequenceClassification:
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                        max_position_embeddings=32, num_labels=4)
+    return BertForSequenceClassification(config)
+
+
+def token_sample(count: int = 128, length: int = 16) -> list[dict]:
+    """Random token sequences labelled by their first token (mod 4): learnable, reproducible."""
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, 64, (count, length), generator=gen)
+    return [{"input_ids": row, "attention_mask": torch.ones(length, dtype=torch.long), "labels": int(row[0] % 4)}
+            for row in ids]
+
+
+def arguments(out, **kwargs) -> TrainingArguments:
+    options = dict(output_dir=str(out), max_steps=8, per_device_train_batch_size=32, learning_rate=1e-3,
+                   save_strategy="steps", save_steps=4, report_to=[], use_cpu=True, seed=0, logging_steps=4,
+                   dataloader_num_workers=0, disable_tqdm=True)
+    return TrainingArguments(**{**options, **kwargs})
+
+
+def test_feather_in_the_trainer_ends_at_exactly_the_target_sparsity(tmp_path):
+    model, callback, logs = small_vit(), SparsifyCallback("feather", sparsity=0.9, exclude=EXCLUDE), LogRecorder()
+    trainer = Trainer(model=model, args=arguments(tmp_path, save_strategy="no"), train_dataset=sample(),
+                      callbacks=[callback, logs])
+    trainer.train()
+    names = callback.method.names
+    assert len(names) == 2 * 6 and all(n.startswith("vit.layers.") for n in names)
+    assert {n.rsplit(".", 1)[1] for n in names} == {"q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2"}
+    weights = [model.get_submodule(name).weight for name in names]
+    total = sum(w.numel() for w in weights)
+    assert sum(int((w == 0).sum()) for w in weights) == round(0.9 * total)
+    assert callback.method.step_count == 8
+    assert [round(r["sparsify/sparsity"], 4) for r in logs.records if "loss" in r] == [
+        round(callback.method.schedule.sparsity_at(4), 4), 0.9]  # logged at steps 4 and 8
+
+
+class LogRecorder(TrainerCallback):
+    def __init__(self) -> None:
+        self.records: list[dict] = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.records.append(dict(logs))
+
+
+class StopAt(TrainerCallback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_training_stop = True
+
+
+def test_resume_from_checkpoint_restores_the_method_and_ends_identical(tmp_path):
+    exclude = ["bert.embeddings.*", "classifier"]
+    straight = small_bert()
+    Trainer(model=straight, args=arguments(tmp_path / "straight"), train_dataset=token_sample(),
+            callbacks=[SparsifyCallback("feather", sparsity=0.9, exclude=exclude)]).train()
+
+    stopped = small_bert()
+    Trainer(model=stopped, args=arguments(tmp_path / "killed"), train_dataset=token_sample(),
+            callbacks=[SparsifyCallback("feather", sparsity=0.9, exclude=exclude), StopAt(4)]).train()
+    assert (tmp_path / "killed" / "checkpoint-4" / STATE_FILE).is_file()
+    resumed, callback = small_bert(), SparsifyCallback("feather", sparsity=0.9, exclude=exclude)
+    Trainer(model=resumed, args=arguments(tmp_path / "killed"), train_dataset=token_sample(),
+            callbacks=[callback]).train(resume_from_checkpoint=str(tmp_path / "killed" / "checkpoint-4"))
+
+    assert callback.method.step_count == 8
+    expected, got = straight.state_dict(), resumed.state_dict()
+    assert expected.keys() == got.keys()
+    for key in expected:
+        assert torch.equal(expected[key], got[key]), key
+
+
+def test_a_schedule_needs_max_steps(tmp_path):
+    with pytest.raises(ValueError, match="max_steps=-1"):
+        Trainer(model=small_vit(), args=arguments(tmp_path, max_steps=-1, num_train_epochs=1), train_dataset=sample(),
+                callbacks=[SparsifyCallback("feather", sparsity=0.9)])

@@ -1,0 +1,11 @@
+"""The integrations are optional extras: the core package and the CLI never import them."""
+
+import subprocess
+import sys
+
+
+def test_core_and_cli_import_neither_lightning_nor_transformers():
+    code = ("import sys, sparsetrain, sparsetrain.run.cli, sparsetrain.integrations; "
+            "print(sorted(m for m in ('lightning', 'transformers', 'accelerate') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
