@@ -26,3 +26,13 @@ def find_prunable(
         and module.weight.numel() >= min_size
         and not any(fnmatch.fnmatchcase(name, pattern) for pattern in exclude)
     ]
+
+
+def default_exclude(model: nn.Module) -> tuple[str, ...]:
+    """The exclusions the model's own modules declare (a ``default_exclude`` tuple of patterns
+    relative to that module, e.g. a ViT's patch embedding and head), as patterns on ``model``."""
+    return tuple(
+        f"{name}.{pattern}" if name else pattern
+        for name, module in model.named_modules()
+        for pattern in getattr(module, "default_exclude", ())
+    )

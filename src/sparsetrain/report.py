@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from .modes import eval_mode
-from .prunable import find_prunable
+from .prunable import default_exclude, find_prunable
 
 
 @dataclass(frozen=True)
@@ -53,11 +54,14 @@ class SparsityReport:
         return self.to_markdown()
 
 
-def sparsity_report(model: nn.Module) -> SparsityReport:
+def sparsity_report(model: nn.Module, exclude: Sequence[str] | None = None) -> SparsityReport:
     """The zeros of each prunable layer's weight (Conv1d/2d/3d and Linear) as the forward pass
-    uses it: the thresholded weight while a method is attached, the plain weight after."""
+    uses it: the thresholded weight while a method is attached, the plain weight after.
+    ``exclude``: glob patterns of layers left out; None: what the model declares
+    (:func:`~sparsetrain.prunable.default_exclude`, e.g. a ViT's patch embedding and head)."""
+    patterns = default_exclude(model) if exclude is None else exclude
     with torch.no_grad():
-        stats = [(n, m.weight.numel(), int((m.weight == 0).sum())) for n, m in find_prunable(model)]
+        stats = [(n, m.weight.numel(), int((m.weight == 0).sum())) for n, m in find_prunable(model, exclude=patterns)]
     if not stats:
         raise ValueError(f"model {type(model).__name__} has no prunable layer to report on.")
     return SparsityReport(tuple(LayerReport(*row) for row in stats))

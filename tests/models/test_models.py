@@ -9,7 +9,7 @@ from torch import nn
 from sparsetrain.models import create_model, input_size, list_models, model_spec, register_model
 
 CIFAR_MODELS = ["densenet40", "mobilenetv1", "resnet110", "resnet20", "resnet20_feather",
-                "resnet32", "resnet44", "resnet56", "vgg16"]
+                "resnet32", "resnet44", "resnet56", "vgg16", "vit-micro", "vit-tiny"]
 IMAGENET_MODELS = ["resnet18", "resnet34", "resnet50"]
 
 
@@ -67,11 +67,16 @@ def test_declared_input_size_forward(name: str) -> None:
 # MobileNetV1: stem 3*32*9 + 64 = 928; each block C->C' adds 9C + 2C (depthwise + BN)
 # and C*C' + 2C' (pointwise + BN); fc 1024*10 + 10; total 3217226.
 # VGG-16-BN (bias-free convs): conv weights 14710464, BN 8448, fc 512*10 + 10; total 14724042.
+# ViT-Tiny (width 192, depth 12, MLP 768, 10 classes): per block 2 LN * 384 + qkv 192*576 + 576
+# + proj 192*192 + 192 + fc1 192*768 + 768 + fc2 768*192 + 192 = 444864, 12 blocks 5338368;
+# patch embedding 3*16*192 + 192 = 9408, class token 192, positions 65*192 = 12480, final LN 384,
+# head 192*10 + 10 = 1930; total 5362762.
 # ImageNet ResNets: the published counts of the reference models.
 @pytest.mark.parametrize("name, expected", [
     ("resnet20", 272_474),
     ("mobilenetv1", 3_217_226),
     ("vgg16", 14_724_042),
+    ("vit-tiny", 5_362_762),
     ("resnet18", 11_689_512),
     ("resnet50", 25_557_032),
 ])
@@ -124,9 +129,9 @@ def test_unknown_model_names_value_and_known_models() -> None:
 @pytest.mark.parametrize("name", list_models())
 def test_unknown_kwarg_names_argument_and_allowed_ones(name: str) -> None:
     with pytest.raises(ValueError) as info:
-        create_model(name, depth=3)
+        create_model(name, colour=3)
     message = str(info.value)
-    assert "'depth'" in message and f"'{name}'" in message
+    assert "'colour'" in message and f"'{name}'" in message
     assert "allowed arguments: " + ", ".join(model_spec(name).defaults) in message
 
 

@@ -101,3 +101,33 @@ def test_frs_scores_augmented_training_batches_fresh_each_epoch(tmp_path):
     fit(setup, log=lambda line: None)
     (x_last, _), = setup.scoring  # what the method scored in the last epoch: that epoch's batches
     assert torch.equal(x_last, x1)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["feather", "st3", "st3-sigma", "gmp", "ste"])
+def test_vit_trains_with_every_unstructured_method(tmp_path, cli, method):
+    code, out, err = cli("train", "--model", "vit-micro", "--method", method, "--sparsity", 0.9, "--epochs", 1,
+                         "--limit", 256, "--batch-size", 64, "--device", "cpu", "--workers", 1,
+                         "--out", tmp_path, "--name", "vit")
+    assert code == 0, err
+    config = json.loads((tmp_path / "vit" / "config.json").read_text())
+    weights = load_file(str(tmp_path / "vit" / "model.safetensors"))
+    # attention and MLP Linear layers are pruned, the patch embedding and head are not (the ViT's default)
+    pruned = [k for k in weights if k.startswith("blocks.") and k.endswith("weight") and weights[k].dim() == 2]
+    total = sum(weights[k].numel() for k in pruned)
+    assert sum(int((weights[k] == 0).sum()) for k in pruned) == round(0.9 * total)
+    assert int((weights["fc.weight"] == 0).sum()) == 0 and int((weights["patch_embed.weight"] == 0).sum()) == 0
+    assert config["metrics"]["sparsity"] == round(0.9 * total) / total
+
+
+def test_frs_refuses_a_vit_naming_the_module_and_only_mlp_units_form_channel_groups():
+    import sparsetrain as st
+    from sparsetrain.models import create_model
+    from sparsetrain.structured.surgery import channel_groups
+
+    example = torch.zeros(2, 3, 32, 32)
+    with pytest.raises(ValueError, match="the model's own module \\(ViT\\) has parameters but no relevance rule"):
+        st.create(create_model("vit-micro"), "frs", total_steps=10, example_inputs=example, data=[])
+    # attention's qkv channels are re-viewed as heads on the way to proj: no channel group there
+    roots = [g.root for g in channel_groups(create_model("vit-micro"), example)]
+    assert sorted(roots) == [f"blocks.{i}.fc1" for i in range(4)]

@@ -48,7 +48,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from ..operators import sparsify_ste, validate_p
-from ..prunable import PRUNABLE_TYPES, find_prunable
+from ..prunable import PRUNABLE_TYPES, default_exclude, find_prunable
 from ..schedules import (
     SCHEDULES,
     Schedule,
@@ -110,16 +110,17 @@ class UnstructuredOptions:
     start: int | float | None = None
     end: int | float | None = None
     fix_at: int | float | None = None
-    exclude: tuple[str, ...] = ()
+    exclude: tuple[str, ...] | None = None
     min_size: int = 0
 
     def __post_init__(self) -> None:
         validate_sparsity(self.sparsity)
         knobs = {k: v for k in KNOBS if (v := getattr(self, k)) is not None}
         MethodConfig(**{"p": 1.0, "theta": 1.0, **knobs})  # validates every knob given
-        if isinstance(self.exclude, str) or not all(isinstance(e, str) for e in self.exclude):
-            raise ValueError(f"exclude={self.exclude!r} is not allowed; allowed: a list of glob patterns.")
-        object.__setattr__(self, "exclude", tuple(self.exclude))
+        if self.exclude is not None:
+            if isinstance(self.exclude, str) or not all(isinstance(e, str) for e in self.exclude):
+                raise ValueError(f"exclude={self.exclude!r} is not allowed; allowed: a list of glob patterns.")
+            object.__setattr__(self, "exclude", tuple(self.exclude))
         if isinstance(self.min_size, bool) or not isinstance(self.min_size, int) or self.min_size < 0:
             raise ValueError(f"min_size={self.min_size!r} is not allowed; allowed: an int >= 0.")
 
@@ -230,7 +231,9 @@ class Sparsifier(Method):
     its knobs (``p``, ``theta``, ``scope``, ``rescale``, ``schedule``, ``start``, ``end``) can
     be overridden by keyword. ``start``/``end`` are int steps or float fractions of
     ``total_steps``; ``schedule`` may also be a ready schedule object. Layers are chosen by
-    ``types``, ``exclude`` (glob patterns on module names) and ``min_size`` (entries).
+    ``types``, ``exclude`` (glob patterns on module names; None: what the model's modules declare
+    in ``default_exclude``, e.g. a ViT's patch embedding and head; see
+    :func:`~sparsetrain.prunable.default_exclude`) and ``min_size`` (entries).
     """
 
     def __init__(
@@ -241,7 +244,7 @@ class Sparsifier(Method):
         total_steps: int = 1,
         *,
         types: Sequence[type[nn.Module]] = PRUNABLE_TYPES,
-        exclude: Sequence[str] = (),
+        exclude: Sequence[str] | None = None,
         min_size: int = 0,
         **knobs: Any,
     ) -> None:
@@ -266,6 +269,8 @@ class Sparsifier(Method):
             raise ValueError(
                 f"the schedule's final sparsity {self.schedule.final} differs from sparsity={sparsity}; allowed: equal values."
             )
+        if exclude is None:
+            exclude = default_exclude(model)
         layers = find_prunable(model, types, exclude, min_size)
         if not layers:
             raise ValueError(

@@ -1,10 +1,10 @@
-"""Model zoo: CIFAR ResNets, MobileNetV1, DenseNet-BC, VGG-16-BN and ImageNet ResNets.
+"""Model zoo: CIFAR ResNets, MobileNetV1, DenseNet-BC, VGG-16-BN, ViTs for 32x32 images and ImageNet ResNets.
 
 Importing this package registers every model; build one with ``create_model(name, **kwargs)``.
 """
 
 # Importing the model modules registers their factories.
-from sparsetrain.models import cifar_resnet, densenet, imagenet_resnet, mobilenet, vgg  # noqa: F401
+from sparsetrain.models import cifar_resnet, densenet, imagenet_resnet, mobilenet, vgg, vit  # noqa: F401
 from sparsetrain.models.registry import (
     ModelSpec,
     create_model,

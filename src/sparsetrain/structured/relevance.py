@@ -142,8 +142,9 @@ def _check_supported(model: nn.Module) -> None:
         if isinstance(module, _AFFINE_TYPES + _NORM_TYPES):
             continue
         if any(True for _ in module.parameters(recurse=False)):
+            where = f"layer {name!r}" if name else "the model's own module"
             raise ValueError(
-                f"layer {name!r} ({type(module).__name__}) has parameters but no relevance rule; "
+                f"{where} ({type(module).__name__}) has parameters but no relevance rule; "
                 "allowed: Linear, Conv1d/2d/3d and BatchNorm1d/2d/3d with parameters, any parameter-free module."
             )
 

@@ -126,6 +126,8 @@ def trace_couplings(model: nn.Module, example_inputs: Tensor) -> tuple[tp.Depend
             elif graph.is_in_channel_pruning_fn(handler) and not is_depthwise(module):
                 inputs.setdefault(name, []).extend(pairs)
         channels = len(group[0].idxs)
+        partial = [n for n, pairs in inputs.items() if {root for _, root in pairs} != set(range(channels))]
+        unsupported = unsupported or next(iter(partial), None)  # channels re-viewed on the way (attention heads)
         root = _root(model, outputs, channels, names[group[0].dep.target.module])
         couplings.append(Coupling(
             root=root,
