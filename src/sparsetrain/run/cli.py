@@ -25,11 +25,13 @@ from ..models import create_model, input_size, list_models
 from ..report import size_report, sparsity_report
 from .bench import DEFAULT_METHODS, check_grid, grid_cells, run_grid
 from .export import save_sparse
+from .onnx import export_onnx, onnxruntime_difference
 from .folder import CONFIG, MODEL, RunFolder, final_weights, load_run
 from .loop import EVAL_BATCH_SIZE, evaluate, fit, method_title, prepare
 from .options import TrainOptions, list_recipes, options_from_dict, resolve_device
 
 USAGE_ERROR = 2
+EXPORT_FORMATS = ("sparse", "onnx")
 
 
 class UsageError(Exception):
@@ -86,9 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
     grid.add_argument("--out", default="bench", help="grid folder; re-running it skips finished cells")
     _add_training_options(bench, single_run=False)
 
-    export = commands.add_parser("export", help="write a run's final weights compressed (non-zeros only)")
+    export = commands.add_parser("export", help="write a run's final model: compressed weights or ONNX")
     export.add_argument("path", help="run folder")
-    export.add_argument("--out", help="output file (default: RUN_DIR/model.sparse.safetensors)")
+    export.add_argument("--format", choices=EXPORT_FORMATS, default="sparse",
+                        help="sparse: the weights' non-zeros in safetensors (default); onnx: the model as ONNX")
+    export.add_argument("--out", help="output file (default: RUN_DIR/model.sparse.safetensors or RUN_DIR/model.onnx)")
 
     commands.add_parser("list", help="list models, methods and datasets")
     return parser
@@ -209,12 +213,26 @@ def command_eval(path: str, data_dir: str | None, device_spec: str) -> None:
     print(f"test acc {accuracy:.2%}  test loss {loss:.4f}  sparsity {report.sparsity:.2%}  ({len(data.y_test)} images)")
 
 
-def command_export(path: str, out: str | None) -> None:
+def command_export(path: str, out: str | None, export_format: str) -> None:
+    if export_format == "onnx":
+        return export_onnx_command(path, out)
     weights = final_weights(path)
     target = Path(out) if out else weights.with_name("model.sparse.safetensors")
     save_sparse(target, load_file(str(weights)))
     before, after = weights.stat().st_size, target.stat().st_size
     print(f"wrote {target}: {after / 1024:.0f} KiB, {after / before:.1%} of {MODEL} ({before / 1024:.0f} KiB)")
+
+
+def export_onnx_command(path: str, out: str | None) -> None:
+    weights = final_weights(path)
+    run = load_run(weights, torch.device("cpu"))
+    example = torch.zeros(2, *input_size(run.config["model"]["name"]))
+    target = export_onnx(run.model, example, Path(out) if out else weights.with_name("model.onnx"))
+    line = f"wrote {target}: {target.stat().st_size / 1024:.0f} KiB"
+    difference = onnxruntime_difference(run.model, target, torch.randn(4, *example.shape[1:]))
+    if difference is not None:
+        line += f"; onnxruntime matches PyTorch to {difference:.1e} (max |difference| of the logits)"
+    print(line)
 
 
 def command_report(path: str) -> None:
@@ -254,7 +272,7 @@ def _checked_command(args: dict[str, Any]) -> Callable[[], None]:
     if command == "eval":
         command_eval(args["path"], args["data_dir"], args["device"])
     elif command == "export":
-        command_export(args["path"], args["out"])
+        command_export(args["path"], args["out"], args["format"])
     elif command == "report":
         command_report(args["path"])
     else:
