@@ -1,6 +1,11 @@
 """The Lightning callback drives every method through Trainer.fit: exact sparsity, GDP's FLOPs target,
 FRS's channel removal, resume from a Lightning checkpoint, gradient accumulation."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import lightning.pytorch as pl
 import pytest
 import torch
@@ -31,11 +36,14 @@ class Classifier(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
 
 
-def sample_loader(count: int = 256, batch_size: int = 64) -> DataLoader:
+def sample_loader(count: int = 256, batch_size: int = 64, shuffle: bool = True) -> DataLoader:
     """The bundled sample's first ``count`` training images; the order is reshuffled per epoch from
-    a seed (the sampler's set_epoch), so a resumed run sees the same batches."""
+    a seed (the sampler's set_epoch), so a resumed run sees the same batches. Without ``shuffle``
+    a plain loader, which Lightning's DDP strategy gives a distributed sampler of its own."""
     data = load_dataset()
     dataset = TensorDataset(normalize(data.x_train[:count], data.mean, data.std), data.y_train[:count].long())
+    if not shuffle:
+        return DataLoader(dataset, batch_size=batch_size)
     return DataLoader(dataset, batch_size=batch_size, sampler=DistributedSampler(dataset, num_replicas=1, rank=0, seed=0))
 
 
@@ -72,8 +80,10 @@ class StopAfterFirstEpoch(pl.Callback):
         trainer.should_stop = True
 
 
-@pytest.mark.parametrize("method, options", [("feather", {"sparsity": 0.9}), ("frs", {"prune_every": 3, "channels_per_step": 5}),
-                                             ("gdp", {"flops_target": 0.5})])
+METHODS = {"feather": {"sparsity": 0.9}, "frs": {"prune_every": 3, "channels_per_step": 5}, "gdp": {"flops_target": 0.5}}
+
+
+@pytest.mark.parametrize("method, options", METHODS.items())
 def test_resume_from_a_lightning_checkpoint_ends_identical(tmp_path, method, options):
     straight = Classifier()
     trainer(callbacks=[Sparsify(method, **options)]).fit(straight, sample_loader())
@@ -96,6 +106,26 @@ def test_gradient_accumulation_advances_the_schedule_once_per_optimizer_step():
     trainer(max_epochs=1, accumulate_grad_batches=2, callbacks=[callback]).fit(module, sample_loader())
     assert callback.method.step_count == 2  # 4 batches, 2 per optimizer step
     assert callback.method.total_steps == 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["feather", "frs"])
+def test_ddp_ranks_end_identical(tmp_path, method):
+    script = Path(__file__).with_name("lightning_ddp_run.py")
+    done = subprocess.run([sys.executable, "-u", str(script), method, str(tmp_path)], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert ranks[0].keys() == ranks[1].keys()
+    # Weights are identical; batch-norm statistics are each rank's own (DDP broadcasts them from
+    # rank 0 before every forward, and the last forward updates them locally).
+    statistics = ("running_mean", "running_var", "num_batches_tracked")
+    for key in ranks[0]:
+        if not key.endswith(statistics):
+            assert torch.equal(ranks[0][key], ranks[1][key]), key
+    if method == "frs":  # channels were removed, the same on both ranks
+        dense = Classifier().state_dict()
+        assert any(ranks[0][key].shape != dense[key].shape for key in ranks[0])
 
 
 def test_bad_options_fail_before_training():
