@@ -14,7 +14,8 @@ def code_blocks(language: str) -> list[str]:
 
 
 @pytest.mark.slow
-def test_readme_python_examples_run(capsys):
+def test_readme_python_examples_run(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # what the examples write (the Trainer's output_dir) lands here
     namespace: dict = {}
     for block in code_blocks("python"):
         exec(compile(block, "README.md", "exec"), namespace)
@@ -24,6 +25,9 @@ def test_readme_python_examples_run(capsys):
     removed = int(re.search(r"channels removed (\d+)", out).group(1))
     assert 0 < removed <= 80 and len(namespace["method"].removals) == 2  # at most one channel per entry
     assert namespace["compact"] is namespace["method"].model
+    assert "lightning: sparsity 0.9000" in out
+    zeros, total = map(int, re.search(r"hf: (\d+) zeros of (\d+)", out).groups())
+    assert zeros == round(0.9 * total)
     # the published count: floor((N - 1) s) + 1 of ResNet-20's N = 270,896 weights are |w| <= T
     assert namespace["percent"] == pytest.approx(100 * 243_806 / 270_896)
 
