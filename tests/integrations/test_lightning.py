@@ -55,9 +55,14 @@ def trainer(max_epochs: int = 2, **kwargs) -> pl.Trainer:
 
 def test_feather_ends_at_exactly_the_target_sparsity():
     module, callback = Classifier(), Sparsify("feather", sparsity=0.9)
-    trainer(callbacks=[callback]).fit(module, sample_loader())
+    fitted = trainer(callbacks=[callback])
+    fitted.fit(module, sample_loader())
     weights = [module.get_submodule(name).weight for name in callback.method.names]
     total = sum(w.numel() for w in weights)
+    logged = fitted.callback_metrics  # the last step's values
+    assert float(logged["sparsify/sparsity"]) == pytest.approx(round(0.9 * total) / total)
+    assert 0 < float(logged["sparsify/threshold"]) < float(max(w.abs().max() for w in weights))
+    assert 0.05 < float(logged["sparsify/flops_ratio"]) < 0.5  # 90 % of the weights are zero
     assert not any(True for name, _ in module.named_parameters() if "parametrizations" in name)  # finalized
     assert sum(int((w == 0).sum()) for w in weights) == round(0.9 * total)
     assert callback.method.step_count == 2 * 4  # 256 images, batches of 64, 2 epochs

@@ -13,7 +13,9 @@ The callback drives the method protocol (:mod:`sparsetrain.methods.protocol`) at
 - ``on_before_optimizer_step``: ``before_optimizer_step`` (once per optimizer step, whatever the
   gradient accumulation; Lightning clips gradients after this hook, GDP's penalty included).
 - ``on_train_batch_end``: ``step`` each time ``trainer.global_step`` advances; when the shapes
-  change (FRS) under DDP, the DDP wrapper is rebuilt. Logs the method's metrics as ``sparsify/...``.
+  change (FRS) under DDP, the DDP wrapper is rebuilt. Logs the method's metrics as ``sparsify/...``
+  (sparsity and threshold, or GDP's and FRS's FLOPs ratio), and for unstructured methods the FLOPs
+  of the non-zero weights against dense at each epoch's end (``sparsify/flops_ratio``).
 - checkpoints: the callback's ``state_dict`` is the method's.
 - ``on_fit_end``: ``finalize``; the LightningModule then holds the plain sparse (or compact) model.
 
@@ -32,6 +34,7 @@ import torch
 from torch import Tensor
 
 from ..methods import Method, create, method_options
+from ..report import count_flops
 
 
 def _inputs_and_labels(batch: Any) -> tuple[Tensor, Tensor | None]:
@@ -75,6 +78,8 @@ class Sparsify(pl.Callback):
         self.method: Method | None = None
         self._steps_seen = 0
         self._restore_hook: Any = None
+        self._example: Tensor | None = None
+        self._dense_flops = 0
 
     @property
     def state_key(self) -> str:
@@ -92,6 +97,8 @@ class Sparsify(pl.Callback):
         if example is None:
             with torch.random.fork_rng(devices=[]):
                 example = _inputs_and_labels(next(iter(trainer.train_dataloader)))[0]
+        self._example = example[:1]
+        self._dense_flops = count_flops(pl_module, self._example)
         self.method = create(pl_module, self.method_name, total_steps=int(total), example_inputs=example[:2],
                              data=_TrainingBatches(trainer, pl_module), **self.options)
         self._restore_hook = pl_module.register_load_state_dict_pre_hook(
@@ -131,6 +138,11 @@ class Sparsify(pl.Callback):
             if method.step() and trainer.world_size > 1:
                 self._rewrap(trainer)
             pl_module.log_dict({f"sparsify/{k}": float(v) for k, v in method.metrics().items()}, on_step=True)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if "flops_ratio" not in self._method().metrics():  # unstructured: FLOPs of the non-zero weights
+            flops = count_flops(pl_module, self._example, skip_zeros=True)
+            pl_module.log("sparsify/flops_ratio", flops / self._dense_flops, on_epoch=True)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._method().finalize()
