@@ -136,3 +136,9 @@ def test_ddp_ranks_end_identical(tmp_path, method):
 def test_bad_options_fail_before_training():
     with pytest.raises(ValueError, match="sparsity"):
         Sparsify("feather", sparsity=1.5)
+
+
+def test_a_step_budget_sets_the_schedule_length():
+    module, callback = Classifier(), Sparsify("gmp", sparsity=0.5)
+    trainer(max_epochs=-1, max_steps=6, callbacks=[callback]).fit(module, sample_loader())
+    assert callback.method.total_steps == 6 and callback.method.step_count == 6

@@ -13,8 +13,9 @@ The callback drives the method protocol (:mod:`sparsetrain.methods.protocol`) at
 - ``on_before_optimizer_step``: ``before_optimizer_step`` (once per optimizer step, whatever the
   gradient accumulation; Lightning clips gradients after this hook, GDP's penalty included).
 - ``on_train_batch_end``: ``step`` each time ``trainer.global_step`` advances; when the shapes
-  change (FRS) under DDP, the DDP wrapper is rebuilt. Logs the method's metrics as ``sparsify/...``
-  (sparsity and threshold, or GDP's and FRS's FLOPs ratio), and for unstructured methods the FLOPs
+  change (FRS) under DDP, the DDP wrapper is rebuilt. Every ``log_every_n_steps`` steps and at the
+  last, logs the method's metrics as ``sparsify/...`` (sparsity and threshold, or GDP's and FRS's
+  FLOPs ratio), and for unstructured methods the FLOPs
   of the non-zero weights against dense at each epoch's end (``sparsify/flops_ratio``).
 - checkpoints: the callback's ``state_dict`` is the method's.
 - ``on_fit_end``: ``finalize``; the LightningModule then holds the plain sparse (or compact) model.
@@ -93,6 +94,8 @@ class Sparsify(pl.Callback):
         total = trainer.estimated_stepping_batches
         if total == float("inf"):
             raise ValueError("the trainer runs without an end; allowed: max_epochs or max_steps, so the schedule has a length.")
+        if trainer.train_dataloader is None:  # max_steps given: the estimate did not need the data
+            trainer.fit_loop.setup_data()
         example = self.example_inputs
         if example is None:
             with torch.random.fork_rng(devices=[]):
@@ -137,7 +140,8 @@ class Sparsify(pl.Callback):
             self._steps_seen += 1
             if method.step() and trainer.world_size > 1:
                 self._rewrap(trainer)
-            pl_module.log_dict({f"sparsify/{k}": float(v) for k, v in method.metrics().items()}, on_step=True)
+            if self._steps_seen % trainer.log_every_n_steps == 0 or self._steps_seen == trainer.estimated_stepping_batches:
+                pl_module.log_dict({f"sparsify/{k}": float(v) for k, v in method.metrics().items()}, on_step=True)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if "flops_ratio" not in self._method().metrics():  # unstructured: FLOPs of the non-zero weights
