@@ -32,7 +32,7 @@ from ..methods import Method, create, method_options, method_spec
 from ..models import create_model
 from ..modes import eval_mode
 from ..report import count_flops, sparsity_report
-from .folder import CHECKPOINT, LAYERS_PLOT, REPORT, TRAINING_PLOT, RunFolder, changed_shapes
+from .folder import CONFIG, LAYERS_PLOT, REPORT, TRAINING_PLOT, RunFolder, changed_shapes
 from .options import TrainOptions, resolve_device
 from .plots import plot_layer_sparsity, plot_training
 
@@ -82,6 +82,7 @@ class Setup:
     example_inputs: torch.Tensor
     start_epoch: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
+    notice: str | None = None  # said once when fitting starts
 
 
 def method_title(name: str, given: dict[str, Any]) -> str:
@@ -102,6 +103,7 @@ def prepare(options: TrainOptions, resume: bool = False) -> Setup:
     here, before anything is written.
     """
     folder = RunFolder(options.run_dir)
+    restart = resume and not folder.has_checkpoint()
     if resume:
         _check_resumable(options, folder)
     elif folder.exists():
@@ -113,7 +115,7 @@ def prepare(options: TrainOptions, resume: bool = False) -> Setup:
     ranks = Distributed.from_environment(device)
     if ranks.world_size > 1 and device.type == "cuda":
         device = torch.device("cuda", torch.cuda.current_device())  # this rank's GPU
-    state = folder.load_checkpoint(device) if resume else None
+    state = folder.load_checkpoint(device) if resume and not restart else None
     torch.manual_seed(options.seed)
     record = model_record(options, data.num_classes)
     model = create_model(record["name"], **record["kwargs"]).to(device)
@@ -139,6 +141,9 @@ def prepare(options: TrainOptions, resume: bool = False) -> Setup:
     if state is not None:
         _restore(setup, state)
     elif ranks.main:
+        if restart:  # stopped before its first checkpoint: nothing to keep
+            folder.remove()
+            setup.notice = f"{folder.path} has no checkpoint yet (stopped before its first epoch ended): starting the run over"
         folder.create({
             "options": dataclasses.asdict(options),
             "model": record,
@@ -171,11 +176,13 @@ def lr_factor(options: TrainOptions, steps_per_epoch: int, step: int) -> float:
 
 
 def _check_resumable(options: TrainOptions, folder: RunFolder) -> None:
-    if not folder.has_checkpoint():
-        raise ValueError(f"cannot resume: {folder.file(CHECKPOINT)} does not exist; allowed: a run folder with a checkpoint.")
+    """A run folder (config.json at least) whose saved options are these, except where it lies
+    (``out``, ``name``: a moved or renamed folder is the same run) and how it runs."""
+    if not folder.has_config():
+        raise ValueError(f"cannot resume {folder.path}: it has no {CONFIG}; allowed: a run folder.")
     saved = folder.saved_options()
     for key, value in dataclasses.asdict(options).items():
-        if key not in ("device", "workers") and saved.get(key) != value:
+        if key not in ("device", "workers", "out", "name") and saved.get(key) != value:
             raise ValueError(
                 f"option {key}={value!r} differs from the run's saved {saved.get(key)!r}; "
                 "allowed: the options the run was started with."
@@ -253,6 +260,8 @@ def fit(setup: Setup, log: Callable[[str], None] = print) -> dict[str, Any]:
     record = model_record(options, setup.data.num_classes)
     dense = create_model(record["name"], **record["kwargs"])  # the registered model, for FLOPs and widths
     net = _wrap(model, ranks)
+    if setup.notice:
+        log(setup.notice)
     for epoch in range(setup.start_epoch, options.epochs):
         start = time.perf_counter()
         model.train()
