@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import uuid
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -100,3 +101,11 @@ def write_json(path: str | Path, data: Any) -> Path:
     """Write ``data`` as indented JSON, atomically."""
     text = json.dumps(data, indent=2) + "\n"
     return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def first_non_finite(state: Mapping[str, torch.Tensor]) -> str | None:
+    """The first floating-point entry of ``state`` holding a NaN or infinity, or None."""
+    for name, value in state.items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            return name
+    return None

@@ -31,6 +31,7 @@ from .loop import EVAL_BATCH_SIZE, evaluate, fit, method_title, prepare
 from .options import TrainOptions, list_recipes, options_from_dict, resolve_device
 
 USAGE_ERROR = 2
+FAILURE = 1  # a run that cannot go on (it diverged); its last good checkpoint is kept
 EXPORT_FORMATS = ("sparse", "onnx")
 
 
@@ -286,7 +287,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (UsageError, ValueError) as error:
         print(f"sparsetrain: error: {error}", file=sys.stderr)
         return USAGE_ERROR
-    work()
+    try:
+        work()
+    except FloatingPointError as error:  # the run diverged: not a usage error
+        print(f"sparsetrain: error: {error}", file=sys.stderr)
+        return FAILURE
     if dist.is_initialized():
         dist.destroy_process_group()
     return 0

@@ -27,7 +27,7 @@ from torch import nn
 from ..methods import Method, create
 from ..models import create_model, input_size
 from ..structured import layer_shapes, rebuild
-from .checkpoint import atomic_write, load_checkpoint, save_checkpoint, write_json
+from .checkpoint import atomic_write, first_non_finite, load_checkpoint, save_checkpoint, write_json
 
 CONFIG, METRICS, CHECKPOINT, MODEL, REPORT = (
     "config.json",
@@ -140,6 +140,13 @@ def _weights_file(path: Path) -> Path:
     return path
 
 
+def _finite(state: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
+    bad = first_non_finite(state)
+    if bad is not None:
+        raise ValueError(f"{path}: {bad} holds NaN or infinite values; allowed: a model of finite weights.")
+    return state
+
+
 def load_run(path: str | Path, device: torch.device) -> LoadedRun:
     """Rebuild the model of the run folder (or weights file inside one) at ``path``: the final
     weights with the saved widths, or a checkpoint's with its method re-attached. ValueError if
@@ -152,9 +159,10 @@ def load_run(path: str | Path, device: torch.device) -> LoadedRun:
     name, kwargs = config["model"]["name"], config["model"]["kwargs"]
     if weights.name != CHECKPOINT:
         model = rebuild(name, kwargs, config.get("shapes")).to(device)
-        model.load_state_dict(load_file(str(weights), device=str(device)))
+        model.load_state_dict(_finite(load_file(str(weights), device=str(device)), weights))
         return LoadedRun(folder, config, model, None, weights)
     state = load_checkpoint(weights, device)
+    _finite(state["model"], weights)
     model = create_model(name, **kwargs).to(device)
     example = torch.zeros(2, *input_size(name), device=device)
     method = create(model, config["method"]["name"], total_steps=config["total_steps"], example_inputs=example, data=(),

@@ -32,6 +32,7 @@ from ..methods import Method, create, method_options, method_spec
 from ..models import create_model
 from ..modes import eval_mode
 from ..report import count_flops, sparsity_report
+from .checkpoint import first_non_finite
 from .folder import CONFIG, LAYERS_PLOT, REPORT, TRAINING_PLOT, RunFolder, changed_shapes
 from .options import TrainOptions, resolve_device
 from .plots import plot_layer_sparsity, plot_training
@@ -192,6 +193,9 @@ def _check_resumable(options: TrainOptions, folder: RunFolder) -> None:
 def _restore(setup: Setup, state: dict[str, Any]) -> None:
     """The protocol's resume order: the method first (it may resize the model), then the model,
     optimizer and schedule."""
+    bad = first_non_finite(state["model"])
+    if bad is not None:
+        raise ValueError(f"the checkpoint's {bad} holds NaN or infinite values; allowed: a checkpoint of finite weights.")
     setup.method.load_state_dict(state["method"])
     setup.model.load_state_dict(state["model"])
     setup.optimizer.load_state_dict(state["optimizer"])
@@ -199,6 +203,14 @@ def _restore(setup: Setup, state: dict[str, Any]) -> None:
     torch.set_rng_state(state["rng"].cpu())
     setup.start_epoch = int(state["epoch"])
     setup.history = list(state["history"])
+
+
+def _diverged(step: int, loss: torch.Tensor, model: nn.Module) -> str:
+    """The one line a non-finite loss ends the run with."""
+    bad = first_non_finite(model.state_dict())
+    where = f"{bad} holds NaN or infinite values" if bad else "every weight is still finite"
+    return (f"step {step}: the loss is {loss.item()} ({where}); allowed: a finite loss (lower the learning rate "
+            "or clip gradients); the last good checkpoint is kept.")
 
 
 def _checkpoint_state(setup: Setup, epoch: int) -> dict[str, Any]:
@@ -268,8 +280,11 @@ def fit(setup: Setup, log: Callable[[str], None] = print) -> dict[str, Any]:
         setup.scoring.set_epoch(epoch)
         loss_sum = torch.zeros((), device=setup.device)
         label = f"epoch {epoch + 1}/{options.epochs}"
-        for x, y in _progress(setup.train_loader.batches(epoch), len(setup.train_loader), show_progress, label):
+        batches = _progress(setup.train_loader.batches(epoch), len(setup.train_loader), show_progress, label)
+        for index, (x, y) in enumerate(batches):
             loss = F.cross_entropy(net(x), y, label_smoothing=options.label_smoothing)
+            if not bool(torch.isfinite(loss)):  # stop here: the last checkpoint is the last good state
+                raise FloatingPointError(_diverged(epoch * len(setup.train_loader) + index + 1, loss, model))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             nn.utils.clip_grad_norm_(model.parameters(), options.clip)  # the loss's gradient only:
@@ -294,6 +309,10 @@ def fit(setup: Setup, log: Callable[[str], None] = print) -> dict[str, Any]:
             "epoch_time": time.perf_counter() - start,
         }
         setup.history.append(entry)
+        bad = first_non_finite(model.state_dict())
+        if bad is not None:
+            raise FloatingPointError(f"epoch {epoch + 1}: {bad} holds NaN or infinite values; allowed: finite weights "
+                                     "(lower the learning rate or clip gradients); the last good checkpoint is kept.")
         if ranks.main:
             setup.folder.save_checkpoint(_checkpoint_state(setup, epoch + 1))
             setup.folder.write_metrics(setup.history)
