@@ -404,3 +404,25 @@ def test_resume_across_the_fix_is_bit_identical(tiny_net, make_batches, train):
         train(model, sp, opt, batches[cut:])
         got = sp.finalize().state_dict()
         assert all(torch.equal(got[k], expected[k]) for k in expected), cut
+
+
+@pytest.mark.parametrize("other, field", [({"sparsity": 0.5}, "sparsity"), ({"total_steps": 20}, "total_steps"),
+                                          ({"scope": "layer"}, "scope")])
+def test_a_state_that_does_not_fit_is_refused_naming_the_field(other, field):
+    from sparsetrain.models import create_model
+
+    settings = {"sparsity": 0.9, "total_steps": 10}
+    saved = st.create(create_model("resnet20", width=0.25), "feather", **settings)
+    saved.step()
+    state = saved.state_dict()
+    options = {**settings, **other}
+    target = st.create(create_model("resnet20", width=0.25), "feather", **options)
+    with pytest.raises(ValueError, match=f"the saved state has {field}=.* but this feather has {field}="):
+        target.load_state_dict(state)
+    fresh = st.create(create_model("resnet20", width=0.25), "feather", **settings)
+    with pytest.raises(ValueError, match="this state has keys"):
+        fresh.load_state_dict({k: v for k, v in state.items() if k != "thresholds"})
+    with pytest.raises(ValueError, match="NaN or infinite threshold"):
+        fresh.load_state_dict({**state, "thresholds": [float("nan")] * len(state["thresholds"])})
+    fresh.load_state_dict(state)  # the state itself still fits
+    assert fresh.state_dict()["step"] == 1

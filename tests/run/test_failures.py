@@ -1,5 +1,6 @@
 """What happens when a run meets a failure: each case ends in one clear line and a run that can go on."""
 
+import json
 import os
 import subprocess
 import sys
@@ -85,3 +86,211 @@ def test_divergence_keeps_the_last_good_checkpoint_and_bad_checkpoints_are_refus
     assert "the checkpoint's layer2.0.conv1.weight holds NaN or infinite values" in err
     code, _, err = cli("eval", tmp_path / "r" / "checkpoint.safetensors")
     assert code == 2 and "layer2.0.conv1.weight holds NaN or infinite values" in err
+
+
+# -- one line instead of a traceback --------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """A finished 1-epoch run (its folder holds config.json, checkpoint and model); copy it to change it."""
+    from sparsetrain.run.cli import main
+
+    out = tmp_path_factory.mktemp("finished")
+    assert main(["train", "--method", "feather", "--epochs", "1", *SMALL, "--out", str(out), "--name", "r"]) == 0
+    return out / "r"
+
+
+@pytest.fixture
+def run(finished, tmp_path):
+    import shutil
+
+    return shutil.copytree(finished, tmp_path / "r")
+
+
+def one_line_error(result) -> str:
+    code, _, err = result
+    assert code == 2 and err.count("\n") == 1 and err.startswith("sparsetrain: error: "), err
+    return err
+
+
+@pytest.mark.parametrize("command", ["eval", "report", "export"])
+@pytest.mark.parametrize("damage", ["corrupt", "truncated", "pickle"])
+def test_a_damaged_model_file_is_one_line(run, cli, command, damage):
+    model = run / "model.safetensors"
+    if damage == "corrupt":
+        model.write_bytes(b"\xff" * 64)
+    elif damage == "truncated":
+        model.write_bytes(model.read_bytes()[:1000])
+    else:
+        import pickle
+
+        model.write_bytes(pickle.dumps({"a": 1}))
+    err = one_line_error(cli(command, run))
+    assert "model.safetensors is not a readable safetensors file" in err
+
+
+def test_a_config_naming_another_model_is_one_line(run, cli):
+    config = json.loads((run / "config.json").read_text())
+    config["model"]["name"] = "resnet32"
+    (run / "config.json").write_text(json.dumps(config))
+    err = one_line_error(cli("eval", run))
+    assert "do not fit the model 'resnet32' its config.json names" in err
+
+
+def test_a_config_without_options_is_one_line_on_resume(run, cli):
+    config = json.loads((run / "config.json").read_text())
+    del config["options"]
+    (run / "config.json").write_text(json.dumps(config))
+    err = one_line_error(cli("train", "--resume", run))
+    assert "config.json has no 'options' mapping" in err
+
+
+@pytest.mark.parametrize("value, message", [("out: 5", "out=5 is not allowed"), ("data_dir: 5", "data_dir=5 is not allowed"),
+                                            ("model_args: [1, 2]", "model_args=[1, 2] is not allowed")])
+def test_config_values_of_the_wrong_type_are_one_line(tmp_path, cli, value, message):
+    config = tmp_path / "c.yaml"
+    config.write_text(value + "\n")
+    assert message in one_line_error(cli("train", "--config", config))
+
+
+def test_a_non_utf8_config_file_is_named(tmp_path, cli):
+    config = tmp_path / "c.yaml"
+    config.write_bytes(b"epochs: \xff\xfe\n")
+    assert f"config file {config} is not UTF-8 text" in one_line_error(cli("train", "--config", config))
+
+
+def test_out_at_a_regular_file_is_one_line(tmp_path, cli):
+    (tmp_path / "file").write_text("x")
+    err = one_line_error(cli("train", "--out", tmp_path / "file", "--name", "r", "--epochs", 1, *SMALL))
+    assert "cannot create the run folder" in err and "file" in err
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_out_under_a_read_only_folder_is_one_line(tmp_path, cli):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o555)
+    err = one_line_error(cli("train", "--out", locked / "runs", "--name", "r", "--epochs", 1, *SMALL))
+    assert "cannot create the run folder" in err
+
+
+def test_t1_beyond_the_run_names_the_flag(tmp_path, cli):
+    err = one_line_error(cli("train", "--t1", 100, "--epochs", 2, "--out", tmp_path, *SMALL))
+    assert "--t1 100 is beyond the run's 2 epochs" in err
+
+
+@pytest.mark.parametrize("change, message", [
+    ("drop_tensor", "does not fit this run"),
+    ("wrong_shape", "does not fit this run"),
+    ("rng_type", "rng state or history of the wrong type"),
+    ("method_null", "holds no model or method state"),
+    ("huge_epoch", "is at epoch 1000000; allowed: 0 to the run's 1 epochs"),
+])
+def test_a_checkpoint_that_does_not_fit_is_one_line(run, cli, change, message):
+    import torch
+
+    from sparsetrain.run.folder import RunFolder
+
+    folder = RunFolder(run)
+    state = folder.load_checkpoint(torch.device("cpu"))
+    key = next(k for k in state["model"] if k.endswith("bn1.weight"))
+    if change == "drop_tensor":
+        del state["model"][key]
+    elif change == "wrong_shape":
+        state["model"][key] = torch.ones(3)
+    elif change == "rng_type":
+        state["rng"] = [1, 2, 3]
+    elif change == "method_null":
+        state["method"] = None
+    else:
+        state["epoch"] = 10**6
+    folder.save_checkpoint(state)
+    assert message in one_line_error(cli("train", "--resume", run))
+
+
+# -- nothing overwritten, nothing written elsewhere ---------------------------------------------------------
+
+def test_export_never_overwrites_the_run_and_names_stay_inside_out(run, cli, tmp_path):
+    before = (run / "model.safetensors").read_bytes()
+    err = one_line_error(cli("export", run, "--out", run / "model.safetensors"))
+    assert "is a file of the run itself" in err and (run / "model.safetensors").read_bytes() == before
+    err = one_line_error(cli("train", "--out", tmp_path / "runs", "--name", "../x", "--epochs", 1, *SMALL))
+    assert "name='../x' is not allowed" in err and not (tmp_path / "x").exists()
+
+
+# -- leftovers and permissions ---------------------------------------------------------------------------
+
+def test_run_files_share_one_mode_and_resume_removes_leftovers(run, cli):
+    modes = {path.name: path.stat().st_mode & 0o777 for path in run.iterdir() if path.is_file()}
+    assert {"config.json", "checkpoint.safetensors", "model.safetensors"} <= set(modes)
+    assert len(set(modes.values())) == 1, modes  # what the umask gives every file, weights included
+    leftover = run / ".checkpoint.safetensors.0123abcd.tmp"
+    leftover.write_bytes(b"\0" * 1024)  # an atomic write cut short by a kill
+    code, _, err = cli("train", "--resume", run)
+    assert code == 0, err
+    assert not leftover.exists()
+
+
+# -- killed at random moments ---------------------------------------------------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method, extra", [("feather", []), ("gdp", ["--flops-target", "0.6"]),
+                                           ("frs", ["--prune-every", "1", "--channels-per-step", "4"])])
+def test_runs_killed_at_random_moments_resume_to_the_same_end(tmp_path, method, extra):
+    import random
+
+    args = [*COMMAND, "--method", method, *extra, "--epochs", "3", "--out", str(tmp_path), *SMALL]
+    straight = subprocess.run([*args, "--name", "straight"], capture_output=True, text=True, timeout=300)
+    assert straight.returncode == 0, straight.stderr
+    run, rng = tmp_path / "killed", random.Random(method)
+    first = [*args, "--name", "killed"]
+    process = subprocess.Popen(first, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    kills = 0
+    while kills < 4 and process.poll() is None:
+        deadline = time.monotonic() + rng.uniform(0.5, 4.0)
+        while time.monotonic() < deadline and process.poll() is None:
+            time.sleep(0.01)
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=60)
+            kills += 1
+            # before its folder exists there is nothing to resume: the user runs the command again
+            again = [*COMMAND, "--resume", str(run)] if (run / "config.json").is_file() else first
+            process = subprocess.Popen(again, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    assert process.wait(timeout=300) == 0, process.stderr.read()
+    assert kills >= 2
+    assert same_weights(run, tmp_path / "straight")
+    assert not any(run.glob(".*.tmp"))
+
+
+DIE_IN_SECOND_CHECKPOINT_WRITE = """
+import os, signal, sys
+from sparsetrain.run import checkpoint
+real, calls = checkpoint.save_file, []
+def dying(tensors, path, metadata=None):
+    calls.append(path)
+    real(tensors, path, metadata=metadata)
+    if len(calls) == 2:  # the second checkpoint: half on disk, then killed
+        with open(path, "r+b") as file:
+            file.truncate(os.path.getsize(path) // 2)
+        os.kill(os.getpid(), signal.SIGKILL)
+checkpoint.save_file = dying
+from sparsetrain.run.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["feather", "frs"])
+def test_a_run_killed_inside_a_checkpoint_write_resumes_to_the_same_end(tmp_path, method):
+    extra = ["--prune-every", "1", "--channels-per-step", "4"] if method == "frs" else []
+    args = ["train", "--method", method, *extra, "--epochs", "3", "--out", str(tmp_path), *SMALL]
+    straight = subprocess.run([*COMMAND[:-1], *args, "--name", "straight"], capture_output=True, text=True, timeout=300)
+    assert straight.returncode == 0, straight.stderr
+    killed = subprocess.run([sys.executable, "-c", DIE_IN_SECOND_CHECKPOINT_WRITE, *args, "--name", "killed"],
+                            capture_output=True, text=True, timeout=300)
+    run = tmp_path / "killed"
+    assert killed.returncode == -9 and len(list(run.glob(".checkpoint.safetensors.*.tmp"))) == 1
+    resumed = subprocess.run([*COMMAND, "--resume", str(run)], capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert resumed.stdout.startswith("epoch 2/3")  # from the intact epoch-1 checkpoint
+    assert same_weights(run, tmp_path / "straight") and not any(run.glob(".*.tmp"))

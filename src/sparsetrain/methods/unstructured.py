@@ -435,9 +435,11 @@ class Sparsifier(Method):
     # -- checkpointing -----------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """Step, thresholds, tie masks, rescales and fixed masks: everything needed to resume mid-schedule."""
+        """Step, thresholds, tie masks, rescales and fixed masks: everything needed to resume
+        mid-schedule, with the settings they belong to."""
         return {
             "method": self.name,
+            "settings": self._settings(),
             "step": self._step,
             "layers": list(self.names),
             "thresholds": [param.threshold for param in self._params],
@@ -446,19 +448,45 @@ class Sparsifier(Method):
             "masks": [None if param.mask is None else param.mask.clone() for param in self._params],
         }
 
+    def _settings(self) -> dict[str, Any]:
+        """What a saved state must agree on: the target, the schedule's steps and every knob."""
+        return {"sparsity": self.schedule.final, "total_steps": self.total_steps, "fix_step": self.fix_step,
+                **{k: v for k, v in dataclasses.asdict(self.config).items() if k not in ("start", "end", "fix_at")},
+                "start": self.schedule.start if hasattr(self.schedule, "start") else None,
+                "end": self.schedule.end if hasattr(self.schedule, "end") else None}
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore a state saved by :meth:`state_dict` on the same model and method."""
+        """Restore a state saved by :meth:`state_dict` on the same model and method; a state that
+        does not fit (other method, layers, settings, shapes; a missing entry; a non-finite
+        threshold) is a ValueError naming what differs."""
         self._check_attached()
-        if state.get("method") != self.name or list(state["layers"]) != self.names:
+        expected = set(self.state_dict())
+        if not isinstance(state, dict) or set(state) != expected:
+            keys = sorted(state) if isinstance(state, dict) else type(state).__name__
+            raise ValueError(f"this state has keys {keys}; allowed: a {self.name} state with {sorted(expected)}.")
+        if state["method"] != self.name or list(state["layers"]) != self.names:
             raise ValueError(
-                f"this state is for method {state.get('method')!r} on layers {list(state.get('layers', []))[:3]}...; "
+                f"this state is for method {state['method']!r} on layers {list(state['layers'])[:3]}...; "
                 f"allowed: a state of method {self.name!r} on the same layers."
             )
+        for key, value in self._settings().items():
+            saved = state["settings"].get(key) if isinstance(state["settings"], dict) else None
+            if saved != value:
+                raise ValueError(f"the saved state has {key}={saved!r} but this {self.name} has {key}={value!r}; "
+                                 "allowed: the settings of the run being resumed.")
+        thresholds = [float(t) for t in state["thresholds"]]
+        if not all(math.isfinite(t) for t in thresholds):
+            raise ValueError("the saved state holds a NaN or infinite threshold; allowed: finite thresholds.")
+        for key in ("ties", "rescale", "masks"):
+            for name, w, value in zip(self.names, self._weights, state[key]):
+                if value is not None and key != "rescale" and value.shape != w.shape:
+                    raise ValueError(f"the saved {key} of layer {name!r} has shape {tuple(value.shape)}; "
+                                     f"allowed: the weight's {tuple(w.shape)}.")
         self._step = int(state["step"])
         for param, w, threshold, ties, rescale, mask in zip(
-            self._params, self._weights, state["thresholds"], state["ties"], state["rescale"], state["masks"]
+            self._params, self._weights, thresholds, state["ties"], state["rescale"], state["masks"]
         ):
-            param.threshold = float(threshold)
+            param.threshold = threshold
             param.ties = None if ties is None else ties.to(w.device).bool()
             param.rescale = None if rescale is None else rescale.to(w.device)
             param.mask = None if mask is None else mask.to(w.device).bool()

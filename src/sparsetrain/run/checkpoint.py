@@ -60,15 +60,25 @@ def unflatten(skeleton: Any, tensors: dict[str, torch.Tensor]) -> Any:
     return {key: unflatten(value, tensors) for key, value in skeleton.items()}
 
 
+TMP_SUFFIX = ".tmp"  # of the temporary files atomic_write renames into place
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | Path, write: Any) -> Path:
     """Call ``write(temporary_path)``, then rename the temporary file onto ``path``.
 
     A reader sees either the old file or the complete new one, never a partial write.
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")  # unlike mkstemp, keeps the umask's permissions
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}{TMP_SUFFIX}")
     try:
         write(str(tmp))
+        os.chmod(tmp, 0o666 & ~_umask())  # as open() would create it, whatever the writer chose
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -95,6 +105,16 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Any
     except (SafetensorError, OSError, KeyError, json.JSONDecodeError) as error:
         raise ValueError(f"{path} is not a readable sparsetrain checkpoint ({error}).") from None
     return unflatten(skeleton, tensors)
+
+
+def load_weights(path: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """The tensors of the safetensors file at ``path``; ValueError naming it if it is not one
+    (corrupt, truncated, a pickle, ...)."""
+    try:
+        with safe_open(str(path), framework="pt", device=str(device)) as f:
+            return {key: f.get_tensor(key) for key in f.keys()}
+    except (SafetensorError, OSError) as error:
+        raise ValueError(f"{path} is not a readable safetensors file ({error}).") from None
 
 
 def write_json(path: str | Path, data: Any) -> Path:

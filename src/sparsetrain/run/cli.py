@@ -17,16 +17,16 @@ from typing import Any, NoReturn
 import torch
 import torch.distributed as dist
 import yaml
-from safetensors.torch import load_file
 
 from ..data import DATASET_NAMES, BatchLoader, load_dataset
 from ..methods import list_methods, method_spec
 from ..models import create_model, input_size, list_models
 from ..report import size_report, sparsity_report
 from .bench import DEFAULT_METHODS, check_grid, grid_cells, run_grid
+from .checkpoint import load_weights
 from .export import save_sparse
 from .onnx import export_onnx, onnxruntime_difference
-from .folder import CONFIG, MODEL, RunFolder, final_weights, load_run
+from .folder import CONFIG, MODEL, RUN_FILES, RunFolder, final_weights, load_run
 from .loop import EVAL_BATCH_SIZE, evaluate, fit, method_title, prepare
 from .options import TrainOptions, list_recipes, options_from_dict, resolve_device
 
@@ -172,6 +172,8 @@ def read_config_file(path: str) -> dict[str, Any]:
             raise UsageError(f"config file {path} must end in .yaml, .yml or .toml")
     except (tomllib.TOMLDecodeError, yaml.YAMLError) as error:
         raise UsageError(f"config file {path} is not valid: {str(error).splitlines()[0]}") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"config file {path} is not UTF-8 text") from None
     if not isinstance(values, dict):
         raise UsageError(f"config file {path} must hold a mapping of option names to values")
     return values
@@ -214,12 +216,20 @@ def command_eval(path: str, data_dir: str | None, device_spec: str) -> None:
     print(f"test acc {accuracy:.2%}  test loss {loss:.4f}  sparsity {report.sparsity:.2%}  ({len(data.y_test)} images)")
 
 
+def _export_target(weights: Path, out: str | None, default: str) -> Path:
+    """Where an export goes: ``out`` or ``default`` beside the weights, never onto a file of the run."""
+    target = Path(out) if out else weights.with_name(default)
+    if target.resolve() in {weights.with_name(name).resolve() for name in RUN_FILES}:
+        raise UsageError(f"--out {target} is a file of the run itself; allowed: another path")
+    return target
+
+
 def command_export(path: str, out: str | None, export_format: str) -> None:
     if export_format == "onnx":
         return export_onnx_command(path, out)
     weights = final_weights(path)
-    target = Path(out) if out else weights.with_name("model.sparse.safetensors")
-    save_sparse(target, load_file(str(weights)))
+    target = _export_target(weights, out, "model.sparse.safetensors")
+    save_sparse(target, load_weights(weights))
     before, after = weights.stat().st_size, target.stat().st_size
     print(f"wrote {target}: {after / 1024:.0f} KiB, {after / before:.1%} of {MODEL} ({before / 1024:.0f} KiB)")
 
@@ -228,7 +238,7 @@ def export_onnx_command(path: str, out: str | None) -> None:
     weights = final_weights(path)
     run = load_run(weights, torch.device("cpu"))
     example = torch.zeros(2, *input_size(run.config["model"]["name"]))
-    target = export_onnx(run.model, example, Path(out) if out else weights.with_name("model.onnx"))
+    target = export_onnx(run.model, example, _export_target(weights, out, "model.onnx"))
     line = f"wrote {target}: {target.stat().st_size / 1024:.0f} KiB"
     difference = onnxruntime_difference(run.model, target, torch.randn(4, *example.shape[1:]))
     if difference is not None:

@@ -21,13 +21,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from ..methods import Method, create
 from ..models import create_model, input_size
 from ..structured import layer_shapes, rebuild
-from .checkpoint import atomic_write, first_non_finite, load_checkpoint, save_checkpoint, write_json
+from .checkpoint import TMP_SUFFIX, atomic_write, first_non_finite, load_checkpoint, load_weights, save_checkpoint, write_json
 
 CONFIG, METRICS, CHECKPOINT, MODEL, REPORT = (
     "config.json",
@@ -37,6 +37,7 @@ CONFIG, METRICS, CHECKPOINT, MODEL, REPORT = (
     "report.md",
 )
 TRAINING_PLOT, LAYERS_PLOT = "training.png", "layers.png"
+RUN_FILES = (CONFIG, METRICS, CHECKPOINT, MODEL, REPORT, TRAINING_PLOT, LAYERS_PLOT)
 
 
 class RunFolder:
@@ -60,21 +61,47 @@ class RunFolder:
     def is_finished(self) -> bool:
         return self.file(MODEL).is_file()
 
+    def remove_leftovers(self) -> list[Path]:
+        """Delete temporary files of atomic writes cut short (a run killed while writing); return them."""
+        leftovers = sorted(self.path.glob(f".*{TMP_SUFFIX}")) if self.path.is_dir() else []
+        for leftover in leftovers:
+            leftover.unlink()
+        return leftovers
+
     def remove(self) -> None:
         """Delete the folder and everything in it (a run killed before its first checkpoint)."""
         shutil.rmtree(self.path)
 
     def create(self, config: dict[str, Any]) -> None:
         """Make the folder and write its config.json."""
-        self.path.mkdir(parents=True)
-        write_json(self.file(CONFIG), config)
+        try:
+            self.path.mkdir(parents=True)
+            write_json(self.file(CONFIG), config)
+        except OSError as error:
+            raise ValueError(f"cannot create the run folder {self.path}: {error.strerror}; "
+                             "allowed: --out in a writable folder.") from None
 
     def config(self) -> dict[str, Any]:
-        return json.loads(self.file(CONFIG).read_text())
+        """The run's config.json; ValueError naming the file if it is not a JSON mapping."""
+        path = self.file(CONFIG)
+        try:
+            config = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise ValueError(f"{path} is not readable JSON ({error}).") from None
+        if not isinstance(config, dict):
+            raise ValueError(f"{path} does not hold a JSON object; allowed: the {CONFIG} sparsetrain wrote.")
+        return config
+
+    def section(self, key: str) -> dict[str, Any]:
+        """One mapping of config.json ("options", "model", "method"); ValueError naming it if absent."""
+        value = self.config().get(key)
+        if not isinstance(value, dict):
+            raise ValueError(f"{self.file(CONFIG)} has no {key!r} mapping; allowed: the {CONFIG} sparsetrain wrote.")
+        return value
 
     def saved_options(self) -> dict[str, Any]:
         """The training options the run was started with."""
-        return self.config()["options"]
+        return self.section("options")
 
     def update_config(self, **values: Any) -> None:
         write_json(self.file(CONFIG), {**self.config(), **values})
@@ -156,10 +183,13 @@ def load_run(path: str | Path, device: torch.device) -> LoadedRun:
     if not weights.is_file() or not folder.file(CONFIG).is_file():
         raise ValueError(f"{path} is not a run folder or a weights file beside {CONFIG}")
     config = folder.config()
-    name, kwargs = config["model"]["name"], config["model"]["kwargs"]
+    record = folder.section("model")
+    name, kwargs = record.get("name"), record.get("kwargs")
+    if not isinstance(name, str) or not isinstance(kwargs, dict):
+        raise ValueError(f"{folder.file(CONFIG)} has no model name and kwargs; allowed: the {CONFIG} sparsetrain wrote.")
     if weights.name != CHECKPOINT:
         model = rebuild(name, kwargs, config.get("shapes")).to(device)
-        model.load_state_dict(_finite(load_file(str(weights), device=str(device)), weights))
+        _load_into(model, _finite(load_weights(weights, device), weights), weights, name)
         return LoadedRun(folder, config, model, None, weights)
     state = load_checkpoint(weights, device)
     _finite(state["model"], weights)
@@ -168,5 +198,13 @@ def load_run(path: str | Path, device: torch.device) -> LoadedRun:
     method = create(model, config["method"]["name"], total_steps=config["total_steps"], example_inputs=example, data=(),
                     **config["method"]["options"])
     method.load_state_dict(state["method"])
-    model.load_state_dict(state["model"])
+    _load_into(model, state["model"], weights, name)
     return LoadedRun(folder, config, model, method, weights)
+
+
+def _load_into(model: nn.Module, state: dict[str, torch.Tensor], path: Path, name: str) -> None:
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as error:
+        detail = str(error).splitlines()[1].strip() if len(str(error).splitlines()) > 1 else str(error)
+        raise ValueError(f"the weights in {path} do not fit the model {name!r} its {CONFIG} names ({detail}).") from None

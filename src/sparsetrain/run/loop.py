@@ -33,7 +33,7 @@ from ..models import create_model
 from ..modes import eval_mode
 from ..report import count_flops, sparsity_report
 from .checkpoint import first_non_finite
-from .folder import CONFIG, LAYERS_PLOT, REPORT, TRAINING_PLOT, RunFolder, changed_shapes
+from .folder import CHECKPOINT, CONFIG, LAYERS_PLOT, REPORT, TRAINING_PLOT, RunFolder, changed_shapes
 from .options import TrainOptions, resolve_device
 from .plots import plot_layer_sparsity, plot_training
 
@@ -107,6 +107,7 @@ def prepare(options: TrainOptions, resume: bool = False) -> Setup:
     restart = resume and not folder.has_checkpoint()
     if resume:
         _check_resumable(options, folder)
+        folder.remove_leftovers()
     elif folder.exists():
         raise ValueError(f"run folder {folder.path} already exists; allowed: --resume to continue it, or a new --name.")
     device = resolve_device(options.device)
@@ -190,19 +191,36 @@ def _check_resumable(options: TrainOptions, folder: RunFolder) -> None:
             )
 
 
-def _restore(setup: Setup, state: dict[str, Any]) -> None:
+def _restore(setup: Setup, state: Any) -> None:
     """The protocol's resume order: the method first (it may resize the model), then the model,
-    optimizer and schedule."""
+    optimizer and schedule. A checkpoint that does not fit this run is a ValueError naming what."""
+    where = setup.folder.file(CHECKPOINT)
+    missing = sorted(CHECKPOINT_KEYS - set(state)) if isinstance(state, dict) else sorted(CHECKPOINT_KEYS)
+    if missing:
+        raise ValueError(f"{where} has no {missing[0]!r}; allowed: a checkpoint sparsetrain wrote.")
+    epoch, rng, history = state["epoch"], state["rng"], state["history"]
+    if isinstance(epoch, bool) or not isinstance(epoch, int) or not 0 <= epoch <= setup.options.epochs:
+        raise ValueError(f"{where} is at epoch {epoch!r}; allowed: 0 to the run's {setup.options.epochs} epochs.")
+    if not isinstance(rng, torch.Tensor) or rng.dtype != torch.uint8 or not isinstance(history, list):
+        raise ValueError(f"{where} holds an rng state or history of the wrong type; allowed: a checkpoint sparsetrain wrote.")
+    if not isinstance(state["model"], dict) or not isinstance(state["method"], dict):
+        raise ValueError(f"{where} holds no model or method state; allowed: a checkpoint sparsetrain wrote.")
     bad = first_non_finite(state["model"])
     if bad is not None:
         raise ValueError(f"the checkpoint's {bad} holds NaN or infinite values; allowed: a checkpoint of finite weights.")
-    setup.method.load_state_dict(state["method"])
-    setup.model.load_state_dict(state["model"])
-    setup.optimizer.load_state_dict(state["optimizer"])
-    setup.scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["rng"].cpu())
-    setup.start_epoch = int(state["epoch"])
-    setup.history = list(state["history"])
+    parts = [("method", setup.method), ("model", setup.model), ("optimizer", setup.optimizer), ("scheduler", setup.scheduler)]
+    for key, part in parts:
+        try:
+            part.load_state_dict(state[key])
+        except (KeyError, IndexError, TypeError, AttributeError, RuntimeError, ValueError) as error:
+            detail = str(error).strip().splitlines()
+            raise ValueError(f"the {key} state in {where} does not fit this run ({detail[-1] if detail else type(error).__name__}).") from None
+    torch.set_rng_state(rng.cpu())
+    setup.start_epoch = epoch
+    setup.history = list(history)
+
+
+CHECKPOINT_KEYS = frozenset({"epoch", "model", "optimizer", "scheduler", "method", "rng", "history"})
 
 
 def _diverged(step: int, loss: torch.Tensor, model: nn.Module) -> str:

@@ -83,6 +83,13 @@ class TrainOptions:
     out: str = "runs"
 
     def __post_init__(self) -> None:
+        for name in ("model", "dataset", "method", "lr_schedule", "device", "out"):
+            _check_text(name, getattr(self, name))
+        for name in ("data_dir", "recipe", "name"):
+            if getattr(self, name) is not None:
+                _check_text(name, getattr(self, name))
+        if self.name is not None and (Path(self.name).name != self.name or self.name in (".", "..")):
+            raise ValueError(f"name={self.name!r} is not allowed; allowed: a folder name inside --out, without '/'.")
         if self.model not in list_models():
             raise ValueError(f"unknown model {self.model!r}; known models: {', '.join(list_models())}.")
         if self.dataset not in DATASET_NAMES:
@@ -116,6 +123,11 @@ class TrainOptions:
         _check_number("limit", self.limit, int, minimum=1, optional=True)
         if self.epochs is None:
             object.__setattr__(self, "epochs", DEFAULT_EPOCHS[self.dataset])
+        for flag in ("t1", "prune_every", "stop_at"):  # epoch-valued flags: inside the run
+            value = getattr(self, flag)
+            if value is not None and value > self.epochs:
+                raise ValueError(f"--{flag.replace('_', '-')} {value:g} is beyond the run's {self.epochs} epochs; "
+                                 f"allowed: at most {self.epochs}.")
         self.method_options(steps_per_epoch=1)  # the method exists and takes every option given
         if self.name is None:
             stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -152,6 +164,11 @@ class TrainOptions:
 def method_names() -> list[str]:
     """Every ``--method`` a run accepts, in registration order."""
     return list(list_methods())
+
+
+def _check_text(name: str, value: Any) -> None:
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{name}={value!r} is not allowed; allowed: a non-empty string.")
 
 
 def _check_number(
