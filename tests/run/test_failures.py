@@ -280,9 +280,9 @@ sys.exit(main(sys.argv[1:]))
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["feather", "frs"])
-def test_a_run_killed_inside_a_checkpoint_write_resumes_to_the_same_end(tmp_path, method):
-    extra = ["--prune-every", "1", "--channels-per-step", "4"] if method == "frs" else []
+@pytest.mark.parametrize("method, extra", [("feather", []), ("gdp", ["--flops-target", "0.6"]),
+                                           ("frs", ["--prune-every", "1", "--channels-per-step", "4"])])
+def test_a_run_killed_inside_a_checkpoint_write_resumes_to_the_same_end(tmp_path, method, extra):
     args = ["train", "--method", method, *extra, "--epochs", "3", "--out", str(tmp_path), *SMALL]
     straight = subprocess.run([*COMMAND[:-1], *args, "--name", "straight"], capture_output=True, text=True, timeout=300)
     assert straight.returncode == 0, straight.stderr
