@@ -26,12 +26,13 @@ import torch
 from torch import Tensor
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from ..methods import Method, create, method_options
+from ..methods import create
+from .holder import MethodHolder
 
 STATE_FILE = "sparsify_state.pt"
 
 
-class SparsifyCallback(TrainerCallback):
+class SparsifyCallback(MethodHolder, TrainerCallback):
     """Sparsify the Trainer's model during ``Trainer.train`` with the registered ``method``.
 
     ``options`` are the method's (``sparsetrain list``); ``example_inputs`` a tensor batch for the
@@ -39,11 +40,7 @@ class SparsifyCallback(TrainerCallback):
     """
 
     def __init__(self, method: str, *, example_inputs: Tensor | None = None, **options: Any) -> None:
-        method_options(method, **options)  # bad options fail here, before any training
-        self.method_name = method
-        self.options = options
-        self.example_inputs = example_inputs
-        self.method: Method | None = None
+        MethodHolder.__init__(self, method, example_inputs, options)
 
     def on_init_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                     model: torch.nn.Module | None = None, **kwargs: Any) -> None:
@@ -84,11 +81,6 @@ class SparsifyCallback(TrainerCallback):
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                      **kwargs: Any) -> None:
         self._method().finalize()
-
-    def _method(self) -> Method:
-        if self.method is None:
-            raise RuntimeError("SparsifyCallback has no method yet: it is created when the Trainer is built.")
-        return self.method
 
 
 def _checkpoint(args: TrainingArguments, state: TrainerState) -> Path:

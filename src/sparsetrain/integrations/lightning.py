@@ -34,7 +34,8 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor
 
-from ..methods import Method, create, method_options
+from ..methods import create
+from .holder import MethodHolder
 from ..report import count_flops
 
 
@@ -64,7 +65,7 @@ class _TrainingBatches:
                 yield x.to(self.module.device), y.to(self.module.device)
 
 
-class Sparsify(pl.Callback):
+class Sparsify(MethodHolder, pl.Callback):
     """Sparsify the LightningModule during ``Trainer.fit`` with the registered ``method``.
 
     ``options`` are the method's (``sparsetrain list``); ``example_inputs`` a small input batch
@@ -72,11 +73,7 @@ class Sparsify(pl.Callback):
     """
 
     def __init__(self, method: str, *, example_inputs: Tensor | None = None, **options: Any) -> None:
-        method_options(method, **options)  # bad options fail here, before any training
-        self.method_name = method
-        self.options = options
-        self.example_inputs = example_inputs
-        self.method: Method | None = None
+        MethodHolder.__init__(self, method, example_inputs, options)
         self._steps_seen = 0
         self._restore_hook: Any = None
         self._example: Tensor | None = None
@@ -158,11 +155,6 @@ class Sparsify(pl.Callback):
         return {} if self.method is None else {"method": self.method.state_dict()}
 
     # -- helpers -------------------------------------------------------------------------
-
-    def _method(self) -> Method:
-        if self.method is None:
-            raise RuntimeError("Sparsify has no method yet: it is created when Trainer.fit sets up.")
-        return self.method
 
     @staticmethod
     def _rewrap(trainer: pl.Trainer) -> None:
