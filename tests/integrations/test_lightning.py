@@ -114,7 +114,7 @@ def test_gradient_accumulation_advances_the_schedule_once_per_optimizer_step():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["feather", "frs"])
+@pytest.mark.parametrize("method", ["frs"])  # the hardest case: channels removed, DDP rebuilt, on both ranks
 def test_ddp_ranks_end_identical(tmp_path, method):
     script = Path(__file__).with_name("lightning_ddp_run.py")
     done = subprocess.run([sys.executable, "-u", str(script), method, str(tmp_path)], capture_output=True, text=True,

@@ -18,11 +18,34 @@ def same_weights(a, b) -> bool:
     return x.keys() == y.keys() and all(bool((x[k] == y[k]).all()) for k in x)
 
 
+METHODS = {"feather": [], "gdp": ["--flops-target", "0.6"], "frs": ["--prune-every", "1", "--channels-per-step", "4"]}
+
+
+def method_args(method: str) -> list[str]:
+    """``train`` arguments of the kill tests' 3-epoch runs (without --out and --name)."""
+    return ["train", "--method", method, *METHODS[method], "--epochs", "3", *SMALL]
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """straight(method): the folder of an uninterrupted run of ``method_args(method)``, trained once."""
+    out, done = tmp_path_factory.mktemp("straight"), {}
+
+    def run(method: str):
+        if method not in done:
+            result = subprocess.run([*COMMAND[:-1], *method_args(method), "--out", str(out), "--name", method],
+                                    capture_output=True, text=True, timeout=300)
+            assert result.returncode == 0, result.stderr
+            done[method] = out / method
+        return done[method]
+
+    return run
+
+
 @pytest.mark.slow
-def test_a_run_killed_before_its_first_checkpoint_starts_over_on_resume(tmp_path):
-    args = [*COMMAND, "--epochs", "2", "--out", str(tmp_path), *SMALL]
-    straight = subprocess.run([*args, "--name", "straight"], capture_output=True, text=True, timeout=300)
-    assert straight.returncode == 0, straight.stderr
+@pytest.mark.parametrize("method", METHODS)
+def test_a_run_killed_before_its_first_checkpoint_starts_over_on_resume(tmp_path, straight, method):
+    args = [*COMMAND[:-1], *method_args(method), "--out", str(tmp_path)]
     run = tmp_path / "killed"
     process = subprocess.Popen([*args, "--name", "killed"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     while not (run / "config.json").is_file():  # killed the moment the folder exists, before any checkpoint
@@ -34,7 +57,7 @@ def test_a_run_killed_before_its_first_checkpoint_starts_over_on_resume(tmp_path
     resumed = subprocess.run([*COMMAND, "--resume", str(run)], capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     assert resumed.stdout.splitlines()[0] == f"{run} has no checkpoint yet (stopped before its first epoch ended): starting the run over"
-    assert same_weights(run, tmp_path / "straight")
+    assert same_weights(run, straight(method))
 
 
 @pytest.mark.slow
@@ -233,14 +256,11 @@ def test_run_files_share_one_mode_and_resume_removes_leftovers(run, cli):
 # -- killed at random moments ---------------------------------------------------------------------------------
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method, extra", [("feather", []), ("gdp", ["--flops-target", "0.6"]),
-                                           ("frs", ["--prune-every", "1", "--channels-per-step", "4"])])
-def test_runs_killed_at_random_moments_resume_to_the_same_end(tmp_path, method, extra):
+@pytest.mark.parametrize("method", METHODS)
+def test_runs_killed_at_random_moments_resume_to_the_same_end(tmp_path, straight, method):
     import random
 
-    args = [*COMMAND, "--method", method, *extra, "--epochs", "3", "--out", str(tmp_path), *SMALL]
-    straight = subprocess.run([*args, "--name", "straight"], capture_output=True, text=True, timeout=300)
-    assert straight.returncode == 0, straight.stderr
+    args = [*COMMAND[:-1], *method_args(method), "--out", str(tmp_path)]
     run, rng = tmp_path / "killed", random.Random(method)
     first = [*args, "--name", "killed"]
     process = subprocess.Popen(first, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -258,7 +278,7 @@ def test_runs_killed_at_random_moments_resume_to_the_same_end(tmp_path, method, 
             process = subprocess.Popen(again, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     assert process.wait(timeout=300) == 0, process.stderr.read()
     assert kills >= 2
-    assert same_weights(run, tmp_path / "straight")
+    assert same_weights(run, straight(method))
     assert not any(run.glob(".*.tmp"))
 
 
@@ -280,12 +300,9 @@ sys.exit(main(sys.argv[1:]))
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method, extra", [("feather", []), ("gdp", ["--flops-target", "0.6"]),
-                                           ("frs", ["--prune-every", "1", "--channels-per-step", "4"])])
-def test_a_run_killed_inside_a_checkpoint_write_resumes_to_the_same_end(tmp_path, method, extra):
-    args = ["train", "--method", method, *extra, "--epochs", "3", "--out", str(tmp_path), *SMALL]
-    straight = subprocess.run([*COMMAND[:-1], *args, "--name", "straight"], capture_output=True, text=True, timeout=300)
-    assert straight.returncode == 0, straight.stderr
+@pytest.mark.parametrize("method", METHODS)
+def test_a_run_killed_inside_a_checkpoint_write_resumes_to_the_same_end(tmp_path, straight, method):
+    args = [*method_args(method), "--out", str(tmp_path)]
     killed = subprocess.run([sys.executable, "-c", DIE_IN_SECOND_CHECKPOINT_WRITE, *args, "--name", "killed"],
                             capture_output=True, text=True, timeout=300)
     run = tmp_path / "killed"
@@ -293,4 +310,4 @@ def test_a_run_killed_inside_a_checkpoint_write_resumes_to_the_same_end(tmp_path
     resumed = subprocess.run([*COMMAND, "--resume", str(run)], capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     assert resumed.stdout.startswith("epoch 2/3")  # from the intact epoch-1 checkpoint
-    assert same_weights(run, tmp_path / "straight") and not any(run.glob(".*.tmp"))
+    assert same_weights(run, straight(method)) and not any(run.glob(".*.tmp"))
