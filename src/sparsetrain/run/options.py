@@ -90,6 +90,8 @@ class TrainOptions:
                 _check_text(name, getattr(self, name))
         if self.name is not None and (Path(self.name).name != self.name or self.name in (".", "..")):
             raise ValueError(f"name={self.name!r} is not allowed; allowed: a folder name inside --out, without '/'.")
+        if self.data_dir is not None and not Path(self.data_dir).expanduser().is_dir():
+            raise ValueError(f"data_dir={self.data_dir!r} is not a folder; allowed: the folder holding the dataset.")
         if self.model not in list_models():
             raise ValueError(f"unknown model {self.model!r}; known models: {', '.join(list_models())}.")
         if self.dataset not in DATASET_NAMES:
@@ -97,11 +99,11 @@ class TrainOptions:
         for name in ("model_args", "method_args"):
             if not isinstance(getattr(self, name), dict):
                 raise ValueError(f"{name}={getattr(self, name)!r} is not allowed; allowed: a mapping of names to values.")
-        _check_number("epochs", self.epochs, int, minimum=1, optional=True)
+        _check_number("epochs", self.epochs, int, minimum=1, optional=True, maximum=MAX_EPOCHS)
         _check_number("batch_size", self.batch_size, int, minimum=1)
         _check_number("lr", self.lr, float, minimum=0.0, exclusive=True)
-        _check_number("wd", self.wd, float, minimum=0.0)
-        _check_number("momentum", self.momentum, float, minimum=0.0)
+        _check_number("wd", self.wd, float, minimum=0.0, maximum=1.0)
+        _check_number("momentum", self.momentum, float, minimum=0.0, maximum=1.0)
         _check_number("clip", self.clip, float, minimum=0.0, exclusive=True)
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"lr_schedule={self.lr_schedule!r} is not allowed; allowed: {', '.join(LR_SCHEDULES)}.")
@@ -109,7 +111,7 @@ class TrainOptions:
             isinstance(m, bool) or not isinstance(m, int) or m < 1 for m in self.milestones
         ) or self.milestones != sorted(self.milestones):
             raise ValueError(f"milestones={self.milestones!r} is not allowed; allowed: increasing epochs >= 1.")
-        _check_number("gamma", self.gamma, float, minimum=0.0, exclusive=True)
+        _check_number("gamma", self.gamma, float, minimum=0.0, exclusive=True, maximum=1.0)
         _check_number("warmup", self.warmup, int, minimum=0)
         _check_number("label_smoothing", self.label_smoothing, float, minimum=0.0)
         if self.label_smoothing >= 1.0:
@@ -119,11 +121,11 @@ class TrainOptions:
         _check_number("prune_every", self.prune_every, int, minimum=1, optional=True)
         _check_number("stop_at", self.stop_at, int, minimum=1, optional=True)
         _check_number("seed", self.seed, int, minimum=0)
-        _check_number("workers", self.workers, int, minimum=0)
+        _check_number("workers", self.workers, int, minimum=0, maximum=MAX_WORKERS)
         _check_number("limit", self.limit, int, minimum=1, optional=True)
         if self.epochs is None:
             object.__setattr__(self, "epochs", DEFAULT_EPOCHS[self.dataset])
-        for flag in ("t1", "prune_every", "stop_at"):  # epoch-valued flags: inside the run
+        for flag in ("t1", "prune_every", "stop_at", "warmup"):  # epoch-valued flags: inside the run
             value = getattr(self, flag)
             if value is not None and value > self.epochs:
                 raise ValueError(f"--{flag.replace('_', '-')} {value:g} is beyond the run's {self.epochs} epochs; "
@@ -166,21 +168,33 @@ def method_names() -> list[str]:
     return list(list_methods())
 
 
+MAX_INT = 2**31 - 1
+MAX_EPOCHS = 1_000_000
+MAX_WORKERS = 4096
+
+
 def _check_text(name: str, value: Any) -> None:
     if not isinstance(value, str) or not value:
         raise ValueError(f"{name}={value!r} is not allowed; allowed: a non-empty string.")
 
 
 def _check_number(
-    name: str, value: Any, kind: type, minimum: float, exclusive: bool = False, optional: bool = False
+    name: str, value: Any, kind: type, minimum: float, exclusive: bool = False, optional: bool = False,
+    maximum: float | None = None,
 ) -> None:
+    """``value`` is an int (or for floats any finite number) above ``minimum`` and at most
+    ``maximum`` (ints: at most MAX_INT by default, what a C int holds)."""
     if value is None and optional:
         return
     allowed = (int,) if kind is int else (int, float)
+    if maximum is None and kind is int:
+        maximum = MAX_INT
     bound = f"> {minimum:g}" if exclusive else f">= {minimum:g}"
+    if maximum is not None:
+        bound += f" and <= {maximum:g}"
     if isinstance(value, bool) or not isinstance(value, allowed) or not math.isfinite(value) or (
         value <= minimum if exclusive else value < minimum
-    ):
+    ) or (maximum is not None and value > maximum):
         raise ValueError(f"{name}={value!r} is not allowed; allowed: {'an integer' if kind is int else 'a number'} {bound}.")
 
 
