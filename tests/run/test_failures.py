@@ -301,13 +301,23 @@ sys.exit(main(sys.argv[1:]))
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method", METHODS)
-def test_a_run_killed_inside_a_checkpoint_write_resumes_to_the_same_end(tmp_path, straight, method):
+def test_a_run_killed_inside_a_checkpoint_write_resumes_to_the_same_end(tmp_path, straight, cli, method):
     args = [*method_args(method), "--out", str(tmp_path)]
     killed = subprocess.run([sys.executable, "-c", DIE_IN_SECOND_CHECKPOINT_WRITE, *args, "--name", "killed"],
                             capture_output=True, text=True, timeout=300)
     run = tmp_path / "killed"
     assert killed.returncode == -9 and len(list(run.glob(".checkpoint.safetensors.*.tmp"))) == 1
+    # The intact checkpoint evaluates with its method re-attached (FRS's widths, GDP's gates).
+    code, out, err = cli("eval", run / "checkpoint.safetensors", "--device", "cpu")
+    history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert code == 0 and out.startswith(f"test acc {history[0]['test_acc']:.2%}"), err
     resumed = subprocess.run([*COMMAND, "--resume", str(run)], capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     assert resumed.stdout.startswith("epoch 2/3")  # from the intact epoch-1 checkpoint
     assert same_weights(run, straight(method)) and not any(run.glob(".*.tmp"))
+    without_times = lambda path: [  # noqa: E731
+        {k: v for k, v in json.loads(line).items() if not k.endswith("_time")} for line in (path / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert without_times(run) == without_times(straight(method))
+    config = lambda path: json.loads((path / "config.json").read_text())  # noqa: E731
+    assert config(run).get("shapes") == config(straight(method)).get("shapes")
