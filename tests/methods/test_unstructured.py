@@ -426,3 +426,14 @@ def test_a_state_that_does_not_fit_is_refused_naming_the_field(other, field):
         fresh.load_state_dict({**state, "thresholds": [float("nan")] * len(state["thresholds"])})
     fresh.load_state_dict(state)  # the state itself still fits
     assert fresh.state_dict()["step"] == 1
+
+
+def test_a_state_saved_before_settings_were_recorded_still_resumes():
+    from sparsetrain.models import create_model
+
+    saved = st.create(create_model("resnet20", width=0.25), "gmp", sparsity=0.9, total_steps=10)
+    saved.step()
+    older = {k: v for k, v in saved.state_dict().items() if k != "settings"}  # a checkpoint of the previous format
+    resumed = st.create(create_model("resnet20", width=0.25), "gmp", sparsity=0.9, total_steps=10)
+    resumed.load_state_dict(older)
+    assert resumed.state_dict()["step"] == 1 and resumed.state_dict()["thresholds"] == saved.state_dict()["thresholds"]

@@ -461,6 +461,8 @@ class Sparsifier(Method):
         threshold) is a ValueError naming what differs."""
         self._check_attached()
         expected = set(self.state_dict())
+        if isinstance(state, dict) and set(state) == expected - {"settings"}:
+            state = {**state, "settings": self._settings()}  # written before the settings were recorded
         if not isinstance(state, dict) or set(state) != expected:
             keys = sorted(state) if isinstance(state, dict) else type(state).__name__
             raise ValueError(f"this state has keys {keys}; allowed: a {self.name} state with {sorted(expected)}.")
