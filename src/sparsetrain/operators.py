@@ -1,6 +1,7 @@
 """Thresholding operators and the scaled straight-through estimator.
 
-The operator family, for p >= 1 and a magnitude threshold T >= 0:
+The operator family, for p >= 1 and a magnitude threshold T >= 0 (a number, or a tensor of
+per-entry thresholds broadcast over w, e.g. one per N:M group):
 
     P_p(w; T) = sign(w) * (|w|^p - T^p)^(1/p)   if |w| > T,   else 0
 
@@ -10,7 +11,10 @@ Feather's operator. T = 0 leaves every weight unchanged.
 The straight-through estimator uses P_p in the forward pass and passes the gradient to
 the dense weights, scaled per element:
 
-    dL/dw = m * dL/dw~,   m = 1 where |w| > T, theta where |w| <= T
+    dL/dw = m * dL/dw~ + lambda * (1 - E) * w,   m = 1 where |w| > T, theta where |w| <= T
+
+with E the mask of kept weights and lambda the optional decay of pruned weights (SR-STE's
+"sparse-refined" term, Zhou et al., ICLR 2021; 0 by default).
 
 An optional boolean ``ties`` mask prunes more entries: where it is True the forward value is 0
 and the gradient is scaled by theta, as for |w| <= T (exact counts when magnitudes tie).
@@ -23,6 +27,8 @@ import math
 import torch
 from torch import Tensor
 
+Threshold = float | Tensor
+
 
 def validate_p(p: float) -> float:
     """Return ``p`` as a float after checking that it is a valid exponent (p >= 1 or inf)."""
@@ -32,8 +38,13 @@ def validate_p(p: float) -> float:
     return p
 
 
-def threshold_operator(w: Tensor, threshold: float, p: float) -> Tensor:
-    """Apply P_p(w; T) elementwise.
+def prunes_nothing(threshold: Threshold) -> bool:
+    """Whether T leaves every weight unchanged: a number <= 0 (a tensor is assumed to prune)."""
+    return not isinstance(threshold, Tensor) and threshold <= 0.0
+
+
+def threshold_operator(w: Tensor, threshold: Threshold, p: float) -> Tensor:
+    """Apply P_p(w; T) elementwise (a tensor T per entry; where T = 0 the weight is unchanged).
 
     The difference |w|^p - T^p is computed so that it stays non-zero for every |w| > T in
     floating point (the count of zeros is then exactly the count of |w| <= T): for an integer p
@@ -42,12 +53,13 @@ def threshold_operator(w: Tensor, threshold: float, p: float) -> Tensor:
     Float16 and bfloat16 weights are shrunk in float32 (in 16 bits the product underflows to 0
     just above T) and the result rounded back.
     """
-    if threshold <= 0.0:
+    if prunes_nothing(threshold):
         return w
     if math.isinf(p):
         return w * (w.abs() > threshold)
     if w.dtype in (torch.float16, torch.bfloat16) and p != 1.0:
-        return threshold_operator(w.float(), threshold, p).to(w.dtype)
+        wide = threshold.float() if isinstance(threshold, Tensor) else threshold
+        return threshold_operator(w.float(), wide, p).to(w.dtype)
     magnitude = w.abs()
     excess = torch.relu(magnitude - threshold)
     if p == 1.0:
@@ -56,10 +68,11 @@ def threshold_operator(w: Tensor, threshold: float, p: float) -> Tensor:
         shrunk = (excess * _power_sum(magnitude, threshold, int(p))).pow(1.0 / p)
     else:
         shrunk = threshold * torch.expm1(p * torch.log1p(excess / threshold)).pow(1.0 / p)
-    return torch.sign(w) * shrunk
+    out = torch.sign(w) * shrunk
+    return torch.where(threshold > 0, out, w) if isinstance(threshold, Tensor) else out
 
 
-def _power_sum(a: Tensor, t: float, p: int) -> Tensor:
+def _power_sum(a: Tensor, t: Threshold, p: int) -> Tensor:
     """sum_{i=0}^{p-1} a^i t^(p-1-i) by Horner's rule: ((a + t) a + t^2) a + ... + t^(p-1)."""
     total = a + t
     for power in range(2, p):
@@ -67,23 +80,28 @@ def _power_sum(a: Tensor, t: float, p: int) -> Tensor:
     return total
 
 
-def gradient_scale(w: Tensor, threshold: float, theta: float, ties: Tensor | None = None) -> Tensor:
-    """The straight-through gradient mask m: 1 where |w| > T (and not a pruned tie), theta elsewhere."""
-    if threshold <= 0.0 and ties is None:
-        return torch.ones_like(w)
+def kept_mask(w: Tensor, threshold: Threshold, ties: Tensor | None = None) -> Tensor:
+    """E: True where |w| > T and w is not a pruned tie."""
     kept = w.abs() > threshold
-    if ties is not None:
-        kept &= ~ties
+    return kept & ~ties if ties is not None else kept
+
+
+def gradient_scale(w: Tensor, threshold: Threshold, theta: float, ties: Tensor | None = None) -> Tensor:
+    """The straight-through gradient mask m: 1 where |w| > T (and not a pruned tie), theta elsewhere."""
+    if prunes_nothing(threshold) and ties is None:
+        return torch.ones_like(w)
+    kept = kept_mask(w, threshold, ties)
     return kept.to(w.dtype) if theta == 0.0 else torch.where(kept, 1.0, theta).to(w.dtype)
 
 
 class _ScaledStraightThrough(torch.autograd.Function):
-    """Forward: P_p(w; T), zero at ``ties``, optionally rescaled per output channel. Backward: m * grad."""
+    """Forward: P_p(w; T), zero at ``ties``, optionally rescaled per output channel.
+    Backward: m * grad + decay * (1 - E) * w."""
 
     @staticmethod
-    def forward(ctx, w: Tensor, threshold: float, p: float, theta: float, rescale: Tensor | None,
-                ties: Tensor | None) -> Tensor:
-        ctx.threshold, ctx.theta = threshold, theta
+    def forward(ctx, w: Tensor, threshold: Threshold, p: float, theta: float, rescale: Tensor | None,
+                ties: Tensor | None, decay: float) -> Tensor:
+        ctx.threshold, ctx.theta, ctx.decay = threshold, theta, decay
         ctx.save_for_backward(w, ties)
         out = threshold_operator(w, threshold, p)
         if ties is not None:
@@ -93,14 +111,25 @@ class _ScaledStraightThrough(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         w, ties = ctx.saved_tensors
-        if ctx.theta == 1.0 or (ctx.threshold <= 0.0 and ties is None):
-            return grad, None, None, None, None, None
-        return grad * gradient_scale(w, ctx.threshold, ctx.theta, ties), None, None, None, None, None
+        none = (None,) * 6
+        if prunes_nothing(ctx.threshold) and ties is None:
+            return grad, *none
+        if ctx.theta != 1.0:
+            grad = grad * gradient_scale(w, ctx.threshold, ctx.theta, ties)
+        if ctx.decay:
+            grad = grad + ctx.decay * (~kept_mask(w, ctx.threshold, ties)) * w
+        return grad, *none
 
 
 def sparsify_ste(
-    w: Tensor, threshold: float, p: float, theta: float, rescale: Tensor | None = None, ties: Tensor | None = None
+    w: Tensor,
+    threshold: Threshold,
+    p: float,
+    theta: float,
+    rescale: Tensor | None = None,
+    ties: Tensor | None = None,
+    decay: float = 0.0,
 ) -> Tensor:
     """P_p(w; T), zero at ``ties`` (times ``rescale``, broadcast over w), with the theta-scaled
-    straight-through gradient."""
-    return _ScaledStraightThrough.apply(w, threshold, p, theta, rescale, ties)
+    straight-through gradient plus ``decay`` times the pruned weights."""
+    return _ScaledStraightThrough.apply(w, threshold, p, theta, rescale, ties, decay)

@@ -1,4 +1,5 @@
-"""Per-layer sparsity report: each prunable layer's name, size and fraction of zeros, plus totals."""
+"""Per-layer sparsity report: each prunable layer's name, size and fraction of zeros, plus totals;
+for an N:M run, whether each layer holds the pattern."""
 
 from __future__ import annotations
 
@@ -9,16 +10,19 @@ import torch
 from torch import nn
 
 from .modes import eval_mode
+from .nm import has_groups, pattern_holds
 from .prunable import default_exclude, find_prunable
 
 
 @dataclass(frozen=True)
 class LayerReport:
-    """One prunable layer: its module name, weight count and zero count."""
+    """One prunable layer: its module name, weight count, zero count and, for an N:M report,
+    whether its weight holds the pattern (None: the weight has no groups of M, it stays dense)."""
 
     name: str
     size: int
     zeros: int
+    pattern: bool | None = None
 
     @property
     def sparsity(self) -> float:
@@ -27,9 +31,10 @@ class LayerReport:
 
 @dataclass(frozen=True)
 class SparsityReport:
-    """The layers of a model and their totals."""
+    """The layers of a model and their totals; ``nm`` the (N, M) pattern checked, if any."""
 
     layers: tuple[LayerReport, ...]
+    nm: tuple[int, int] | None = None
 
     @property
     def size(self) -> int:
@@ -44,27 +49,47 @@ class SparsityReport:
         return self.zeros / self.size
 
     def to_markdown(self) -> str:
-        """A markdown table, one row per layer and a total row."""
-        rows = ["| layer | weights | zeros | sparsity |", "|---|---:|---:|---:|"]
-        rows += [f"| {r.name} | {r.size:,} | {r.zeros:,} | {r.sparsity:.2%} |" for r in self.layers]
-        rows.append(f"| **total** | {self.size:,} | {self.zeros:,} | {self.sparsity:.2%} |")
+        """A markdown table, one row per layer and a total row (with an N:M column for an N:M report)."""
+        if self.nm is None:
+            rows = ["| layer | weights | zeros | sparsity |", "|---|---:|---:|---:|"]
+            rows += [f"| {r.name} | {r.size:,} | {r.zeros:,} | {r.sparsity:.2%} |" for r in self.layers]
+            rows.append(f"| **total** | {self.size:,} | {self.zeros:,} | {self.sparsity:.2%} |")
+            return "\n".join(rows)
+        n, m = self.nm
+        holds = {True: "yes", False: "no", None: f"dense (input not a multiple of {m})"}
+        rows = [f"| layer | weights | zeros | sparsity | {n}:{m} |", "|---|---:|---:|---:|---|"]
+        rows += [f"| {r.name} | {r.size:,} | {r.zeros:,} | {r.sparsity:.2%} | {holds[r.pattern]} |" for r in self.layers]
+        held = sum(r.pattern is True for r in self.layers)
+        rows.append(f"| **total** | {self.size:,} | {self.zeros:,} | {self.sparsity:.2%} | {held} of {len(self.layers)} layers |")
         return "\n".join(rows)
 
     def __str__(self) -> str:
         return self.to_markdown()
 
 
-def sparsity_report(model: nn.Module, exclude: Sequence[str] | None = None) -> SparsityReport:
+def sparsity_report(
+    model: nn.Module, exclude: Sequence[str] | None = None, nm: tuple[int, int] | None = None
+) -> SparsityReport:
     """The zeros of each prunable layer's weight (Conv1d/2d/3d and Linear) as the forward pass
     uses it: the thresholded weight while a method is attached, the plain weight after.
     ``exclude``: glob patterns of layers left out; None: what the model declares
-    (:func:`~sparsetrain.prunable.default_exclude`, e.g. a ViT's patch embedding and head)."""
+    (:func:`~sparsetrain.prunable.default_exclude`, e.g. a ViT's patch embedding and head).
+    ``nm``: (N, M) to check in each layer (:mod:`sparsetrain.nm`)."""
     patterns = default_exclude(model) if exclude is None else exclude
     with torch.no_grad():
-        stats = [(n, m.weight.numel(), int((m.weight == 0).sum())) for n, m in find_prunable(model, exclude=patterns)]
-    if not stats:
+        layers = [
+            LayerReport(name, m.weight.numel(), int((m.weight == 0).sum()), _pattern(m.weight, nm))
+            for name, m in find_prunable(model, exclude=patterns)
+        ]
+    if not layers:
         raise ValueError(f"model {type(model).__name__} has no prunable layer to report on.")
-    return SparsityReport(tuple(LayerReport(*row) for row in stats))
+    return SparsityReport(tuple(layers), nm)
+
+
+def _pattern(weight: torch.Tensor, nm: tuple[int, int] | None) -> bool | None:
+    if nm is None or not has_groups(weight.shape, nm[1]):
+        return None
+    return pattern_holds(weight, *nm)
 
 
 def count_flops(model: nn.Module, example_inputs: torch.Tensor, skip_zeros: bool = False) -> int:

@@ -35,9 +35,10 @@ _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 @dataclass(frozen=True)
 class Selection:
-    """Per layer: prune |m| <= thresholds[i], plus the entries where ties[i] is True (None: none)."""
+    """Per layer: prune |m| <= thresholds[i], plus the entries where ties[i] is True (None: none).
+    A threshold is a number, or a tensor shaped like the layer (one per N:M group, :mod:`sparsetrain.nm`)."""
 
-    thresholds: list[float]
+    thresholds: list[float | Tensor]
     ties: list[Tensor | None]
 
 

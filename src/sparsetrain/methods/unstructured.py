@@ -14,6 +14,12 @@ Threshold timing: the forward pass of step t uses the threshold that makes the w
 they stand before step t exactly s(t) sparse. ``step()``, called right after
 ``optimizer.step()``, advances t and recomputes T from the updated weights.
 
+N:M scope (``scope="nm"``, ``n``, ``m``): the threshold is per group of M consecutive weights
+along the input dimension (:mod:`sparsetrain.nm`); at s(t) each group prunes k = round(s(t) * M)
+weights, so the final sparsity is 1 - N/M and a schedule is a path M:M -> ... -> N:M. Layers whose
+input dimension is not a multiple of M stay dense (``dense_layers``). ``decay`` adds SR-STE's
+lambda_w * (1 - E) * w to the pruned weights' gradient.
+
 Fixed-mask phase (``fix_at``, ST-3's last 10 of 170 epochs): when t reaches ``fix_at`` the
 thresholds are recomputed for s(t), the forward weights a * P_p(w; T) are written into the
 weights, and from then on each layer computes with w * M, M the frozen mask of the kept
@@ -29,9 +35,14 @@ once, thresholded once, finalized once.
 | st3-sigma   | p = 1    | 1.0                            | yes     | sigma  | 5/170 -> 80/170, fixed mask from 160/170 |
 | gmp         | p = inf  | 0.0                            | no      | global | 0 -> 1/2         |
 | ste         | p = inf  | 1.0                            | no      | global | 0 -> 1/2         |
+| feather-nm  | p = 3    | Feather's rule                 | no      | nm     | 0 -> 1/2         |
+| st3-nm      | p = 1    | 1.0                            | yes     | nm     | as st3, fixed mask from 160/170 |
+| sr-ste      | p = inf  | 1.0, decay 2e-4                | no      | nm     | N:M from the start |
 
 Feather: Glentis Georgoulakis et al., BMVC 2023. ST-3 and ST-3 sigma: Vanderschueren &
 De Vleeschouwer, WACV 2023. GMP: Zhu & Gupta, 2017. ste is Feather's p = inf ablation.
+SR-STE: Zhou et al., ICLR 2021 (lambda_w = 2e-4). The N:M presets take ``nm="N:M"`` (2:4 by
+default) instead of a sparsity.
 """
 
 from __future__ import annotations
@@ -47,7 +58,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from ..operators import sparsify_ste, validate_p
+from ..nm import has_groups, parse_nm, select_groups, validate_nm
+from ..operators import Threshold, kept_mask, sparsify_ste, validate_p
 from ..prunable import PRUNABLE_TYPES, default_exclude, find_prunable
 from ..schedules import (
     SCHEDULES,
@@ -57,11 +69,14 @@ from ..schedules import (
     validate_sparsity,
     validate_total_steps,
 )
-from ..selection import Selection, layer_sigma, select, validate_scope
+from ..selection import SCOPES, Selection, layer_sigma, prune_count, select
 from .protocol import Method
 from .registry import Context, MethodSpec, register_method
 
 RESCALE_EPS = 1e-6
+DEFAULT_SPARSITY = 0.9
+ENGINE_SCOPES = (*SCOPES, "nm")
+SR_STE_DECAY = 2e-4  # lambda_w of Zhou et al. (2021)
 
 
 @dataclass(frozen=True)
@@ -76,12 +91,22 @@ class MethodConfig:
     start: int | float = 0
     end: int | float = 0.5
     fix_at: int | float | None = None
+    n: int | None = None
+    m: int | None = None
+    decay: float = 0.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "p", validate_p(self.p))
         if isinstance(self.theta, bool) or not isinstance(self.theta, (int, float)) or not 0.0 <= self.theta <= 1.0:
             raise ValueError(f"theta={self.theta!r} is out of range; allowed: a number in [0, 1].")
-        validate_scope(self.scope)
+        if self.scope not in ENGINE_SCOPES:
+            raise ValueError(f"unknown scope {self.scope!r}; known scopes: {', '.join(ENGINE_SCOPES)}.")
+        if self.scope == "nm":
+            validate_nm(self.n, self.m)
+        elif self.n is not None or self.m is not None:
+            raise ValueError(f"n={self.n!r}, m={self.m!r} apply to scope 'nm' only; allowed: leave them unset for scope {self.scope!r}.")
+        if isinstance(self.decay, bool) or not isinstance(self.decay, (int, float)) or not 0.0 <= self.decay < math.inf:
+            raise ValueError(f"decay={self.decay!r} is not allowed; allowed: a finite number >= 0.")
         if not isinstance(self.rescale, bool):
             raise ValueError(f"rescale={self.rescale!r} is not allowed; allowed: true or false.")
         if self.schedule not in SCHEDULES:
@@ -92,31 +117,29 @@ class MethodConfig:
 
 
 KNOBS = tuple(f.name for f in dataclasses.fields(MethodConfig))
+_NM_KNOBS = ("n", "m", "scope")  # set by the N:M presets' nm option
 
 _PRESETS: dict[str, Callable[[float], MethodConfig]] = {}
 
 
 @dataclass(frozen=True)
-class UnstructuredOptions:
-    """Options of every preset: the final sparsity, any knob of :class:`MethodConfig` (None:
-    the preset's value) and the layer filters (glob patterns on module names, minimum size)."""
+class _PresetOptions:
+    """Options shared by every preset: any knob of :class:`MethodConfig` (None: the preset's
+    value) and the layer filters (glob patterns on module names, minimum size)."""
 
-    sparsity: float = 0.9
     p: float | None = None
     theta: float | None = None
-    scope: str | None = None
     rescale: bool | None = None
     schedule: str | None = None
     start: int | float | None = None
     end: int | float | None = None
     fix_at: int | float | None = None
+    decay: float | None = None
     exclude: tuple[str, ...] | None = None
     min_size: int = 0
 
     def __post_init__(self) -> None:
-        validate_sparsity(self.sparsity)
-        knobs = {k: v for k in KNOBS if (v := getattr(self, k)) is not None}
-        MethodConfig(**{"p": 1.0, "theta": 1.0, **knobs})  # validates every knob given
+        MethodConfig(**{"p": 1.0, "theta": 1.0, **self.knobs()})  # validates every knob given
         if self.exclude is not None:
             if isinstance(self.exclude, str) or not all(isinstance(e, str) for e in self.exclude):
                 raise ValueError(f"exclude={self.exclude!r} is not allowed; allowed: a list of glob patterns.")
@@ -126,28 +149,72 @@ class UnstructuredOptions:
 
     def knobs(self) -> dict[str, Any]:
         """The knobs that override the preset."""
-        return {k: v for k in KNOBS if (v := getattr(self, k)) is not None}
+        return {k: v for k in KNOBS if (v := getattr(self, k, None)) is not None}
+
+    def engine_args(self) -> dict[str, Any]:
+        """The keyword arguments of :class:`Sparsifier` beyond the model, method and length."""
+        return {"exclude": self.exclude, "min_size": self.min_size, **self.knobs()}
+
+
+@dataclass(frozen=True)
+class UnstructuredOptions(_PresetOptions):
+    """Options of the unstructured presets: the final sparsity, the threshold scope and the shared ones."""
+
+    sparsity: float = DEFAULT_SPARSITY
+    scope: str | None = None
+
+    def __post_init__(self) -> None:
+        validate_sparsity(self.sparsity)
+        if self.scope == "nm":
+            raise ValueError(f"scope='nm' is not allowed here; allowed: {', '.join(SCOPES)} "
+                             f"(N:M sparsity is the presets {', '.join(nm_presets())}, with nm='N:M').")
+        super().__post_init__()
+
+    def engine_args(self) -> dict[str, Any]:
+        return {"sparsity": self.sparsity, **super().engine_args()}
+
+
+@dataclass(frozen=True)
+class NMOptions(_PresetOptions):
+    """Options of the N:M presets: the pattern ``nm`` ("N:M") and the shared ones."""
+
+    nm: str = "2:4"
+
+    def __post_init__(self) -> None:
+        parse_nm(self.nm)
+        super().__post_init__()
+
+    def engine_args(self) -> dict[str, Any]:
+        n, m = parse_nm(self.nm)
+        return {"n": n, "m": m, **super().engine_args()}
 
 
 def register_preset(
     name: str, summary: str, recipe: str = "feather"
 ) -> Callable[[Callable[[float], MethodConfig]], Callable[[float], MethodConfig]]:
     """Register a preset: a function from the final sparsity to a :class:`MethodConfig`; it
-    becomes a method of the registry (``create(model, name, sparsity=...)``) trained by its
-    paper's ``recipe``."""
+    becomes a method of the registry (``create(model, name, sparsity=...)``, or ``nm="N:M"`` for
+    a preset of scope "nm") trained by its paper's ``recipe``."""
 
     def add(preset: Callable[[float], MethodConfig]) -> Callable[[float], MethodConfig]:
-        def build(model: nn.Module, options: UnstructuredOptions, context: Context) -> Sparsifier:
-            return Sparsifier(model, name, options.sparsity, context.total_steps,
-                              exclude=options.exclude, min_size=options.min_size, **options.knobs())
+        def build(model: nn.Module, options: _PresetOptions, context: Context) -> Sparsifier:
+            return Sparsifier(model, name, total_steps=context.total_steps, **options.engine_args())
 
-        shown = dataclasses.asdict(preset(UnstructuredOptions.sparsity))
-        register_method(MethodSpec(name, UnstructuredOptions, build, summary, target="sparsity", recipe=recipe,
-                                   shown_defaults=shown))
+        shown = dataclasses.asdict(preset(DEFAULT_SPARSITY))
+        nm = shown["scope"] == "nm"
+        if nm:
+            shown = {k: v for k, v in shown.items() if k not in _NM_KNOBS}
+        register_method(MethodSpec(name, NMOptions if nm else UnstructuredOptions, build, summary,
+                                   target="nm" if nm else "sparsity", recipe=recipe, shown_defaults=shown))
         _PRESETS[name] = preset
         return preset
 
     return add
+
+
+def nm_presets() -> list[str]:
+    """The presets of scope "nm"."""
+    return [name for name, preset in _PRESETS.items() if preset(DEFAULT_SPARSITY).scope == "nm"]
 
 
 def method_config(name: str, sparsity: float) -> MethodConfig:
@@ -155,6 +222,22 @@ def method_config(name: str, sparsity: float) -> MethodConfig:
     if name not in _PRESETS:
         raise ValueError(f"unknown method {name!r}; known methods: {', '.join(_PRESETS)}.")
     return _PRESETS[name](sparsity)
+
+
+def resolve_config(name: str, sparsity: float | None, knobs: dict[str, Any]) -> tuple[MethodConfig, float]:
+    """Preset ``name`` with ``knobs`` applied, and its final sparsity: ``sparsity`` (None: 0.9),
+    or for scope "nm" 1 - N/M (a ``sparsity`` given must equal it)."""
+    probe = dataclasses.replace(method_config(name, DEFAULT_SPARSITY), **knobs)
+    if probe.scope == "nm":
+        pattern = 1.0 - probe.n / probe.m
+        if sparsity is not None and not math.isclose(sparsity, pattern):
+            raise ValueError(f"sparsity={sparsity!r} does not match the {probe.n}:{probe.m} pattern; "
+                             f"allowed: {pattern:g} (1 - N/M) or no sparsity.")
+        sparsity = pattern
+    elif sparsity is None:
+        sparsity = DEFAULT_SPARSITY
+    sparsity = validate_sparsity(sparsity)
+    return dataclasses.replace(method_config(name, sparsity), **knobs), sparsity
 
 
 @register_preset("feather", "straight-through, p = 3 operator, gradient scaling, one global threshold (BMVC 2023)")
@@ -182,14 +265,31 @@ def ste(sparsity: float) -> MethodConfig:
     return MethodConfig(p=math.inf, theta=1.0)
 
 
+@register_preset("feather-nm", "Feather's p = 3 operator and gradient scaling with an N:M threshold per group")
+def feather_nm(sparsity: float) -> MethodConfig:
+    return dataclasses.replace(feather(sparsity), scope="nm", n=2, m=4)
+
+
+@register_preset("st3-nm", "ST-3's soft threshold, rescale and fixed-mask phase with an N:M threshold per group",
+                 recipe="st3")
+def st3_nm(sparsity: float) -> MethodConfig:
+    return dataclasses.replace(st3(sparsity), scope="nm", n=2, m=4)
+
+
+@register_preset("sr-ste", "N:M mask from the start, straight-through with sparse-refined decay (ICLR 2021)")
+def sr_ste(sparsity: float) -> MethodConfig:
+    return MethodConfig(p=math.inf, theta=1.0, scope="nm", n=2, m=4, schedule="constant", decay=SR_STE_DECAY)
+
+
 class SparseWeight(nn.Module):
     """The parametrization of one weight: w -> a * P_p(w * n; T) / n with the scaled STE
-    (``ties``: extra entries pruned, see :mod:`sparsetrain.selection`)."""
+    (``ties``: extra entries pruned, see :mod:`sparsetrain.selection`; T a number, or a tensor
+    shaped like w for N:M groups)."""
 
-    def __init__(self, p: float, theta: float, norm: float) -> None:
+    def __init__(self, p: float, theta: float, norm: float, decay: float = 0.0) -> None:
         super().__init__()
-        self.p, self.theta, self.norm = p, theta, norm
-        self.threshold = 0.0
+        self.p, self.theta, self.norm, self.decay = p, theta, norm, decay
+        self.threshold: Threshold = 0.0
         self.register_buffer("rescale", None, persistent=False)
         self.register_buffer("ties", None, persistent=False)
         self.register_buffer("mask", None, persistent=False)  # the kept weights, once fixed
@@ -201,7 +301,9 @@ class SparseWeight(nn.Module):
     def forward(self, w: Tensor) -> Tensor:
         if self.mask is not None:
             return w * self.mask
-        out = sparsify_ste(self.normalised(w), self.threshold, self.p, self.theta, self.rescale, self.ties)
+        # the decay acts on w * n, so lambda / n^2 gives lambda * (1 - E) * w on w
+        out = sparsify_ste(self.normalised(w), self.threshold, self.p, self.theta, self.rescale, self.ties,
+                           self.decay / self.norm**2)
         return out if self.norm == 1.0 else out / self.norm
 
     def zeros(self, w: Tensor) -> int:
@@ -209,8 +311,7 @@ class SparseWeight(nn.Module):
         fixed, outside the mask."""
         if self.mask is not None:
             return int((~self.mask).sum())
-        pruned = self.normalised(w).abs() <= self.threshold
-        return int((pruned | self.ties).sum() if self.ties is not None else pruned.sum())
+        return int((~kept_mask(self.normalised(w), self.threshold, self.ties)).sum())
 
 
 def st3_rescale(magnitude: Tensor, kept: Tensor) -> Tensor:
@@ -227,10 +328,12 @@ def st3_rescale(magnitude: Tensor, kept: Tensor) -> Tensor:
 class Sparsifier(Method):
     """Makes a model sparse during training with one of the unstructured presets.
 
-    ``method`` names a preset (``feather``, ``st3``, ``st3-sigma``, ``gmp``, ``ste``); any of
-    its knobs (``p``, ``theta``, ``scope``, ``rescale``, ``schedule``, ``start``, ``end``) can
-    be overridden by keyword. ``start``/``end`` are int steps or float fractions of
-    ``total_steps``; ``schedule`` may also be a ready schedule object. Layers are chosen by
+    ``method`` names a preset (``feather``, ``st3``, ``st3-sigma``, ``gmp``, ``ste``,
+    ``feather-nm``, ``st3-nm``, ``sr-ste``); any of its knobs (``p``, ``theta``, ``scope``,
+    ``rescale``, ``schedule``, ``start``, ``end``, ``fix_at``, ``n``, ``m``, ``decay``) can be
+    overridden by keyword. ``sparsity`` None means 0.9, or 1 - N/M for scope "nm".
+    ``start``/``end`` are int steps or float fractions of ``total_steps``; ``schedule`` may also
+    be a ready schedule object. Layers are chosen by
     ``types``, ``exclude`` (glob patterns on module names; None: what the model's modules declare
     in ``default_exclude``, e.g. a ViT's patch embedding and head; see
     :func:`~sparsetrain.prunable.default_exclude`) and ``min_size`` (entries).
@@ -240,7 +343,7 @@ class Sparsifier(Method):
         self,
         model: nn.Module,
         method: str = "feather",
-        sparsity: float = 0.9,
+        sparsity: float | None = None,
         total_steps: int = 1,
         *,
         types: Sequence[type[nn.Module]] = PRUNABLE_TYPES,
@@ -249,13 +352,12 @@ class Sparsifier(Method):
         **knobs: Any,
     ) -> None:
         super().__init__()
-        sparsity = validate_sparsity(sparsity)
         validate_total_steps(total_steps)
         schedule = None if isinstance(knobs.get("schedule", ""), str) else knobs.pop("schedule")
         unknown = sorted(set(knobs) - set(KNOBS))
         if unknown:
             raise ValueError(f"unknown option {unknown[0]!r}; allowed options: {', '.join(KNOBS)}.")
-        self.config: MethodConfig = dataclasses.replace(method_config(method, sparsity), **knobs)
+        self.config, sparsity = resolve_config(method, sparsity, knobs)
         self.name = method
         self.total_steps = total_steps
         self.schedule: Schedule = schedule or make_schedule(
@@ -304,7 +406,7 @@ class Sparsifier(Method):
         self._params: list[SparseWeight] = []
         for w in self._weights:
             norm = 1.0 / layer_sigma(w.shape) if self.config.scope == "sigma" else 1.0
-            self._params.append(SparseWeight(self.config.p, self.config.theta, norm))
+            self._params.append(SparseWeight(self.config.p, self.config.theta, norm, self.config.decay))
         for module, owner in zip(self._modules, self._owner):
             parametrize.register_parametrization(module, "weight", self._params[owner])
         self._step = 0
@@ -330,14 +432,27 @@ class Sparsifier(Method):
     @property
     def threshold(self) -> float:
         """The current shared threshold T (in normalised units for the sigma scope)."""
-        if self.config.scope == "layer":
-            raise ValueError("scope='layer' has one threshold per layer; allowed: read Sparsifier.thresholds instead.")
+        if not self._shared_threshold:
+            raise ValueError(f"scope={self.config.scope!r} has a threshold per layer or group; "
+                             "allowed: read Sparsifier.thresholds instead.")
         return self._params[0].threshold
 
     @property
-    def thresholds(self) -> dict[str, float]:
-        """Each prunable weight's threshold, by the name of the first layer holding it."""
+    def _shared_threshold(self) -> bool:
+        return self.config.scope in ("global", "sigma")
+
+    @property
+    def thresholds(self) -> dict[str, Threshold]:
+        """Each prunable weight's threshold, by the name of the first layer holding it (for
+        scope "nm" a tensor shaped like the weight: its group's threshold at every entry)."""
         return {name: param.threshold for name, param in zip(self.names, self._params)}
+
+    @property
+    def dense_layers(self) -> list[str]:
+        """For scope "nm", the prunable weights left dense: no groups of M along their input dimension."""
+        if self.config.scope != "nm":
+            return []
+        return [name for name, w in zip(self.names, self._weights) if not has_groups(w.shape, self.config.m)]
 
     def dense_weights(self) -> list[Tensor]:
         """The trained dense weights w, one per distinct prunable weight, in order."""
@@ -359,7 +474,7 @@ class Sparsifier(Method):
 
     def metrics(self) -> dict[str, float]:
         values = {"sparsity": self.sparsity()}
-        if self.config.scope != "layer":
+        if self._shared_threshold:
             values["threshold"] = self.threshold
         return values
 
@@ -399,7 +514,7 @@ class Sparsifier(Method):
         with torch.no_grad():
             magnitudes = [param.normalised(w).abs() for param, w in zip(self._params, self._weights)]
             self._check_finite(magnitudes)
-            selection = _same_on_every_rank(select(magnitudes, self.target, self.config.scope), magnitudes)
+            selection = _same_on_every_rank(self._select(magnitudes), magnitudes)
             for param, w, mag, threshold, ties in zip(
                 self._params, self._weights, magnitudes, selection.thresholds, selection.ties
             ):
@@ -408,6 +523,14 @@ class Sparsifier(Method):
                 if self.config.rescale:  # on |w|: the sigma scale cancels in the ratio r_c
                     kept = mag > threshold
                     param.rescale = st3_rescale(w.abs() if param.norm != 1.0 else mag, kept if ties is None else kept & ~ties)
+
+    def _select(self, magnitudes: Sequence[Tensor]) -> Selection:
+        """Thresholds and tie masks for s(t): one selection over the scope, or one per N:M group."""
+        if self.config.scope != "nm":
+            return select(magnitudes, self.target, self.config.scope)
+        k = prune_count(self.target, self.config.m)
+        groups = [select_groups(magnitude, k, self.config.m) for magnitude in magnitudes]
+        return Selection([threshold for threshold, _ in groups], [ties for _, ties in groups])
 
     def _check_finite(self, magnitudes: Sequence[Tensor]) -> None:
         peaks = torch.stack(torch._foreach_max(magnitudes))
@@ -442,7 +565,7 @@ class Sparsifier(Method):
             "settings": self._settings(),
             "step": self._step,
             "layers": list(self.names),
-            "thresholds": [param.threshold for param in self._params],
+            "thresholds": [_copy(param.threshold) for param in self._params],
             "ties": [None if param.ties is None else param.ties.clone() for param in self._params],
             "rescale": [None if param.rescale is None else param.rescale.clone() for param in self._params],
             "masks": [None if param.mask is None else param.mask.clone() for param in self._params],
@@ -476,33 +599,46 @@ class Sparsifier(Method):
             if saved != value:
                 raise ValueError(f"the saved state has {key}={saved!r} but this {self.name} has {key}={value!r}; "
                                  "allowed: the settings of the run being resumed.")
-        thresholds = [float(t) for t in state["thresholds"]]
-        if not all(math.isfinite(t) for t in thresholds):
+        thresholds = [t if isinstance(t, Tensor) else float(t) for t in state["thresholds"]]
+        if not all(bool(torch.isfinite(torch.as_tensor(t)).all()) for t in thresholds):
             raise ValueError("the saved state holds a NaN or infinite threshold; allowed: finite thresholds.")
-        for key in ("ties", "rescale", "masks"):
+        for key in ("thresholds", "ties", "rescale", "masks"):
             for name, w, value in zip(self.names, self._weights, state[key]):
-                if value is not None and key != "rescale" and value.shape != w.shape:
+                if isinstance(value, Tensor) and key != "rescale" and value.shape != w.shape:
                     raise ValueError(f"the saved {key} of layer {name!r} has shape {tuple(value.shape)}; "
                                      f"allowed: the weight's {tuple(w.shape)}.")
         self._step = int(state["step"])
         for param, w, threshold, ties, rescale, mask in zip(
             self._params, self._weights, thresholds, state["ties"], state["rescale"], state["masks"]
         ):
-            param.threshold = threshold
+            param.threshold = threshold.to(w.device, w.dtype) if isinstance(threshold, Tensor) else threshold
             param.ties = None if ties is None else ties.to(w.device).bool()
             param.rescale = None if rescale is None else rescale.to(w.device)
             param.mask = None if mask is None else mask.to(w.device).bool()
 
 
+def _copy(threshold: Threshold) -> Threshold:
+    return threshold.clone() if isinstance(threshold, Tensor) else threshold
+
+
 def _same_on_every_rank(selection: Selection, magnitudes: Sequence[Tensor]) -> Selection:
-    """Under torch.distributed, every rank takes rank 0's thresholds and tie masks, so all masks agree."""
+    """Under torch.distributed, every rank takes rank 0's thresholds and tie masks, so all masks
+    agree (per-group threshold tensors are broadcast whole; every rank holds one for the same layers)."""
     if not (dist.is_available() and dist.is_initialized()):
         return selection
     device = torch.device("cuda") if dist.get_backend() == "nccl" else torch.device("cpu")
     has_ties = [float(t is not None) for t in selection.ties]
-    values = torch.tensor(selection.thresholds + has_ties, dtype=torch.float64, device=device)
+    numbers = [0.0 if isinstance(t, Tensor) else t for t in selection.thresholds]
+    values = torch.tensor(numbers + has_ties, dtype=torch.float64, device=device)
     dist.broadcast(values, src=0)
     count = len(selection.thresholds)
+    thresholds: list[Threshold] = []
+    for number, local in zip(values[:count].tolist(), selection.thresholds):
+        if isinstance(local, Tensor):
+            dist.broadcast(local, src=0)
+            thresholds.append(local)
+        else:
+            thresholds.append(number)
     ties: list[Tensor | None] = []
     for flag, local, mag in zip(values[count:].tolist(), selection.ties, magnitudes):
         if not flag:
@@ -511,4 +647,4 @@ def _same_on_every_rank(selection: Selection, magnitudes: Sequence[Tensor]) -> S
         buffer = (local if local is not None else torch.zeros_like(mag, dtype=torch.bool)).to(torch.uint8)
         dist.broadcast(buffer, src=0)
         ties.append(buffer.bool())
-    return Selection(values[:count].tolist(), ties)
+    return Selection(thresholds, ties)

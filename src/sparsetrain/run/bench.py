@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from ..methods import method_spec
+from ..nm import parse_nm
 from .checkpoint import atomic_write, write_json
 from .folder import RunFolder
 from .options import METHOD_FLAGS, options_from_dict
@@ -36,16 +37,16 @@ RESULTS, GRID, TABLE = "results.jsonl", "grid.json", "results.md"
 REFERENCE = "dense"  # trained once per seed: the row every method is compared with
 PAPER = "paper"  # as --recipe: each method on its own paper's recipe
 DEFAULT_METHODS = ("feather", "st3", "st3-sigma", "gmp", "ste")
-TARGET_SHORT = {"sparsity": "s", "flops_target": "f"}  # in cell names: feather-s0.9-seed0, gdp-f0.5-seed0
+TARGET_SHORT = {"sparsity": "s", "flops_target": "f"}  # in cell names: feather-s0.9-seed0, gdp-f0.5-seed0, sr-ste-nm2-4-seed0
 
 
 @dataclass(frozen=True)
 class Cell:
     """One training run of the grid: a method, the value of the option the grid varies for it
-    (``target``: its "sparsity" or "flops_target"; None for a method without one), a seed."""
+    (``target``: its "sparsity", "flops_target" or N:M pattern "nm"; None for a method without one), a seed."""
 
     method: str
-    target: float | None
+    target: float | str | None
     seed: int
 
     @property
@@ -56,7 +57,8 @@ class Cell:
     def name(self) -> str:
         if self.target is None:
             return f"{self.method}-seed{self.seed}"
-        return f"{self.method}-{TARGET_SHORT.get(self.target_option, self.target_option)}{self.target:g}-seed{self.seed}"
+        value = self.target.replace(":", "-") if isinstance(self.target, str) else f"{self.target:g}"
+        return f"{self.method}-{TARGET_SHORT.get(self.target_option, self.target_option)}{value}-seed{self.seed}"
 
     def options(self) -> dict[str, Any]:
         """The training options that make this cell different from the others."""
@@ -78,13 +80,17 @@ class Cell:
 
 
 def grid_cells(
-    methods: Sequence[str], sparsities: Sequence[float], seeds: Sequence[int], flops_targets: Sequence[float] = (0.5,)
+    methods: Sequence[str],
+    sparsities: Sequence[float],
+    seeds: Sequence[int],
+    flops_targets: Sequence[float] = (0.5,),
+    nm_patterns: Sequence[str] = ("2:4",),
 ) -> list[Cell]:
     """Seed by seed: the dense reference, then every method at each value of the option its grid
     varies (so a partial grid covers every method)."""
-    values = {"sparsity": sparsities, "flops_target": flops_targets}
+    values = {"sparsity": sparsities, "flops_target": flops_targets, "nm": nm_patterns}
 
-    def targets(method: str) -> Sequence[float | None]:
+    def targets(method: str) -> Sequence[float | str | None]:
         return values.get(method_spec(method).target, (None,))  # another target: the method's default
 
     return [
@@ -180,13 +186,19 @@ def run_grid(
             folder.remove()  # killed before its first checkpoint: nothing to keep
         log(f"[{index + 1}/{len(cells)}] {cell.name}" + (" (resuming)" if resume else ""))
         train(options, resume=resume, log=lambda line: log(f"  {line}"))
-        record = {"cell": cell.name, "method": cell.method, "target": cell.target_option,
-                  "sparsity": cell.options().get("sparsity", 0.0), "flops_target": cell.options().get("flops_target"),
-                  "seed": cell.seed, **_measure(folder)}
+        nm = cell.options().get("nm")
+        sparsity = 1.0 - _pattern_density(nm) if nm else cell.options().get("sparsity", 0.0)
+        record = {"cell": cell.name, "method": cell.method, "target": cell.target_option, "sparsity": sparsity,
+                  "flops_target": cell.options().get("flops_target"), "nm": nm, "seed": cell.seed, **_measure(folder)}
         _append(results_path, record)
         records.append(record)
     write_outputs(records, out)
     return records
+
+
+def _pattern_density(nm: str) -> float:
+    n, m = parse_nm(nm)
+    return n / m
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -194,20 +206,24 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
     return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def summarise(records: Sequence[dict[str, Any]]) -> dict[tuple[str, float], tuple[float, float, int]]:
-    """(method, sparsity) -> (mean accuracy, std accuracy, runs); std is 0 for a single run."""
-    groups: dict[tuple[str, float], list[float]] = {}
+def summarise(records: Sequence[dict[str, Any]], column: str = "sparsity") -> dict[tuple[str, Any], tuple[float, float, int]]:
+    """(method, value of ``column``) -> (mean accuracy, std accuracy, runs); std is 0 for a single run."""
+    groups: dict[tuple[str, Any], list[float]] = {}
     for record in records:
-        groups.setdefault((record["method"], record["sparsity"]), []).append(record["test_acc"])
+        groups.setdefault((record["method"], record.get(column)), []).append(record["test_acc"])
     return {key: (*_mean_std(v), len(v)) for key, v in groups.items()}
 
 
 def results_table(records: Sequence[dict[str, Any]]) -> str:
     """Markdown: mean ± std test accuracy (%) per method (rows) and target sparsity (columns);
-    channel-pruning runs in a second table, by FLOPs reached."""
+    N:M runs in a table by pattern, channel-pruning runs in one by FLOPs reached."""
+    reference = [r for r in records if r["method"] == REFERENCE]
     unstructured = [r for r in records if _by_sparsity(r)]
-    structured = [r for r in records if not _by_sparsity(r)]
+    nm = [r for r in records if r.get("target") == "nm"]
+    structured = [r for r in records if not _by_sparsity(r) and r.get("target") != "nm"]
     tables = [_sparsity_table(unstructured)] if unstructured else []
+    if nm:
+        tables.append(_sparsity_table(reference + nm, column="nm"))
     if structured:
         tables.append(_flops_table(structured))
     return "\n\n".join(tables)
@@ -215,7 +231,7 @@ def results_table(records: Sequence[dict[str, Any]]) -> str:
 
 def _by_sparsity(record: dict[str, Any]) -> bool:
     """Whether a record belongs in the accuracy-by-sparsity table: the reference, and the methods
-    whose grid varies their sparsity (the others are compared by FLOPs)."""
+    whose grid varies their sparsity (the others are compared by pattern or by FLOPs)."""
     return record["method"] == REFERENCE or record.get("target", "sparsity") == "sparsity"
 
 
@@ -232,15 +248,22 @@ def _flops_table(records: Sequence[dict[str, Any]]) -> str:
     return "\n".join(rows)
 
 
-def _sparsity_table(records: Sequence[dict[str, Any]]) -> str:
-    summary = summarise(records)
-    sparsities = sorted({s for m, s in summary if m != REFERENCE})
+def _sparsity_table(records: Sequence[dict[str, Any]], column: str = "sparsity") -> str:
+    """Rows: methods, the reference first; columns: target sparsities, or N:M patterns (column "nm",
+    densest first); the reference fills every column."""
+    summary = summarise(records, column)
+    if column == "nm":
+        values = sorted({v for m, v in summary if m != REFERENCE}, key=_pattern_density, reverse=True)
+        headings = values
+    else:
+        values = sorted({v for m, v in summary if m != REFERENCE})
+        headings = [f"{v:.0%}" for v in values]
     methods = sorted({m for m, _ in summary}, key=lambda m: (m != REFERENCE, m))
-    rows = ["| method | " + " | ".join(f"{s:.0%}" for s in sparsities) + " |", "|---" + "|---:" * len(sparsities) + "|"]
+    rows = ["| method | " + " | ".join(headings) + " |", "|---" + "|---:" * len(values) + "|"]
     for method in methods:
         cells = []
-        for sparsity in sparsities:
-            key = (method, 0.0 if method == REFERENCE else sparsity)
+        for value in values:
+            key = (method, value) if method != REFERENCE else (method, 0.0 if column == "sparsity" else None)
             if key in summary:
                 mean, std, n = summary[key]
                 cells.append(f"{100 * mean:.2f} ± {100 * std:.2f} (n={n})")

@@ -26,7 +26,7 @@ from .bench import DEFAULT_METHODS, check_grid, grid_cells, run_grid
 from .checkpoint import load_weights
 from .export import save_sparse
 from .onnx import export_onnx, onnxruntime_difference
-from .folder import CONFIG, MODEL, RUN_FILES, RunFolder, final_weights, load_run
+from .folder import CONFIG, MODEL, RUN_FILES, RunFolder, final_weights, load_run, nm_pattern
 from .loop import EVAL_BATCH_SIZE, evaluate, fit, method_title, prepare
 from .options import TrainOptions, list_recipes, options_from_dict, resolve_device
 
@@ -85,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="comma-separated methods; the dense reference always runs")
     grid.add_argument("--sparsities", type=_float_list, default=[0.9, 0.95, 0.98, 0.99], help="comma-separated")
     grid.add_argument("--flops-targets", type=_float_list, default=[0.5], help="gdp's FLOPs targets, comma-separated")
+    grid.add_argument("--nm", dest="nm_patterns", type=_name_list, default=["2:4"],
+                      help="the N:M presets' patterns, comma-separated; default 2:4")
     grid.add_argument("--seeds", type=_int_list, default=[0, 1], help="comma-separated")
     grid.add_argument("--out", default="bench", help="grid folder; re-running it skips finished cells")
     _add_training_options(bench, single_run=False)
@@ -127,6 +129,7 @@ def _add_training_options(parser: argparse.ArgumentParser, single_run: bool) -> 
         how.add_argument("--method", default=s, help=f"{', '.join(list_methods())}; default feather")
         how.add_argument("--sparsity", "--ptarget", dest="sparsity", type=float, default=s,
                          help="final sparsity in [0, 1); default 0.9")
+        how.add_argument("--nm", default=s, help="the N:M presets' pattern N:M (feather-nm, st3-nm, sr-ste); default 2:4")
     how.add_argument("--method-arg", dest="method_args", type=_key_value, action="append", default=s,
                      metavar="KEY=VALUE", help="any option of the method (sparsetrain list), e.g. theta=0.5 (repeatable)")
     how.add_argument("--t1", type=float, default=s, help="epoch at which pruning starts (default: the method's)")
@@ -229,7 +232,7 @@ def command_export(path: str, out: str | None, export_format: str) -> None:
         return export_onnx_command(path, out)
     weights = final_weights(path)
     target = _export_target(weights, out, "model.sparse.safetensors")
-    save_sparse(target, load_weights(weights))
+    save_sparse(target, load_weights(weights), nm=nm_pattern(RunFolder(weights.parent).config()))
     before, after = weights.stat().st_size, target.stat().st_size
     print(f"wrote {target}: {after / 1024:.0f} KiB, {after / before:.1%} of {MODEL} ({before / 1024:.0f} KiB)")
 
@@ -250,7 +253,7 @@ def command_report(path: str) -> None:
     run = load_run(path, torch.device("cpu"))
     name, method = run.config["model"]["name"], run.config["method"]
     print(f"{name} · {method_title(method['name'], method['options'])}\n")
-    print(sparsity_report(run.model).to_markdown() + "\n")
+    print(sparsity_report(run.model, nm=run.nm).to_markdown() + "\n")
     if run.method is None:  # a finished model: sizes before and after
         example = torch.zeros(1, *input_size(name))
         print(size_report(create_model(name, **run.config["model"]["kwargs"]), run.model, example))
@@ -275,9 +278,9 @@ def _checked_command(args: dict[str, Any]) -> Callable[[], None]:
         setup = prepare(options, resume)
         return lambda: fit(setup)
     if command == "bench":
-        grid = {key: args.pop(key) for key in ("methods", "sparsities", "flops_targets", "seeds", "out")}
+        grid = {key: args.pop(key) for key in ("methods", "sparsities", "flops_targets", "nm_patterns", "seeds", "out")}
         _pairs_to_dicts(args)
-        cells = grid_cells(grid["methods"], grid["sparsities"], grid["seeds"], grid["flops_targets"])
+        cells = grid_cells(grid["methods"], grid["sparsities"], grid["seeds"], grid["flops_targets"], grid["nm_patterns"])
         check_grid(args, cells, grid["out"])
         return lambda: run_grid(args, cells, grid["out"])
     if command == "eval":

@@ -24,7 +24,8 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from ..methods import Method, create
+from ..methods import Method, create, method_options
+from ..nm import parse_nm
 from ..models import create_model, input_size
 from ..structured import layer_shapes, rebuild
 from .checkpoint import TMP_SUFFIX, atomic_write, first_non_finite, load_checkpoint, load_weights, save_checkpoint, write_json
@@ -151,6 +152,18 @@ class LoadedRun:
     model: nn.Module
     method: Method | None
     weights: Path
+
+    @property
+    def nm(self) -> tuple[int, int] | None:
+        """The (N, M) pattern of an N:M method's run, else None."""
+        return nm_pattern(self.config)
+
+
+def nm_pattern(config: dict[str, Any]) -> tuple[int, int] | None:
+    """The (N, M) pattern of the run whose config.json holds ``config``, if its method is an N:M preset."""
+    section = config.get("method", {})
+    pattern = getattr(method_options(section.get("name"), **section.get("options", {})), "nm", None)
+    return None if pattern is None else parse_nm(pattern)
 
 
 def final_weights(path: str | Path) -> Path:

@@ -87,9 +87,12 @@ class Setup:
 
 
 def method_title(name: str, given: dict[str, Any]) -> str:
-    """The method and the value of its target option, e.g. "feather · sparsity 0.9"."""
+    """The method and the value of its target option, e.g. "feather · sparsity 0.9", "sr-ste · nm 2:4"."""
     target = method_spec(name).target
-    return name if target is None else f"{name} · {target} {getattr(method_options(name, **given), target):g}"
+    if target is None:
+        return name
+    value = getattr(method_options(name, **given), target)
+    return f"{name} · {target} {value if isinstance(value, str) else format(value, 'g')}"
 
 
 def model_record(options: TrainOptions, num_classes: int) -> dict[str, Any]:

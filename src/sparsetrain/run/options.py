@@ -36,6 +36,7 @@ EPOCH_VALUED = ("milestones", "warmup", "prune_every", "stop_at")  # scaled with
 # steps; pthres (layers with at most this many weights stay dense) becomes min_size = pthres + 1.
 METHOD_FLAGS: dict[str, tuple[str, str]] = {
     "sparsity": ("sparsity", "value"),
+    "nm": ("nm", "value"),
     "t1": ("start", "epochs"),
     "pthres": ("min_size", "pthres"),
     "flops_target": ("flops_target", "value"),
@@ -57,6 +58,7 @@ class TrainOptions:
     method: str = "feather"
     method_args: dict[str, Any] = field(default_factory=dict)
     sparsity: float | None = None
+    nm: str | None = None
     t1: float | None = None
     pthres: int | None = None
     flops_target: float | None = None
