@@ -80,6 +80,16 @@ def test_gdp_lands_on_its_flops_target_and_frs_removes_channels():
     assert count_flops(module, example) < dense
 
 
+def test_an_nm_preset_leaves_every_grouped_layer_in_its_pattern():
+    from sparsetrain.nm import pattern_holds
+
+    module, callback = Classifier(), Sparsify("sr-ste", nm="1:4")
+    trainer(max_epochs=1, callbacks=[callback]).fit(module, sample_loader())
+    grouped = [name for name in callback.method.names if name not in callback.method.dense_layers]
+    assert callback.method.dense_layers == ["net.conv1"] and len(grouped) == 21
+    assert all(pattern_holds(module.get_submodule(name).weight, 1, 4) for name in grouped)
+
+
 class StopAfterFirstEpoch(pl.Callback):
     def on_train_epoch_end(self, trainer, pl_module):
         trainer.should_stop = True

@@ -120,3 +120,23 @@ def test_shared_method_options_go_to_the_methods_that_take_them(tmp_path):
         check_grid({**BASE, "method_args": {"thetta": 0.5}}, cells, tmp_path)
     with pytest.raises(ValueError, match="--prune-every applies to none of the grid's methods"):
         check_grid({**BASE, "prune_every": 2}, cells, tmp_path)
+
+
+def test_nm_cells_vary_the_pattern_and_land_in_a_table_by_pattern(tmp_path, capsys):
+    cells = grid_cells(["sr-ste", "feather"], [0.9], [0], nm_patterns=["2:4", "1:4"])
+    assert [c.name for c in cells] == ["dense-seed0", "sr-ste-nm2-4-seed0", "sr-ste-nm1-4-seed0", "feather-s0.9-seed0"]
+    assert main(["bench", "--methods", "sr-ste", "--nm", "2:4,1:4", "--sparsities", "0.9", "--seeds", "0",
+                 "--out", str(tmp_path), "--epochs", "1", "--limit", "128", "--batch-size", "64",
+                 "--model-arg", "width=0.25", "--device", "cpu", "--workers", "1"]) == 0
+    records = read_results(tmp_path / "results.jsonl")
+    assert [(r["cell"], r["nm"], r["sparsity"]) for r in records] == [
+        ("dense-seed0", None, 0.0), ("sr-ste-nm2-4-seed0", "2:4", 0.5), ("sr-ste-nm1-4-seed0", "1:4", 0.75)]
+    # conv1 (3 input channels) stays dense: a little under the pattern's sparsity
+    assert 0.49 < records[1]["sparsity_reached"] < 0.5 and 0.74 < records[2]["sparsity_reached"] < 0.75
+    table = (tmp_path / "results.md").read_text()
+    assert "| method | 2:4 | 1:4 |" in table
+    dense = f"{100 * records[0]['test_acc']:.2f} ± 0.00 (n=1)"
+    assert f"| dense (reference, unpruned) | {dense} | {dense} |" in table
+    assert f"| sr-ste | {100 * records[1]['test_acc']:.2f} ± 0.00 (n=1) | {100 * records[2]['test_acc']:.2f}" in table
+    assert main(["bench", "--methods", "sr-ste", "--nm", "2:5x", "--out", str(tmp_path / "bad")]) == 2
+    assert "nm='2:5x' is not an N:M pattern" in capsys.readouterr().err

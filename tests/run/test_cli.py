@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 
 SMALL = ["--model-arg", "width=0.25", "--limit", "512", "--batch-size", "64"]
@@ -155,3 +156,31 @@ def test_method_args_and_flags_reach_the_method(tmp_path):
     assert all(w.numel() > 100 for w in method.dense_weights())
     saved = json.loads((tmp_path / "r" / "config.json").read_text())["method"]
     assert saved == {"name": "feather", "options": {"theta": 0.25, "sparsity": 0.8, "start": 4, "min_size": 101}}
+
+
+def test_an_nm_run_reports_its_pattern_per_layer_and_exports_packed(tmp_path, cli):
+    from safetensors import safe_open
+
+    from sparsetrain.nm import pattern_holds
+    from sparsetrain.run.checkpoint import load_weights
+    from sparsetrain.run.export import load_sparse
+
+    code, out, err = cli("train", "--method", "feather-nm", "--nm", "1:4", "--epochs", 1, "--out", tmp_path,
+                         "--name", "nm", "--device", "cpu", "--workers", 1, *SMALL)
+    assert code == 0, err
+    code, out, _ = cli("report", tmp_path / "nm")
+    assert code == 0 and out.startswith("resnet20 · feather-nm · nm 1:4")
+    assert "| layer | weights | zeros | sparsity | 1:4 |" in out
+    assert "| conv1 | 108 | 0 | 0.00% | dense (input not a multiple of 4) |" in out  # 4 x 3 x 3 x 3
+    assert "| layer1.0.conv1 | 144 | 108 | 75.00% | yes |" in out  # width 0.25: 4 x 4 x 3 x 3 weights
+    assert "| 21 of 22 layers |" in out
+    code, out, err = cli("export", tmp_path / "nm")
+    assert code == 0, err
+    exported = tmp_path / "nm" / "model.sparse.safetensors"
+    weights = load_weights(tmp_path / "nm" / "model.safetensors")
+    loaded = load_sparse(exported)
+    assert loaded.keys() == weights.keys() and all(torch.equal(loaded[k], weights[k]) for k in weights)
+    with safe_open(str(exported), framework="pt") as f:
+        layouts = json.loads(f.metadata()["sparsetrain.sparse"])
+    assert layouts["layer1.0.conv1.weight"]["layout"] == "nm" and layouts["conv1.weight"]["layout"] == "dense"
+    assert pattern_holds(weights["layer3.2.conv2.weight"], 1, 4)

@@ -98,3 +98,13 @@ def test_cli_under_torchrun(tmp_path):
     assert done.stdout.count("final: test acc") == 1
     config = json.loads((tmp_path / "ddp" / "config.json").read_text())
     assert abs(config["metrics"]["sparsity"] - 0.9) < 1e-4
+
+
+def test_nm_on_two_gloo_ranks_ends_identical_and_every_group_holds_the_pattern(tmp_path):
+    from sparsetrain.nm import has_groups, pattern_holds
+
+    ranks, weights = run_ranks(tmp_path, "feather-nm", nm="2:4")
+    assert_identical(weights)
+    grouped = [v for k, v in weights[0].items() if k.endswith("weight") and v.dim() > 1 and has_groups(v.shape, 4)]
+    assert len(grouped) == 21 and all(pattern_holds(w, 2, 4) for w in grouped)  # every layer but conv1
+    assert [rec["sparsity"] for rec in ranks[0]["history"]] == [rec["sparsity"] for rec in ranks[1]["history"]]

@@ -1,0 +1,217 @@
+"""N:M sparsity: groups along the input dimension, a threshold per group, exactly M - N weights
+pruned per group (ties by position), the operators of Feather / ST-3 / SR-STE inside each group,
+SR-STE's decay, the packed export and the conversion to PyTorch's semi-structured tensors."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import sparsetrain as st
+from sparsetrain.nm import from_groups, pack, parse_nm, pattern_holds, select_groups, to_groups, to_semi_structured, unpack
+from sparsetrain.run.export import _layout_sizes, load_sparse, save_sparse
+
+ROWS = [[0.1, -0.5, 0.3, 0.2, 0.4, 0.4, -0.4, 0.1],
+        [1.0, -1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 2.0]]
+
+
+def p3(w: float, t: float) -> float:
+    """Feather's operator on one weight, written out: sign(w) (|w|^3 - T^3)^(1/3)."""
+    return math.copysign((abs(w) ** 3 - t**3) ** (1 / 3), w)
+
+
+def hand_forward(p: float) -> list[list[float]]:
+    """ROWS under 2:4 with the operator P_p, group by group (k = 2 pruned in each):
+    [0.1, -0.5, 0.3, 0.2]: T = 0.2, kept -0.5 and 0.3;
+    [0.4, 0.4, -0.4, 0.1]: three tie at v = 0.4, so T = 0.1 (the largest below v), the first 0.4
+        is pruned as a tie, the other two are kept and shrunk by 0.1;
+    [1, -1, 1, 1]: all tie, T = 0 (none below), the first two pruned, the others unchanged;
+    [0, 0, 0, 2]: v = 0 with three zeros: T = 0, no ties, the group keeps its three zeros."""
+    op = {3.0: p3, 1.0: lambda w, t: math.copysign(abs(w) - t, w), math.inf: lambda w, t: w}[p]
+    return [[0.0, op(-0.5, 0.2), op(0.3, 0.2), 0.0, 0.0, op(0.4, 0.1), op(-0.4, 0.1), 0.0],
+            [0.0, 0.0, 1.0, 1.0, 0.0, 0.0, 0.0, 2.0]]
+
+
+def test_group_thresholds_and_ties_by_hand():
+    w = torch.tensor(ROWS)
+    threshold, ties = select_groups(w.abs(), 2, 4)
+    assert torch.equal(threshold, torch.tensor([[0.2] * 4 + [0.1] * 4, [0.0] * 8]))
+    assert ties.tolist() == [[False] * 4 + [True, False, False, False], [True, True] + [False] * 6]
+    assert select_groups(w.abs(), 0, 4) == (0.0, None)  # k = 0: nothing pruned
+    assert select_groups(torch.ones(3, 6), 2, 4) == (0.0, None)  # 6 inputs: no groups of 4
+
+
+def test_convolution_groups_run_along_input_channels_at_each_kernel_position():
+    w = torch.zeros(1, 8, 1, 2)
+    w[0, :, 0, 0] = torch.arange(1.0, 9.0)  # groups [1 2 3 4] [5 6 7 8]
+    w[0, :, 0, 1] = torch.arange(8.0, 0.0, -1.0)  # groups [8 7 6 5] [4 3 2 1]
+    threshold, ties = select_groups(w, 2, 4)
+    assert ties is None  # distinct magnitudes in every group
+    assert w[0, :, 0, 0][(w > threshold)[0, :, 0, 0]].tolist() == [3.0, 4.0, 7.0, 8.0]
+    assert w[0, :, 0, 1][(w > threshold)[0, :, 0, 1]].tolist() == [8.0, 7.0, 4.0, 3.0]
+    assert torch.equal(from_groups(to_groups(w, 4), w.shape), w)
+    assert to_groups(w, 4).shape == (1, 1, 2, 2, 4)  # (out, kh, kw, in / m, m)
+
+
+@pytest.mark.parametrize("method, knobs, p", [
+    ("feather-nm", {}, 3.0),
+    ("st3-nm", {"rescale": False, "start": 0, "end": 0}, 1.0),
+    ("sr-ste", {}, math.inf),
+])
+def test_forward_weights_are_the_operator_with_each_group_threshold(method, knobs, p):
+    layer = nn.Linear(8, 2, bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor(ROWS))
+    model = nn.Sequential(layer)
+    sparsifier = st.create(model, method, total_steps=10, schedule="constant", **knobs)
+    assert sparsifier.target == 0.5
+    torch.testing.assert_close(layer.weight, torch.tensor(hand_forward(p)), rtol=1e-6, atol=1e-7)
+
+
+def test_a_schedule_walks_each_group_from_m_of_m_to_n_of_m():
+    torch.manual_seed(0)
+    layer = nn.Linear(16, 8, bias=False)
+    sparsifier = st.create(nn.Sequential(layer), "feather-nm", total_steps=20, nm="1:4")  # cubic, steps 0 -> 10
+    seen = []
+    for _ in range(12):
+        zeros = (to_groups(layer.weight.detach(), 4) == 0).sum(-1)
+        assert (zeros == round(sparsifier.target * 4)).all()
+        seen.append(int(zeros[0, 0]))
+        sparsifier.step()
+    assert seen[0] == 0 and seen[-1] == 3 and sorted(seen) == seen and len(set(seen)) == 4
+
+
+def small_net(dtype: torch.dtype) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(),  # 3 input channels: no groups, stays dense
+        nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(64, 10),
+    ).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("nm", ["2:4", "1:4", "4:8"])
+@pytest.mark.parametrize("method", ["feather-nm", "st3-nm", "sr-ste"])
+def test_every_group_holds_at_most_n_and_exactly_n_when_magnitudes_differ(method, nm, dtype):
+    n, m = parse_nm(nm)
+    model = small_net(dtype)
+    steps = 6
+    sparsifier = st.create(model, method, total_steps=steps, nm=nm)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    sparsifier.bind(optimizer)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        x, y = torch.randn(8, 3, 8, 8, generator=gen).to(dtype), torch.randint(0, 10, (8,), generator=gen)
+        nn.functional.cross_entropy(model(x).float(), y).backward()
+        sparsifier.before_optimizer_step()
+        optimizer.step()
+        optimizer.zero_grad()
+        if not sparsifier.fixed:  # the weights the next selection reads
+            dense = {name: w.detach().clone() for name, w in zip(sparsifier.names, sparsifier.dense_weights())}
+        sparsifier.step()
+    assert sparsifier.dense_layers == ["0"]
+    sparsifier.finalize()
+    for name in ("2", "6"):
+        weight = model.get_submodule(name).weight.detach()
+        assert weight.dtype == dtype
+        nonzeros = (to_groups(weight, m) != 0).sum(-1)
+        magnitudes = to_groups(dense[name].abs().float(), m).sort(-1).values
+        distinct = (magnitudes.diff(dim=-1) > 0).all(-1) & (magnitudes[..., 0] > 0)
+        assert (nonzeros <= n).all() and pattern_holds(weight, n, m)
+        assert distinct.float().mean() > 0.5  # the exact check below covers most groups
+        assert (nonzeros[distinct] == n).all()
+    assert not pattern_holds(model.get_submodule("0").weight, n, m)
+
+
+def test_sr_ste_gradient_is_the_straight_through_gradient_plus_the_decay_of_pruned_weights():
+    layer = nn.Linear(8, 2, bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor(ROWS[:1] * 2) * torch.tensor([[1.0], [-2.0]]))
+    sparsifier = st.create(nn.Sequential(layer), "sr-ste", total_steps=4)
+    x, c = torch.randn(5, 8), torch.randn(5, 2)
+    (layer(x) * c).sum().backward()
+    w = layer.parametrizations.weight.original
+    kept = torch.tensor([[0, 1, 1, 0, 0, 1, 1, 0]] * 2, dtype=torch.bool)  # hand_forward's kept entries
+    assert torch.equal(layer.weight.detach() != 0, kept)
+    expected = c.T @ x + 2e-4 * (~kept) * w.detach()  # dL/dW~ = c^T x, passed straight through
+    torch.testing.assert_close(w.grad, expected)
+    assert sparsifier.config.decay == 2e-4
+
+
+def test_st3_nm_fixes_a_mask_that_keeps_the_pattern():
+    torch.manual_seed(0)
+    layer = nn.Linear(16, 4, bias=False)
+    sparsifier = st.create(nn.Sequential(layer), "st3-nm", total_steps=170, nm="2:4")
+    for _ in range(160):
+        sparsifier.step()
+    assert sparsifier.fixed and pattern_holds(layer.weight, 2, 4)
+    mask = layer.parametrizations.weight[0].mask.clone()
+    with torch.no_grad():
+        layer.parametrizations.weight.original.mul_(-3.0)
+    sparsifier.step()
+    assert torch.equal(layer.parametrizations.weight[0].mask, mask) and torch.equal(layer.weight != 0, mask)
+
+
+def test_wrong_patterns_and_options_are_one_clear_sentence():
+    model = nn.Sequential(nn.Linear(8, 4))
+    for bad in ("3:2", "2-4", "0:4", "2:1024", 4):
+        with pytest.raises(ValueError, match=r"is not an N:M pattern; allowed: 'N:M'"):
+            st.create(model, "sr-ste", total_steps=4, nm=bad)
+    with pytest.raises(ValueError, match="scope='nm' is not allowed here.*feather-nm, st3-nm, sr-ste"):
+        st.create(model, "feather", total_steps=4, scope="nm")
+    with pytest.raises(ValueError, match="unknown option 'sparsity'"):
+        st.create(model, "sr-ste", total_steps=4, sparsity=0.5)
+    with pytest.raises(ValueError, match=r"sparsity=0.9 does not match the 2:4 pattern; allowed: 0.5"):
+        st.Sparsifier(model, "sr-ste", 0.9, 4)
+    with pytest.raises(ValueError, match="apply to scope 'nm' only"):
+        st.Sparsifier(model, "feather", 0.9, 4, n=2, m=4)
+    with pytest.raises(ValueError, match=r"decay=-1.0 is not allowed"):
+        st.create(model, "sr-ste", total_steps=4, decay=-1.0)
+
+
+@pytest.mark.parametrize("nm", ["2:4", "1:4", "4:8"])
+def test_packed_export_loads_back_to_the_same_tensors(tmp_path, nm):
+    n, m = parse_nm(nm)
+    torch.manual_seed(0)
+    weight = torch.randn(64, 32, 3, 3)
+    threshold, ties = select_groups(weight.abs(), m - n, m)
+    weight = weight * (weight.abs() > threshold)
+    weight[0, :m, 0, 0] = 0.0  # a group with fewer than n non-zeros
+    state = {"conv.weight": weight, "fc.weight": torch.randn(10, 6), "bn.bias": torch.zeros(5)}
+    path = save_sparse(tmp_path / "w.safetensors", state, nm=(n, m))
+    loaded = load_sparse(path)
+    assert loaded.keys() == state.keys() and all(torch.equal(loaded[k], state[k]) for k in state)
+    values, positions = pack(weight, n, m)
+    assert torch.equal(unpack(values, positions, weight.shape, n, m), weight)
+    sizes = _layout_sizes(weight, (n, m))
+    # N fp32 values and N positions of ceil(log2 M) bits per group of M
+    assert sizes["nm"] == weight.numel() // m * n * 4 + math.ceil(weight.numel() // m * n * math.ceil(math.log2(m)) / 8)
+    if nm == "2:4":
+        assert sizes["nm"] / sizes["dense"] <= 0.57
+
+
+def test_packing_a_weight_without_the_pattern_is_refused():
+    with pytest.raises(ValueError, match="does not hold the 2:4 pattern"):
+        pack(torch.ones(2, 8), 2, 4)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given where CUDA is missing")
+def test_semi_structured_conversion_names_what_is_missing_without_cuda():
+    with pytest.raises(RuntimeError, match=r"needs a CUDA GPU \(torch.cuda.is_available\(\) is False\)"):
+        to_semi_structured(nn.Sequential(nn.Linear(64, 64)))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: semi-structured sparse tensors run on GPUs only")
+def test_semi_structured_conversion_computes_what_the_dense_layer_computes():
+    torch.manual_seed(0)
+    layer = nn.Linear(128, 128, bias=False).half().cuda()
+    with torch.no_grad():
+        threshold, _ = select_groups(layer.weight.abs(), 2, 4)
+        layer.weight.mul_(layer.weight.abs() > threshold)
+    x = torch.randn(64, 128, dtype=torch.half, device="cuda")
+    expected = layer(x)
+    model = to_semi_structured(nn.Sequential(layer))
+    torch.testing.assert_close(model(x), expected, rtol=1e-2, atol=1e-2)
+    assert type(layer.weight.data).__name__.startswith("SparseSemiStructured")
