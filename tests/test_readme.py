@@ -25,6 +25,7 @@ def test_readme_python_examples_run(capsys, tmp_path, monkeypatch):
     removed = int(re.search(r"channels removed (\d+)", out).group(1))
     assert 0 < removed <= 80 and len(namespace["method"].removals) == 2  # at most one channel per entry
     assert namespace["compact"] is namespace["method"].model
+    assert "2:4 holds in 21 layers, dense: ['conv1']" in out
     assert "lightning: sparsity 0.9000" in out
     zeros, total = map(int, re.search(r"hf: (\d+) zeros of (\d+)", out).groups())
     assert zeros == round(0.9 * total)

@@ -44,9 +44,13 @@ def _layout_sizes(tensor: torch.Tensor, nm: tuple[int, int] | None = None) -> di
     return sizes
 
 
+def smallest_layout(sizes: dict[str, int]) -> str:
+    """The layout that stores a tensor in the fewest bytes (ties: dense, nm, bitmask, indices)."""
+    return min(sizes, key=lambda key: (sizes[key], _PREFERENCE.index(key)))
+
+
 def _encode(name: str, tensor: torch.Tensor, nm: tuple[int, int] | None) -> tuple[dict[str, torch.Tensor], dict]:
-    sizes = _layout_sizes(tensor, nm)
-    layout = min(sizes, key=lambda key: (sizes[key], _PREFERENCE.index(key)))
+    layout = smallest_layout(_layout_sizes(tensor, nm))
     flat = tensor.detach().cpu().contiguous().reshape(-1)
     info = {"layout": layout, "shape": list(tensor.shape), "dtype": str(tensor.dtype).removeprefix("torch.")}
     if layout == "dense":
