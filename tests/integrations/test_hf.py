@@ -75,6 +75,15 @@ def test_feather_in_the_trainer_ends_at_exactly_the_target_sparsity(tmp_path):
         round(callback.method.schedule.sparsity_at(4), 4), 0.9]  # logged at steps 4 and 8
 
 
+def test_an_nm_preset_in_the_trainer_leaves_every_chosen_layer_in_its_pattern(tmp_path):
+    from sparsetrain.nm import pattern_holds
+
+    model, callback = small_vit(), SparsifyCallback("feather-nm", nm="2:4", exclude=EXCLUDE)
+    Trainer(model=model, args=arguments(tmp_path, save_strategy="no"), train_dataset=sample(), callbacks=[callback]).train()
+    assert len(callback.method.names) == 12 and callback.method.dense_layers == []  # inputs of 32 and 64
+    assert all(pattern_holds(model.get_submodule(name).weight, 2, 4) for name in callback.method.names)
+
+
 class LogRecorder(TrainerCallback):
     def __init__(self) -> None:
         self.records: list[dict] = []
