@@ -215,3 +215,15 @@ def test_semi_structured_conversion_computes_what_the_dense_layer_computes():
     model = to_semi_structured(nn.Sequential(layer))
     torch.testing.assert_close(model(x), expected, rtol=1e-2, atol=1e-2)
     assert type(layer.weight.data).__name__.startswith("SparseSemiStructured")
+
+
+@pytest.mark.parametrize("m", [4, 8, 16, 32])
+def test_the_k_smallest_of_each_group_by_rank_or_by_sort_agree_on_ties(m):
+    from sparsetrain.nm import smallest_in_groups
+
+    gen = torch.Generator().manual_seed(m)
+    groups = torch.randint(0, 4, (500, m), generator=gen).float()  # many ties
+    for k in range(m + 1):
+        order = torch.sort(groups, dim=-1, stable=True).indices  # position breaks ties
+        expected = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, order[:, :k], True)
+        assert torch.equal(smallest_in_groups(groups, k), expected), k
