@@ -1,13 +1,15 @@
 """Step overhead of the trainer callbacks: the same Lightning Trainer and Hugging Face Trainer with
 and without ``Sparsify`` / ``SparsifyCallback`` (feather, 90 %), on a CIFAR ResNet-20 and the small
-ViT (vit-micro), CPU, batch 64 of the bundled sample.
+ViT (vit-micro), CPU, batches of the bundled sample (64 unless ``--batch-size``).
 
 A step is timed from the first callback's batch-start hook to the last callback's batch-end hook,
 so it holds the forward, backward, optimizer step and every callback hook, ours included. The
 set-ups take turns, the order rotating from round to round; each round is one short fit, its first
-steps dropped as warm-up. Overhead: ratio of the median step times with and without the callback.
+steps dropped as warm-up. Overhead: ratio of the median step times with and without the callback,
+and the paired overhead: the median over rounds of that ratio within each round (drift slower than a
+round cancels).
 
-    python benchmarks/callbacks.py [--rounds 5] [--steps 30] [--warmup 5] [--threads 1]
+    python benchmarks/callbacks.py [--rounds 5] [--steps 30] [--warmup 5] [--threads 1] [--batch-size 64]
 """
 
 from __future__ import annotations
@@ -32,7 +34,6 @@ from sparsetrain.integrations.lightning import Sparsify
 from sparsetrain.models import create_model
 
 MODELS = ("resnet20", "vit-micro")
-BATCH = 64
 
 
 class Clock:
@@ -108,22 +109,22 @@ class HFClassifier(torch.nn.Module):
         return {"loss": F.cross_entropy(logits, labels), "logits": logits}
 
 
-def lightning_fit(name: str, sparsify: bool, images, labels, steps: int, warmup: int) -> list[float]:
+def lightning_fit(name: str, sparsify: bool, images, labels, steps: int, warmup: int, batch: int) -> list[float]:
     clock = Clock()
     callbacks = [LightningStart(clock)] + ([Sparsify("feather", sparsity=0.9)] if sparsify else []) + [LightningEnd(clock)]
-    loader = DataLoader(TensorDataset(images, labels), batch_size=BATCH, shuffle=True)
+    loader = DataLoader(TensorDataset(images, labels), batch_size=batch, shuffle=True)
     trainer = pl.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks)
     trainer.fit(Classifier(name), loader)
     return clock.step_times(warmup)
 
 
-def hf_fit(name: str, sparsify: bool, images, labels, steps: int, warmup: int) -> list[float]:
+def hf_fit(name: str, sparsify: bool, images, labels, steps: int, warmup: int, batch: int) -> list[float]:
     clock = Clock()
     callbacks = [HFStart(clock)] + ([SparsifyCallback("feather", sparsity=0.9)] if sparsify else []) + [HFEnd(clock)]
     samples = [{"pixel_values": x, "labels": int(y)} for x, y in zip(images, labels)]
     with tempfile.TemporaryDirectory() as out:
-        args = TrainingArguments(output_dir=out, max_steps=steps, per_device_train_batch_size=BATCH, learning_rate=0.05,
+        args = TrainingArguments(output_dir=out, max_steps=steps, per_device_train_batch_size=batch, learning_rate=0.05,
                                  optim="sgd", report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True,
                                  logging_steps=10**6, dataloader_num_workers=0)
         Trainer(model=HFClassifier(name), args=args, train_dataset=samples, callbacks=callbacks).train()
@@ -136,29 +137,34 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--batch-size", type=int, default=64)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     logging.disable(logging.WARNING)
     warnings.filterwarnings("ignore")
     data = load_dataset()
-    images, labels = normalize(data.x_train[:2048], data.mean, data.std), data.y_train[:2048].long()
+    count = max(2048, args.batch_size * args.steps)
+    images, labels = normalize(data.x_train[:count], data.mean, data.std), data.y_train[:count].long()
     setups = [(trainer, fit, name, sparsify) for trainer, fit in (("lightning", lightning_fit), ("hf", hf_fit))
               for name in MODELS for sparsify in (False, True)]
-    times: dict[tuple[str, str, bool], list[float]] = {(t, n, s): [] for t, _, n, s in setups}
+    rounds: dict[tuple[str, str, bool], list[list[float]]] = {(t, n, s): [] for t, _, n, s in setups}
     for round_index in range(args.rounds):
         shift = round_index % len(setups)
         for trainer, fit, name, sparsify in setups[shift:] + setups[:shift]:
-            times[(trainer, name, sparsify)] += fit(name, sparsify, images, labels, args.steps, args.warmup)
+            rounds[(trainer, name, sparsify)].append(
+                fit(name, sparsify, images, labels, args.steps, args.warmup, args.batch_size))
         print(f"round {round_index + 1}/{args.rounds} done", flush=True)
     print(f"\n{platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} thread(s), "
-          f"batch {BATCH}, {args.rounds} rounds x {args.steps - args.warmup} timed steps\n")
-    print("| trainer | model | median step, plain (ms) | with feather callback (ms) | overhead |")
-    print("|---|---|---:|---:|---:|")
+          f"batch {args.batch_size}, {args.rounds} rounds x {args.steps - args.warmup} timed steps\n")
+    print("| trainer | model | median step, plain (ms) | with feather callback (ms) | overhead | paired overhead |")
+    print("|---|---|---:|---:|---:|---:|")
     for trainer in ("lightning", "hf"):
         for name in MODELS:
-            plain = statistics.median(times[(trainer, name, False)]) * 1e3
-            ours = statistics.median(times[(trainer, name, True)]) * 1e3
-            print(f"| {trainer} | {name} | {plain:.1f} | {ours:.1f} | {ours / plain - 1:+.1%} |")
+            plain, ours = rounds[(trainer, name, False)], rounds[(trainer, name, True)]
+            plain_ms = statistics.median(t for r in plain for t in r) * 1e3
+            ours_ms = statistics.median(t for r in ours for t in r) * 1e3
+            paired = statistics.median(statistics.median(o) / statistics.median(p) - 1 for p, o in zip(plain, ours))
+            print(f"| {trainer} | {name} | {plain_ms:.1f} | {ours_ms:.1f} | {ours_ms / plain_ms - 1:+.1%} | {paired:+.1%} |")
 
 
 if __name__ == "__main__":
