@@ -26,6 +26,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .selection import Selection
+
 _PATTERN = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 MAX_M = 256  # a position fits in one byte
 RANK_LIMIT = 16  # groups up to this size are ranked by comparisons, larger ones sorted
@@ -64,38 +66,55 @@ def from_groups(groups: Tensor, shape: Sequence[int]) -> Tensor:
     return (x.movedim(-1, 1) if len(shape) > 2 else x).contiguous()
 
 
-def select_groups(magnitude: Tensor, k: int, m: int) -> tuple[Tensor | float, Tensor | None]:
-    """Prune k of every m grouped magnitudes: (T, ties) shaped like ``magnitude`` (see the module
-    docstring); (0.0, None) when k = 0 or the weight has no groups."""
+def select_groups(magnitudes: Sequence[Tensor], k: int, m: int) -> Selection:
+    """Prune k of every m grouped magnitudes of each layer: per layer a threshold tensor and a tie
+    mask shaped like it (see the module docstring); 0.0 and None for a layer without groups, and for
+    every layer when k = 0. All layers' groups are selected at once, as the columns of one (m, G)
+    tensor, so the work is a few passes over contiguous rows whatever the number of layers."""
     if not 0 <= k <= m:
         raise ValueError(f"k={k} is out of range; allowed: 0 <= k <= m = {m}.")
-    if k == 0 or not has_groups(magnitude.shape, m):
-        return 0.0, None
-    groups = to_groups(magnitude, m)
-    pruned = smallest_in_groups(groups, k)
-    v = torch.where(pruned, groups, 0).amax(-1, keepdim=True)  # the k-th smallest (magnitudes are >= 0)
-    exact = (groups <= v).sum(-1, keepdim=True) == k
-    below = torch.where(groups < v, groups, 0).amax(-1, keepdim=True)
+    thresholds: list[float | Tensor] = [0.0] * len(magnitudes)
+    ties: list[Tensor | None] = [None] * len(magnitudes)
+    grouped = [i for i, magnitude in enumerate(magnitudes) if k and has_groups(magnitude.shape, m)]
+    if not grouped:
+        return Selection(thresholds, ties)
+    rows = [to_groups(magnitudes[i], m).reshape(-1, m) for i in grouped]
+    columns = torch.cat(rows).T.contiguous()  # (m, G): one group per column
+    pruned = smallest_in_groups(columns, k)
+    v = torch.where(pruned, columns, 0).amax(0)  # the k-th smallest (magnitudes are >= 0)
+    exact = (columns <= v).sum(0) == k
+    below = torch.where(columns < v, columns, 0).amax(0)
     threshold = torch.where(exact, v, below)
-    ties = pruned & (groups > threshold)
-    shape = magnitude.shape
-    return from_groups(threshold.expand_as(groups), shape), (from_groups(ties, shape) if bool(ties.any()) else None)
+    tied = pruned & (columns > threshold)
+    any_tied = bool(tied.any())
+    start = 0
+    for i, layer_rows in zip(grouped, rows):
+        shape, stop = magnitudes[i].shape, start + len(layer_rows)
+        grouped_shape = _grouped_shape(shape, m)
+        thresholds[i] = from_groups(threshold[start:stop].view(*grouped_shape[:-1], 1).expand(grouped_shape), shape)
+        layer_ties = tied[:, start:stop]
+        if any_tied and bool(layer_ties.any()):
+            ties[i] = from_groups(layer_ties.T.reshape(grouped_shape), shape)
+        start = stop
+    return Selection(thresholds, ties)
 
 
-def smallest_in_groups(groups: Tensor, k: int) -> Tensor:
-    """True at the k smallest entries of each group (last dimension), the lower position first on
-    ties. Up to RANK_LIMIT entries a group, by rank: r_i = #{j < i: g_j <= g_i} + #{j > i: g_j < g_i},
-    pruned where r_i < k (M(M - 1) comparisons, several times faster than a stable sort of small groups)."""
-    m = groups.shape[-1]
+def smallest_in_groups(columns: Tensor, k: int) -> Tensor:
+    """True at the k smallest entries of each column of an (m, G) tensor, the lower position first
+    on ties. Up to RANK_LIMIT rows, by rank: r_i = #{j < i: g_j <= g_i} + #{j > i: g_j < g_i}, pruned
+    where r_i < k (m(m - 1) comparisons of contiguous rows, several times faster than a stable sort
+    of small groups); larger groups by a stable sort."""
+    m = columns.shape[0]
     if m > RANK_LIMIT:
-        order = torch.sort(groups, dim=-1, stable=True).indices
-        return torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, order[..., :k], True)
-    entries = groups.unbind(-1)
-    ranks = [
-        sum(((entries[j] <= entries[i]) if j < i else (entries[j] < entries[i])).to(torch.uint8) for j in range(m) if j != i)
-        for i in range(m)
-    ]
-    return torch.stack(ranks, -1) < k
+        order = torch.sort(columns, dim=0, stable=True).indices
+        return torch.zeros_like(columns, dtype=torch.bool).scatter_(0, order[:k], True)
+    entries = columns.unbind(0)
+    ranks = torch.zeros_like(columns, dtype=torch.uint8)
+    for i in range(m):
+        for j in range(m):
+            if j != i:
+                ranks[i] += (entries[j] <= entries[i]) if j < i else (entries[j] < entries[i])
+    return ranks < k
 
 
 def pattern_holds(weight: Tensor, n: int, m: int) -> bool:

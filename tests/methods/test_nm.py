@@ -12,6 +12,12 @@ import sparsetrain as st
 from sparsetrain.nm import from_groups, pack, parse_nm, pattern_holds, select_groups, to_groups, to_semi_structured, unpack
 from sparsetrain.run.export import _layout_sizes, load_sparse, save_sparse
 
+def one(magnitude, k, m):
+    """select_groups on one layer: its (threshold, ties)."""
+    selection = select_groups([magnitude], k, m)
+    return selection.thresholds[0], selection.ties[0]
+
+
 ROWS = [[0.1, -0.5, 0.3, 0.2, 0.4, 0.4, -0.4, 0.1],
         [1.0, -1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 2.0]]
 
@@ -35,18 +41,18 @@ def hand_forward(p: float) -> list[list[float]]:
 
 def test_group_thresholds_and_ties_by_hand():
     w = torch.tensor(ROWS)
-    threshold, ties = select_groups(w.abs(), 2, 4)
+    threshold, ties = one(w.abs(), 2, 4)
     assert torch.equal(threshold, torch.tensor([[0.2] * 4 + [0.1] * 4, [0.0] * 8]))
     assert ties.tolist() == [[False] * 4 + [True, False, False, False], [True, True] + [False] * 6]
-    assert select_groups(w.abs(), 0, 4) == (0.0, None)  # k = 0: nothing pruned
-    assert select_groups(torch.ones(3, 6), 2, 4) == (0.0, None)  # 6 inputs: no groups of 4
+    assert one(w.abs(), 0, 4) == (0.0, None)  # k = 0: nothing pruned
+    assert one(torch.ones(3, 6), 2, 4) == (0.0, None)  # 6 inputs: no groups of 4
 
 
 def test_convolution_groups_run_along_input_channels_at_each_kernel_position():
     w = torch.zeros(1, 8, 1, 2)
     w[0, :, 0, 0] = torch.arange(1.0, 9.0)  # groups [1 2 3 4] [5 6 7 8]
     w[0, :, 0, 1] = torch.arange(8.0, 0.0, -1.0)  # groups [8 7 6 5] [4 3 2 1]
-    threshold, ties = select_groups(w, 2, 4)
+    threshold, ties = one(w, 2, 4)
     assert ties is None  # distinct magnitudes in every group
     assert w[0, :, 0, 0][(w > threshold)[0, :, 0, 0]].tolist() == [3.0, 4.0, 7.0, 8.0]
     assert w[0, :, 0, 1][(w > threshold)[0, :, 0, 1]].tolist() == [8.0, 7.0, 4.0, 3.0]
@@ -176,7 +182,7 @@ def test_packed_export_loads_back_to_the_same_tensors(tmp_path, nm):
     n, m = parse_nm(nm)
     torch.manual_seed(0)
     weight = torch.randn(64, 32, 3, 3)
-    threshold, ties = select_groups(weight.abs(), m - n, m)
+    threshold, ties = one(weight.abs(), m - n, m)
     weight = weight * (weight.abs() > threshold)
     weight[0, :m, 0, 0] = 0.0  # a group with fewer than n non-zeros
     state = {"conv.weight": weight, "fc.weight": torch.randn(10, 6), "bn.bias": torch.zeros(5)}
@@ -208,7 +214,7 @@ def test_semi_structured_conversion_computes_what_the_dense_layer_computes():
     torch.manual_seed(0)
     layer = nn.Linear(128, 128, bias=False).half().cuda()
     with torch.no_grad():
-        threshold, _ = select_groups(layer.weight.abs(), 2, 4)
+        threshold, _ = one(layer.weight.abs(), 2, 4)
         layer.weight.mul_(layer.weight.abs() > threshold)
     x = torch.randn(64, 128, dtype=torch.half, device="cuda")
     expected = layer(x)
@@ -226,4 +232,16 @@ def test_the_k_smallest_of_each_group_by_rank_or_by_sort_agree_on_ties(m):
     for k in range(m + 1):
         order = torch.sort(groups, dim=-1, stable=True).indices  # position breaks ties
         expected = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, order[:, :k], True)
-        assert torch.equal(smallest_in_groups(groups, k), expected), k
+        assert torch.equal(smallest_in_groups(groups.T.contiguous(), k).T, expected), k
+
+
+def test_layers_selected_together_get_what_each_gets_alone():
+    gen = torch.Generator().manual_seed(0)
+    layers = [torch.randint(0, 5, (6, 8, 3, 3), generator=gen).float(), torch.randint(0, 5, (4, 6), generator=gen).float(),
+              torch.rand(10, 16, generator=gen), torch.randint(0, 3, (2, 4), generator=gen).float()]
+    together = select_groups(layers, 2, 4)
+    for layer, threshold, ties in zip(layers, together.thresholds, together.ties):
+        alone_threshold, alone_ties = one(layer, 2, 4)
+        assert type(threshold) is type(alone_threshold) and torch.equal(torch.as_tensor(threshold), torch.as_tensor(alone_threshold))
+        assert (ties is None and alone_ties is None) or torch.equal(ties, alone_ties)
+    assert together.thresholds[1] == 0.0 and together.ties[0] is not None  # 6 inputs: dense; ties in small integers

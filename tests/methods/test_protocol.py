@@ -134,7 +134,7 @@ def test_create_rejects_unknown_methods_and_options():
     model = create_model("resnet20", width=0.25)
     with pytest.raises(ValueError, match="unknown method 'feathr'; known methods: dense, feather"):
         st.create(model, "feathr", total_steps=10)
-    with pytest.raises(ValueError, match="unknown option 'flops_target' for method 'feather'; allowed options: sparsity, p"):
+    with pytest.raises(ValueError, match="unknown option 'flops_target' for method 'feather'; allowed options: p, theta, .*, min_size, sparsity, scope\."):
         st.create(model, "feather", total_steps=10, flops_target=0.5)
     with pytest.raises(ValueError, match="method 'gdp' traces the model; allowed: example_inputs="):
         st.create(model, "gdp", total_steps=10)
@@ -146,7 +146,9 @@ def test_create_rejects_unknown_methods_and_options():
 
 def test_list_methods_names_every_method_with_its_options():
     methods = st.list_methods()
-    assert list(methods) == ["dense", "feather", "st3", "st3-sigma", "gmp", "ste", "gdp", "frs"]
+    assert list(methods) == ["dense", "feather", "st3", "st3-sigma", "gmp", "ste", "feather-nm", "st3-nm", "sr-ste",
+                             "gdp", "frs"]
+    assert methods["sr-ste"]["nm"] == "2:4" and methods["sr-ste"]["decay"] == 2e-4 and "sparsity" not in methods["sr-ste"]
     assert methods["feather"]["p"] == 3.0 and methods["st3"]["rescale"] is True
     assert methods["gdp"]["flops_target"] == 0.5
     assert set(methods["frs"]) == {"prune_every", "channels_per_step", "stop_at", "num_classes", "linear_per_step", "lrp_eps"}

@@ -528,9 +528,7 @@ class Sparsifier(Method):
         """Thresholds and tie masks for s(t): one selection over the scope, or one per N:M group."""
         if self.config.scope != "nm":
             return select(magnitudes, self.target, self.config.scope)
-        k = prune_count(self.target, self.config.m)
-        groups = [select_groups(magnitude, k, self.config.m) for magnitude in magnitudes]
-        return Selection([threshold for threshold, _ in groups], [ties for _, ties in groups])
+        return select_groups(magnitudes, prune_count(self.target, self.config.m), self.config.m)
 
     def _check_finite(self, magnitudes: Sequence[Tensor]) -> None:
         peaks = torch.stack(torch._foreach_max(magnitudes))
