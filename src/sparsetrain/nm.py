@@ -81,9 +81,9 @@ def select_groups(magnitudes: Sequence[Tensor], k: int, m: int) -> Selection:
     rows = [to_groups(magnitudes[i], m).reshape(-1, m) for i in grouped]
     columns = torch.cat(rows).T.contiguous()  # (m, G): one group per column
     pruned = smallest_in_groups(columns, k)
-    v = torch.where(pruned, columns, 0).amax(0)  # the k-th smallest (magnitudes are >= 0)
+    v = (columns * pruned).amax(0)  # the k-th smallest (magnitudes are >= 0)
     exact = (columns <= v).sum(0) == k
-    below = torch.where(columns < v, columns, 0).amax(0)
+    below = (columns * (columns < v)).amax(0)
     threshold = torch.where(exact, v, below)
     tied = pruned & (columns > threshold)
     any_tied = bool(tied.any())
