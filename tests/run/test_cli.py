@@ -94,7 +94,7 @@ def write_cifar10(folder, corrupt=None):
         (["--device", "cuda:7"], "device='cuda:7' is not available here"),
         (["--bogus"], "unrecognized arguments: --bogus"),
         (["--method", "gdp", "--sparsity", "0.5"], "--sparsity does not apply to method 'gdp'; its options: flops_target"),
-        (["--method-arg", "thetta=1"], "unknown option 'thetta' for method 'feather'; allowed options: sparsity, p, theta"),
+        (["--method-arg", "thetta=1"], "unknown option 'thetta' for method 'feather'; allowed options: p, theta, rescale"),
         (["--method-arg", "theta=2"], "theta=2 is out of range; allowed: a number in [0, 1]"),
     ],
 )

@@ -161,8 +161,10 @@ class LoadedRun:
 
 def nm_pattern(config: dict[str, Any]) -> tuple[int, int] | None:
     """The (N, M) pattern of the run whose config.json holds ``config``, if its method is an N:M preset."""
-    section = config.get("method", {})
-    pattern = getattr(method_options(section.get("name"), **section.get("options", {})), "nm", None)
+    section = config.get("method") or {}
+    if "name" not in section:  # a bare weights folder: no method recorded
+        return None
+    pattern = getattr(method_options(section["name"], **section.get("options", {})), "nm", None)
     return None if pattern is None else parse_nm(pattern)
 
 
