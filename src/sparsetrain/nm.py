@@ -138,7 +138,7 @@ def pack(weight: Tensor, n: int, m: int) -> tuple[Tensor, Tensor]:
                          f"allowed: at most {n} non-zeros in every group of {m} along the input dimension.")
     groups = to_groups(weight.detach().cpu(), m)
     chosen = torch.argsort((groups == 0).to(torch.uint8), dim=-1, stable=True)[..., :n].sort(-1).values
-    values = groups.gather(-1, chosen).reshape(-1).clone()
+    values = groups.gather(-1, chosen).reshape(-1)
     positions = chosen.reshape(-1).to(torch.uint8).numpy()
     bits = (positions[:, None] >> np.arange(index_bits(m), dtype=np.uint8)) & 1
     return values, torch.from_numpy(np.packbits(bits.reshape(-1)))
@@ -149,9 +149,9 @@ def unpack(values: Tensor, packed: Tensor, shape: Sequence[int], n: int, m: int)
     width = index_bits(m)
     bits = np.unpackbits(packed.numpy(), count=values.numel() * width).reshape(-1, width)
     positions = (bits.astype(np.int64) << np.arange(width)).sum(1)
-    dense_shape = (*_grouped_shape(shape, m),)
-    groups = torch.zeros(dense_shape, dtype=values.dtype)
-    groups.scatter_(-1, torch.from_numpy(positions).reshape(*dense_shape[:-1], n), values.reshape(*dense_shape[:-1], n))
+    grouped_shape = _grouped_shape(shape, m)
+    groups = torch.zeros(grouped_shape, dtype=values.dtype)
+    groups.scatter_(-1, torch.from_numpy(positions).reshape(*grouped_shape[:-1], n), values.reshape(*grouped_shape[:-1], n))
     return from_groups(groups, shape)
 
 

@@ -521,8 +521,7 @@ class Sparsifier(Method):
                 param.threshold = threshold
                 param.ties = ties
                 if self.config.rescale:  # on |w|: the sigma scale cancels in the ratio r_c
-                    kept = mag > threshold
-                    param.rescale = st3_rescale(w.abs() if param.norm != 1.0 else mag, kept if ties is None else kept & ~ties)
+                    param.rescale = st3_rescale(w.abs() if param.norm != 1.0 else mag, kept_mask(mag, threshold, ties))
 
     def _select(self, magnitudes: Sequence[Tensor]) -> Selection:
         """Thresholds and tie masks for s(t): one selection over the scope, or one per N:M group."""
