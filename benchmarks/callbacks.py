@@ -9,7 +9,13 @@ steps dropped as warm-up. Overhead: ratio of the median step times with and with
 and the paired overhead: the median over rounds of that ratio within each round (drift slower than a
 round cancels).
 
+A virtual machine's host may take CPU time from it ("steal", the eighth number of /proc/stat's cpu
+line): steps then slow down for seconds at a time, unevenly across set-ups. Each fit records the
+share of CPU time stolen while it ran; the last column repeats the paired overhead over the quiet
+rounds only (both fits of the pair under 1 % steal), with their count.
+
     python benchmarks/callbacks.py [--rounds 5] [--steps 30] [--warmup 5] [--threads 1] [--batch-size 64]
+                                   [--models resnet20,vit-micro]
 """
 
 from __future__ import annotations
@@ -21,6 +27,8 @@ import statistics
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
+from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
@@ -33,7 +41,25 @@ from sparsetrain.integrations.hf import SparsifyCallback
 from sparsetrain.integrations.lightning import Sparsify
 from sparsetrain.models import create_model
 
-MODELS = ("resnet20", "vit-micro")
+MODELS = "resnet20,vit-micro"
+QUIET = 0.01  # a round is quiet when under 1 % of the CPU time was stolen during both fits of a pair
+
+
+def cpu_times() -> tuple[int, int]:
+    """(stolen, total) jiffies of all CPUs since boot (0 stolen where /proc/stat is absent)."""
+    try:
+        fields = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    except OSError:
+        return 0, 1
+    return (fields[7] if len(fields) > 7 else 0), sum(fields)
+
+
+def stolen_share(fit: Callable[[], list[float]]) -> tuple[list[float], float]:
+    """Run ``fit``; its step times and the share of CPU time stolen meanwhile."""
+    stolen, total = cpu_times()
+    times = fit()
+    stolen_after, total_after = cpu_times()
+    return times, (stolen_after - stolen) / max(1, total_after - total)
 
 
 class Clock:
@@ -138,7 +164,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--models", default=MODELS, help="comma-separated zoo models")
     args = parser.parse_args()
+    models = args.models.split(",")
     torch.set_num_threads(args.threads)
     logging.disable(logging.WARNING)
     warnings.filterwarnings("ignore")
@@ -146,25 +174,34 @@ def main() -> None:
     count = max(2048, args.batch_size * args.steps)
     images, labels = normalize(data.x_train[:count], data.mean, data.std), data.y_train[:count].long()
     setups = [(trainer, fit, name, sparsify) for trainer, fit in (("lightning", lightning_fit), ("hf", hf_fit))
-              for name in MODELS for sparsify in (False, True)]
+              for name in models for sparsify in (False, True)]
     rounds: dict[tuple[str, str, bool], list[list[float]]] = {(t, n, s): [] for t, _, n, s in setups}
+    steal: dict[tuple[str, str, bool], list[float]] = {key: [] for key in rounds}
     for round_index in range(args.rounds):
         shift = round_index % len(setups)
         for trainer, fit, name, sparsify in setups[shift:] + setups[:shift]:
-            rounds[(trainer, name, sparsify)].append(
-                fit(name, sparsify, images, labels, args.steps, args.warmup, args.batch_size))
+            times, share = stolen_share(
+                lambda: fit(name, sparsify, images, labels, args.steps, args.warmup, args.batch_size))
+            rounds[(trainer, name, sparsify)].append(times)
+            steal[(trainer, name, sparsify)].append(share)
         print(f"round {round_index + 1}/{args.rounds} done", flush=True)
     print(f"\n{platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} thread(s), "
           f"batch {args.batch_size}, {args.rounds} rounds x {args.steps - args.warmup} timed steps\n")
-    print("| trainer | model | median step, plain (ms) | with feather callback (ms) | overhead | paired overhead |")
-    print("|---|---|---:|---:|---:|---:|")
+    print("| trainer | model | median step, plain (ms) | with feather callback (ms) | overhead | paired overhead "
+          "| CPU stolen (median of fits) | paired overhead, quiet rounds |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
     for trainer in ("lightning", "hf"):
-        for name in MODELS:
+        for name in models:
             plain, ours = rounds[(trainer, name, False)], rounds[(trainer, name, True)]
             plain_ms = statistics.median(t for r in plain for t in r) * 1e3
             ours_ms = statistics.median(t for r in ours for t in r) * 1e3
-            paired = statistics.median(statistics.median(o) / statistics.median(p) - 1 for p, o in zip(plain, ours))
-            print(f"| {trainer} | {name} | {plain_ms:.1f} | {ours_ms:.1f} | {ours_ms / plain_ms - 1:+.1%} | {paired:+.1%} |")
+            ratios = [statistics.median(o) / statistics.median(p) - 1 for p, o in zip(plain, ours)]
+            shares = list(zip(steal[(trainer, name, False)], steal[(trainer, name, True)]))
+            quiet = [r for r, pair in zip(ratios, shares) if max(pair) < QUIET]
+            quiet_text = f"{statistics.median(quiet):+.1%} ({len(quiet)} of {len(ratios)})" if quiet else f"- (0 of {len(ratios)})"
+            stolen = statistics.median(share for pair in shares for share in pair)
+            print(f"| {trainer} | {name} | {plain_ms:.1f} | {ours_ms:.1f} | {ours_ms / plain_ms - 1:+.1%} "
+                  f"| {statistics.median(ratios):+.1%} | {stolen:.1%} | {quiet_text} |")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,14 @@
    sparsetrain's exact selection (``select``, as the engine calls it, and ``kth_smallest``)
    vs torch.kthvalue vs a full sort, and one pass over the data for scale.
 
-    python benchmarks/overhead.py [--steps 30] [--methods a,b] [--batch-size 128] [--device cpu] [--flush-denormal]
+    python benchmarks/overhead.py [--steps 30] [--methods a,b] [--total-steps 1000] [--batch-size 128]
+                                  [--device cpu] [--flush-denormal]
+
+``--total-steps``: the schedules' length. The default (1000) keeps every schedule early in its ramp
+during the measured steps and FRS before its first pruning step; ``--total-steps`` equal to
+``--steps`` + 3 spreads the timed steps over the whole schedule, ramp and final pattern alike (the
+N:M presets prune k = round(s(t) M) per group, nothing while k = 0: only a whole schedule shows
+their cost).
 """
 
 from __future__ import annotations
@@ -29,13 +36,10 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-TOTAL_STEPS = 1000  # schedules mid-ramp during the measured steps; FRS never reaches a pruning step
-
-
 class Trainer:
     """One ResNet-20 training set-up; ``step()`` runs and times one full training step."""
 
-    def __init__(self, method: str | None, batch_size: int, device: torch.device) -> None:
+    def __init__(self, method: str | None, batch_size: int, device: torch.device, total_steps: int) -> None:
         torch.manual_seed(0)
         self.device = device
         self.model = create_model("resnet20").to(device)
@@ -44,7 +48,7 @@ class Trainer:
         self.method = None
         if method is not None:
             data = [(self.x, self.y)]
-            self.method = st.create(self.model, method, total_steps=TOTAL_STEPS, example_inputs=self.x[:2], data=data)
+            self.method = st.create(self.model, method, total_steps=total_steps, example_inputs=self.x[:2], data=data)
         self.opt = torch.optim.SGD(self.model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
         if self.method is not None:
             self.method.bind(self.opt)
@@ -65,11 +69,11 @@ class Trainer:
 
 
 def interleaved_step_times(
-    methods: list[str | None], rounds: int, batch_size: int, device: torch.device
+    methods: list[str | None], rounds: int, batch_size: int, device: torch.device, total_steps: int
 ) -> tuple[list[Trainer], list[list[float]]]:
     """Step times per set-up; the set-ups take turns each round so machine drift hits all alike,
     and the order rotates from round to round so no set-up always runs first or after the same one."""
-    trainers = [Trainer(method, batch_size, device) for method in methods]
+    trainers = [Trainer(method, batch_size, device, total_steps) for method in methods]
     times: list[list[float]] = [[] for _ in methods]
     for round_index in range(rounds + 3):
         for offset in range(len(trainers)):
@@ -141,6 +145,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--methods", default="", help="comma-separated (default: every registered method)")
+    parser.add_argument("--total-steps", type=int, default=1000, help="length of the methods' schedules")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--weights", type=int, default=25_600_000)
     parser.add_argument("--repeats", type=int, default=5)
@@ -153,11 +158,13 @@ def main() -> None:
           f"{torch.get_num_threads()} threads, device {device}, flush denormal {args.flush_denormal}")
 
     methods = [m for m in args.methods.split(",") if m] if args.methods else list(st.list_methods())
-    print(f"\nResNet-20, batch {args.batch_size}: median step time over {args.steps} interleaved rounds")
+    print(f"\nResNet-20, batch {args.batch_size}: median step time over {args.steps} interleaved rounds, "
+          f"schedules of {args.total_steps} steps")
     print("| method | median step (ms) | overhead: ratio of medians | overhead: median of paired rounds "
           "| before_optimizer_step + step (ms) | w -> w~ fwd+bwd (ms) | own cost vs plain step |")
     print("|---|---:|---:|---:|---:|---:|---:|")
-    trainers, (plain, *timed) = interleaved_step_times([None, *methods], args.steps, args.batch_size, device)
+    trainers, (plain, *timed) = interleaved_step_times([None, *methods], args.steps, args.batch_size, device,
+                                                              args.total_steps)
     plain_ms = statistics.median(plain) * 1e3
     print(f"| (no method) | {plain_ms:.1f} | - | - | - | - | - |")
     for method, times, trainer in zip(methods, timed, trainers[1:]):
