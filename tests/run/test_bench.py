@@ -81,6 +81,17 @@ def test_results_table_mean_and_std():
     assert "| dense (reference, unpruned) | 90.00 ± 0.00 (n=1) |" in table
 
 
+def test_a_grid_of_the_reference_and_n_m_cells_has_no_empty_table_by_sparsity():
+    records = [
+        {"method": "dense", "sparsity": 0.0, "test_acc": 0.6, "target": None, "nm": None},
+        {"method": "sr-ste", "sparsity": 0.5, "test_acc": 0.5, "target": "nm", "nm": "2:4"},
+    ]
+    assert results_table(records) == "\n".join([
+        "| method | 2:4 |", "|---|---:|", "| dense (reference, unpruned) | 60.00 ± 0.00 (n=1) |",
+        "| sr-ste | 50.00 ± 0.00 (n=1) |"])
+    assert results_table(records[:1]).startswith("| method |  |")  # the reference alone: its own table
+
+
 def test_bench_cli_usage_errors(tmp_path, capsys):
     assert main(["bench", "--methods", "feathr", "--out", str(tmp_path / "g")]) == 2
     assert "unknown method 'feathr'" in capsys.readouterr().err

@@ -216,12 +216,14 @@ def summarise(records: Sequence[dict[str, Any]], column: str = "sparsity") -> di
 
 def results_table(records: Sequence[dict[str, Any]]) -> str:
     """Markdown: mean ± std test accuracy (%) per method (rows) and target sparsity (columns);
-    N:M runs in a table by pattern, channel-pruning runs in one by FLOPs reached."""
+    N:M runs in a table by pattern, channel-pruning runs in one by FLOPs reached. The reference
+    alone has a table by sparsity only in a grid of nothing else."""
     reference = [r for r in records if r["method"] == REFERENCE]
     unstructured = [r for r in records if _by_sparsity(r)]
     nm = [r for r in records if r.get("target") == "nm"]
     structured = [r for r in records if not _by_sparsity(r) and r.get("target") != "nm"]
-    tables = [_sparsity_table(unstructured)] if unstructured else []
+    by_sparsity = len(unstructured) > len(reference) or not (nm or structured)
+    tables = [_sparsity_table(unstructured)] if unstructured and by_sparsity else []
     if nm:
         tables.append(_sparsity_table(reference + nm, column="nm"))
     if structured:
