@@ -9,10 +9,9 @@ steps dropped as warm-up. Overhead: ratio of the median step times with and with
 and the paired overhead: the median over rounds of that ratio within each round (drift slower than a
 round cancels).
 
-A virtual machine's host may take CPU time from it ("steal", the eighth number of /proc/stat's cpu
-line): steps then slow down for seconds at a time, unevenly across set-ups. Each fit records the
-share of CPU time stolen while it ran; the last column repeats the paired overhead over the quiet
-rounds only (both fits of the pair under 1 % steal), with their count.
+Each fit records the share of CPU time the virtual machine's host stole while it ran (``steal.py``);
+the last column repeats the paired overhead over the quiet rounds only (both fits of the pair under
+1 % steal), with their count.
 
     python benchmarks/callbacks.py [--rounds 5] [--steps 30] [--warmup 5] [--threads 1] [--batch-size 64]
                                    [--models resnet20,vit-micro]
@@ -27,8 +26,6 @@ import statistics
 import tempfile
 import time
 import warnings
-from collections.abc import Callable
-from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
@@ -41,25 +38,10 @@ from sparsetrain.integrations.hf import SparsifyCallback
 from sparsetrain.integrations.lightning import Sparsify
 from sparsetrain.models import create_model
 
+from steal import StolenShare  # benchmarks/steal.py
+
 MODELS = "resnet20,vit-micro"
 QUIET = 0.01  # a round is quiet when under 1 % of the CPU time was stolen during both fits of a pair
-
-
-def cpu_times() -> tuple[int, int]:
-    """(stolen, total) jiffies of all CPUs since boot (0 stolen where /proc/stat is absent)."""
-    try:
-        fields = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
-    except OSError:
-        return 0, 1
-    return (fields[7] if len(fields) > 7 else 0), sum(fields)
-
-
-def stolen_share(fit: Callable[[], list[float]]) -> tuple[list[float], float]:
-    """Run ``fit``; its step times and the share of CPU time stolen meanwhile."""
-    stolen, total = cpu_times()
-    times = fit()
-    stolen_after, total_after = cpu_times()
-    return times, (stolen_after - stolen) / max(1, total_after - total)
 
 
 class Clock:
@@ -180,10 +162,10 @@ def main() -> None:
     for round_index in range(args.rounds):
         shift = round_index % len(setups)
         for trainer, fit, name, sparsify in setups[shift:] + setups[:shift]:
-            times, share = stolen_share(
-                lambda: fit(name, sparsify, images, labels, args.steps, args.warmup, args.batch_size))
-            rounds[(trainer, name, sparsify)].append(times)
-            steal[(trainer, name, sparsify)].append(share)
+            with StolenShare() as stolen:
+                rounds[(trainer, name, sparsify)].append(
+                    fit(name, sparsify, images, labels, args.steps, args.warmup, args.batch_size))
+            steal[(trainer, name, sparsify)].append(stolen.share)
         print(f"round {round_index + 1}/{args.rounds} done", flush=True)
     print(f"\n{platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} thread(s), "
           f"batch {args.batch_size}, {args.rounds} rounds x {args.steps - args.warmup} timed steps\n")

@@ -30,6 +30,8 @@ import torch.nn.functional as F
 import sparsetrain as st
 from sparsetrain.models import create_model
 
+from steal import StolenShare  # benchmarks/steal.py
+
 
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
@@ -163,8 +165,10 @@ def main() -> None:
     print("| method | median step (ms) | overhead: ratio of medians | overhead: median of paired rounds "
           "| before_optimizer_step + step (ms) | w -> w~ fwd+bwd (ms) | own cost vs plain step |")
     print("|---|---:|---:|---:|---:|---:|---:|")
-    trainers, (plain, *timed) = interleaved_step_times([None, *methods], args.steps, args.batch_size, device,
-                                                              args.total_steps)
+    with StolenShare() as stolen:
+        trainers, (plain, *timed) = interleaved_step_times([None, *methods], args.steps, args.batch_size, device,
+                                                                  args.total_steps)
+    print(f"(CPU time stolen by the host during these rounds: {stolen.share:.1%})")
     plain_ms = statistics.median(plain) * 1e3
     print(f"| (no method) | {plain_ms:.1f} | - | - | - | - | - |")
     for method, times, trainer in zip(methods, timed, trainers[1:]):

@@ -149,5 +149,6 @@ def test_nm_cells_vary_the_pattern_and_land_in_a_table_by_pattern(tmp_path, caps
     dense = f"{100 * records[0]['test_acc']:.2f} ± 0.00 (n=1)"
     assert f"| dense (reference, unpruned) | {dense} | {dense} |" in table
     assert f"| sr-ste | {100 * records[1]['test_acc']:.2f} ± 0.00 (n=1) | {100 * records[2]['test_acc']:.2f}" in table
+    assert (tmp_path / "accuracy_vs_sparsity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # N:M at 1 - N/M
     assert main(["bench", "--methods", "sr-ste", "--nm", "2:5x", "--out", str(tmp_path / "bad")]) == 2
     assert "nm='2:5x' is not an N:M pattern" in capsys.readouterr().err

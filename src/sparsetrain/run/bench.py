@@ -277,13 +277,14 @@ def _sparsity_table(records: Sequence[dict[str, Any]], column: str = "sparsity")
 
 
 def write_outputs(records: Sequence[dict[str, Any]], out: Path) -> None:
-    """results.md and the two plots."""
+    """results.md, accuracy against FLOPs, and accuracy against sparsity (N:M runs at 1 - N/M)
+    when a method beside the reference has one."""
     if not records:
         return
     atomic_write(out / TABLE, lambda tmp: Path(tmp).write_text(results_table(records) + "\n"))
-    unstructured = [r for r in records if _by_sparsity(r)]
+    by_sparsity = [r for r in records if _by_sparsity(r) or r.get("target") == "nm"]  # N:M: 1 - N/M
     colors = method_colors(r["method"] for r in records)  # one colour per method across both plots
-    if unstructured:
-        plot_accuracy_vs_sparsity(summarise(unstructured), out / "accuracy_vs_sparsity.png", REFERENCE, colors)
+    if any(r["method"] != REFERENCE for r in by_sparsity):
+        plot_accuracy_vs_sparsity(summarise(by_sparsity), out / "accuracy_vs_sparsity.png", REFERENCE, colors)
     plot_accuracy_vs_flops(records, out / "accuracy_vs_flops.png", colors)
 
