@@ -222,13 +222,18 @@ def results_table(records: Sequence[dict[str, Any]]) -> str:
     unstructured = [r for r in records if _by_sparsity(r)]
     nm = [r for r in records if r.get("target") == "nm"]
     structured = [r for r in records if not _by_sparsity(r) and r.get("target") != "nm"]
-    by_sparsity = len(unstructured) > len(reference) or not (nm or structured)
-    tables = [_sparsity_table(unstructured)] if unstructured and by_sparsity else []
+    alone = not (nm or structured)  # a grid of the reference only
+    tables = [_sparsity_table(unstructured)] if _beside_reference(unstructured) or (unstructured and alone) else []
     if nm:
         tables.append(_sparsity_table(reference + nm, column="nm"))
     if structured:
         tables.append(_flops_table(structured))
     return "\n\n".join(tables)
+
+
+def _beside_reference(records: Sequence[dict[str, Any]]) -> bool:
+    """Whether ``records`` hold a run of a method other than the reference."""
+    return any(r["method"] != REFERENCE for r in records)
 
 
 def _by_sparsity(record: dict[str, Any]) -> bool:
@@ -284,7 +289,7 @@ def write_outputs(records: Sequence[dict[str, Any]], out: Path) -> None:
     atomic_write(out / TABLE, lambda tmp: Path(tmp).write_text(results_table(records) + "\n"))
     by_sparsity = [r for r in records if _by_sparsity(r) or r.get("target") == "nm"]  # N:M: 1 - N/M
     colors = method_colors(r["method"] for r in records)  # one colour per method across both plots
-    if any(r["method"] != REFERENCE for r in by_sparsity):
+    if _beside_reference(by_sparsity):
         plot_accuracy_vs_sparsity(summarise(by_sparsity), out / "accuracy_vs_sparsity.png", REFERENCE, colors)
     plot_accuracy_vs_flops(records, out / "accuracy_vs_flops.png", colors)
 
