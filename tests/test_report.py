@@ -30,3 +30,17 @@ def test_report_of_a_model_with_a_method_attached_matches_the_finalized_model(ti
 def test_report_without_prunable_layers():
     with pytest.raises(ValueError, match="no prunable layer"):
         st.sparsity_report(nn.ReLU())
+
+
+class _Attention(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.scaled_dot_product_attention(x, x, x)
+
+
+def test_flops_count_attention_products():
+    from sparsetrain.report import count_flops
+
+    batch, heads, tokens, dim = 2, 3, 17, 8
+    x = torch.randn(batch, heads, tokens, dim)
+    # q k^T and (softmax) v: two products of 2 * tokens * tokens * dim FLOPs per head
+    assert count_flops(_Attention(), x) == batch * heads * 2 * (2 * tokens * tokens * dim)

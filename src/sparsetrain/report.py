@@ -93,14 +93,17 @@ def _pattern(weight: torch.Tensor, nm: tuple[int, int] | None) -> bool | None:
 
 
 def count_flops(model: nn.Module, example_inputs: torch.Tensor, skip_zeros: bool = False) -> int:
-    """FLOPs of one forward pass (torch.utils.flop_counter, eval mode, no grad).
+    """FLOPs of one forward pass (torch.utils.flop_counter, eval mode, no grad). Attention runs
+    by its math path while counting, so its matrix products count on every device (the counter
+    does not see CPU's fused attention kernel, and CUDA's fused kernels count differently).
 
     With ``skip_zeros`` each Conv/Linear layer's FLOPs are scaled by its weight density
     (non-zeros / entries): the work of a sparse kernel that multiplies only non-zero weights.
     """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
-    with torch.no_grad(), eval_mode(model), FlopCounterMode(display=False) as counter:
+    with torch.no_grad(), eval_mode(model), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         model(example_inputs)
     if not skip_zeros:
         return int(counter.get_total_flops())

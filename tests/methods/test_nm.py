@@ -211,16 +211,17 @@ def test_semi_structured_conversion_names_what_is_missing_without_cuda():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: semi-structured sparse tensors run on GPUs only")
 def test_semi_structured_conversion_computes_what_the_dense_layer_computes():
+    from torch.sparse import SparseSemiStructuredTensor
+
     torch.manual_seed(0)
-    layer = nn.Linear(128, 128, bias=False).half().cuda()
-    with torch.no_grad():
-        threshold, _ = one(layer.weight.abs(), 2, 4)
-        layer.weight.mul_(layer.weight.abs() > threshold)
+    model = st.create(nn.Sequential(nn.Linear(128, 128, bias=False)), "sr-ste", total_steps=1, nm="2:4").finalize()
+    model = model.half().cuda()
+    assert pattern_holds(model[0].weight, 2, 4)
     x = torch.randn(64, 128, dtype=torch.half, device="cuda")
-    expected = layer(x)
-    model = to_semi_structured(nn.Sequential(layer))
+    expected = model(x)
+    to_semi_structured(model)
+    assert isinstance(model[0].weight, SparseSemiStructuredTensor)
     torch.testing.assert_close(model(x), expected, rtol=1e-2, atol=1e-2)
-    assert type(layer.weight.data).__name__.startswith("SparseSemiStructured")
 
 
 @pytest.mark.parametrize("m", [4, 8, 16, 32])
