@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Sequence
+import functools
 
 import numpy as np
 import torch
@@ -53,6 +54,11 @@ def has_groups(shape: Sequence[int], m: int) -> bool:
     return len(shape) >= 2 and shape[1] % m == 0
 
 
+def group_view(x: Tensor, m: int) -> Tensor:
+    """(out, in, *kernel) -> (out, in / m, m, *kernel), a view: dimension 2 runs through one group."""
+    return x.view(x.shape[0], x.shape[1] // m, m, *x.shape[2:])
+
+
 def to_groups(x: Tensor, m: int) -> Tensor:
     """(out, in, *kernel) -> (out, *kernel, in / m, m): the last dimension is one group."""
     if x.dim() > 2:
@@ -70,7 +76,8 @@ def select_groups(magnitudes: Sequence[Tensor], k: int, m: int) -> Selection:
     """Prune k of every m grouped magnitudes of each layer: per layer a threshold tensor and a tie
     mask shaped like it (see the module docstring); 0.0 and None for a layer without groups, and for
     every layer when k = 0. All layers' groups are selected at once, as the columns of one (m, G)
-    tensor, so the work is a few passes over contiguous rows whatever the number of layers."""
+    tensor written in one pass, so the work is a few passes over contiguous rows whatever the number
+    of layers; each layer's thresholds and ties are written back in its own layout in one pass."""
     if not 0 <= k <= m:
         raise ValueError(f"k={k} is out of range; allowed: 0 <= k <= m = {m}.")
     thresholds: list[float | Tensor] = [0.0] * len(magnitudes)
@@ -78,25 +85,69 @@ def select_groups(magnitudes: Sequence[Tensor], k: int, m: int) -> Selection:
     grouped = [i for i, magnitude in enumerate(magnitudes) if k and has_groups(magnitude.shape, m)]
     if not grouped:
         return Selection(thresholds, ties)
-    rows = [to_groups(magnitudes[i], m).reshape(-1, m) for i in grouped]
-    columns = torch.cat(rows).T.contiguous()  # (m, G): one group per column
-    pruned = smallest_in_groups(columns, k)
-    v = (columns * pruned).amax(0)  # the k-th smallest (magnitudes are >= 0)
-    exact = (columns <= v).sum(0) == k
-    below = (columns * (columns < v)).amax(0)
-    threshold = torch.where(exact, v, below)
-    tied = pruned & (columns > threshold)
-    any_tied = bool(tied.any())
-    start = 0
-    for i, layer_rows in zip(grouped, rows):
-        shape, stop = magnitudes[i].shape, start + len(layer_rows)
-        grouped_shape = _grouped_shape(shape, m)
-        thresholds[i] = from_groups(threshold[start:stop].view(*grouped_shape[:-1], 1).expand(grouped_shape), shape)
-        layer_ties = tied[:, start:stop]
-        if any_tied and bool(layer_ties.any()):
-            ties[i] = from_groups(layer_ties.T.reshape(grouped_shape), shape)
-        start = stop
+    spans, start = [], 0
+    for i in grouped:
+        spans.append((i, start, start + magnitudes[i].numel() // m))
+        start = spans[-1][2]
+    dtype = functools.reduce(torch.promote_types, (magnitudes[i].dtype for i in grouped))
+    columns = torch.empty(m, start, dtype=dtype, device=magnitudes[grouped[0]].device)  # one group per column
+    for i, begin, stop in spans:
+        columns[:, begin:stop].view(m, *_group_grid(magnitudes[i].shape, m)).copy_(group_view(magnitudes[i], m).movedim(2, 0))
+    ordered = ascending_rows(columns)
+    v = ordered[k - 1]  # each group's k-th smallest
+    tied = None
+    if k == m or bool((ordered[k] > v).all()):  # no group has a tie across its k-th position
+        threshold = v
+    else:
+        pruned = smallest_in_groups(columns, k)
+        exact = (columns <= v).sum(0) == k
+        below = (columns * (columns < v)).amax(0)  # magnitudes are >= 0
+        threshold = torch.where(exact, v, below)
+        tied = pruned & (columns > threshold)
+    for i, begin, stop in spans:
+        shape = magnitudes[i].shape
+        grid = _group_grid(shape, m)
+        per_group = threshold[begin:stop].view(grid).unsqueeze(2)  # (out, in / m, 1, *kernel)
+        thresholds[i] = per_group.expand(grid[0], grid[1], m, *grid[2:]).reshape(shape)
+        if tied is not None and bool(tied[:, begin:stop].any()):
+            ties[i] = tied[:, begin:stop].view(m, *grid).movedim(0, 2).reshape(shape)
     return Selection(thresholds, ties)
+
+
+def _group_grid(shape: Sequence[int], m: int) -> tuple[int, ...]:
+    """(out, in / m, *kernel): where the groups of a weight of ``shape`` sit."""
+    return (shape[0], shape[1] // m, *shape[2:])
+
+
+def ascending_rows(columns: Tensor) -> list[Tensor]:
+    """The rows of an (m, G) tensor sorted within each column, smallest first: up to RANK_LIMIT
+    rows by a sorting network (a minimum and a maximum of two rows per compare-exchange: 10 passes
+    over G values for m = 4), larger ones by torch.sort."""
+    if columns.shape[0] > RANK_LIMIT:
+        return list(torch.sort(columns, dim=0).values.unbind(0))
+    rows = list(columns.unbind(0))
+    for i, j in sorting_network(columns.shape[0]):
+        rows[i], rows[j] = torch.minimum(rows[i], rows[j]), torch.maximum(rows[i], rows[j])
+    return rows
+
+
+@functools.cache
+def sorting_network(m: int) -> tuple[tuple[int, int], ...]:
+    """Compare-exchange pairs (i, j), i < j, that sort m values: Batcher's odd-even merge sort over
+    the next power of two n, whose entries at m..n-1 stand for +inf (their pairs, no-ops, are left out)."""
+    n = 1 << max(0, m - 1).bit_length()
+    pairs = []
+    merged = 1  # sorted runs of this length are merged into runs of twice it
+    while merged < n:
+        step = merged
+        while step >= 1:
+            for start in range(step % merged, n - step, 2 * step):
+                for i in range(start, start + min(step, n - start - step)):
+                    if i // (2 * merged) == (i + step) // (2 * merged) and i + step < m:
+                        pairs.append((i, i + step))
+            step //= 2
+        merged *= 2
+    return tuple(pairs)
 
 
 def smallest_in_groups(columns: Tensor, k: int) -> Tensor:

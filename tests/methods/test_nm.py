@@ -224,6 +224,23 @@ def test_semi_structured_conversion_computes_what_the_dense_layer_computes():
     torch.testing.assert_close(model(x), expected, rtol=1e-2, atol=1e-2)
 
 
+@pytest.mark.parametrize("m", range(2, 17))
+def test_the_sorting_network_sorts_every_input_of_zeros_and_ones(m):
+    from sparsetrain.nm import ascending_rows
+
+    # the 0-1 principle: a comparator network that sorts all 2^m inputs of 0s and 1s sorts any input
+    every = ((torch.arange(2**m)[None, :] >> torch.arange(m)[:, None]) & 1).float()
+    assert torch.equal(torch.stack(ascending_rows(every)), every.sort(dim=0).values)
+
+
+@pytest.mark.parametrize("m", [4, 8, 32])
+def test_ascending_rows_sort_each_column(m):
+    from sparsetrain.nm import ascending_rows
+
+    columns = torch.randint(0, 6, (m, 300), generator=torch.Generator().manual_seed(m)).float()
+    assert torch.equal(torch.stack(ascending_rows(columns)), columns.sort(dim=0).values)
+
+
 @pytest.mark.parametrize("m", [4, 8, 16, 32])
 def test_the_k_smallest_of_each_group_by_rank_or_by_sort_agree_on_ties(m):
     from sparsetrain.nm import smallest_in_groups
