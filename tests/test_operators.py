@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from sparsetrain.operators import gradient_scale, sparsify_ste, threshold_operator, validate_p
+from sparsetrain.operators import sparsify_ste, threshold_operator, validate_p
 
 W = torch.tensor([-2.0, -0.5, 0.25, 1.0, 3.0])
 T = 1.0  # |w| <= T is pruned: -0.5, 0.25 and 1.0 (a tie with T is pruned)
@@ -47,10 +47,6 @@ def test_rescale_multiplies_forward_and_gradient_stays_straight_through():
     torch.testing.assert_close(out.detach(), torch.tensor([[2.0, 0.0], [0.0, -1.0]]))
     out.sum().backward()
     torch.testing.assert_close(w.grad, torch.tensor([[1.0, 0.5], [0.5, 1.0]]))
-
-
-def test_gradient_scale_mask():
-    assert gradient_scale(W, T, 0.25).tolist() == [1.0, 0.25, 0.25, 0.25, 1.0]
 
 
 def test_p3_keeps_every_weight_above_threshold_nonzero():

@@ -86,38 +86,35 @@ def kept_mask(w: Tensor, threshold: Threshold, ties: Tensor | None = None) -> Te
     return kept & ~ties if ties is not None else kept
 
 
-def gradient_scale(w: Tensor, threshold: Threshold, theta: float, ties: Tensor | None = None) -> Tensor:
-    """The straight-through gradient mask m: 1 where |w| > T (and not a pruned tie), theta elsewhere."""
-    if prunes_nothing(threshold) and ties is None:
-        return torch.ones_like(w)
-    kept = kept_mask(w, threshold, ties)
-    return kept.to(w.dtype) if theta == 0.0 else torch.where(kept, 1.0, theta).to(w.dtype)
-
-
 class _ScaledStraightThrough(torch.autograd.Function):
     """Forward: P_p(w; T), zero at ``ties``, optionally rescaled per output channel.
-    Backward: m * grad + decay * (1 - E) * w."""
+    Backward: m * grad + decay * (1 - E) * w, with E kept from the forward pass."""
 
     @staticmethod
     def forward(ctx, w: Tensor, threshold: Threshold, p: float, theta: float, rescale: Tensor | None,
                 ties: Tensor | None, decay: float) -> Tensor:
-        ctx.threshold, ctx.theta, ctx.decay = threshold, theta, decay
-        ctx.save_for_backward(w, ties)
-        out = threshold_operator(w, threshold, p)
-        if ties is not None:
-            out = out.masked_fill(ties, 0.0)
+        prunes = not prunes_nothing(threshold) or ties is not None
+        kept = kept_mask(w, threshold, ties) if prunes and (theta != 1.0 or decay) else None
+        ctx.theta, ctx.decay = theta, decay
+        ctx.save_for_backward(w if kept is not None and decay else None, kept)
+        if math.isinf(p) and kept is not None:
+            out = w * kept  # the hard threshold is the mask E itself
+        else:
+            out = threshold_operator(w, threshold, p)
+            if ties is not None:
+                out = out.masked_fill(ties, 0.0)
         return out if rescale is None else out * rescale
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        w, ties = ctx.saved_tensors
+        w, kept = ctx.saved_tensors
         none = (None,) * 6
-        if prunes_nothing(ctx.threshold) and ties is None:
+        if kept is None:
             return grad, *none
         if ctx.theta != 1.0:
-            grad = grad * gradient_scale(w, ctx.threshold, ctx.theta, ties)
+            grad = grad * kept if ctx.theta == 0.0 else torch.where(kept, grad, grad * ctx.theta)
         if ctx.decay:
-            grad = grad + ctx.decay * (~kept_mask(w, ctx.threshold, ties)) * w
+            grad = grad.add(w.masked_fill(kept, 0.0), alpha=ctx.decay)
         return grad, *none
 
 
