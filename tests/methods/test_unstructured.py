@@ -437,3 +437,41 @@ def test_a_state_saved_before_settings_were_recorded_still_resumes():
     resumed = st.create(create_model("resnet20", width=0.25), "gmp", sparsity=0.9, total_steps=10)
     resumed.load_state_dict(older)
     assert resumed.state_dict()["step"] == 1 and resumed.state_dict()["thresholds"] == saved.state_dict()["thresholds"]
+
+
+@pytest.mark.parametrize("method", ["feather", "st3", "sr-ste"])
+def test_weights_prepared_before_the_forward_give_what_each_layer_computes_itself(tiny_net, method):
+    import copy
+
+    options = {} if method == "sr-ste" else {"sparsity": 0.8}
+    sp = st.create(tiny_net, method, total_steps=4, **options)
+    sp.step(), sp.step()
+    twin = copy.deepcopy(tiny_net)
+    x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    prepared, lazy = tiny_net(x), twin.forward(x)  # calling forward() skips the model's hooks: each layer computes
+    assert torch.equal(prepared, lazy)
+    prepared.square().sum().backward(), lazy.square().sum().backward()
+    for a, b in zip(tiny_net.parameters(), twin.parameters()):
+        assert torch.equal(a.grad, b.grad)
+
+
+def test_prepared_weights_are_used_only_within_their_forward_and_for_unchanged_weights(tiny_net):
+    sp = st.Sparsifier(tiny_net, "feather", 0.8, total_steps=4)
+    sp.step(), sp.step()  # s = 0.8: the forward weights differ from the weights
+    layer, param, w = sp._modules[0], sp._params[0], sp.dense_weights()[0]
+    seen = []
+    layer.register_forward_pre_hook(lambda module, args: seen.append(param._prepared is not None))
+    tiny_net(torch.randn(2, 3, 8, 8))
+    assert seen == [True] and param._prepared is None  # ready inside the forward, dropped after it
+    with pytest.raises(RuntimeError):
+        tiny_net(torch.randn(2, 5, 8, 8))  # a forward that raises drops them too
+    assert param._prepared is None
+    param.prepare(w)
+    prepared = param._prepared[1]
+    assert layer.weight is prepared
+    with torch.no_grad():
+        w.mul_(2.0)  # changed in place after preparing: the forward weight is computed again
+    again = layer.weight
+    assert again is not prepared and not torch.equal(again, prepared)
+    param.release()
+    assert torch.equal(layer.weight, again)
