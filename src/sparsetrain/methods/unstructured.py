@@ -12,7 +12,9 @@ tied weights pruned (first in layer order, then flat index) completes the count.
 
 Threshold timing: the forward pass of step t uses the threshold that makes the weights as
 they stand before step t exactly s(t) sparse. ``step()``, called right after
-``optimizer.step()``, advances t and recomputes T from the updated weights.
+``optimizer.step()``, advances t and recomputes T from the updated weights. When the model's
+forward starts, every forward weight is computed at once (the layers then find theirs ready);
+a layer called on its own computes its weight as it reads it.
 
 N:M scope (``scope="nm"``, ``n``, ``m``): the threshold is per group of M consecutive weights
 along the input dimension (:mod:`sparsetrain.nm`); at s(t) each group prunes k = round(s(t) * M)
