@@ -24,6 +24,15 @@ def test_operator_values(p):
     torch.testing.assert_close(out, torch.tensor(EXPECTED[p]), rtol=1e-6, atol=0)
 
 
+@pytest.mark.parametrize("p", [*sorted(EXPECTED), 2.5])
+@pytest.mark.parametrize("threshold", [T, torch.full_like(W, T)])
+def test_operator_leaves_its_input_and_threshold_unchanged(p, threshold):
+    w, before = W.clone(), threshold.clone() if isinstance(threshold, torch.Tensor) else threshold
+    threshold_operator(w, threshold, p)  # it works in place on its own temporaries only
+    assert torch.equal(w, W)
+    assert torch.equal(torch.as_tensor(threshold), torch.as_tensor(before))
+
+
 @pytest.mark.parametrize("p", sorted(EXPECTED))
 def test_zero_threshold_is_identity(p):
     assert torch.equal(threshold_operator(W, 0.0, p), W)

@@ -43,8 +43,11 @@ def prunes_nothing(threshold: Threshold) -> bool:
     return not isinstance(threshold, Tensor) and threshold <= 0.0
 
 
+@torch.no_grad()
 def threshold_operator(w: Tensor, threshold: Threshold, p: float) -> Tensor:
     """Apply P_p(w; T) elementwise (a tensor T per entry; where T = 0 the weight is unchanged).
+    The value only: the gradient the methods train with is the straight-through one of
+    :func:`sparsify_ste`.
 
     The difference |w|^p - T^p is computed so that it stays non-zero for every |w| > T in
     floating point (the count of zeros is then exactly the count of |w| <= T): for an integer p
@@ -60,15 +63,16 @@ def threshold_operator(w: Tensor, threshold: Threshold, p: float) -> Tensor:
     if w.dtype in (torch.float16, torch.bfloat16) and p != 1.0:
         wide = threshold.float() if isinstance(threshold, Tensor) else threshold
         return threshold_operator(w.float(), wide, p).to(w.dtype)
-    magnitude = w.abs()
-    excess = torch.relu(magnitude - threshold)
+    magnitude = w.abs()  # a fresh tensor: every later step works in place on temporaries
     if p == 1.0:
-        return torch.sign(w) * excess
+        return magnitude.sub_(threshold).relu_().copysign_(w)
     if p.is_integer():
-        shrunk = (excess * _power_sum(magnitude, threshold, int(p))).pow(1.0 / p)
+        total = _power_sum(magnitude, threshold, int(p))
+        shrunk = magnitude.sub_(threshold).relu_().mul_(total).pow_(1.0 / p)
     else:
-        shrunk = threshold * torch.expm1(p * torch.log1p(excess / threshold)).pow(1.0 / p)
-    out = torch.sign(w) * shrunk
+        shrunk = torch.expm1(magnitude.sub_(threshold).relu_().div_(threshold).log1p_().mul_(p))
+        shrunk = shrunk.pow_(1.0 / p).mul_(threshold)
+    out = shrunk.copysign_(w)
     return torch.where(threshold > 0, out, w) if isinstance(threshold, Tensor) else out
 
 
@@ -76,7 +80,7 @@ def _power_sum(a: Tensor, t: Threshold, p: int) -> Tensor:
     """sum_{i=0}^{p-1} a^i t^(p-1-i) by Horner's rule: ((a + t) a + t^2) a + ... + t^(p-1)."""
     total = a + t
     for power in range(2, p):
-        total = total * a + t**power
+        total.mul_(a).add_(t**power)
     return total
 
 
