@@ -1,14 +1,15 @@
 """Cost of sparsifying during training, and of exact threshold selection.
 
 1. Median training-step time (forward, backward, ``before_optimizer_step``, SGD step, ``step``)
-   of a CIFAR ResNet-20 at batch 128: a plain loop with no method, then every registered method
+   of a zoo model (CIFAR ResNet-20 unless ``--model``) at batch 128, and the method's ``step()``
+   timed inside those steps as well as alone: a plain loop with no method, then every registered method
    driven through the protocol (``dense`` shows the protocol's own cost).
 2. Time to select one global threshold over 25.6 M magnitudes (ResNet-50's size):
    sparsetrain's exact selection (``select``, as the engine calls it, and ``kth_smallest``)
    vs torch.kthvalue vs a full sort, and one pass over the data for scale.
 
-    python benchmarks/overhead.py [--steps 30] [--methods a,b] [--total-steps 1000] [--batch-size 128]
-                                  [--device cpu] [--flush-denormal]
+    python benchmarks/overhead.py [--model resnet20] [--steps 30] [--methods a,b] [--total-steps 1000]
+                                  [--batch-size 128] [--device cpu] [--flush-denormal]
 
 ``--total-steps``: the schedules' length. The default (1000) keeps every schedule early in its ramp
 during the measured steps and FRS before its first pruning step; ``--total-steps`` equal to
@@ -39,15 +40,16 @@ def sync(device: torch.device) -> None:
 
 
 class Trainer:
-    """One ResNet-20 training set-up; ``step()`` runs and times one full training step."""
+    """One training set-up of zoo model ``model``; ``step()`` runs and times one full training step."""
 
-    def __init__(self, method: str | None, batch_size: int, device: torch.device, total_steps: int) -> None:
+    def __init__(self, model: str, method: str | None, batch_size: int, device: torch.device, total_steps: int) -> None:
         torch.manual_seed(0)
         self.device = device
-        self.model = create_model("resnet20").to(device)
+        self.model = create_model(model).to(device)
         self.x = torch.randn(batch_size, 3, 32, 32, device=device)
         self.y = torch.randint(0, 10, (batch_size,), device=device)
         self.method = None
+        self.method_step_times: list[float] = []  # the method's step() inside each timed training step
         if method is not None:
             data = [(self.x, self.y)]
             self.method = st.create(self.model, method, total_steps=total_steps, example_inputs=self.x[:2], data=data)
@@ -65,17 +67,21 @@ class Trainer:
             self.method.before_optimizer_step()
         self.opt.step()
         if self.method is not None:
+            sync(self.device)
+            own = time.perf_counter()
             self.method.step()
+            sync(self.device)
+            self.method_step_times.append(time.perf_counter() - own)
         sync(self.device)
         return time.perf_counter() - start
 
 
 def interleaved_step_times(
-    methods: list[str | None], rounds: int, batch_size: int, device: torch.device, total_steps: int
+    model: str, methods: list[str | None], rounds: int, batch_size: int, device: torch.device, total_steps: int
 ) -> tuple[list[Trainer], list[list[float]]]:
     """Step times per set-up; the set-ups take turns each round so machine drift hits all alike,
     and the order rotates from round to round so no set-up always runs first or after the same one."""
-    trainers = [Trainer(method, batch_size, device, total_steps) for method in methods]
+    trainers = [Trainer(model, method, batch_size, device, total_steps) for method in methods]
     times: list[list[float]] = [[] for _ in methods]
     for round_index in range(rounds + 3):
         for offset in range(len(trainers)):
@@ -145,6 +151,7 @@ def selection_times(n: int, repeats: int, device: torch.device) -> dict[str, flo
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="resnet20", help="a zoo model (sparsetrain list)")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--methods", default="", help="comma-separated (default: every registered method)")
     parser.add_argument("--total-steps", type=int, default=1000, help="length of the methods' schedules")
@@ -160,23 +167,24 @@ def main() -> None:
           f"{torch.get_num_threads()} threads, device {device}, flush denormal {args.flush_denormal}")
 
     methods = [m for m in args.methods.split(",") if m] if args.methods else list(st.list_methods())
-    print(f"\nResNet-20, batch {args.batch_size}: median step time over {args.steps} interleaved rounds, "
+    print(f"\n{args.model}, batch {args.batch_size}: median step time over {args.steps} interleaved rounds, "
           f"schedules of {args.total_steps} steps")
     print("| method | median step (ms) | overhead: ratio of medians | overhead: median of paired rounds "
-          "| before_optimizer_step + step (ms) | w -> w~ fwd+bwd (ms) | own cost vs plain step |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+          "| before_optimizer_step + step (ms) | w -> w~ fwd+bwd (ms) | own cost vs plain step "
+          "| step() inside the training steps (ms) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     with StolenShare() as stolen:
-        trainers, (plain, *timed) = interleaved_step_times([None, *methods], args.steps, args.batch_size, device,
-                                                                  args.total_steps)
+        trainers, (plain, *timed) = interleaved_step_times(args.model, [None, *methods], args.steps, args.batch_size,
+                                                           device, args.total_steps)
     print(f"(CPU time stolen by the host during these rounds: {stolen.share:.1%})")
     plain_ms = statistics.median(plain) * 1e3
-    print(f"| (no method) | {plain_ms:.1f} | - | - | - | - | - |")
+    print(f"| (no method) | {plain_ms:.1f} | - | - | - | - | - | - |")
     for method, times, trainer in zip(methods, timed, trainers[1:]):
         median_ms = statistics.median(times) * 1e3
         step_ms, weight_ms = method_costs(trainer, args.steps)
         print(f"| {method} | {median_ms:.1f} | {100 * (median_ms / plain_ms - 1):+.1f} % | "
               f"{100 * paired_overhead(times, plain):+.1f} % | {step_ms:.2f} | {weight_ms:.2f} | "
-              f"{100 * (step_ms + weight_ms) / plain_ms:.1f} % |")
+              f"{100 * (step_ms + weight_ms) / plain_ms:.1f} % | {statistics.median(trainer.method_step_times) * 1e3:.2f} |")
 
     print(f"\nGlobal threshold over {args.weights:,} magnitudes (50 layers), s = 0.9, median of {args.repeats}")
     print("| selection | time (ms) | vs full sort |")
