@@ -16,6 +16,8 @@ from typing import Any
 
 from torch import nn
 
+from ..messages import shown
+
 ModelFactory = Callable[..., nn.Module]
 
 
@@ -103,4 +105,8 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
             raise ValueError(f"unknown argument {key!r} for model {name!r}; "
                              f"allowed arguments: {', '.join(spec.defaults)}")
     _check_json(name, kwargs)
-    return spec.factory(**kwargs)
+    try:
+        return spec.factory(**kwargs)
+    except (RuntimeError, MemoryError, TypeError, ValueError) as error:  # e.g. a width too large to allocate
+        reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+        raise ValueError(f"model {name!r} cannot be built with {shown(kwargs)}: {reason}; allowed: arguments it can be built with.") from None

@@ -181,11 +181,9 @@ def run_grid(
             continue
         options = options_from_dict({**cell.training_options(base), "out": str(out / "runs"), "name": cell.name})
         folder = RunFolder(options.run_dir)
-        resume = folder.has_checkpoint()
-        if folder.exists() and not resume:
-            folder.remove()  # killed before its first checkpoint: nothing to keep
-        log(f"[{index + 1}/{len(cells)}] {cell.name}" + (" (resuming)" if resume else ""))
-        train(options, resume=resume, log=lambda line: log(f"  {line}"))
+        log(f"[{index + 1}/{len(cells)}] {cell.name}" + (" (resuming)" if folder.has_checkpoint() else ""))
+        # a cell killed before its first checkpoint starts over through resume (which keeps what it did not write)
+        train(options, resume=folder.has_config(), log=lambda line: log(f"  {line}"))
         nm = cell.options().get("nm")
         sparsity = 1.0 - _pattern_density(nm) if nm else cell.options().get("sparsity", 0.0)
         record = {"cell": cell.name, "method": cell.method, "target": cell.target_option, "sparsity": sparsity,

@@ -8,10 +8,12 @@ a reference, is stored as JSON in the file's metadata header.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -69,19 +71,37 @@ def _umask() -> int:
     return mask
 
 
+@contextlib.contextmanager
+def writing(path: str | Path) -> Iterator[None]:
+    """Any failure to write inside the block (disk full, a read-only folder) becomes an OSError
+    naming ``path``; safetensors reports the OS error in its message only."""
+    try:
+        yield
+    except OSError as error:
+        raise OSError(error.errno, error.strerror, str(path)) from None
+    except SafetensorError as error:
+        code = re.search(r"os error (\d+)", str(error))
+        if code is None:
+            raise
+        raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from None
+
+
 def atomic_write(path: str | Path, write: Any) -> Path:
     """Call ``write(temporary_path)``, then rename the temporary file onto ``path``.
 
     A reader sees either the old file or the complete new one, never a partial write.
+    A failed write is an OSError naming ``path``.
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}{TMP_SUFFIX}")
     try:
-        write(str(tmp))
-        os.chmod(tmp, 0o666 & ~_umask())  # as open() would create it, whatever the writer chose
-        os.replace(tmp, path)
+        with writing(path):
+            write(str(tmp))
+            os.chmod(tmp, 0o666 & ~_umask())  # as open() would create it, whatever the writer chose
+            os.replace(tmp, path)
     finally:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
     return path
 
 
@@ -99,12 +119,18 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Any
         raise ValueError(f"checkpoint {path} does not exist; allowed: a file written by sparsetrain.")
     try:
         with safe_open(str(path), framework="pt", device=str(device)) as f:
-            metadata = f.metadata() or {}
+            header = (f.metadata() or {}).get(_TREE_KEY)
             tensors = {key: f.get_tensor(key) for key in f.keys()}
-        skeleton = json.loads(metadata[_TREE_KEY])
-    except (SafetensorError, OSError, KeyError, json.JSONDecodeError) as error:
-        raise ValueError(f"{path} is not a readable sparsetrain checkpoint ({error}).") from None
-    return unflatten(skeleton, tensors)
+        if header is None:
+            raise ValueError("it has no sparsetrain header")
+        return unflatten(json.loads(header), tensors)
+    except KeyError as error:
+        raise ValueError(f"the state in {path} does not fit this run (it lacks the tensor {error} its header names).") from None
+    except RecursionError:
+        problem = "its header nests too deeply"
+    except (SafetensorError, OSError, ValueError, TypeError) as error:  # JSONDecodeError is a ValueError
+        problem = str(error)
+    raise ValueError(f"{path} is not a readable sparsetrain checkpoint ({problem[:200]}).")
 
 
 def load_weights(path: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
@@ -129,3 +155,18 @@ def first_non_finite(state: Mapping[str, torch.Tensor]) -> str | None:
         if value.is_floating_point() and not bool(torch.isfinite(value).all()):
             return name
     return None
+
+
+
+def load_model_state(model: torch.nn.Module, state: Mapping[str, Any]) -> None:
+    """``model.load_state_dict(state)`` that also refuses a tensor of another dtype than the model's
+    (TypeError naming it; PyTorch would cast it silently)."""
+    own = model.state_dict()
+    for name, value in state.items():
+        if name in own and isinstance(value, torch.Tensor) and value.dtype != own[name].dtype:
+            raise TypeError(f"{name} is {_dtype_name(value)}, not {_dtype_name(own[name])}")
+    model.load_state_dict(state)
+
+
+def _dtype_name(tensor: torch.Tensor) -> str:
+    return str(tensor.dtype).removeprefix("torch.")

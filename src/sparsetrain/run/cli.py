@@ -28,7 +28,7 @@ from .export import save_sparse
 from .onnx import export_onnx, onnxruntime_difference
 from .folder import CONFIG, MODEL, RUN_FILES, RunFolder, final_weights, load_run, nm_pattern
 from .loop import EVAL_BATCH_SIZE, evaluate, fit, method_title, prepare
-from .options import TrainOptions, list_recipes, options_from_dict, resolve_device
+from .options import TrainOptions, check_path_length, list_recipes, options_from_dict, resolve_device
 
 USAGE_ERROR = 2
 FAILURE = 1  # a run that cannot go on (it diverged); its last good checkpoint is kept
@@ -96,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--format", choices=EXPORT_FORMATS, default="sparse",
                         help="sparse: the weights' non-zeros in safetensors (default); onnx: the model as ONNX")
     export.add_argument("--out", help="output file (default: RUN_DIR/model.sparse.safetensors or RUN_DIR/model.onnx)")
+    export.add_argument("--force", action="store_true", help="replace the output file if it exists")
 
     commands.add_parser("list", help="list models, methods and datasets")
     return parser
@@ -161,16 +162,36 @@ def _add_training_options(parser: argparse.ArgumentParser, single_run: bool) -> 
     device.add_argument("--workers", type=int, default=s, help="CPU threads for torch (0: torch's default)")
 
 
+MAX_CONFIG_BYTES = 1 << 20
+
+
+class _PlainYAMLLoader(yaml.SafeLoader):
+    """YAML without aliases: a few bytes of nested aliases would expand into gigabytes."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            mark = self.peek_event().start_mark
+            raise UsageError(f"config file {self.name} uses a YAML alias at line {mark.line + 1}; allowed: plain values")
+        return super().compose_node(parent, index)
+
+
 def read_config_file(path: str) -> dict[str, Any]:
-    """Options from a YAML (.yaml/.yml) or TOML (.toml) file."""
+    """Options from a YAML (.yaml/.yml, without aliases) or TOML (.toml) file of at most 1 MiB."""
     file = Path(path)
     if not file.is_file():
         raise UsageError(f"config file {path} does not exist")
+    if file.stat().st_size > MAX_CONFIG_BYTES:
+        raise UsageError(f"config file {path} holds {file.stat().st_size} bytes; allowed: at most {MAX_CONFIG_BYTES}")
     try:
         if file.suffix == ".toml":
             values = tomllib.loads(file.read_text())
         elif file.suffix in (".yaml", ".yml"):
-            values = yaml.safe_load(file.read_text()) or {}
+            loader = _PlainYAMLLoader(file.read_text())
+            loader.name = path
+            try:
+                values = loader.get_single_data() or {}
+            finally:
+                loader.dispose()
         else:
             raise UsageError(f"config file {path} must end in .yaml, .yml or .toml")
     except (tomllib.TOMLDecodeError, yaml.YAMLError) as error:
@@ -219,29 +240,38 @@ def command_eval(path: str, data_dir: str | None, device_spec: str) -> None:
     print(f"test acc {accuracy:.2%}  test loss {loss:.4f}  sparsity {report.sparsity:.2%}  ({len(data.y_test)} images)")
 
 
-def _export_target(weights: Path, out: str | None, default: str) -> Path:
-    """Where an export goes: ``out`` or ``default`` beside the weights, never onto a file of the run."""
+def _export_target(weights: Path, out: str | None, default: str, force: bool) -> Path:
+    """Where an export goes: ``out`` or ``default`` beside the weights, a file in an existing folder,
+    never onto a file of the run, and onto another existing file only with ``force``."""
     target = Path(out) if out else weights.with_name(default)
+    check_path_length("--out", str(target))
     if target.resolve() in {weights.with_name(name).resolve() for name in RUN_FILES}:
         raise UsageError(f"--out {target} is a file of the run itself; allowed: another path")
+    if not target.parent.is_dir():
+        raise UsageError(f"--out {target}: the folder {target.parent} does not exist; allowed: a file in an existing folder")
+    if target.is_dir():
+        raise UsageError(f"--out {target} is a folder; allowed: a file path")
+    if target.exists() and not force:
+        raise UsageError(f"--out {target} exists; allowed: another path, or --force to replace it")
     return target
 
 
-def command_export(path: str, out: str | None, export_format: str) -> None:
+def command_export(path: str, out: str | None, export_format: str, force: bool = False) -> None:
     if export_format == "onnx":
-        return export_onnx_command(path, out)
+        return export_onnx_command(path, out, force)
     weights = final_weights(path)
-    target = _export_target(weights, out, "model.sparse.safetensors")
+    target = _export_target(weights, out, "model.sparse.safetensors", force)
     save_sparse(target, load_weights(weights), nm=nm_pattern(RunFolder(weights.parent).config()))
     before, after = weights.stat().st_size, target.stat().st_size
     print(f"wrote {target}: {after / 1024:.0f} KiB, {after / before:.1%} of {MODEL} ({before / 1024:.0f} KiB)")
 
 
-def export_onnx_command(path: str, out: str | None) -> None:
+def export_onnx_command(path: str, out: str | None, force: bool = False) -> None:
     weights = final_weights(path)
+    target = _export_target(weights, out, "model.onnx", force)
     run = load_run(weights, torch.device("cpu"))
     example = torch.zeros(2, *input_size(run.config["model"]["name"]))
-    target = export_onnx(run.model, example, _export_target(weights, out, "model.onnx"))
+    export_onnx(run.model, example, target)
     line = f"wrote {target}: {target.stat().st_size / 1024:.0f} KiB"
     difference = onnxruntime_difference(run.model, target, torch.randn(4, *example.shape[1:]))
     if difference is not None:
@@ -286,7 +316,7 @@ def _checked_command(args: dict[str, Any]) -> Callable[[], None]:
     if command == "eval":
         command_eval(args["path"], args["data_dir"], args["device"])
     elif command == "export":
-        command_export(args["path"], args["out"], args["format"])
+        command_export(args["path"], args["out"], args["format"], args["force"])
     elif command == "report":
         command_report(args["path"])
     else:
@@ -294,16 +324,35 @@ def _checked_command(args: dict[str, Any]) -> Callable[[], None]:
     return lambda: None
 
 
+def _say(error: BaseException | str) -> None:
+    """The one error line; a message longer than 400 characters keeps its start and its end."""
+    text = " ".join(str(error).split())
+    if len(text) > 400:
+        text = f"{text[:240]} … {text[-150:]}"
+    print(f"sparsetrain: error: {text}", file=sys.stderr)
+
+
+def _io_failure(error: OSError) -> str:
+    where = f": {error.filename}" if error.filename else ""
+    return f"{error.strerror or error}{where}; files already written are kept (a run resumes from its last checkpoint)"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         work = _checked_command(vars(build_parser().parse_args(argv)))
     except (UsageError, ValueError) as error:
-        print(f"sparsetrain: error: {error}", file=sys.stderr)
+        _say(error)
         return USAGE_ERROR
+    except OSError as error:  # a file that cannot be read or written: disk full, read-only, ...
+        _say(_io_failure(error))
+        return FAILURE
     try:
         work()
     except FloatingPointError as error:  # the run diverged: not a usage error
-        print(f"sparsetrain: error: {error}", file=sys.stderr)
+        _say(error)
+        return FAILURE
+    except OSError as error:
+        _say(_io_failure(error))
         return FAILURE
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -8,14 +8,21 @@
     model.safetensors       the final plain weights
     report.md, training.png, layers.png, tensorboard/
 
+Nothing else in the folder is ours: starting a run over removes only the files a run writes before
+its first checkpoint, by name, and refuses when the folder holds anything else. While a process
+trains in the folder it holds an OS lock on it (``flock``, released when the process dies), so a
+second ``train`` or ``--resume`` of the same folder is refused; reading it (eval, report) is not.
+
 :func:`load_run` rebuilds a run's model for eval, report, export, the bench and the benchmark
 scripts: a finished one from its widths and weights, a checkpoint with its method re-attached.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
-import shutil
+import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +35,10 @@ from ..methods import Method, create, method_options
 from ..nm import parse_nm
 from ..models import create_model, input_size
 from ..structured import layer_shapes, rebuild
-from .checkpoint import TMP_SUFFIX, atomic_write, first_non_finite, load_checkpoint, load_weights, save_checkpoint, write_json
+from .checkpoint import (
+    TMP_SUFFIX, atomic_write, first_non_finite, load_checkpoint, load_model_state, load_weights, save_checkpoint, write_json,
+    writing,
+)
 
 CONFIG, METRICS, CHECKPOINT, MODEL, REPORT = (
     "config.json",
@@ -37,8 +47,11 @@ CONFIG, METRICS, CHECKPOINT, MODEL, REPORT = (
     "model.safetensors",
     "report.md",
 )
-TRAINING_PLOT, LAYERS_PLOT = "training.png", "layers.png"
+TRAINING_PLOT, LAYERS_PLOT, TENSORBOARD = "training.png", "layers.png", "tensorboard"
 RUN_FILES = (CONFIG, METRICS, CHECKPOINT, MODEL, REPORT, TRAINING_PLOT, LAYERS_PLOT)
+# Temporary files of atomic_write: ".NAME.HEX.tmp" for a file NAME of the run.
+_LEFTOVER = re.compile(rf"\.({'|'.join(map(re.escape, RUN_FILES))})\.[0-9a-f]+{re.escape(TMP_SUFFIX)}")
+_EVENTS_PREFIX = "events.out.tfevents."  # TensorBoard's event files
 
 
 class RunFolder:
@@ -46,6 +59,7 @@ class RunFolder:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
+        self._lock: int | None = None  # the descriptor holding the folder's lock
 
     def file(self, name: str) -> Path:
         return self.path / name
@@ -62,22 +76,64 @@ class RunFolder:
     def is_finished(self) -> bool:
         return self.file(MODEL).is_file()
 
+    def lock(self) -> None:
+        """Take the folder's exclusive lock for this process; ValueError naming the folder when
+        another process holds it (a run training in it)."""
+        descriptor = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(descriptor)
+            raise ValueError(f"run folder {self.path} is in use by another training process; "
+                             "allowed: wait for it to end, or a new --name.") from None
+        self._lock = descriptor
+
+    def unlock(self) -> None:
+        """Release the lock taken by :meth:`lock`, if held."""
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
+
     def remove_leftovers(self) -> list[Path]:
-        """Delete temporary files of atomic writes cut short (a run killed while writing); return them."""
-        leftovers = sorted(self.path.glob(f".*{TMP_SUFFIX}")) if self.path.is_dir() else []
+        """Delete temporary files of our atomic writes cut short (a run killed while writing); return them."""
+        leftovers = sorted(entry for entry in self.path.iterdir()
+                           if _LEFTOVER.fullmatch(entry.name) and _is_plain_file(entry)) if self.path.is_dir() else []
         for leftover in leftovers:
             leftover.unlink()
         return leftovers
 
-    def remove(self) -> None:
-        """Delete the folder and everything in it (a run killed before its first checkpoint)."""
-        shutil.rmtree(self.path)
+    def check_start_over(self) -> list[Path]:
+        """What a run writes before its first checkpoint (config.json, TensorBoard events), found in
+        the folder; ValueError naming the first other entry, if the folder holds one."""
+        events = self.file(TENSORBOARD)
+        events_folder = events.is_dir() and not events.is_symlink()
+        inside = list(events.iterdir()) if events_folder else []
+        ours = [self.file(CONFIG)] if _is_plain_file(self.file(CONFIG)) else []
+        ours += [entry for entry in inside if entry.name.startswith(_EVENTS_PREFIX) and _is_plain_file(entry)]
+        others = sorted(str(entry.relative_to(self.path)) for entry in [*self.path.iterdir(), *inside]
+                        if entry not in ours and not (entry == events and events_folder))
+        if others:
+            raise ValueError(f"cannot start {self.path} over: it holds {others[0]!r}, which a run stopped before its "
+                             "first checkpoint does not write; allowed: move it out of the folder, or a new --name.")
+        return ours
+
+    def start_over(self) -> None:
+        """Remove what :meth:`check_start_over` finds, by name, so the run can start again; the
+        folder itself stays. Nothing is removed when the folder holds anything else."""
+        for entry in self.check_start_over():
+            entry.unlink()
+        if self.file(TENSORBOARD).is_dir() and not self.file(TENSORBOARD).is_symlink():
+            self.file(TENSORBOARD).rmdir()
 
     def create(self, config: dict[str, Any]) -> None:
-        """Make the folder and write its config.json."""
+        """Make the folder (or reuse the empty one :meth:`start_over` left), lock it and write its config.json."""
         try:
-            self.path.mkdir(parents=True)
+            self.path.mkdir(parents=True, exist_ok=self._lock is not None)
+            if self._lock is None:
+                self.lock()
             write_json(self.file(CONFIG), config)
+        except FileExistsError:
+            raise ValueError(f"run folder {self.path} already exists; allowed: --resume to continue it, or a new --name.") from None
         except OSError as error:
             raise ValueError(f"cannot create the run folder {self.path}: {error.strerror}; "
                              "allowed: --out in a writable folder.") from None
@@ -127,13 +183,36 @@ class RunFolder:
     def write_text(self, name: str, text: str) -> None:
         atomic_write(self.file(name), lambda tmp: Path(tmp).write_text(text))
 
-    def tensorboard(self) -> Any:
-        """A TensorBoard writer into tensorboard/, or None when tensorboard is not installed."""
+    def tensorboard(self) -> EventLog | None:
+        """A TensorBoard log into tensorboard/, or None when tensorboard is not installed."""
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
             return None
-        return SummaryWriter(str(self.file("tensorboard")))
+        with writing(self.file(TENSORBOARD)):
+            return EventLog(SummaryWriter(str(self.file(TENSORBOARD))), self.file(TENSORBOARD))
+
+
+@dataclass
+class EventLog:
+    """TensorBoard's writer (its files are written by a thread of its own); a failed write is an
+    OSError naming the folder."""
+
+    writer: Any
+    path: Path
+
+    def add(self, values: dict[str, float], step: int) -> None:
+        with writing(self.path):
+            for key, value in values.items():
+                self.writer.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        with writing(self.path):
+            self.writer.close()
+
+
+def _is_plain_file(path: Path) -> bool:
+    return path.is_file() and not path.is_symlink()
 
 
 def changed_shapes(model: nn.Module, reference: nn.Module) -> dict[str, dict[str, int]]:
@@ -219,7 +298,7 @@ def load_run(path: str | Path, device: torch.device) -> LoadedRun:
 
 def _load_into(model: nn.Module, state: dict[str, torch.Tensor], path: Path, name: str) -> None:
     try:
-        model.load_state_dict(state)
-    except RuntimeError as error:
+        load_model_state(model, state)
+    except (RuntimeError, TypeError) as error:
         detail = str(error).splitlines()[1].strip() if len(str(error).splitlines()) > 1 else str(error)
         raise ValueError(f"the weights in {path} do not fit the model {name!r} its {CONFIG} names ({detail}).") from None

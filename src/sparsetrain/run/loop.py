@@ -32,7 +32,7 @@ from ..methods import Method, create, method_options, method_spec
 from ..models import create_model
 from ..modes import eval_mode
 from ..report import count_flops, sparsity_report
-from .checkpoint import first_non_finite
+from .checkpoint import first_non_finite, load_model_state
 from .folder import CHECKPOINT, CONFIG, LAYERS_PLOT, REPORT, TRAINING_PLOT, RunFolder, changed_shapes
 from .options import TrainOptions, resolve_device
 from .plots import plot_layer_sparsity, plot_training
@@ -107,10 +107,8 @@ def prepare(options: TrainOptions, resume: bool = False) -> Setup:
     here, before anything is written.
     """
     folder = RunFolder(options.run_dir)
-    restart = resume and not folder.has_checkpoint()
     if resume:
         _check_resumable(options, folder)
-        folder.remove_leftovers()
     elif folder.exists():
         raise ValueError(f"run folder {folder.path} already exists; allowed: --resume to continue it, or a new --name.")
     device = resolve_device(options.device)
@@ -120,6 +118,22 @@ def prepare(options: TrainOptions, resume: bool = False) -> Setup:
     ranks = Distributed.from_environment(device)
     if ranks.world_size > 1 and device.type == "cuda":
         device = torch.device("cuda", torch.cuda.current_device())  # this rank's GPU
+    if resume and ranks.main:
+        folder.lock()  # before anything in the folder is read or removed
+    try:
+        return _prepare(options, folder, device, ranks, data, resume)
+    except BaseException:
+        folder.unlock()
+        raise
+
+
+def _prepare(options: TrainOptions, folder: RunFolder, device: torch.device, ranks: Distributed, data: ImageDataset,
+             resume: bool) -> Setup:
+    restart = resume and not folder.has_checkpoint()
+    if resume and ranks.main:
+        folder.remove_leftovers()
+        if restart:
+            folder.check_start_over()
     state = folder.load_checkpoint(device) if resume and not restart else None
     torch.manual_seed(options.seed)
     record = model_record(options, data.num_classes)
@@ -146,8 +160,8 @@ def prepare(options: TrainOptions, resume: bool = False) -> Setup:
     if state is not None:
         _restore(setup, state)
     elif ranks.main:
-        if restart:  # stopped before its first checkpoint: nothing to keep
-            folder.remove()
+        if restart:  # stopped before its first checkpoint: only config.json and TensorBoard events to remove
+            folder.start_over()
             setup.notice = f"{folder.path} has no checkpoint yet (stopped before its first epoch ended): starting the run over"
         folder.create({
             "options": dataclasses.asdict(options),
@@ -211,10 +225,11 @@ def _restore(setup: Setup, state: Any) -> None:
     bad = first_non_finite(state["model"])
     if bad is not None:
         raise ValueError(f"the checkpoint's {bad} holds NaN or infinite values; allowed: a checkpoint of finite weights.")
-    parts = [("method", setup.method), ("model", setup.model), ("optimizer", setup.optimizer), ("scheduler", setup.scheduler)]
-    for key, part in parts:
+    parts = [("method", setup.method.load_state_dict), ("model", partial(load_model_state, setup.model)),
+             ("optimizer", setup.optimizer.load_state_dict), ("scheduler", setup.scheduler.load_state_dict)]
+    for key, load in parts:
         try:
-            part.load_state_dict(state[key])
+            load(state[key])
         except (KeyError, IndexError, TypeError, AttributeError, RuntimeError, ValueError) as error:
             detail = str(error).strip().splitlines()
             raise ValueError(f"the {key} state in {where} does not fit this run ({detail[-1] if detail else type(error).__name__}).") from None
@@ -286,7 +301,15 @@ def _wrap(model: nn.Module, ranks: Distributed) -> nn.Module:
 
 
 def fit(setup: Setup, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Train from ``setup.start_epoch`` to the end, checkpointing every epoch; return the final metrics."""
+    """Train from ``setup.start_epoch`` to the end, checkpointing every epoch; return the final
+    metrics. The run folder's lock is released however it ends."""
+    try:
+        return _fit(setup, log)
+    finally:
+        setup.folder.unlock()
+
+
+def _fit(setup: Setup, log: Callable[[str], None]) -> dict[str, Any]:
     options, ranks, method, model, optimizer = setup.options, setup.ranks, setup.method, setup.model, setup.optimizer
     writer = setup.folder.tensorboard() if ranks.main else None
     show_progress = ranks.main and sys.stderr.isatty()
@@ -339,8 +362,7 @@ def fit(setup: Setup, log: Callable[[str], None] = print) -> dict[str, Any]:
             setup.folder.write_metrics(setup.history)
             log(format_record(entry, options.epochs))
             if writer is not None:
-                for key, value in entry.items():
-                    writer.add_scalar(key, value, epoch + 1)
+                writer.add(entry, epoch + 1)
     if writer is not None:
         writer.close()
     return _finish(setup, dense, log)

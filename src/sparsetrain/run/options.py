@@ -24,6 +24,7 @@ import torch
 import yaml
 
 from ..data import DATASET_NAMES
+from ..messages import shown
 from ..methods import list_methods, method_options, method_spec
 from ..models import list_models
 
@@ -91,16 +92,18 @@ class TrainOptions:
             if getattr(self, name) is not None:
                 _check_text(name, getattr(self, name))
         if self.name is not None and (Path(self.name).name != self.name or self.name in (".", "..")):
-            raise ValueError(f"name={self.name!r} is not allowed; allowed: a folder name inside --out, without '/'.")
+            raise ValueError(f"name={shown(self.name)} is not allowed; allowed: a folder name inside --out, without '/'.")
+        for name in ("out", "name", "data_dir"):
+            check_path_length(name, getattr(self, name))
         if self.data_dir is not None and not Path(self.data_dir).expanduser().is_dir():
-            raise ValueError(f"data_dir={self.data_dir!r} is not a folder; allowed: the folder holding the dataset.")
+            raise ValueError(f"data_dir={shown(self.data_dir)} is not a folder; allowed: the folder holding the dataset.")
         if self.model not in list_models():
-            raise ValueError(f"unknown model {self.model!r}; known models: {', '.join(list_models())}.")
+            raise ValueError(f"unknown model {shown(self.model)}; known models: {', '.join(list_models())}.")
         if self.dataset not in DATASET_NAMES:
-            raise ValueError(f"unknown dataset {self.dataset!r}; known datasets: {', '.join(DATASET_NAMES)}.")
+            raise ValueError(f"unknown dataset {shown(self.dataset)}; known datasets: {', '.join(DATASET_NAMES)}.")
         for name in ("model_args", "method_args"):
             if not isinstance(getattr(self, name), dict):
-                raise ValueError(f"{name}={getattr(self, name)!r} is not allowed; allowed: a mapping of names to values.")
+                raise ValueError(f"{name}={shown(getattr(self, name))} is not allowed; allowed: a mapping of names to values.")
         _check_number("epochs", self.epochs, int, minimum=1, optional=True, maximum=MAX_EPOCHS)
         _check_number("batch_size", self.batch_size, int, minimum=1)
         _check_number("lr", self.lr, float, minimum=0.0, exclusive=True)
@@ -108,11 +111,11 @@ class TrainOptions:
         _check_number("momentum", self.momentum, float, minimum=0.0, maximum=1.0)
         _check_number("clip", self.clip, float, minimum=0.0, exclusive=True)
         if self.lr_schedule not in LR_SCHEDULES:
-            raise ValueError(f"lr_schedule={self.lr_schedule!r} is not allowed; allowed: {', '.join(LR_SCHEDULES)}.")
+            raise ValueError(f"lr_schedule={shown(self.lr_schedule)} is not allowed; allowed: {', '.join(LR_SCHEDULES)}.")
         if not isinstance(self.milestones, list) or any(
             isinstance(m, bool) or not isinstance(m, int) or m < 1 for m in self.milestones
         ) or self.milestones != sorted(self.milestones):
-            raise ValueError(f"milestones={self.milestones!r} is not allowed; allowed: increasing epochs >= 1.")
+            raise ValueError(f"milestones={shown(self.milestones)} is not allowed; allowed: increasing epochs >= 1.")
         _check_number("gamma", self.gamma, float, minimum=0.0, exclusive=True, maximum=1.0)
         _check_number("warmup", self.warmup, int, minimum=0)
         _check_number("label_smoothing", self.label_smoothing, float, minimum=0.0)
@@ -175,9 +178,18 @@ MAX_EPOCHS = 1_000_000
 MAX_WORKERS = 4096
 
 
+NAME_MAX = 255  # bytes in one file or folder name, on every common file system
+
+
+def check_path_length(name: str, path: str | None) -> None:
+    """ValueError if a part of ``path`` is longer than a file system allows (NAME_MAX bytes)."""
+    if path is not None and any(len(part.encode()) > NAME_MAX for part in Path(path).parts):
+        raise ValueError(f"{name}={shown(path)} is too long for the file system; allowed: names of at most {NAME_MAX} bytes.")
+
+
 def _check_text(name: str, value: Any) -> None:
     if not isinstance(value, str) or not value:
-        raise ValueError(f"{name}={value!r} is not allowed; allowed: a non-empty string.")
+        raise ValueError(f"{name}={shown(value)} is not allowed; allowed: a non-empty string.")
 
 
 def _check_number(
@@ -197,7 +209,7 @@ def _check_number(
     if isinstance(value, bool) or not isinstance(value, allowed) or not math.isfinite(value) or (
         value <= minimum if exclusive else value < minimum
     ) or (maximum is not None and value > maximum):
-        raise ValueError(f"{name}={value!r} is not allowed; allowed: {'an integer' if kind is int else 'a number'} {bound}.")
+        raise ValueError(f"{name}={shown(value)} is not allowed; allowed: {'an integer' if kind is int else 'a number'} {bound}.")
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -207,7 +219,7 @@ def resolve_device(spec: str) -> torch.device:
     try:
         device = torch.device(spec)
     except RuntimeError:
-        raise ValueError(f"device={spec!r} is not a device; allowed: auto, cpu, cuda or cuda:N.") from None
+        raise ValueError(f"device={shown(spec)} is not a device; allowed: auto, cpu, cuda or cuda:N.") from None
     if device.type not in ("cpu", "cuda"):
         raise ValueError(f"device={spec!r} is not supported; allowed: auto, cpu, cuda or cuda:N.")
     if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
@@ -223,7 +235,7 @@ def list_recipes() -> list[str]:
 def recipe_values(name: str, epochs: int | None = None) -> dict[str, Any]:
     """The options recipe ``name`` sets; with ``epochs``, its epoch-valued ones scaled to them."""
     if name not in list_recipes():
-        raise ValueError(f"unknown recipe {name!r}; known recipes: {', '.join(list_recipes())}.")
+        raise ValueError(f"unknown recipe {shown(name)}; known recipes: {', '.join(list_recipes())}.")
     values = yaml.safe_load((RECIPES / f"{name}.yaml").read_text())
     if epochs is None or epochs == values["epochs"]:
         return values
@@ -240,7 +252,7 @@ def options_from_dict(values: dict[str, Any]) -> TrainOptions:
     normalised = {key.replace("-", "_"): value for key, value in values.items()}
     unknown = sorted(set(normalised) - set(known))
     if unknown:
-        raise ValueError(f"unknown option {unknown[0]!r}; known options: {', '.join(known)}.")
+        raise ValueError(f"unknown option {shown(unknown[0])}; known options: {', '.join(known)}.")
     if normalised.get("recipe") is not None:
         normalised = {**recipe_values(normalised["recipe"], normalised.get("epochs")), **normalised}
     return TrainOptions(**normalised)
