@@ -323,3 +323,79 @@ def test_a_run_killed_inside_a_checkpoint_write_resumes_to_the_same_end(tmp_path
     assert without_times(run) == without_times(straight(method))
     config = lambda path: json.loads((path / "config.json").read_text())  # noqa: E731
     assert config(run).get("shapes") == config(straight(method)).get("shapes")
+
+
+# -- hostile inputs: one line each ---------------------------------------------------------------------------
+
+def test_a_yaml_alias_bomb_is_refused_at_once_in_one_short_line(tmp_path, cli):
+    levels = ["&a0 [x, x, x, x, x, x, x, x, x]"] + [f"&a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 9)]
+    config = tmp_path / "bomb.yaml"
+    config.write_text("a0: " + "\n".join(f"a{i}: {level}" for i, level in enumerate(levels))[4:] + "\nmilestones: *a8\n")
+    start = time.perf_counter()
+    err = one_line_error(cli("train", "--config", config))
+    assert time.perf_counter() - start < 10 and len(err) < 300
+    assert f"config file {config} uses a YAML alias at line 2; allowed: plain values" in err
+
+
+def test_a_huge_config_file_or_value_is_refused_in_one_short_line(tmp_path, cli):
+    config = tmp_path / "big.yaml"
+    config.write_text("epochs: 1\n" + "#" * (1 << 20) + "\n")
+    assert f"config file {config} holds 1048587 bytes; allowed: at most 1048576" in one_line_error(cli("train", "--config", config))
+    config.write_text(f"model: {'x' * 500_000}\n")
+    err = one_line_error(cli("train", "--config", config))
+    assert len(err) < 400 and err.startswith("sparsetrain: error: unknown model 'xxx") and "known models" in err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--method-arg", "exclude=5"], "exclude=5 is not allowed; allowed: a list of glob patterns"),
+    (["--model-arg", "width=100000"], "model 'resnet20' cannot be built with {'num_classes': 10, 'width': 100000}: "),
+    (["--name", "n" * 256], "name='nnn"),
+    (["--out", "o" * 256], "is too long for the file system; allowed: names of at most 255 bytes"),
+])
+def test_bad_values_that_used_to_raise_are_one_line(tmp_path, cli, monkeypatch, args, message):
+    monkeypatch.chdir(tmp_path)
+    assert message in one_line_error(cli("train", "--epochs", 1, *args))
+    assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+def _rewrite(path, drop: str | None = None, header: str | None = None) -> None:
+    """Write the safetensors file at ``path`` again without tensor ``drop`` or with another header."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), framework="pt") as f:
+        tensors, metadata = {k: f.get_tensor(k) for k in f.keys() if k != drop}, f.metadata()
+    save_file(tensors, str(path), metadata={"sparsetrain.tree": header or metadata["sparsetrain.tree"]})
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("tensor gone from the file", "does not fit this run (it lacks the tensor '.model.conv1.parametrizations.weight.original'"),
+    ("header nested 200,000 deep", "is not a readable sparsetrain checkpoint (its header nests too deeply)"),
+])
+def test_a_crafted_checkpoint_header_is_one_line(run, cli, damage, message):
+    checkpoint = run / "checkpoint.safetensors"
+    if damage.startswith("tensor"):
+        _rewrite(checkpoint, drop=".model.conv1.parametrizations.weight.original")
+    else:
+        _rewrite(checkpoint, header="[" * 200_000 + "]" * 200_000)
+    assert message in one_line_error(cli("train", "--resume", run))
+    assert message in one_line_error(cli("eval", checkpoint))
+
+
+def test_a_tensor_of_another_dtype_is_refused_on_resume_and_eval(run, cli):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from sparsetrain.run.folder import RunFolder
+
+    folder = RunFolder(run)
+    state = folder.load_checkpoint(torch.device("cpu"))
+    key = "conv1.parametrizations.weight.original"
+    state["model"][key] = state["model"][key].long()
+    folder.save_checkpoint(state)
+    err = one_line_error(cli("train", "--resume", run))
+    assert f"the model state in {run / 'checkpoint.safetensors'} does not fit this run ({key} is int64, not float32)" in err
+    weights = load_file(str(run / "model.safetensors"))
+    weights["conv1.weight"] = weights["conv1.weight"].long()
+    save_file(weights, str(run / "model.safetensors"))
+    assert "(conv1.weight is int64, not float32)" in one_line_error(cli("eval", run))
