@@ -14,5 +14,5 @@ def shown(value: Any) -> str:
     short = reprlib.Repr()
     short.maxstring = short.maxother = 60
     short.maxlevel = 2
-    text = short.repr(value)
+    text = " ".join(short.repr(value).split())  # one line, whatever the repr
     return text if len(text) <= SHOWN_CHARACTERS else f"{text[:SHOWN_CHARACTERS - 3]}..."

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,9 +35,8 @@ class Dense(Method):
     def state_dict(self) -> dict[str, Any]:
         return {"method": self.name, "step": self._step}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("method") != self.name:
-            raise ValueError(f"this state is for method {state.get('method')!r}; allowed: a state of method 'dense'.")
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self._check_state(state)
         self._step = int(state["step"])
 
 

@@ -68,7 +68,7 @@ from ..report import count_flops, output_width
 from ..schedules import resolve_step, validate_total_steps
 from ..structured.relevance import post_relu_activations, relevance_and_logits
 from ..structured.surgery import ChannelGroup, channel_groups, layer_shapes, remove_channels_, resize_
-from .protocol import Method
+from .protocol import Method, check_finite
 from .registry import Context, MethodSpec, register_method
 
 DEFAULT_FRACTION = 0.3  # of the prunable entries of each pool, picked over the schedule when no count is given
@@ -323,7 +323,7 @@ class FRS(Method):
     ) -> None:
         super().__init__()
         self.options = FRSOptions(prune_every, channels_per_step, stop_at, num_classes, linear_per_step, lrp_eps)
-        validate_total_steps(total_steps)
+        self.total_steps = validate_total_steps(total_steps)
         if not isinstance(example_inputs, Tensor):
             raise ValueError(f"example_inputs={example_inputs!r} is not allowed; allowed: a tensor batch the model accepts.")
         self.model = model
@@ -392,8 +392,12 @@ class FRS(Method):
 
     def step(self) -> bool:
         """Advance t; after steps prune_every, 2 prune_every, ... <= stop_at remove the channels
-        of the lowest-scoring entries in place. True when a pruning step was made."""
+        of the lowest-scoring entries in place. True when a pruning step was made. The optimizer
+        must be bound: pruning re-points it at the new parameters."""
         self._check_attached()
+        if self.optimizer is None:
+            raise RuntimeError("FRS re-points the optimizer at the parameters it prunes, so it needs one; "
+                               "allowed: call bind(optimizer) before step().")
         self._step += 1
         if self.prunes_done >= self.schedule.done_by(self._step):
             return False
@@ -402,7 +406,8 @@ class FRS(Method):
 
     def prune(self) -> dict[str, list[int]]:
         """Score the model on ``data``, remove the channels of each pool's lowest entries in place
-        (the optimizer's state follows); return the removed {group root: channel indices}."""
+        (the optimizer's state follows, if bound); return the removed {group root: channel indices}.
+        A NaN or infinite relevance score is a FloatingPointError naming its layer."""
         found = candidates(self.model, self.example_inputs)
         for pool, option in (("conv", "channels_per_step"), ("linear", "linear_per_step")):
             available = sum(c.entries for c in found if c.pool == pool)
@@ -412,7 +417,11 @@ class FRS(Method):
                     f"of {type(self.model).__name__}; allowed: at most {available} (every group keeps one channel)."
                 )
         rank0 = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
-        drop = select(self.scores(), found, self.counts) if rank0 else {}
+        drop: dict[str, list[int]] = {}
+        if rank0:
+            scores = self.scores()
+            check_finite(list(scores.values()), list(scores), "layer", "relevance score", self._step)
+            drop = select(scores, found, self.counts)
         drop = _rank0_choice(drop, found)
         if drop:
             remove_channels_(self.model, drop, self.example_inputs, self.optimizer)
@@ -423,31 +432,30 @@ class FRS(Method):
 
     def state_dict(self) -> dict[str, Any]:
         """The step, each pruning step's removals ({group root: channel indices} of the model at
-        that step) and the widths of the model now (JSON-ready)."""
+        that step), the widths of the model now and the settings (JSON-ready)."""
         return {
             "method": self.name,
             "step": self._step,
-            "counts": dict(self.counts),
             "removals": [{root: list(indices) for root, indices in drop.items()} for drop in self.removals],
             "shapes": layer_shapes(self.model),
+            "settings": self._settings(),
+        }
+
+    def _settings(self) -> dict[str, Any]:
+        """The schedule in steps, the entries picked per step, the scoring options and the training length."""
+        return {
+            "total_steps": self.total_steps, "prune_every": self.schedule.prune_every, "stop_at": self.schedule.stop_at,
+            "channels_per_step": self.channels_per_step, "linear_per_step": self.linear_per_step,
+            "num_classes": self.num_classes, "lrp_eps": self.options.lrp_eps,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore the schedule position and give the model the saved widths, in place (its
-        weights become zeros until the model's own state dict is loaded)."""
+        weights become zeros until the model's own state dict is loaded). A state of other settings
+        is refused naming the setting."""
         self._check_attached()
-        expected = set(self.state_dict())
-        if set(state) != expected or state["method"] != self.name:
-            raise ValueError(f"this state has keys {sorted(state)}; allowed: an FRS state with exactly {sorted(expected)}.")
-        if state["counts"] != self.counts:
-            raise ValueError(
-                f"the saved FRS state picks {state['counts']!r} entries per step but this FRS picks "
-                f"{self.counts!r}; allowed: the settings of the run being resumed."
-            )
+        self._check_state(state)
         removals = [{str(root): [int(i) for i in indices] for root, indices in drop.items()} for drop in state["removals"]]
-        if len(removals) != self.schedule.done_by(int(state["step"])):
-            raise ValueError(f"the saved FRS state made {len(removals)} pruning steps by step {state['step']}, "
-                             f"but this schedule makes {self.schedule.done_by(int(state['step']))}; allowed: the same schedule.")
         resize_(self.model, state["shapes"], self.optimizer)
         self._step = int(state["step"])
         self.removals = removals

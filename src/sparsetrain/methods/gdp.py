@@ -90,7 +90,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -105,7 +105,7 @@ from ..modes import eval_mode
 from ..report import output_width
 from ..schedules import validate_total_steps
 from ..structured.surgery import LAYER_TYPES, ChannelGroup, Coupling, is_depthwise, remove_channels_, trace_couplings
-from .protocol import Method
+from .protocol import Method, check_finite
 from .registry import Context, MethodSpec, register_method
 
 
@@ -376,12 +376,12 @@ class GDP(Method):
 
     # -- changing the state --------------------------------------------------------------
 
-    def bind(self, optimizer: torch.optim.Optimizer) -> None:
-        """Remember the optimizer; it must hold the gates (build it after ``create()``)."""
+    def _check_optimizer(self, optimizer: object) -> None:
+        """Also: the optimizer must hold the gates (build it after ``create()``)."""
+        super()._check_optimizer(optimizer)
         if not any(p is self.gates for group in optimizer.param_groups for p in group["params"]):
             raise ValueError("the optimizer does not hold GDP's gates; allowed: an optimizer built from "
                              "model.parameters() after sparsetrain.create().")
-        super().bind(optimizer)
 
     def before_optimizer_step(self) -> None:
         """Add the penalty's gradient to the gates' gradient (nothing once holding)."""
@@ -395,10 +395,13 @@ class GDP(Method):
             self.gates.grad.add_(grad)
 
     def step(self) -> bool:
-        """Advance t: anneal eps, make exact zeros by the proximal step, adapt lambda."""
+        """Advance t: anneal eps, make exact zeros by the proximal step, adapt lambda. A NaN or
+        infinite gate is a FloatingPointError naming its group."""
         self._check_attached()
         self._step += 1
         with torch.no_grad():
+            magnitudes = self.gates.abs().split([c.channels for c in self.couplings])
+            check_finite(magnitudes, [c.root for c in self.couplings], "gate group", "gate", self._step)
             x = self.gates
             x[self._last == 0] = 0
             self.eps = self.eps_at(self._step)
@@ -483,9 +486,9 @@ class GDP(Method):
     # -- checkpointing -------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """The gate parameters after the last step, lambda, eps, step, hold flag and forced count:
-        with the model's state dict (which holds the gates themselves), everything needed to resume.
-        Save it right after ``step()``."""
+        """The gate parameters after the last step, lambda, eps, step, hold flag, forced count and
+        the settings they belong to: with the model's state dict (which holds the gates themselves),
+        everything needed to resume. Save it right after ``step()``."""
         return {
             "method": self.name,
             "last": self._last.clone(),
@@ -495,17 +498,24 @@ class GDP(Method):
             "forced": self.forced,
             "holding": self.holding,
             "groups": [c.root for c in self.couplings],
+            "settings": self._settings(),
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore a state saved by :meth:`state_dict` of a GDP on the same model."""
-        self._check_attached()
-        if state.get("method") != self.name:
-            raise ValueError(f"this state is for method {state.get('method')!r}; allowed: a state of method 'gdp'.")
+    def _settings(self) -> dict[str, Any]:
+        """Every option and the training length."""
+        return {**dataclasses.asdict(self.options), "total_steps": self.total_steps}
+
+    def _check_model(self, state: Mapping[str, Any]) -> None:
         roots = [c.root for c in self.couplings]
         if list(state["groups"]) != roots or tuple(state["last"].shape) != (self.size,):
             raise ValueError(f"this state gates groups {list(state['groups'])[:3]}...; allowed: a state of a GDP on "
                              f"the same model, gating {roots[:3]}... ({self.size} channels).")
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore a state saved by :meth:`state_dict` of a GDP on the same model with the same
+        settings (anything else is refused naming what differs)."""
+        self._check_attached()
+        self._check_state(state)
         self.lam = float(state["lambda"])
         self.eps = float(state["eps"])
         self._step = int(state["step"])

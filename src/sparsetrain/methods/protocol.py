@@ -12,19 +12,34 @@
     model = method.finalize()            # a plain nn.Module
 
 A method changes the model in place (parametrizations, resized layers) and keeps the bound
-optimizer pointed at the model's live parameters. ``state_dict()`` holds only tensors and
-plain Python values. Resume order: ``create()``, the optimizer, ``bind()``,
-``method.load_state_dict()`` (which may resize the fresh model in place), then the model's and
-the optimizer's own state dicts.
+optimizer pointed at the model's live parameters; ``bind`` accepts only a torch optimizer over
+parameters of the model (each once; a subset is fine). ``state_dict()`` holds only tensors and
+plain Python values, and ``load_state_dict`` refuses a state saved with other settings. Resume
+order: ``create()``, the optimizer, ``bind()``, ``method.load_state_dict()`` (which may resize
+the fresh model in place), then the model's and the optimizer's own state dicts.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
+
+from ..messages import shown
+
+
+def check_finite(magnitudes: Sequence[Tensor], names: Sequence[str], kind: str, what: str, step: int) -> None:
+    """Raise FloatingPointError naming the first of ``names`` (each a ``kind``, e.g. "layer") whose
+    ``magnitudes`` (non-negative tensors, one per name) hold a NaN or an infinity."""
+    peaks = torch.stack(torch._foreach_max(list(magnitudes)))
+    finite = torch.isfinite(peaks)
+    if not bool(finite.all()):
+        name = names[int((~finite).nonzero()[0])]
+        raise FloatingPointError(f"{kind} {name!r} has a NaN or infinite {what} at step {step}; "
+                                 f"allowed: finite {what}s (lower the learning rate or clip gradients).")
 
 
 class Method(ABC):
@@ -39,7 +54,8 @@ class Method(ABC):
 
     def bind(self, optimizer: torch.optim.Optimizer) -> None:
         """Remember the optimizer built over ``model.parameters()`` (methods that resize
-        parameters keep its state in step)."""
+        parameters keep its state in step), once :meth:`_check_optimizer` accepts it."""
+        self._check_optimizer(optimizer)
         self.optimizer = optimizer
 
     def before_optimizer_step(self) -> None:
@@ -65,8 +81,61 @@ class Method(ABC):
         """Everything needed to resume: tensors and plain Python values only."""
 
     @abstractmethod
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore a state saved by :meth:`state_dict` of the same method on the same model."""
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore a state saved by :meth:`state_dict` of the same method on the same model, with
+        the same settings (:meth:`_check_state` refuses any other)."""
+
+    def _check_optimizer(self, optimizer: object) -> None:
+        """TypeError unless ``optimizer`` is a torch optimizer; ValueError if it holds a tensor that
+        is not a parameter of the model, or a parameter twice (a subset, e.g. frozen layers left
+        out, is fine). Methods with more to check extend this."""
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer={shown(optimizer)} is not allowed; allowed: a torch.optim.Optimizer "
+                            "over the model's parameters.")
+        names = {id(p): name for name, p in self.model.named_parameters()}
+        seen: set[int] = set()
+        for index, group in enumerate(optimizer.param_groups):
+            for p in group["params"]:
+                if id(p) not in names:
+                    raise ValueError(
+                        f"the optimizer's param group {index} holds a tensor of shape {tuple(p.shape)} that is not a "
+                        f"parameter of the model this {self.name} method sparsifies; allowed: an optimizer built from "
+                        "that model's parameters after sparsetrain.create()."
+                    )
+                if id(p) in seen:
+                    raise ValueError(f"the optimizer holds parameter {names[id(p)]!r} twice; allowed: each parameter "
+                                     "of the model at most once.")
+                seen.add(id(p))
+
+    def _settings(self) -> dict[str, Any]:
+        """What a saved state must agree on to resume (options, schedule steps); none by default."""
+        return {}
+
+    def _check_model(self, state: Mapping[str, Any]) -> None:
+        """ValueError if ``state`` was saved on another model; no check by default."""
+
+    def _check_state(self, state: object) -> None:
+        """Refuse, in one sentence naming what differs, a state that :meth:`state_dict` of this method
+        did not write: TypeError for a non-mapping, ValueError for another method, other keys, another
+        model (:meth:`_check_model`) or other settings. A state without settings (written before they
+        were recorded) is taken to have these."""
+        if not isinstance(state, Mapping):
+            raise TypeError(f"state={shown(state)} is not allowed; allowed: the mapping state_dict() of a "
+                            f"{self.name} method returned.")
+        if state.get("method") != self.name:
+            raise ValueError(f"this state is for method {state.get('method')!r}; allowed: a state of method {self.name!r}.")
+        expected = set(self.state_dict())
+        if set(state) | ({"settings"} & expected) != expected:
+            raise ValueError(f"this state has keys {sorted(map(str, state))}; allowed: a {self.name} state with "
+                             f"{sorted(expected)}.")
+        self._check_model(state)
+        settings = self._settings()
+        saved = state.get("settings", settings)
+        for key, value in settings.items():
+            old = saved.get(key) if isinstance(saved, Mapping) else None
+            if old != value:
+                raise ValueError(f"the saved state has {key}={old!r} but this {self.name} has {key}={value!r}; "
+                                 "allowed: the settings of the run being resumed.")
 
     def _check_attached(self) -> None:
         if self._finalized:

@@ -16,6 +16,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from ..schedules import validate_total_steps
+from ..messages import shown
 from .protocol import Method
 
 
@@ -121,6 +122,9 @@ def create(
     Build the optimizer after this call (so it holds the method's parameters, e.g. GDP's
     gates), then ``bind`` it.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model={shown(model)} is not allowed; allowed: a torch.nn.Module, e.g. "
+                        "sparsetrain.models.create_model('resnet20').")
     spec = method_spec(method)
     validated = method_options(method, **options)
     context = Context(validate_total_steps(total_steps), example_inputs, data)

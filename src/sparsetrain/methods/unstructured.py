@@ -51,7 +51,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -72,7 +72,7 @@ from ..schedules import (
     validate_total_steps,
 )
 from ..selection import SCOPES, Selection, layer_sigma, prune_count, select
-from .protocol import Method
+from .protocol import Method, check_finite
 from .registry import Context, MethodSpec, register_method
 
 RESCALE_EPS = 1e-6
@@ -143,7 +143,7 @@ class _PresetOptions:
     def __post_init__(self) -> None:
         MethodConfig(**{"p": 1.0, "theta": 1.0, **self.knobs()})  # validates every knob given
         if self.exclude is not None:
-            if isinstance(self.exclude, str) or not all(isinstance(e, str) for e in self.exclude):
+            if not isinstance(self.exclude, (list, tuple)) or not all(isinstance(e, str) for e in self.exclude):
                 raise ValueError(f"exclude={self.exclude!r} is not allowed; allowed: a list of glob patterns.")
             object.__setattr__(self, "exclude", tuple(self.exclude))
         if isinstance(self.min_size, bool) or not isinstance(self.min_size, int) or self.min_size < 0:
@@ -545,7 +545,7 @@ class Sparsifier(Method):
             return
         with torch.no_grad():
             magnitudes = [param.normalised(w).abs() for param, w in zip(self._params, self._weights)]
-            self._check_finite(magnitudes)
+            check_finite(magnitudes, self.names, "layer", "weight", self._step)
             selection = _same_on_every_rank(self._select(magnitudes), magnitudes)
             for param, w, mag, threshold, ties in zip(
                 self._params, self._weights, magnitudes, selection.thresholds, selection.ties
@@ -560,15 +560,6 @@ class Sparsifier(Method):
         if self.config.scope != "nm":
             return select(magnitudes, self.target, self.config.scope)
         return select_groups(magnitudes, prune_count(self.target, self.config.m), self.config.m)
-
-    def _check_finite(self, magnitudes: Sequence[Tensor]) -> None:
-        peaks = torch.stack(torch._foreach_max(magnitudes))
-        if not bool(torch.isfinite(peaks).all()):
-            name = self.names[int((~torch.isfinite(peaks)).nonzero()[0])]
-            raise FloatingPointError(
-                f"layer {name!r} has a NaN or infinite weight at step {self._step}; "
-                "allowed: finite weights (lower the learning rate or clip gradients)."
-            )
 
     def finalize(self) -> nn.Module:
         """Bake a * P_p(w; T) into plain weights, remove the parametrizations, return the model.
@@ -602,6 +593,11 @@ class Sparsifier(Method):
             "masks": [None if param.mask is None else param.mask.clone() for param in self._params],
         }
 
+    def _check_model(self, state: Mapping[str, Any]) -> None:
+        if list(state["layers"]) != self.names:
+            raise ValueError(f"this state is for layers {list(state['layers'])[:3]}...; allowed: a state of "
+                             f"method {self.name!r} on the same layers.")
+
     def _settings(self) -> dict[str, Any]:
         """What a saved state must agree on: the target, the schedule's steps and every knob."""
         return {"sparsity": self.schedule.final, "total_steps": self.total_steps, "fix_step": self.fix_step,
@@ -609,27 +605,12 @@ class Sparsifier(Method):
                 "start": self.schedule.start if hasattr(self.schedule, "start") else None,
                 "end": self.schedule.end if hasattr(self.schedule, "end") else None}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore a state saved by :meth:`state_dict` on the same model and method; a state that
-        does not fit (other method, layers, settings, shapes; a missing entry; a non-finite
-        threshold) is a ValueError naming what differs."""
+        does not fit (not a mapping: TypeError; other method, layers, settings, shapes, a missing
+        entry, a non-finite threshold: ValueError) is refused naming what differs."""
         self._check_attached()
-        expected = set(self.state_dict())
-        if isinstance(state, dict) and set(state) == expected - {"settings"}:
-            state = {**state, "settings": self._settings()}  # written before the settings were recorded
-        if not isinstance(state, dict) or set(state) != expected:
-            keys = sorted(state) if isinstance(state, dict) else type(state).__name__
-            raise ValueError(f"this state has keys {keys}; allowed: a {self.name} state with {sorted(expected)}.")
-        if state["method"] != self.name or list(state["layers"]) != self.names:
-            raise ValueError(
-                f"this state is for method {state['method']!r} on layers {list(state['layers'])[:3]}...; "
-                f"allowed: a state of method {self.name!r} on the same layers."
-            )
-        for key, value in self._settings().items():
-            saved = state["settings"].get(key) if isinstance(state["settings"], dict) else None
-            if saved != value:
-                raise ValueError(f"the saved state has {key}={saved!r} but this {self.name} has {key}={value!r}; "
-                                 "allowed: the settings of the run being resumed.")
+        self._check_state(state)
         thresholds = [t if isinstance(t, Tensor) else float(t) for t in state["thresholds"]]
         if not all(bool(torch.isfinite(torch.as_tensor(t)).all()) for t in thresholds):
             raise ValueError("the saved state holds a NaN or infinite threshold; allowed: finite thresholds.")
