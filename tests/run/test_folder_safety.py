@@ -258,3 +258,17 @@ def test_a_run_folder_made_read_only_mid_run_ends_with_one_line(tmp_path):
     err = process.stderr.read()
     assert code == 1 and err.count("\n") == 1 and err.startswith("sparsetrain: error: Permission denied: "), err
     assert (run / "checkpoint.safetensors").is_file() and not any(run.glob(".*.tmp"))
+
+
+def test_an_export_into_a_read_only_folder_is_one_line(finished, tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        result = subprocess.run([*_without_root_powers(), *COMMAND[:-1], "export", str(finished), "--out", str(locked / "x.safetensors")],
+                                capture_output=True, text=True, timeout=120)
+    finally:
+        locked.chmod(0o755)
+    assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith(f"sparsetrain: error: Permission denied: {locked / 'x.safetensors'}")
+    assert list(locked.iterdir()) == []
