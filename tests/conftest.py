@@ -44,12 +44,11 @@ def one_thread(request):
     """One torch thread for every test of tiny models: intra-op threads only add overhead (on a
     shared 2-core machine OpenMP's waiting threads made tiny tests 20x slower), and the thread
     count must not depend on the machine. Tests marked ``slow`` train real models and keep
-    torch's default; child processes set their own (--workers 1). Restored afterwards."""
-    if request.node.get_closest_marker("slow"):
-        yield
-        return
+    torch's default; child processes set their own (--workers 1). Restored afterwards, also
+    after a slow test whose run set its own (``--workers``)."""
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    if not request.node.get_closest_marker("slow"):
+        torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
 

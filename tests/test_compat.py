@@ -61,16 +61,25 @@ def test_the_published_loop_gives_the_published_numbers(case, capsys):
     data = np.load(FIXTURES / case["file"])
     thresholds, kinds, printed, state, out = run_published_loop(case, data, capsys)
     assert kinds == data["end_of_batch"].tolist()
-    np.testing.assert_allclose(thresholds, data["threshold"], rtol=1e-6, atol=0)
-    assert printed == pytest.approx(data["printed"].tolist(), abs=1e-9)  # the same weights counted as zero
-    for key in (k[len("final/"):] for k in data.files if k.startswith("final/")):
-        expected = torch.from_numpy(data[f"final/{key}"])
-        if expected.is_floating_point():
-            torch.testing.assert_close(state[key], expected, rtol=1e-5, atol=1e-6)
-            if key.endswith("weight") and expected.dim() > 1:
-                assert torch.equal(state[key] == 0, expected == 0), key  # the same zeros
-        else:
-            assert torch.equal(state[key], expected), key
+    # Before and after the first SGD step from the given init weights: one step's rounding, an ulp or two.
+    np.testing.assert_allclose(thresholds[:2], data["threshold"][:2], rtol=2**-22, atol=0)
+    # Epochs of SGD drift by CPU and thread count (convolutions sum in other orders): 3e-6 seen after 3 epochs.
+    np.testing.assert_allclose(thresholds, data["threshold"], rtol=1e-4, atol=0)
+    assert printed == data["printed"].tolist()  # |w| <= T counts floor((N - 1) s) + 1 weights, drift or not
+    final = {k[len("final/"):]: torch.from_numpy(data[k]) for k in data.files if k.startswith("final/")}
+    weights = [key for key in final if key.endswith("weight") and final[key].dim() > 1]  # prunable ones baked
+    # As many zeros as printed: drift changes which weights are zero, not how many.
+    assert sum(int((state[k] == 0).sum()) for k in weights) == sum(int((final[k] == 0).sum()) for k in weights)
+    for key, expected in final.items():
+        got = state[key]
+        if not expected.is_floating_point():
+            assert torch.equal(got, expected), key
+            continue
+        if key in weights:  # d^(1/3) magnifies the drift of weights near T without bound; d = |w|^3 - T^3 does not
+            got, expected = got.double() ** 3, expected.double() ** 3
+        # The same drift, relative to the tensor's largest entry: 1e-5 seen.
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()),
+                                   msg=lambda message: f"{key}: {message}")
     lines = [line for line in out.splitlines() if "| sparsity:" in line]
     assert len(lines) == case["epochs"] * len({"0", "3", "6", "11"} - ({"3", "11"} if case["pthres"] > 60 else set()))
 

@@ -237,4 +237,4 @@ def test_run_on_bundled_sample_reaches_flops_target(train):
     assert gdp.holding and gdp.forced <= zeros // 4, (zeros, gdp.forced)  # lambda made most zeros
     compact = gdp.finalize()
     ratio = count_flops_params(compact, x)[0] / dense_flops
-    assert abs(ratio / target - 1) <= 0.02, ratio
+    assert abs(ratio / target - 1) <= 0.02, ratio  # GDP lands in [0.99, 1] x target on any trajectory

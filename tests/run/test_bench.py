@@ -28,7 +28,7 @@ def test_tiny_grid_writes_results_table_and_plots(finished_grid):
         assert (out / name).is_file(), name
     sparse = [r for r in records if r["method"] != "dense"]
     for record in sparse:
-        assert record["sparsity_reached"] == pytest.approx(0.9, abs=1e-4)
+        assert record["sparsity_reached"] == pytest.approx(0.9, abs=1e-4)  # round(0.9 N) / N on any trajectory
         assert record["flops"] < 0.5 * record["dense_flops"]
         assert record["nonzero_params"] < record["params"]
         assert record["wall_time"] > 0

@@ -97,7 +97,7 @@ def test_cli_under_torchrun(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("final: test acc") == 1
     config = json.loads((tmp_path / "ddp" / "config.json").read_text())
-    assert abs(config["metrics"]["sparsity"] - 0.9) < 1e-4
+    assert abs(config["metrics"]["sparsity"] - 0.9) < 1e-4  # round(0.9 N) / N on any trajectory
 
 
 def test_nm_on_two_gloo_ranks_ends_identical_and_every_group_holds_the_pattern(tmp_path):

@@ -19,4 +19,4 @@ def test_run_writes_scalars_per_epoch(tmp_path):
     accuracy = events.Scalars("test_acc")
     assert [e.step for e in accuracy] == [1, 2]
     assert all(0.0 <= e.value <= 1.0 for e in accuracy)
-    assert events.Scalars("sparsity")[-1].value == pytest.approx(0.9, abs=1e-4)
+    assert events.Scalars("sparsity")[-1].value == pytest.approx(0.9, abs=1e-4)  # round(0.9 N) / N on any trajectory

@@ -17,7 +17,7 @@ def test_gdp_run_lands_on_its_flops_target_and_eval_rebuilds_the_compact_model(t
     assert code == 0, err
     config = json.loads((tmp_path / "gdp" / "config.json").read_text())
     ratio = config["metrics"]["flops"] / config["metrics"]["dense_flops"]
-    assert abs(ratio - 0.5) <= 0.02 * 0.5, ratio
+    assert abs(ratio - 0.5) <= 0.02 * 0.5, ratio  # GDP lands in [0.99, 1] x target on any trajectory
     assert config["shapes"] and all(s.get("out_channels", 1) <= 32 for s in config["shapes"].values())  # the changed layers
     code, eval_out, _ = cli("eval", tmp_path / "gdp", "--device", "cpu")
     assert code == 0 and eval_out.startswith(f"test acc {config['metrics']['test_acc']:.2%}")
