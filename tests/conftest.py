@@ -40,15 +40,13 @@ def train_steps(model, method, optimizer, batches) -> None:
 
 
 @pytest.fixture(autouse=True)
-def one_thread(request):
-    """One torch thread for every test of tiny models: intra-op threads only add overhead (on a
-    shared 2-core machine OpenMP's waiting threads made tiny tests 20x slower), and the thread
-    count must not depend on the machine. Tests marked ``slow`` train real models and keep
-    torch's default; child processes set their own (--workers 1). Restored afterwards, also
-    after a slow test whose run set its own (``--workers``)."""
+def one_thread():
+    """One torch thread in every test: the thread count must not depend on the machine, and on a
+    shared 2-core machine OpenMP's waiting threads made tests up to 50x slower when another process
+    held the other core. Child processes set their own (--workers 1). Restored afterwards, also
+    after a run in the test set its own (``--workers``)."""
     threads = torch.get_num_threads()
-    if not request.node.get_closest_marker("slow"):
-        torch.set_num_threads(1)
+    torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
 

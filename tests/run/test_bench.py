@@ -62,10 +62,14 @@ def test_truncated_last_line_is_repaired_without_losing_finished_cells(finished_
 
 @pytest.mark.slow
 def test_a_cell_killed_before_its_first_checkpoint_restarts(tmp_path):
+    from sparsetrain.run import prepare
+    from sparsetrain.run.options import options_from_dict
+
     cells = grid_cells(["ste"], [0.5], [0])[:1]  # just the dense cell
+    options = options_from_dict({**cells[0].training_options(BASE), "out": str(tmp_path / "runs"), "name": cells[0].name})
+    prepare(options).folder.unlock()  # its folder and config.json written, then killed before training
     stale = tmp_path / "runs" / cells[0].name
-    stale.mkdir(parents=True)
-    (stale / "config.json").write_text("{}")
+    assert sorted(path.name for path in stale.iterdir()) == ["config.json"]
     records = run_grid(BASE, cells, tmp_path, log=lambda line: None)
     assert records[0]["cell"] == cells[0].name and (stale / "model.safetensors").is_file()
 

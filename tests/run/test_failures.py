@@ -310,9 +310,6 @@ def test_a_run_killed_inside_a_checkpoint_write_resumes_to_the_same_end(tmp_path
     run = tmp_path / "killed"
     assert killed.returncode == -9 and len(list(run.glob(".checkpoint.safetensors.*.tmp"))) == 1
     # The intact checkpoint evaluates with its method re-attached (FRS's widths, GDP's gates).
-    import torch
-
-    torch.set_num_threads(1)  # as the run's --workers 1: the same summation order (restored by one_thread)
     code, out, err = cli("eval", run / "checkpoint.safetensors", "--device", "cpu")
     history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert code == 0 and out.startswith(f"test acc {history[0]['test_acc']:.2%}"), err
