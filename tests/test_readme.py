@@ -29,6 +29,7 @@ def test_readme_python_examples_run(capsys, tmp_path, monkeypatch):
     assert "lightning: sparsity 0.9000" in out
     zeros, total = map(int, re.search(r"hf: (\d+) zeros of (\d+)", out).groups())
     assert zeros == round(0.9 * total)
+    assert int(re.search(r"onnx: (\d+) KiB", out).group(1)) > 0 and (tmp_path / "resnet20-frs.onnx").is_file()
     # the published count: floor((N - 1) s) + 1 of ResNet-20's N = 270,896 weights are |w| <= T
     assert namespace["percent"] == pytest.approx(100 * 243_806 / 270_896)
 

@@ -14,6 +14,8 @@ from .methods import (
     register_method,
     register_preset,
 )
+from .inference import load_finalized
+from .onnx import export_onnx
 from .prunable import find_prunable
 from .operators import sparsify_ste, threshold_operator
 from .report import LayerReport, SparsityReport, sparsity_report
@@ -34,9 +36,11 @@ __all__ = [
     "Sparsifier",
     "SparsityReport",
     "create",
+    "export_onnx",
     "find_prunable",
     "kth_smallest",
     "list_methods",
+    "load_finalized",
     "make_schedule",
     "method_config",
     "method_options",

@@ -3,7 +3,9 @@
 Groups run along the input dimension, as the GEMM of a sparse kernel sees them: M consecutive
 input features of a Linear row, M consecutive input channels at one kernel position of a
 convolution (the weight viewed as (out, kh, kw, in)). A weight whose input dimension is not a
-multiple of M has no groups: it stays dense.
+multiple of M has no groups: it stays dense. The functions here take weights as (out, in, *kernel);
+a weight stored (in, out), transformers' Conv1D, is passed as its (out, in) view
+(:func:`sparsetrain.prunable.out_in`), so its groups run along its dimension 0.
 
 Selection prunes k of the M magnitudes of each group, smallest first, ties by position (the
 lower index is pruned first). As in the global selection (:func:`sparsetrain.selection.select`),

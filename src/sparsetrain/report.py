@@ -1,5 +1,5 @@
 """Per-layer sparsity report: each prunable layer's name, size and fraction of zeros, plus totals;
-for an N:M run, whether each layer holds the pattern."""
+for an N:M run, whether each layer holds the pattern; and what was left dense, and why."""
 
 from __future__ import annotations
 
@@ -9,9 +9,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .calls import ExampleInputs, call_model
 from .modes import eval_mode
 from .nm import has_groups, pattern_holds
-from .prunable import default_exclude, find_prunable
+from .prunable import (PRUNABLE_TYPES, LayerType, choose_layers, find_prunable, out_in, stored_weight,
+                       stores_transposed)
 
 
 @dataclass(frozen=True)
@@ -31,10 +33,13 @@ class LayerReport:
 
 @dataclass(frozen=True)
 class SparsityReport:
-    """The layers of a model and their totals; ``nm`` the (N, M) pattern checked, if any."""
+    """The layers of a model and their totals; ``nm`` the (N, M) pattern checked, if any; ``dense``
+    the (name, reason) of each module left out of the report: layers left dense by default or by
+    ``exclude``, and embeddings (:func:`~sparsetrain.prunable.choose_layers`)."""
 
     layers: tuple[LayerReport, ...]
     nm: tuple[int, int] | None = None
+    dense: tuple[tuple[str, str], ...] = ()
 
     @property
     def size(self) -> int:
@@ -49,18 +54,23 @@ class SparsityReport:
         return self.zeros / self.size
 
     def to_markdown(self) -> str:
-        """A markdown table, one row per layer and a total row (with an N:M column for an N:M report)."""
+        """A markdown table, one row per layer and a total row (with an N:M column for an N:M report),
+        then one line per module left dense and why."""
         if self.nm is None:
             rows = ["| layer | weights | zeros | sparsity |", "|---|---:|---:|---:|"]
             rows += [f"| {r.name} | {r.size:,} | {r.zeros:,} | {r.sparsity:.2%} |" for r in self.layers]
             rows.append(f"| **total** | {self.size:,} | {self.zeros:,} | {self.sparsity:.2%} |")
-            return "\n".join(rows)
-        n, m = self.nm
-        holds = {True: "yes", False: "no", None: f"dense (input not a multiple of {m})"}
-        rows = [f"| layer | weights | zeros | sparsity | {n}:{m} |", "|---|---:|---:|---:|---|"]
-        rows += [f"| {r.name} | {r.size:,} | {r.zeros:,} | {r.sparsity:.2%} | {holds[r.pattern]} |" for r in self.layers]
-        held = sum(r.pattern is True for r in self.layers)
-        rows.append(f"| **total** | {self.size:,} | {self.zeros:,} | {self.sparsity:.2%} | {held} of {len(self.layers)} layers |")
+        else:
+            n, m = self.nm
+            holds = {True: "yes", False: "no", None: f"dense (input not a multiple of {m})"}
+            rows = [f"| layer | weights | zeros | sparsity | {n}:{m} |", "|---|---:|---:|---:|---|"]
+            rows += [f"| {r.name} | {r.size:,} | {r.zeros:,} | {r.sparsity:.2%} | {holds[r.pattern]} |"
+                     for r in self.layers]
+            held = sum(r.pattern is True for r in self.layers)
+            rows.append(f"| **total** | {self.size:,} | {self.zeros:,} | {self.sparsity:.2%} | "
+                        f"{held} of {len(self.layers)} layers |")
+        if self.dense:
+            rows += ["", "Left dense:", *(f"- {name}: {reason}" for name, reason in self.dense)]
         return "\n".join(rows)
 
     def __str__(self) -> str:
@@ -68,31 +78,36 @@ class SparsityReport:
 
 
 def sparsity_report(
-    model: nn.Module, exclude: Sequence[str] | None = None, nm: tuple[int, int] | None = None
+    model: nn.Module,
+    exclude: Sequence[str] | None = None,
+    nm: tuple[int, int] | None = None,
+    types: Sequence[LayerType] = PRUNABLE_TYPES,
 ) -> SparsityReport:
-    """The zeros of each prunable layer's weight (Conv1d/2d/3d and Linear) as the forward pass
-    uses it: the thresholded weight while a method is attached, the plain weight after.
-    ``exclude``: glob patterns of layers left out; None: what the model declares
-    (:func:`~sparsetrain.prunable.default_exclude`, e.g. a ViT's patch embedding and head).
-    ``nm``: (N, M) to check in each layer (:mod:`sparsetrain.nm`)."""
-    patterns = default_exclude(model) if exclude is None else exclude
+    """The zeros of each prunable layer's weight (Conv1d/2d/3d, Linear, transformers' Conv1D, or
+    ``types``) as the forward pass uses it: the thresholded weight while a method is attached, the
+    plain weight after. ``exclude``: glob patterns of layers left out; None: the default exclusions
+    (:func:`~sparsetrain.prunable.choose_layers`: e.g. a ViT's patch embedding, a tied language-model
+    head), listed with their reasons in ``dense``. ``nm``: (N, M) to check in each layer, groups
+    along its input dimension (:mod:`sparsetrain.nm`)."""
+    choice = choose_layers(model, types, exclude)
     with torch.no_grad():
         layers = [
-            LayerReport(name, m.weight.numel(), int((m.weight == 0).sum()), _pattern(m.weight, nm))
-            for name, m in find_prunable(model, exclude=patterns)
+            LayerReport(name, m.weight.numel(), int((m.weight == 0).sum()), _pattern(m, nm))
+            for name, m in choice.layers
         ]
     if not layers:
         raise ValueError(f"model {type(model).__name__} has no prunable layer to report on.")
-    return SparsityReport(tuple(layers), nm)
+    return SparsityReport(tuple(layers), nm, choice.dense)
 
 
-def _pattern(weight: torch.Tensor, nm: tuple[int, int] | None) -> bool | None:
+def _pattern(module: nn.Module, nm: tuple[int, int] | None) -> bool | None:
+    weight = out_in(module.weight, stores_transposed(module))
     if nm is None or not has_groups(weight.shape, nm[1]):
         return None
     return pattern_holds(weight, *nm)
 
 
-def count_flops(model: nn.Module, example_inputs: torch.Tensor, skip_zeros: bool = False) -> int:
+def count_flops(model: nn.Module, example_inputs: ExampleInputs, skip_zeros: bool = False) -> int:
     """FLOPs of one forward pass (torch.utils.flop_counter, eval mode, no grad). Attention runs
     by its math path while counting, so its matrix products count on every device (the counter
     does not see CPU's fused attention kernel, and CUDA's fused kernels count differently).
@@ -104,7 +119,7 @@ def count_flops(model: nn.Module, example_inputs: torch.Tensor, skip_zeros: bool
     from torch.utils.flop_counter import FlopCounterMode
 
     with torch.no_grad(), eval_mode(model), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
-        model(example_inputs)
+        call_model(model, example_inputs)
     if not skip_zeros:
         return int(counter.get_total_flops())
     per_module = counter.get_flop_counts()
@@ -141,5 +156,5 @@ def size_report(before: nn.Module, after: nn.Module, example_inputs: torch.Tenso
 
 
 def output_width(module: nn.Module) -> int:
-    """Output channels of a convolution, output features of a Linear layer."""
-    return module.out_features if isinstance(module, nn.Linear) else module.out_channels
+    """Output channels of a convolution, output features of a Linear or Conv1D layer."""
+    return out_in(stored_weight(module), stores_transposed(module)).shape[0]

@@ -126,3 +126,33 @@ def test_a_schedule_needs_max_steps(tmp_path):
     with pytest.raises(ValueError, match="max_steps=-1"):
         Trainer(model=small_vit(), args=arguments(tmp_path, max_steps=-1, num_train_epochs=1), train_dataset=sample(),
                 callbacks=[SparsifyCallback("feather", sparsity=0.9)])
+
+
+CHECKPOINT_CASES = {  # model, training samples, layers left dense, a batch of new inputs
+    "bert": (small_bert, token_sample, ["bert.embeddings.*", "classifier"],
+             {"input_ids": torch.randint(1, 64, (8, 16), generator=torch.Generator().manual_seed(1))}),
+    "vit": (small_vit, sample, EXCLUDE, {"pixel_values": torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(1))}),
+}
+
+
+@pytest.mark.parametrize("case", CHECKPOINT_CASES)
+def test_load_finalized_turns_a_trainer_checkpoint_folder_into_the_finalized_model(tmp_path, case):
+    """checkpoint-4 holds parametrized weights (a ViT's under transformers' legacy names) and the
+    method's state beside them; load_finalized gives the model the stopped run finalized at step 4."""
+    import sparsetrain as st
+
+    build, samples, exclude, inputs = CHECKPOINT_CASES[case]
+    stopped, callback = build(), SparsifyCallback("feather", sparsity=0.9, exclude=exclude)
+    Trainer(model=stopped, args=arguments(tmp_path), train_dataset=samples(),
+            callbacks=[callback, StopAt(4)]).train()  # saved at step 4, then finalized in memory
+    names = callback.method.names
+
+    loaded = st.load_finalized(build(), tmp_path / "checkpoint-4", exclude=exclude, sparsity=0.9)
+    assert not any("parametrizations" in name for name in loaded.state_dict())
+    weights = [loaded.get_submodule(name).weight for name in names]
+    total = sum(w.numel() for w in weights)
+    assert sum(int((w == 0).sum()) for w in weights) == round(0.9 * total)  # s(4) = 0.9: the cubic ends at T/2
+    with torch.no_grad():
+        expected, got = stopped.eval()(**inputs).logits, loaded.eval()(**inputs).logits
+    assert torch.isfinite(got).all()
+    assert torch.allclose(got, expected, rtol=0, atol=1e-5)  # the same weights and graph: float32 rounding at most

@@ -198,6 +198,36 @@ def test_packed_export_loads_back_to_the_same_tensors(tmp_path, nm):
         assert sizes["nm"] / sizes["dense"] <= 0.57
 
 
+def test_packed_export_of_a_gpt2_conv1d_weight_groups_its_inputs(tmp_path):
+    """GPT-2's Conv1D stores (in, out): sr-ste prunes 2 of every 4 consecutive inputs (rows), and the
+    export packs the weight in its (out, in) view and loads it back in its own layout."""
+    import json
+
+    from safetensors import safe_open
+
+    transformers = pytest.importorskip("transformers")
+    from sparsetrain.prunable import transposed_weights
+
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=32,
+                                                                 n_positions=8, bos_token_id=0, eos_token_id=0))
+    model = st.create(model, "sr-ste", total_steps=1).finalize()
+    weight = model.transformer.h[0].attn.c_attn.weight.detach()  # (16 inputs, 48 outputs)
+    assert int((weight.reshape(4, 4, 48) != 0).sum(1).max()) == 2  # groups of 4 rows: 2 kept in each
+    state = {k: v for k, v in model.state_dict().items() if ".h.0." in k}
+    transposed = transposed_weights(model)
+    assert "transformer.h.0.attn.c_attn.weight" in transposed and "lm_head.weight" not in transposed
+    path = save_sparse(tmp_path / "w.safetensors", state, nm=(2, 4), transposed=transposed)
+    loaded = load_sparse(path)
+    assert loaded.keys() == state.keys() and all(torch.equal(loaded[k], state[k]) for k in state)
+    with safe_open(str(path), framework="pt") as f:
+        layouts = json.loads(f.metadata()["sparsetrain.sparse"])
+    assert layouts["transformer.h.0.attn.c_attn.weight"] == {"layout": "nm", "shape": [16, 48], "dtype": "float32",
+                                                             "nm": [2, 4], "transposed": True}
+    assert "nm" not in _layout_sizes(weight, (2, 4))  # read as (out, in), the pattern does not hold
+    assert _layout_sizes(weight, (2, 4), transposed=True)["nm"] == 16 * 48 // 2 * 4 + 16 * 48 // 2 * 2 // 8
+
+
 def test_packing_a_weight_without_the_pattern_is_refused():
     with pytest.raises(ValueError, match="does not hold the 2:4 pattern"):
         pack(torch.ones(2, 8), 2, 4)

@@ -134,7 +134,7 @@ def test_create_rejects_unknown_methods_and_options():
     model = create_model("resnet20", width=0.25)
     with pytest.raises(ValueError, match="unknown method 'feathr'; known methods: dense, feather"):
         st.create(model, "feathr", total_steps=10)
-    with pytest.raises(ValueError, match=r"unknown option 'flops_target' for method 'feather'; allowed options: p, theta, .*, min_size, sparsity, scope\."):
+    with pytest.raises(ValueError, match=r"unknown option 'flops_target' for method 'feather'; allowed options: p, theta, .*, min_size, types, sparsity, scope\."):
         st.create(model, "feather", total_steps=10, flops_target=0.5)
     with pytest.raises(ValueError, match="method 'gdp' traces the model; allowed: example_inputs="):
         st.create(model, "gdp", total_steps=10)

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import sparsetrain as st
+from sparsetrain.methods.unstructured import nm_presets
 from sparsetrain.operators import threshold_operator
 from sparsetrain.selection import layer_sigma
 
@@ -190,6 +191,8 @@ def test_other_modules_are_left_alone(tiny_net):
 def test_layer_filters(tiny_net):
     sp = st.Sparsifier(tiny_net, "feather", 0.5, total_steps=1, exclude=["fc", "depth*"], min_size=500)
     assert sp.names == ["conv2"]
+    assert sp.excluded == [("conv", "432 weights, fewer than min_size=500"), ("depthwise", "matches exclude pattern 'depth*'"),
+                           ("fc", "matches exclude pattern 'fc'")]
     typed = st.find_prunable(tiny_net, types=(nn.Linear,))
     assert [name for name, _ in typed] == ["fc"]
 
@@ -333,9 +336,95 @@ def test_a_shared_weight_is_one_weight(method):
 
 def test_a_shared_weight_with_an_excluded_user_is_refused():
     model = SharedNet()
-    with pytest.raises(ValueError, match="layer 'second' shares a weight with a prunable layer but is not prunable"):
+    with pytest.raises(ValueError, match=r"layer 'second' \(Linear\) shares a weight with prunable layer 'first' but is "
+                                         r"not pruned itself; allowed: exclude 'first' too, or leave exclude unset"):
         st.Sparsifier(model, "feather", 0.5, total_steps=2, exclude=["second"])
     assert not any(hasattr(m, "parametrizations") for m in model.modules())  # nothing attached
+
+
+class TiedLM(nn.Module):
+    """A language model's head tied to its token embedding (GPT-2's and OPT's lm_head)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.body, self.head = nn.Embedding(16, 8), nn.Linear(8, 8), nn.Linear(8, 16, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.body(self.embed(tokens))))
+
+
+def test_a_layer_tied_to_an_embedding_stays_dense_by_default_and_is_refused_when_exclude_would_prune_it():
+    torch.manual_seed(0)
+    model = TiedLM()
+    embedding = model.embed.weight.detach().clone()
+    sp = st.Sparsifier(model, "feather", 0.5, total_steps=1, schedule="constant")
+    assert sp.names == ["body"]
+    assert sp.excluded == [("embed", "an embedding (never pruned)"),
+                           ("head", "weight tied to 'embed' (Embedding), which is not pruned")]
+    final = sp.finalize()
+    assert final.head.weight is final.embed.weight and torch.equal(final.embed.weight, embedding)
+    assert int((final.body.weight == 0).sum()) == 32
+    with pytest.raises(ValueError, match=r"layer 'embed' \(Embedding\) shares a weight with prunable layer 'head' but "
+                                         r"is not pruned itself; allowed: exclude 'head' too"):
+        st.Sparsifier(TiedLM(), "feather", 0.5, total_steps=1, exclude=[])
+    assert st.Sparsifier(TiedLM(), "feather", 0.5, total_steps=1, exclude=["head"]).names == ["body"]
+
+
+def test_an_exclude_pattern_that_matches_no_module_is_refused(tiny_net):
+    with pytest.raises(ValueError, match=r"exclude pattern 'head' matches no module of TinyNet; allowed: glob patterns "
+                                         r"on module names, e.g. of its layers \['conv', 'depthwise', 'conv2'\]\."):
+        st.Sparsifier(tiny_net, "feather", 0.5, total_steps=1, exclude=["conv", "head"])
+    assert not any(hasattr(m, "parametrizations") for m in tiny_net.modules())
+
+
+def test_a_model_declares_what_stays_dense():
+    from sparsetrain.models import create_model
+
+    sp = st.create(create_model("vit-micro"), "feather", total_steps=1)
+    assert sp.excluded == [("patch_embed", "declared dense by ViT.default_exclude"),
+                           ("fc", "declared dense by ViT.default_exclude")]
+    assert not {"patch_embed", "fc"} & set(sp.names)
+
+
+# -- transformers' Conv1D: weight stored (in, out) --------------------------------------------
+
+
+@pytest.mark.parametrize("method", PRESETS + nm_presets())
+def test_a_conv1d_layer_is_pruned_as_the_linear_layer_of_its_transposed_weight(method):
+    """Groups along the input dimension (rows of a Conv1D weight) and ST-3's rescale per output
+    channel (its columns): the Conv1D's forward and final weights are the Linear layer's, transposed."""
+    pytorch_utils = pytest.importorskip("transformers.pytorch_utils")
+    torch.manual_seed(0)
+    linear = nn.Sequential(nn.Linear(16, 8)).double()
+    conv1d = nn.Sequential(pytorch_utils.Conv1D(8, 16)).double()
+    with torch.no_grad():
+        conv1d[0].weight.copy_(linear[0].weight.t())
+        conv1d[0].bias.copy_(linear[0].bias)
+    options = {} if method in nm_presets() else {"sparsity": 0.6}
+    methods = [st.create(model, method, total_steps=4, **options) for model in (linear, conv1d)]
+    x = torch.randn(3, 16, dtype=torch.float64)
+    for step in range(4):  # the same updates, as training would make them
+        torch.testing.assert_close(conv1d[0].weight, linear[0].weight.t())
+        torch.testing.assert_close(conv1d(x), linear(x))
+        assert methods[1].sparsity() == methods[0].sparsity()
+        update = 0.01 * torch.randn(8, 16, dtype=torch.float64)
+        with torch.no_grad():
+            linear[0].parametrizations.weight.original.add_(update)
+            conv1d[0].parametrizations.weight.original.add_(update.t())
+        for sp in methods:
+            sp.step()
+    finals = [sp.finalize()[0].weight for sp in methods]
+    torch.testing.assert_close(finals[1], finals[0].t())
+    assert methods[1].sparsity() == methods[0].sparsity() == (0.5 if method in nm_presets() else round(0.6 * 128) / 128)
+
+
+def test_stores_transposed_recognises_transformers_conv1d_by_name_and_package():
+    from sparsetrain.prunable import stores_transposed
+
+    ours = type("Conv1D", (nn.Linear,), {"__module__": "my_models"})(4, 4)
+    theirs = type("Conv1D", (nn.Module,), {"__module__": "transformers.pytorch_utils"})()
+    assert stores_transposed(theirs) and not stores_transposed(ours) and not stores_transposed(nn.Linear(4, 4))
 
 
 @pytest.mark.parametrize("method", ["st3", "st3-sigma"])

@@ -260,6 +260,7 @@ def test_a_run_folder_made_read_only_mid_run_ends_with_one_line(tmp_path):
     assert (run / "checkpoint.safetensors").is_file() and not any(run.glob(".*.tmp"))
 
 
+@pytest.mark.slow  # a process of its own
 def test_an_export_into_a_read_only_folder_is_one_line(finished, tmp_path):
     locked = tmp_path / "locked"
     locked.mkdir()

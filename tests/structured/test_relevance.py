@@ -1,8 +1,11 @@
 """LRP alpha-beta (alpha = 2, beta = 1) relevance with the public FRS code's conventions (one-hot start,
 biases take none) against values computed by hand."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from sparsetrain.models import create_model
@@ -150,14 +153,71 @@ class _WithLayerNorm(nn.Module):
 
 
 def test_unsupported_models_are_rejected():
-    with pytest.raises(ValueError, match="'norm'"):
+    with pytest.raises(ValueError, match="layer 'norm' \\(LayerNorm\\) has parameters but no relevance rule"):
         channel_relevance(_WithLayerNorm(), X, torch.tensor([0]))
-    shared = nn.ReLU()
-    model = nn.Sequential(nn.Linear(2, 2), shared, nn.Linear(2, 2), shared, nn.Linear(2, 2))
-    with pytest.raises(ValueError, match="called 2 times"):
-        channel_relevance(model, X, torch.tensor([0]))
-    with pytest.raises(ValueError, match="in-place"):
-        channel_relevance(nn.Sequential(nn.Linear(2, 2), nn.ReLU(inplace=True), nn.Linear(2, 2)), X, torch.tensor([0]))
+
+
+class Hidden(nn.Module):
+    """fc1 -> ReLU -> fc2 -> ReLU -> fc3 with the ReLUs written in one of the ways users write them."""
+
+    def __init__(self, style: str) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc1, self.fc2, self.fc3 = nn.Linear(3, 6), nn.Linear(6, 6), nn.Linear(6, 3)
+        self.style = style
+        if style == "modules":
+            self.relu1, self.relu2 = nn.ReLU(), nn.ReLU()
+        elif style == "one in-place module":
+            self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        if self.style == "modules":
+            return self.fc3(self.relu2(self.fc2(self.relu1(self.fc1(x)))))
+        if self.style == "one in-place module":
+            return self.fc3(self.relu(self.fc2(self.relu(self.fc1(x)))))
+        return self.fc3(self.fc2(F.relu(self.fc1(x))).relu_())
+
+
+def test_relus_as_functions_in_place_or_one_module_called_twice_give_the_same_relevance():
+    x, y = torch.randn(5, 3, generator=torch.Generator().manual_seed(1)), torch.tensor([0, 1, 2, 0, 1])
+    reference = channel_relevance(Hidden("modules"), x, y)
+    assert list(reference) == ["relu1", "relu2"] and all(r.abs().sum() > 0 for r in reference.values())
+    for style, names in (("one in-place module", ["relu", "relu#2"]), ("functions", ["relu()", "relu()#2"])):
+        model = Hidden(style)
+        assert post_relu_activations(model, x) == {
+            names[0]: Activation(("fc1",), after_add=False), names[1]: Activation(("fc2",), after_add=False)
+        }
+        relevance = channel_relevance(model, x, y)
+        assert list(relevance) == names
+        for ours, theirs in zip(relevance.values(), reference.values()):
+            torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+
+
+class Outputs(nn.Module):
+    """MLP's logits inside the containers models return."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.mlp, self.kind = MLP(), kind
+
+    def forward(self, x):
+        logits = self.mlp(x)
+        return {
+            "object": SimpleNamespace(loss=None, logits=logits),
+            "tuple": (logits, x),
+            "mapping": {"hidden": x, "logits": logits},
+            "nothing": (None, "logits"),
+        }[self.kind]
+
+
+def test_the_logits_are_found_in_an_output_object_a_tuple_or_a_mapping():
+    expected = torch.tensor([[-1.0, 2.0]])  # as in test_linear_relu_linear_by_hand
+    for kind in ("object", "tuple", "mapping"):
+        relevance = channel_relevance(Outputs(kind), X, torch.tensor([2]))
+        torch.testing.assert_close(relevance["mlp.relu"], expected, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="the model's output is a tuple without a tensor; allowed: logits, an output "
+                                         "object with .logits, or a tuple or mapping whose first tensor is the logits."):
+        channel_relevance(Outputs("nothing"), X, torch.tensor([2]))
 
 
 def test_logits_not_written_by_a_layer_still_start_from_the_one_hot():

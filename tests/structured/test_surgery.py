@@ -1,8 +1,10 @@
 """Channel surgery: the compacted model equals the masked one, shrinks, trains, rebuilds from
-its widths, and bad requests fail with the model untouched."""
+its widths, and bad requests fail with the model untouched; in tiny transformers only MLP units
+form groups (attention is never cut), GPT-2's Conv1D layers are cut, and token ids in a dict trace."""
 
 import copy
 import json
+import re
 
 import pytest
 import torch
@@ -11,7 +13,8 @@ import torch_pruning as tp
 from torch import nn
 
 from sparsetrain.models import create_model
-from sparsetrain.structured import channel_groups, count_flops_params, layer_shapes, rebuild, remove_channels
+from sparsetrain.structured import (channel_groups, count_flops_params, layer_shapes, rebuild, remove_channels,
+                                    remove_channels_)
 
 CASES = {
     "resnet20": {"width": 0.5},
@@ -181,3 +184,69 @@ def test_unsupported_layer_is_named():
     with pytest.raises(ValueError, match="coupled to layer 'grouped', which surgery cannot cut"):
         remove_channels(model, {"conv": [0]}, torch.randn(1, 3, 8, 8))
     assert channel_groups(model, torch.randn(1, 3, 8, 8)) == []
+
+
+def tiny_transformer(name: str) -> nn.Module:
+    """A tiny Hugging Face model built from a config (two layers, hidden size 32, MLP width 64)."""
+    t = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    text = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                max_position_embeddings=32)
+    return {
+        "bert": lambda: t.BertForSequenceClassification(t.BertConfig(**text, num_labels=3)),
+        "vit": lambda: t.ViTForImageClassification(t.ViTConfig(image_size=16, patch_size=4, hidden_size=32,
+                                                                num_hidden_layers=2, num_attention_heads=2,
+                                                                intermediate_size=64, num_labels=3)),
+        "llama": lambda: t.LlamaForCausalLM(t.LlamaConfig(**text, num_key_value_heads=1)),
+        "gpt2": lambda: t.GPT2LMHeadModel(t.GPT2Config(n_layer=2, n_embd=32, n_head=2, n_inner=64, vocab_size=64,
+                                                       n_positions=32, bos_token_id=0, eos_token_id=0)),
+    }[name]()
+
+
+@pytest.mark.parametrize("name, mlp, attention", [
+    ("vit", "vit.layers.{}.mlp.fc1", "vit.layers.0.attention.q_proj"),
+    ("llama", "model.layers.{}.mlp.gate_proj", "model.layers.0.self_attn.k_proj"),  # rotary queries and keys
+    ("gpt2", "transformer.h.{}.mlp.c_fc", "transformer.h.0.attn.c_attn"),
+])
+def test_attention_is_never_a_channel_group(name, mlp, attention):
+    """Only MLP hidden units form groups; a projection feeding attention is refused naming the operation."""
+    model = tiny_transformer(name)
+    x = torch.randn(2, 3, 16, 16) if name == "vit" else torch.randint(0, 64, (2, 8))
+    assert sorted(g.root for g in channel_groups(model, x)) == [mlp.format(0), mlp.format(1)]
+    with pytest.raises(ValueError, match=rf"channels of layer '{re.escape(attention)}' are coupled to operation "
+                                         r"'\w*Attention\w*', which surgery cannot cut"):
+        remove_channels(model, {attention: [0]}, x)
+
+
+def test_conv1d_mlp_cut_equals_masked():
+    """GPT-2's c_fc (transformers' Conv1D, weight stored (in, out)): removing units equals zeroing their
+    columns and biases (gelu(0) = 0), and the compact layers read their new widths."""
+    model = tiny_transformer("gpt2").eval()
+    x = torch.randint(0, 64, (2, 8))
+    compact = remove_channels(model, {"transformer.h.1.mlp.c_fc": [0, 5]}, x).eval()
+    reference = copy.deepcopy(model)
+    with torch.no_grad():
+        reference.transformer.h[1].mlp.c_fc.weight[:, [0, 5]] = 0
+        reference.transformer.h[1].mlp.c_fc.bias[[0, 5]] = 0
+        assert_same_output(compact(x).logits, reference(x).logits)
+    mlp = compact.transformer.h[1].mlp
+    assert (mlp.c_fc.weight.shape, mlp.c_fc.nf, mlp.c_proj.weight.shape, mlp.c_proj.nx) == ((32, 62), 62, (62, 32), 62)
+    assert compact.transformer.h[0].mlp.c_fc.weight.shape == (32, 64)
+
+
+def test_token_ids_in_a_dict_cut_in_place_with_the_optimizer_state():
+    """BERT with {'input_ids', 'attention_mask'}: the ids stay integers while the surviving indices are
+    traced, and the momentum of the cut layers is sliced like their weights."""
+    model = tiny_transformer("bert")
+    ids = torch.randint(0, 64, (2, 8))
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    F.cross_entropy(model(**inputs).logits, torch.tensor([0, 1])).backward()
+    optimizer.step()
+    layer = model.bert.encoder.layer[0]
+    momentum = optimizer.state[layer.intermediate.dense.weight]["momentum_buffer"].clone()
+    remove_channels_(model, {"bert.encoder.layer.0.intermediate.dense": [1, 2]}, inputs, optimizer)
+    kept = [i for i in range(64) if i not in (1, 2)]
+    assert layer.intermediate.dense.weight.shape == (62, 32) and layer.output.dense.weight.shape == (32, 62)
+    assert torch.equal(optimizer.state[layer.intermediate.dense.weight]["momentum_buffer"], momentum[kept])
+    assert bool(torch.isfinite(model(**inputs).logits).all())

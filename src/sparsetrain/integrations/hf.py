@@ -26,10 +26,10 @@ import torch
 from torch import Tensor
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from ..inference import HF_STATE_FILE as STATE_FILE
 from ..methods import create
 from .holder import MethodHolder
 
-STATE_FILE = "sparsify_state.pt"
 
 
 class SparsifyCallback(MethodHolder, TrainerCallback):

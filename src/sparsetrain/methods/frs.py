@@ -24,8 +24,11 @@ n_c + number of batches in the ResNet code (we divide by n_c, which the formula 
 Candidates, as the public code scores them (except that its VGG-16 leaves conv1 and conv2 alone;
 we score every layer): every post-ReLU activation fed by a channel group's
 layers through batch norms and residual adds
-(:func:`~sparsetrain.structured.relevance.post_relu_activations`), one *entry* per channel per
-activation. A residual stream is scored at its block outputs (the ReLU after each add), never at
+(:func:`~sparsetrain.structured.relevance.post_relu_activations`: ``nn.ReLU`` modules and
+``F.relu`` / ``torch.relu`` calls, in place or not, a module called several times once per
+call), one *entry* per channel per activation. A model with no such activation, or with a
+layer relevance has no rule for (LayerNorm, attention, embeddings), is refused at construction
+naming the layer. A residual stream is scored at its block outputs (the ReLU after each add), never at
 the stem; a group read by a depthwise convolution at both activations. Each pruning step makes
 the public code's pick: the ``channels_per_step`` lowest entries over all convolutional groups,
 and separately (as the public VGG code does for its hidden Linear neurons) the
@@ -63,6 +66,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from ..calls import logits_of
 from ..modes import eval_mode
 from ..report import count_flops, output_width
 from ..schedules import resolve_step, validate_total_steps
@@ -175,8 +179,8 @@ def feature_relevance_scores(
     class_accuracy: Tensor | None = None,
     lrp_eps: float = 0.0,
 ) -> dict[str, Tensor]:
-    """Feature relevance scores of ``model`` on ``batches``: for each post-ReLU activation (ReLU
-    module name) a float64 vector (C,), non-negative with L2 norm 1 (all zeros if the layer has
+    """Feature relevance scores of ``model`` on ``batches``: for each post-ReLU activation (by
+    ReLU name) a float64 vector (C,), non-negative with L2 norm 1 (all zeros if the layer has
     no relevance at all). ``class_accuracy`` (K,) defaults to the accuracy per class of the model
     (eval mode) on the same batches."""
     k = num_classes
@@ -229,6 +233,23 @@ def candidates(model: nn.Module, example_inputs: Tensor) -> list[Candidate]:
             linear = all(isinstance(model.get_submodule(layer), nn.Linear) for layer in group.layers)
             found.append(Candidate(group, tuple(own), "linear" if linear else "conv"))
     return found
+
+
+def _pool_entries(found: list[Candidate]) -> dict[str, int]:
+    """Entries that can still be picked, per pool."""
+    return {pool: sum(c.entries for c in found if c.pool == pool) for pool in POOLS}
+
+
+def _nothing_to_score(model: nn.Module, example_inputs: Tensor) -> str:
+    """The refusal of a model without candidates, naming its first prunable layer (in module order)."""
+    roots = {group.root for group in channel_groups(model, example_inputs)}
+    first = next((name for name, _ in model.named_modules() if name in roots), None)
+    layers = f"layer {first!r} or any other prunable layer" if first else "any prunable layer (it has none)"
+    return (
+        f"FRS has no channel of {type(model).__name__} to score: no ReLU follows {layers} through batch norms and "
+        "residual adds; allowed: models whose hidden Conv/Linear layers feed a ReLU (nn.ReLU, F.relu or torch.relu, "
+        "in place or not)."
+    )
 
 
 def pick_entries(scores: Mapping[str, Tensor], found: list[Candidate], count: int) -> list[int]:
@@ -333,10 +354,13 @@ class FRS(Method):
             max(1, resolve_step(prune_every, total_steps, "prune_every")),
             max(1, resolve_step(stop_at, total_steps, "stop_at")),
         )
+        found = candidates(model, example_inputs)  # refuses a layer that relevance has no rule for
+        if not found:
+            raise ValueError(_nothing_to_score(model, example_inputs))
         with torch.no_grad(), eval_mode(model):
-            self.num_classes = num_classes or int(model(example_inputs).shape[-1])
+            self.num_classes = num_classes or int(logits_of(model(example_inputs)).shape[-1])
         self.dense_flops = count_flops(model, example_inputs[:1])
-        prunable = self.prunable()
+        prunable = _pool_entries(found)
         steps = self.schedule.steps
         given = {"conv": channels_per_step, "linear": linear_per_step}
         self.counts = {pool: _default_count(prunable[pool], steps) if given[pool] is None else given[pool] for pool in POOLS}
@@ -376,8 +400,7 @@ class FRS(Method):
 
     def prunable(self) -> dict[str, int]:
         """Entries that can still be picked, per pool ("conv", "linear")."""
-        found = candidates(self.model, self.example_inputs)
-        return {pool: sum(c.entries for c in found if c.pool == pool) for pool in POOLS}
+        return _pool_entries(candidates(self.model, self.example_inputs))
 
     def scores(self, batches: Iterable[tuple[Tensor, Tensor]] | None = None) -> dict[str, Tensor]:
         """Feature relevance scores of the model on ``batches`` (default: ``data``)."""
@@ -409,8 +432,9 @@ class FRS(Method):
         (the optimizer's state follows, if bound); return the removed {group root: channel indices}.
         A NaN or infinite relevance score is a FloatingPointError naming its layer."""
         found = candidates(self.model, self.example_inputs)
+        pools = _pool_entries(found)
         for pool, option in (("conv", "channels_per_step"), ("linear", "linear_per_step")):
-            available = sum(c.entries for c in found if c.pool == pool)
+            available = pools[pool]
             if self.counts[pool] > available:
                 raise ValueError(
                     f"{option}={self.counts[pool]} exceeds the {available} entries still prunable in the {pool} pool "

@@ -10,13 +10,29 @@ trainable parameter x_c per channel and the gate
 
 Every regular (not depthwise) convolution, and the final Linear layer, reads its input channels
 gated: its weight is parametrized as W[:, c] * g_c (the same as scaling its input by g, since the
-layer is linear in its input). All readers of one group share its gates: every convolution
-reading a ResNet residual stream uses the one gate vector of that stream. Depthwise
-convolutions are not gated; their channels belong to the group of the layer feeding them and
-are gated where the next regular convolution reads them. The input image is never gated.
+layer is linear in its input; transformers' Conv1D, stored (in, out), as W[c, :] * g_c). All
+readers of one group share its gates: every convolution reading a ResNet residual stream uses
+the one gate vector of that stream. Depthwise convolutions are not gated; their channels belong
+to the group of the layer feeding them and are gated where the next regular convolution reads
+them. The input image is never gated.
+
 The gate parameters x are a parameter *of the model* (held by the first gated layer's
 parametrization), so an optimizer built from ``model.parameters()`` trains them and
 ``model.state_dict()`` holds them.
+
+Transformers. Only what can be removed without breaking the model is gated: the hidden units of
+each MLP (BERT's and ViT's intermediate layer, read by the output layer; Llama's SwiGLU units,
+written by ``gate_proj`` and ``up_proj`` together and read by ``down_proj``; GPT-2's ``c_fc`` ->
+``c_proj``). Attention is not gated at all: no channel of a query, key, value or output
+projection, so no head is ever cut in part (:mod:`~sparsetrain.structured.surgery` leaves out
+every group whose channels meet attention), and nothing of the residual stream, which passes
+layer norms and embeddings. ``example_inputs`` may be a tensor or a dict of named tensors
+(``{"input_ids": ..., "attention_mask": ...}``, passed as ``model(**example_inputs)``) and the
+model may return an output object (its ``.logits`` are traced). Before any training, ``create()``
+removes one channel of every gated group from a copy and checks, by running both on
+``example_inputs`` (eval mode), that the copy computes what the model with those gates at zero
+computes; a model failing it (something between a group's layers mixes its channels) is
+refused naming the group.
 
 FLOPs. Each Conv/Linear layer l costs f_l (its dense FLOPs on ``example_inputs``, counted as
 ``torch.utils.flop_counter`` does: 2 * output elements * input channels per group * kernel
@@ -26,8 +42,9 @@ size) scaled by its active input and output channels:
 
 with a = the sum of the gates of the channels read or written (1 for ungated channels such
 as the image and the logits). Depthwise convolutions have a_in = a_out and cost f_l * a_out /
-C_out. F is bilinear in the gates of consecutive layers. With the gates replaced by
-1[x != 0] ("hard" counts) it equals, exactly, the FLOPs of the compact model ``finalize()``
+C_out. F is bilinear in the gates of consecutive layers. What else the counter counts (attention's
+matrix products; nothing in a CNN) is a constant f_0 added to F. With the gates replaced by
+1[x != 0] ("hard" counts) F equals, exactly, the FLOPs of the compact model ``finalize()``
 returns.
 
 Objective. The objective adds ``penalty() = lambda * F(g) / F_dense``; ``before_optimizer_step()``
@@ -98,13 +115,27 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.modules.conv import _ConvNd
 from torch.nn.utils import parametrize
+from torch.utils.flop_counter import FlopCounterMode
 
+from ..calls import ExampleInputs, call_model, logits_of, map_inputs
+from ..messages import shown
 from ..modes import eval_mode
+from ..prunable import out_in, stores_transposed
 from ..report import output_width
 from ..schedules import validate_total_steps
-from ..structured.surgery import LAYER_TYPES, ChannelGroup, Coupling, is_depthwise, remove_channels_, trace_couplings
+from ..structured.surgery import (
+    ChannelGroup,
+    Coupling,
+    input_width,
+    is_depthwise,
+    is_layer,
+    remove_channels,
+    remove_channels_,
+    trace_couplings,
+)
 from .protocol import Method, check_finite
 from .registry import Context, MethodSpec, register_method
 
@@ -183,29 +214,33 @@ class GateBank:
 
 
 class InputGate(nn.Module):
-    """The parametrization of a reader's weight: W[:, c] * g_c, g looked up by input feature.
+    """The parametrization of a reader's weight: W[:, c] * g_c, g looked up by input feature
+    (W[c, :] * g_c for a weight stored (in, out), ``transposed``).
 
     The bank's parameter is registered only on the first reader (``owner``), so the model holds
     it once; the others reach it through the bank, which is not a module.
     """
 
-    def __init__(self, bank: GateBank, index: Tensor, owner: bool) -> None:
+    def __init__(self, bank: GateBank, index: Tensor, owner: bool, transposed: bool = False) -> None:
         super().__init__()
         if owner:
             self.gates = bank.gates
         self.__dict__["bank"] = bank
+        self.transposed = transposed
         self.register_buffer("index", index, persistent=False)
 
     def forward(self, weight: Tensor) -> Tensor:
         gate = self.bank.values_and_one()[self.index].to(weight.dtype)
-        return weight * gate.view((1, -1) + (1,) * (weight.dim() - 2))
+        weight = out_in(weight, self.transposed)
+        return out_in(weight * gate.view((1, -1) + (1,) * (weight.dim() - 2)), self.transposed)
 
 
 class GDP(Method):
     """Channel gates trained with a FLOPs penalty whose weight adapts to land on ``flops_target``.
 
     ``total_steps`` (T) is the number of ``step()`` calls in training; ``example_inputs`` a batch
-    used to trace the model and count FLOPs; the knobs are those of :class:`GDPOptions`.
+    (a tensor or a dict of named tensors) used to trace the model and count FLOPs; the knobs are
+    those of :class:`GDPOptions`.
     """
 
     name = "gdp"
@@ -215,7 +250,7 @@ class GDP(Method):
         model: nn.Module,
         flops_target: float,
         total_steps: int,
-        example_inputs: Tensor,
+        example_inputs: ExampleInputs,
         **knobs: Any,
     ) -> None:
         super().__init__()
@@ -227,13 +262,14 @@ class GDP(Method):
         self.lr_lambda, self.gate_min, self.tolerance = float(options.lr_lambda), float(options.gate_min), float(options.tolerance)
         self.prune_steps = max(1, round(options.prune_end * total_steps))
         self.lambda_init = float(options.lambda_init)
-        self.example_inputs = example_inputs.detach().clone()
+        self.example_inputs = map_inputs(_checked_inputs(example_inputs), lambda x: x.detach().clone())
 
         _, couplings = trace_couplings(copy.deepcopy(model), example_inputs)
         self.couplings: list[Coupling] = [c for c in couplings if not c.is_output and c.unsupported is None]
         if not self.couplings:
             raise ValueError(f"model {type(model).__name__} has no channel group GDP can gate; allowed: a model with "
-                             "regular convolutions whose channels are read by another convolution or linear layer.")
+                             "regular convolutions whose channels are read by another convolution or linear layer, "
+                             "or a transformer's MLP.")
         offsets = np.cumsum([0] + [c.channels for c in self.couplings])
         self.size = int(offsets[-1])  # gated channels; index self.size is the constant 1
         self._group_of = np.repeat(np.arange(len(self.couplings)), [c.channels for c in self.couplings])
@@ -243,9 +279,8 @@ class GDP(Method):
         in_index: dict[str, np.ndarray] = {}
         out_index: dict[str, np.ndarray] = {}
         for name, module in modules.items():
-            if isinstance(module, LAYER_TYPES):
-                in_features = module.in_channels if isinstance(module, _ConvNd) else module.in_features
-                in_index[name] = np.full(in_features, self.size)
+            if is_layer(module):
+                in_index[name] = np.full(input_width(module), self.size)
                 out_index[name] = np.full(output_width(module), self.size)
         for coupling, offset in zip(self.couplings, offsets):
             for name, pairs in coupling.inputs.items():
@@ -259,9 +294,9 @@ class GDP(Method):
                 for channel_out, channel in pairs:
                     out_index[name][channel_out] = offset + channel
 
-        dense = _dense_flops(model, example_inputs)
+        dense, self._fixed_flops = _dense_flops(model, example_inputs)
         names = [name for name in in_index if name in dense]
-        self.dense_flops = float(sum(dense.values()))
+        self.dense_flops = float(sum(dense.values())) + self._fixed_flops
         cols = self.size + 1
         m_in = np.zeros((len(names), cols))
         m_out = np.zeros((len(names), cols))
@@ -289,9 +324,12 @@ class GDP(Method):
         for name in self._readers:
             if parametrize.is_parametrized(modules[name], "weight"):
                 raise ValueError(f"layer {name!r} is already parametrized; allowed: a model not yet attached to a method.")
+        _check_removable(model, self.couplings, self.example_inputs)
         for position, name in enumerate(self._readers):
-            gate = InputGate(self.bank, torch.as_tensor(in_index[name], device=device), position == 0)
-            parametrize.register_parametrization(modules[name], "weight", gate)
+            module = modules[name]
+            index = torch.as_tensor(in_index[name], device=device)
+            gate = InputGate(self.bank, index, position == 0, stores_transposed(module))
+            parametrize.register_parametrization(module, "weight", gate)
 
         self._step = 0
         self.lam = self.lambda_init
@@ -333,7 +371,7 @@ class GDP(Method):
     def _expected_flops(self, gates: Tensor) -> Tensor:
         g = torch.cat([gates, gates.new_ones(1)])
         m_in, m_out, coef = self._soft
-        return (coef * (m_in @ g) * (m_out @ g)).sum()
+        return (coef * (m_in @ g) * (m_out @ g)).sum() + self._fixed_flops
 
     def flops_ratio(self, hard: bool = False) -> float:
         """F(g) / F_dense; with ``hard``, the gates counted as 1[x != 0] (the compact model's ratio)."""
@@ -372,7 +410,8 @@ class GDP(Method):
 
     def _hard_ratio(self, alive: np.ndarray) -> float:
         counts = np.append(alive.astype(np.float64), 1.0)
-        return float((self._coef * (self._m_in @ counts) * (self._m_out @ counts)).sum()) / self.dense_flops
+        flops = float((self._coef * (self._m_in @ counts) * (self._m_out @ counts)).sum()) + self._fixed_flops
+        return flops / self.dense_flops
 
     # -- changing the state --------------------------------------------------------------
 
@@ -440,13 +479,13 @@ class GDP(Method):
         live = np.bincount(self._group_of[alive], minlength=len(self.couplings))
         floor = (goal - self.tolerance * self.target) * self.dense_flops
         zeroed = 0
-        if float((self._coef * a_in * a_out).sum()) <= goal * self.dense_flops:
+        if float((self._coef * a_in * a_out).sum()) + self._fixed_flops <= goal * self.dense_flops:
             return zeroed  # on or ahead of the reference already
         for i in indices[np.argsort(magnitude[indices], kind="stable")]:
             if live[self._group_of[i]] <= self._min_live[self._group_of[i]]:
                 continue
             new_in, new_out = a_in - self._m_in[:, i], a_out - self._m_out[:, i]
-            flops = float((self._coef * new_in * new_out).sum())
+            flops = float((self._coef * new_in * new_out).sum()) + self._fixed_flops
             if flops < floor:
                 continue
             x[int(i)] = 0
@@ -524,26 +563,85 @@ class GDP(Method):
         self._last = state["last"].to(self._last.device).clone()
 
 
-def _dense_flops(model: nn.Module, example_inputs: Tensor) -> dict[str, float]:
-    """FLOPs of each Conv/Linear layer on ``example_inputs`` (eval mode, no grad), as
-    ``torch.utils.flop_counter`` counts them: 2 * output elements * inputs per output."""
+def _checked_inputs(example_inputs: object) -> ExampleInputs:
+    """``example_inputs`` if it is a tensor or a non-empty mapping of names to tensors, else ``ValueError``."""
+    if isinstance(example_inputs, Tensor) or (
+        isinstance(example_inputs, Mapping) and example_inputs
+        and all(isinstance(k, str) and isinstance(v, Tensor) for k, v in example_inputs.items())
+    ):
+        return example_inputs
+    raise ValueError(f"example_inputs={shown(example_inputs)} is not allowed; allowed: a tensor batch the model accepts, "
+                     "or a dict of named tensors such as {'input_ids': ..., 'attention_mask': ...}.")
+
+
+def _dense_flops(model: nn.Module, example_inputs: ExampleInputs) -> tuple[dict[str, float], float]:
+    """FLOPs of each Conv/Linear/Conv1D layer on ``example_inputs`` (eval mode, no grad), as
+    ``torch.utils.flop_counter`` counts them: 2 * output elements * inputs per output; and f_0,
+    what the counter counts besides (attention's matrix products, by their math path as
+    :func:`~sparsetrain.report.count_flops` counts them)."""
     flops: dict[str, float] = {}
 
     def count(name: str, module: nn.Module, args: Sequence[Tensor], output: Tensor) -> None:
         if isinstance(module, _ConvNd):
             per_output = module.in_channels // module.groups * math.prod(module.kernel_size)
         else:
-            per_output = module.in_features
+            per_output = input_width(module)
         flops[name] = flops.get(name, 0.0) + 2.0 * output.numel() * per_output
 
-    hooks = [m.register_forward_hook(partial(count, n)) for n, m in model.named_modules() if isinstance(m, LAYER_TYPES)]
+    hooks = [m.register_forward_hook(partial(count, n)) for n, m in model.named_modules() if is_layer(m)]
     try:
-        with torch.no_grad(), eval_mode(model):
-            model(example_inputs)
+        with torch.no_grad(), eval_mode(model), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+            call_model(model, example_inputs)
     finally:
         for hook in hooks:
             hook.remove()
-    return flops
+    return flops, float(counter.get_total_flops()) - sum(flops.values())
+
+
+def _check_removable(model: nn.Module, couplings: Sequence[Coupling], example_inputs: ExampleInputs) -> None:
+    """Refuse the model unless removing the last channel of every group (of two or more) computes
+    what the model computes with those channels' inputs zeroed in their readers (their gates at
+    zero), checked on ``example_inputs`` in eval mode; the refusal (a ValueError) names the first
+    group that fails alone (the first group if none does)."""
+    testable = [c for c in couplings if c.channels > 1]
+    if not testable or _removal_holds(model, testable, example_inputs):
+        return
+    culprit = next((c for c in testable if not _removal_holds(model, [c], example_inputs)), testable[0])
+    raise ValueError(
+        f"GDP cannot gate the channels of layer {culprit.root!r} (read by {', '.join(culprit.inputs)}): removing one "
+        "changes what the model computes with its gate at zero, so something between these layers mixes channels; "
+        "allowed: models whose gated channels reach the next layers through channel-wise operations."
+    )
+
+
+def _removal_holds(model: nn.Module, couplings: Sequence[Coupling], example_inputs: ExampleInputs) -> bool:
+    """Whether the model cut by one channel per coupling computes what ``model`` computes with
+    those channels zeroed in its readers' weights (restored afterwards); a cut model that fails
+    to run (any exception) does not."""
+    drop = {c.root: [i for i, channel in c.outputs[c.root] if channel == c.channels - 1] for c in couplings}
+    modules = dict(model.named_modules())
+    saved = []
+    with torch.no_grad(), eval_mode(model):
+        compact = remove_channels(model, drop, example_inputs)  # a copy, in eval mode like the model
+        try:
+            cut = logits_of(call_model(compact, example_inputs))
+        except Exception:  # whatever stops the cut model from running
+            return False
+        try:
+            for c in couplings:
+                for name, pairs in c.inputs.items():
+                    module = modules[name]
+                    weight = out_in(module.weight, stores_transposed(module))
+                    features = [feature for feature, channel in pairs if channel == c.channels - 1]
+                    saved.append((weight, features, weight[:, features].clone()))
+                    weight[:, features] = 0
+            masked = logits_of(call_model(model, example_inputs))
+        finally:
+            for weight, features, values in reversed(saved):
+                weight[:, features] = values
+    scale = float(masked.abs().nan_to_num().max()) if masked.numel() else 0.0
+    return cut.shape == masked.shape and torch.allclose(cut, masked, rtol=1e-3, atol=1e-3 * max(scale, 1e-12),
+                                                        equal_nan=True)
 
 
 def _build(model: nn.Module, options: GDPOptions, context: Context) -> GDP:

@@ -9,7 +9,7 @@ re-iterable of (x, y) batches) by those that score it (frs).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,11 +26,12 @@ class Context:
     the model with, and batches to score it on."""
 
     total_steps: int
-    example_inputs: Tensor | None = None
+    example_inputs: Tensor | Mapping[str, Tensor] | None = None
     data: Iterable[tuple[Tensor, Tensor]] | None = None
 
-    def need_example_inputs(self, method: str) -> Tensor:
-        if not isinstance(self.example_inputs, Tensor):
+    def need_example_inputs(self, method: str) -> Tensor | Mapping[str, Tensor]:
+        """The example inputs, checked only for presence: each method checks the kinds it accepts."""
+        if self.example_inputs is None:
             raise ValueError(f"method {method!r} traces the model; allowed: example_inputs=a tensor batch the model accepts.")
         return self.example_inputs
 
@@ -113,7 +114,7 @@ def create(
     method: str,
     *,
     total_steps: int,
-    example_inputs: Tensor | None = None,
+    example_inputs: Tensor | Mapping[str, Tensor] | None = None,
     data: Iterable[tuple[Tensor, Tensor]] | None = None,
     **options: Any,
 ) -> Method:

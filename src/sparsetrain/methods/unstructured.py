@@ -17,10 +17,13 @@ forward starts, every forward weight is computed at once (the layers then find t
 a layer called on its own computes its weight as it reads it.
 
 N:M scope (``scope="nm"``, ``n``, ``m``): the threshold is per group of M consecutive weights
-along the input dimension (:mod:`sparsetrain.nm`); at s(t) each group prunes k = round(s(t) * M)
+along the input dimension (:mod:`sparsetrain.nm`; dimension 0 of a weight stored (in, out), such as
+transformers' Conv1D: :func:`sparsetrain.prunable.out_in`); at s(t) each group prunes k = round(s(t) * M)
 weights, so the final sparsity is 1 - N/M and a schedule is a path M:M -> ... -> N:M. Layers whose
 input dimension is not a multiple of M stay dense (``dense_layers``). ``decay`` adds SR-STE's
 lambda_w * (1 - E) * w to the pruned weights' gradient.
+
+ST-3's rescale is per output channel, dimension 1 of a weight stored (in, out).
 
 Fixed-mask phase (``fix_at``, ST-3's last 10 of 170 epochs): when t reaches ``fix_at`` the
 thresholds are recomputed for s(t), the forward weights a * P_p(w; T) are written into the
@@ -60,9 +63,10 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from ..messages import shown
 from ..nm import has_groups, parse_nm, select_groups, validate_nm
 from ..operators import Threshold, kept_mask, sparsify_ste, validate_p
-from ..prunable import PRUNABLE_TYPES, default_exclude, find_prunable
+from ..prunable import PRUNABLE_TYPES, LayerType, choose_layers, out_in, stores_transposed, validate_types
 from ..schedules import (
     SCHEDULES,
     Schedule,
@@ -127,7 +131,8 @@ _PRESETS: dict[str, Callable[[float], MethodConfig]] = {}
 @dataclass(frozen=True)
 class _PresetOptions:
     """Options shared by every preset: any knob of :class:`MethodConfig` (None: the preset's
-    value) and the layer filters (glob patterns on module names, minimum size)."""
+    value) and the layer filters (glob patterns on module names, minimum size, and the layer
+    types: classes or class names; None: :data:`~sparsetrain.prunable.PRUNABLE_TYPES`)."""
 
     p: float | None = None
     theta: float | None = None
@@ -139,6 +144,7 @@ class _PresetOptions:
     decay: float | None = None
     exclude: tuple[str, ...] | None = None
     min_size: int = 0
+    types: tuple[LayerType, ...] | None = None
 
     def __post_init__(self) -> None:
         MethodConfig(**{"p": 1.0, "theta": 1.0, **self.knobs()})  # validates every knob given
@@ -146,6 +152,8 @@ class _PresetOptions:
             if not isinstance(self.exclude, (list, tuple)) or not all(isinstance(e, str) for e in self.exclude):
                 raise ValueError(f"exclude={self.exclude!r} is not allowed; allowed: a list of glob patterns.")
             object.__setattr__(self, "exclude", tuple(self.exclude))
+        if self.types is not None:
+            object.__setattr__(self, "types", validate_types(self.types))
         if isinstance(self.min_size, bool) or not isinstance(self.min_size, int) or self.min_size < 0:
             raise ValueError(f"min_size={self.min_size!r} is not allowed; allowed: an int >= 0.")
 
@@ -155,7 +163,8 @@ class _PresetOptions:
 
     def engine_args(self) -> dict[str, Any]:
         """The keyword arguments of :class:`Sparsifier` beyond the model, method and length."""
-        return {"exclude": self.exclude, "min_size": self.min_size, **self.knobs()}
+        types = {} if self.types is None else {"types": self.types}
+        return {"exclude": self.exclude, "min_size": self.min_size, **types, **self.knobs()}
 
 
 @dataclass(frozen=True)
@@ -348,10 +357,10 @@ class Sparsifier(Method):
     ``rescale``, ``schedule``, ``start``, ``end``, ``fix_at``, ``n``, ``m``, ``decay``) can be
     overridden by keyword. ``sparsity`` None means 0.9, or 1 - N/M for scope "nm".
     ``start``/``end`` are int steps or float fractions of ``total_steps``; ``schedule`` may also
-    be a ready schedule object. Layers are chosen by
-    ``types``, ``exclude`` (glob patterns on module names; None: what the model's modules declare
-    in ``default_exclude``, e.g. a ViT's patch embedding and head; see
-    :func:`~sparsetrain.prunable.default_exclude`) and ``min_size`` (entries).
+    be a ready schedule object. Layers are chosen by :func:`~sparsetrain.prunable.choose_layers`
+    from ``types`` (classes or class names), ``exclude`` (glob patterns on module names; None: the
+    default exclusions, e.g. a ViT's patch embedding, a language model's tied head) and
+    ``min_size`` (entries); ``excluded`` lists the layers left dense and why.
     """
 
     def __init__(
@@ -361,7 +370,7 @@ class Sparsifier(Method):
         sparsity: float | None = None,
         total_steps: int = 1,
         *,
-        types: Sequence[type[nn.Module]] = PRUNABLE_TYPES,
+        types: Sequence[LayerType] = PRUNABLE_TYPES,
         exclude: Sequence[str] | None = None,
         min_size: int = 0,
         **knobs: Any,
@@ -386,37 +395,32 @@ class Sparsifier(Method):
             raise ValueError(
                 f"the schedule's final sparsity {self.schedule.final} differs from sparsity={sparsity}; allowed: equal values."
             )
-        if exclude is None:
-            exclude = default_exclude(model)
-        layers = find_prunable(model, types, exclude, min_size)
+        types = validate_types(types)
+        choice = choose_layers(model, types, exclude, min_size)
+        layers = choice.layers
         if not layers:
-            raise ValueError(
-                f"model {type(model).__name__} has no prunable layer; allowed: a model with at least one "
-                f"{'/'.join(t.__name__ for t in types)} layer of at least {min_size} weights not excluded by {list(exclude)}."
-            )
+            kinds = "/".join(t if isinstance(t, str) else t.__name__ for t in types)
+            dense = shown([name for name, _ in choice.dense])
+            raise ValueError(f"model {type(model).__name__} has no prunable layer; allowed: a model with at least one "
+                             f"{kinds} layer of at least {min_size} weights not left dense (left dense: {dense}).")
         if any(parametrize.is_parametrized(module, "weight") for _, module in layers):
             raise ValueError("the model's weights are already parametrized; allowed: a model not yet attached to a method.")
-        chosen = {id(module) for _, module in layers}
-        pruned_weights = {id(module.weight) for _, module in layers}
-        for name, module in model.named_modules(remove_duplicate=False):
-            if id(module) not in chosen and id(getattr(module, "weight", None)) in pruned_weights:
-                raise ValueError(
-                    f"layer {name!r} shares a weight with a prunable layer but is not prunable itself (its type, "
-                    "name pattern or size); allowed: every layer of a shared weight pruned, or none."
-                )
         self.model = model
+        self.excluded: list[tuple[str, str]] = list(choice.dense)
         self._modules = [module for _, module in layers]
         # One entry per distinct weight: a Parameter shared by several layers is one weight.
         first: dict[int, int] = {}
         self._owner: list[int] = []  # for each layer, the index of its weight
         self.names: list[str] = []
         self._weights: list[Tensor] = []
+        self._transposed: list[bool] = []  # stored (in, out): N:M groups and rescale read it transposed
         for name, module in layers:
             key = id(module.weight)
             if key not in first:
                 first[key] = len(self._weights)
                 self.names.append(name)
                 self._weights.append(module.weight)
+                self._transposed.append(stores_transposed(module))
             self._owner.append(first[key])
         self._params: list[SparseWeight] = []
         for w in self._weights:
@@ -469,14 +473,16 @@ class Sparsifier(Method):
         """For scope "nm", the prunable weights left dense: no groups of M along their input dimension."""
         if self.config.scope != "nm":
             return []
-        return [name for name, w in zip(self.names, self._weights) if not has_groups(w.shape, self.config.m)]
+        return [name for name, w, transposed in zip(self.names, self._weights, self._transposed)
+                if not has_groups(out_in(w, transposed).shape, self.config.m)]
 
     def dense_weights(self) -> list[Tensor]:
         """The trained dense weights w, one per distinct prunable weight, in order."""
         return list(self._weights)
 
     def sparsity(self) -> float:
-        """Fraction of zeros among the prunable weights as the forward pass uses them."""
+        """Fraction of zeros among the prunable weights as the forward pass uses them (after
+        ``finalize()``, in the baked weights)."""
         return sum(zeros for _, _, zeros in self.layer_stats()) / self.numel()
 
     def numel(self) -> int:
@@ -484,9 +490,11 @@ class Sparsifier(Method):
         return sum(w.numel() for w in self._weights)
 
     def layer_stats(self) -> list[tuple[str, int, int]]:
-        """(name, size, zeros in the forward weight) of each distinct prunable weight."""
-        self._check_attached()
+        """(name, size, zeros in the forward weight) of each distinct prunable weight; after
+        ``finalize()``, the zeros of the baked weight."""
         with torch.no_grad():
+            if self._finalized:
+                return [(n, w.numel(), int((w == 0).sum())) for n, w in zip(self.names, self._weights)]
             return [(n, w.numel(), p.zeros(w)) for n, p, w in zip(self.names, self._params, self._weights)]
 
     def metrics(self) -> dict[str, float]:
@@ -547,19 +555,29 @@ class Sparsifier(Method):
             magnitudes = [param.normalised(w).abs() for param, w in zip(self._params, self._weights)]
             check_finite(magnitudes, self.names, "layer", "weight", self._step)
             selection = _same_on_every_rank(self._select(magnitudes), magnitudes)
-            for param, w, mag, threshold, ties in zip(
-                self._params, self._weights, magnitudes, selection.thresholds, selection.ties
+            for param, w, mag, threshold, ties, transposed in zip(
+                self._params, self._weights, magnitudes, selection.thresholds, selection.ties, self._transposed
             ):
                 param.threshold = threshold
                 param.ties = ties
                 if self.config.rescale:  # on |w|: the sigma scale cancels in the ratio r_c
-                    param.rescale = st3_rescale(w.abs() if param.norm != 1.0 else mag, kept_mask(mag, threshold, ties))
+                    kept = kept_mask(mag, threshold, ties)
+                    magnitude = w.abs() if param.norm != 1.0 else mag
+                    rescale = st3_rescale(out_in(magnitude, transposed), out_in(kept, transposed))
+                    param.rescale = out_in(rescale, transposed)  # per output channel, in w's layout
 
     def _select(self, magnitudes: Sequence[Tensor]) -> Selection:
-        """Thresholds and tie masks for s(t): one selection over the scope, or one per N:M group."""
+        """Thresholds and tie masks for s(t): one selection over the scope, or one per N:M group
+        (groups along the input dimension: a weight stored (in, out) is selected in its (out, in)
+        view, and its thresholds and ties are stored back in its own layout)."""
         if self.config.scope != "nm":
             return select(magnitudes, self.target, self.config.scope)
-        return select_groups(magnitudes, prune_count(self.target, self.config.m), self.config.m)
+        views = [out_in(mag, transposed) for mag, transposed in zip(magnitudes, self._transposed)]
+        selection = select_groups(views, prune_count(self.target, self.config.m), self.config.m)
+        return Selection(
+            [_stored(t, transposed) for t, transposed in zip(selection.thresholds, self._transposed)],
+            [_stored(t, transposed) for t, transposed in zip(selection.ties, self._transposed)],
+        )
 
     def finalize(self) -> nn.Module:
         """Bake a * P_p(w; T) into plain weights, remove the parametrizations, return the model.
@@ -627,6 +645,12 @@ class Sparsifier(Method):
             param.ties = None if ties is None else ties.to(w.device).bool()
             param.rescale = None if rescale is None else rescale.to(w.device)
             param.mask = None if mask is None else mask.to(w.device).bool()
+
+
+def _stored(value: Any, transposed: bool) -> Any:
+    """A threshold or tie tensor of a weight's (out, in) view in the weight's own layout
+    (contiguous, as broadcasts and checkpoints need); numbers and None as they are."""
+    return out_in(value, transposed).contiguous() if isinstance(value, Tensor) and transposed else value
 
 
 def _copy(threshold: Threshold) -> Threshold:

@@ -7,7 +7,9 @@ Each tensor is stored in whichever layout is smallest:
     indices  the flat positions of the non-zero entries (int32, or int64 past 2^31) + the values
     nm       for a weight holding an N:M pattern (``nm`` given): N values per group of M and their
              positions in ceil(log2 M) bits (:func:`sparsetrain.nm.pack`); preferred on a tie
-             (2:4 fp32: 2.125 bytes a weight, as the bitmask)
+             (2:4 fp32: 2.125 bytes a weight, as the bitmask). Groups run along the input
+             dimension: dimension 0 of a weight stored (in, out) (``transposed``, e.g. transformers'
+             Conv1D: :func:`sparsetrain.prunable.transposed_weights`), packed in its (out, in) view
 
 Loading rebuilds exactly the same dense tensors. The layouts and shapes are kept in the file's
 JSON metadata header; nothing is unpickled.
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Collection
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +28,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..nm import has_groups, index_bits, pack, pattern_holds, unpack
+from ..prunable import out_in
 from .checkpoint import atomic_write
 
 _LAYOUT_KEY = "sparsetrain.sparse"
@@ -33,12 +37,14 @@ _LAYOUT_KEY = "sparsetrain.sparse"
 _PREFERENCE = ("dense", "nm", "bitmask", "indices")  # on equal sizes, the first wins
 
 
-def _layout_sizes(tensor: torch.Tensor, nm: tuple[int, int] | None = None) -> dict[str, int]:
-    """Bytes each layout needs for ``tensor`` (the nm layout only where the tensor holds ``nm``)."""
+def _layout_sizes(tensor: torch.Tensor, nm: tuple[int, int] | None = None, transposed: bool = False) -> dict[str, int]:
+    """Bytes each layout needs for ``tensor`` (the nm layout only where the tensor, read as (out, in)
+    when ``transposed``, holds ``nm``)."""
     n, nnz, item = tensor.numel(), int(torch.count_nonzero(tensor)), tensor.element_size()
     index_bytes = 4 if n < 2**31 else 8
     sizes = {"dense": n * item, "bitmask": math.ceil(n / 8) + nnz * item, "indices": nnz * (index_bytes + item)}
-    if nm is not None and has_groups(tensor.shape, nm[1]) and pattern_holds(tensor, *nm):
+    grouped = out_in(tensor, transposed)
+    if nm is not None and has_groups(grouped.shape, nm[1]) and pattern_holds(grouped, *nm):
         kept = n // nm[1] * nm[0]
         sizes["nm"] = kept * item + math.ceil(kept * index_bits(nm[1]) / 8)
     return sizes
@@ -49,15 +55,18 @@ def smallest_layout(sizes: dict[str, int]) -> str:
     return min(sizes, key=lambda key: (sizes[key], _PREFERENCE.index(key)))
 
 
-def _encode(name: str, tensor: torch.Tensor, nm: tuple[int, int] | None) -> tuple[dict[str, torch.Tensor], dict]:
-    layout = smallest_layout(_layout_sizes(tensor, nm))
+def _encode(name: str, tensor: torch.Tensor, nm: tuple[int, int] | None,
+            transposed: bool) -> tuple[dict[str, torch.Tensor], dict]:
+    layout = smallest_layout(_layout_sizes(tensor, nm, transposed))
     flat = tensor.detach().cpu().contiguous().reshape(-1)
     info = {"layout": layout, "shape": list(tensor.shape), "dtype": str(tensor.dtype).removeprefix("torch.")}
     if layout == "dense":
         return {name: flat.reshape(tensor.shape)}, info
     if layout == "nm":
-        values, positions = pack(tensor, *nm)
+        values, positions = pack(out_in(tensor, transposed), *nm)
         info["nm"] = list(nm)
+        if transposed:
+            info["transposed"] = True
         return {f"{name}.values": values, f"{name}.positions": positions}, info
     nonzero = flat != 0
     values = flat[nonzero]
@@ -69,13 +78,15 @@ def _encode(name: str, tensor: torch.Tensor, nm: tuple[int, int] | None) -> tupl
     return {f"{name}.indices": positions, f"{name}.values": values}, info
 
 
-def save_sparse(path: str | Path, state: dict[str, torch.Tensor], nm: tuple[int, int] | None = None) -> Path:
+def save_sparse(path: str | Path, state: dict[str, torch.Tensor], nm: tuple[int, int] | None = None,
+                transposed: Collection[str] = ()) -> Path:
     """Write ``state`` compressed (see the module docstring), atomically; ``nm``: the (N, M)
-    pattern to pack the weights holding it with."""
+    pattern to pack the weights holding it with; ``transposed``: the keys of the weights stored
+    (in, out), e.g. ``transposed_weights(model)``."""
     tensors: dict[str, torch.Tensor] = {}
     layouts: dict[str, dict] = {}
     for name, tensor in state.items():
-        stored, layouts[name] = _encode(name, tensor, nm)
+        stored, layouts[name] = _encode(name, tensor, nm, name in transposed)
         tensors.update(stored)
     metadata = {_LAYOUT_KEY: json.dumps(layouts)}
     return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
@@ -96,7 +107,10 @@ def load_sparse(path: str | Path) -> dict[str, torch.Tensor]:
                 continue
             if info["layout"] == "nm":
                 n, m = info["nm"]
-                state[name] = unpack(f.get_tensor(f"{name}.values"), f.get_tensor(f"{name}.positions"), shape, n, m)
+                transposed = info.get("transposed", False)
+                grouped = unpack(f.get_tensor(f"{name}.values"), f.get_tensor(f"{name}.positions"),
+                                 shape[::-1] if transposed else shape, n, m)
+                state[name] = out_in(grouped, transposed).contiguous()
                 continue
             dense = torch.zeros(math.prod(shape), dtype=dtype)
             values = f.get_tensor(f"{name}.values")

@@ -30,14 +30,22 @@ and batch norm (pass-through); the forward values are untouched. Entries where a
 input is exactly 0 carry no relevance (R = 0 * g): a batch-norm input of exactly 0 loses the
 relevance of its output.
 
+Activations are read from the forward pass itself: a torch-function mode sees every ReLU
+the model computes, as a module (``nn.ReLU``, in place or not, called once or several times)
+or as a function (``F.relu``, ``torch.relu``, ``Tensor.relu_``), and the autograd graph holds
+its input and output. Each is named after the module running it: an ``nn.ReLU`` module by
+its own name, a ReLU function called in module M's forward as ``"M.relu()"`` (``"relu()"`` in
+the model's own forward); the k-th call (k >= 2) of the same gets ``"#k"`` appended
+(``"relu#2"``). The model may return logits (N, classes) or an object holding them (a
+Hugging Face output's ``.logits``, or the first tensor of a tuple or mapping).
+
 The network is run in eval mode (batch norm uses its running statistics). Other modules
-with their own parameters, in-place ReLUs and ReLU modules called more than once per
-forward pass are rejected with a ``ValueError``.
+with their own parameters are rejected with a ``ValueError`` naming the first.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -45,7 +53,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.graph import GradientEdge, get_gradient_edge
+from torch.overrides import TorchFunctionMode
 
+from ..calls import logits_of
 from ..modes import eval_mode
 
 ALPHA = 2.0
@@ -137,8 +148,6 @@ class _PassThroughBackward(torch.autograd.Function):
 
 def _check_supported(model: nn.Module) -> None:
     for name, module in model.named_modules():
-        if isinstance(module, nn.ReLU) and module.inplace:
-            raise ValueError(f"ReLU {name!r} is in-place; allowed: nn.ReLU() modules that return a new tensor.")
         if isinstance(module, _AFFINE_TYPES + _NORM_TYPES):
             continue
         if any(True for _ in module.parameters(recurse=False)):
@@ -198,39 +207,73 @@ def _sources(grad_fn: Any, nodes: dict[Any, tuple[str, str]]) -> tuple[set[str],
     return found, added
 
 
+_RELU_NODE = "ReluBackward0"  # autograd's node for relu and relu_ alike
+
+
+class _ReluCalls(TorchFunctionMode):
+    """While active, records each ReLU the model computes, in order, as ``calls[name] =
+    (output value, gradient edge of the output)``, named as the module docstring says."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.names = {module: name for name, module in model.named_modules()}
+        self.running: list[nn.Module] = []  # the modules whose forward is running, innermost last
+        self.calls: dict[str, tuple[Tensor, GradientEdge]] = {}
+        self._counts: dict[str, int] = {}
+        self._seen: set[Any] = set()
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        node = out.grad_fn if isinstance(out, Tensor) else None
+        if type(node).__name__ == _RELU_NODE and node not in self._seen:  # a new ReLU, not a view of one
+            self._seen.add(node)
+            self.calls[self._name()] = (out.detach(), get_gradient_edge(out))
+        return out
+
+    def _name(self) -> str:
+        module = self.running[-1]
+        owner = self.names[module]
+        base = owner if isinstance(module, nn.ReLU) else f"{owner}.relu()" if owner else "relu()"
+        count = self._counts[base] = self._counts.get(base, 0) + 1
+        return base if count == 1 else f"{base}#{count}"
+
+    @contextmanager
+    def tracking(self) -> Iterator[None]:
+        """Keep ``running`` up to date during the model's forward pass."""
+        def enter(module: nn.Module, inputs: Any) -> None:
+            self.running.append(module)
+
+        def leave(module: nn.Module, inputs: Any, output: Any) -> None:
+            self.running.pop()
+
+        handles = [h for m in self.names for h in (m.register_forward_pre_hook(enter),
+                                                    m.register_forward_hook(leave, always_call=True))]
+        try:
+            with self:
+                yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+
 class _Trace:
-    """One relevance forward pass: the logits and each traced ReLU's output and activation."""
+    """One relevance forward pass: the logits and, for each ReLU fed by Linear/Conv layers,
+    its output value, the gradient edge of its output and its activation."""
 
     def __init__(self, model: nn.Module, x: Tensor, eps: float = 0.0) -> None:
+        relus = _ReluCalls(model)
+        with torch.enable_grad(), eval_mode(model), _lrp_hooks(model, eps) as nodes, relus.tracking():
+            self.x = x.detach().clone().requires_grad_(True)
+            self.logits = logits_of(model(self.x))
+        self.nodes = nodes
         self.outputs: dict[str, Tensor] = {}
+        self.edges: dict[str, GradientEdge] = {}
         self.activations: dict[str, Activation] = {}
-        calls: dict[str, int] = {}
-
-        def relu_hook(name: str):
-            def fn(module: nn.Module, inputs: tuple[Tensor, ...], out: Tensor) -> None:
-                calls[name] = calls.get(name, 0) + 1
-                sources, added = _sources(inputs[0].grad_fn, nodes)
-                if sources:
-                    self.outputs[name] = out
-                    self.activations[name] = Activation(tuple(sorted(sources)), added)
-            return fn
-
-        relus = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.ReLU)]
-        with eval_mode(model), _lrp_hooks(model, eps) as nodes:
-            handles = [m.register_forward_hook(relu_hook(n)) for n, m in relus]
-            try:
-                self.x = x.detach().clone().requires_grad_(True)
-                self.logits = model(self.x)
-                self.nodes = nodes
-            finally:
-                for handle in handles:
-                    handle.remove()
-        reused = sorted(name for name, count in calls.items() if count > 1)
-        if reused:
-            raise ValueError(
-                f"ReLU module {reused[0]!r} is called {calls[reused[0]]} times in one forward pass; "
-                "allowed: a separate nn.ReLU module for each activation."
-            )
+        for name, (value, edge) in relus.calls.items():
+            sources, added = _sources(edge.node.next_functions[0][0], nodes)
+            if sources:
+                self.outputs[name], self.edges[name] = value, edge
+                self.activations[name] = Activation(tuple(sorted(sources)), added)
         if self.logits.dim() != 2:
             raise ValueError(
                 f"the model's output has shape {tuple(self.logits.shape)}; allowed: logits of shape (N, classes)."
@@ -257,18 +300,20 @@ class _Trace:
         """Per-sample per-channel relevance (N, C), spatially averaged, at each traced ReLU."""
         start = self.start(y)
         names = list(self.outputs)
-        grads = torch.autograd.grad(self.logits, [self.outputs[n] for n in names], start, allow_unused=True)
+        if not names:
+            return {}
+        grads = torch.autograd.grad(self.logits, [self.edges[n] for n in names], start, allow_unused=True)
         result = {}
         for name, grad in zip(names, grads):
-            out = self.outputs[name].detach()
+            out = self.outputs[name]
             r = out * grad if grad is not None else torch.zeros_like(out)
             result[name] = r.flatten(2).mean(2) if r.dim() > 2 else r
         return result
 
 
 def post_relu_activations(model: nn.Module, example_inputs: Tensor) -> dict[str, Activation]:
-    """Each ReLU module whose input comes from Linear/Conv layers through batch norms and
-    residual adds only, in forward order of the ReLUs.
+    """Each ReLU (module or function, named as the module docstring says) whose input comes
+    from Linear/Conv layers through batch norms and residual adds only, in forward order.
 
     A channel c of such a ReLU's output is output channel c of each of its source layers.
     ReLUs fed otherwise (e.g. by a concatenation, as in DenseNet's BN-ReLU-conv) are left out.
@@ -279,8 +324,8 @@ def post_relu_activations(model: nn.Module, example_inputs: Tensor) -> dict[str,
 def channel_relevance(model: nn.Module, x: Tensor, y: Tensor, eps: float = 0.0) -> dict[str, Tensor]:
     """LRP alpha-beta (2, 1) relevance of the true class ``y`` at each post-ReLU activation.
 
-    Returns, for each ReLU module listed by :func:`post_relu_activations`, the relevance of its
-    output averaged over spatial positions: a tensor (N, C) per module name. The model runs in
+    Returns, for each ReLU listed by :func:`post_relu_activations`, the relevance of its
+    output averaged over spatial positions: a tensor (N, C) per ReLU name. The model runs in
     eval mode and is left in the mode it had; its parameters and gradients are untouched.
     ``eps``: see :func:`alpha_beta` (0: the exact rule).
     """

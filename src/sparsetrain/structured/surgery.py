@@ -12,16 +12,30 @@ A *channel group* is one such set of coupled channels: its ``layers`` write them
 root's output-channel index.
 
 Supported layers: Conv1d/2d/3d that are regular (groups = 1) or depthwise
-(groups = in_channels = out_channels), Linear and BatchNorm; parameter-free operations in
-between are channel-wise. A group touching any other layer with parameters (a grouped
-convolution, GroupNorm, LayerNorm, ...) is not pruned, and asking to is a ``ValueError``
-naming the layer. A compact model is saved as plain weights plus :func:`layer_shapes`, and
-rebuilt with :func:`rebuild`, never by unpickling modules.
+(groups = in_channels = out_channels), Linear, transformers' ``Conv1D`` (GPT-2's Linear layers,
+weight stored (in, out); cut by a pruner of our own, found by class name) and BatchNorm;
+parameter-free operations in between are channel-wise. A group touching any other layer with
+parameters (a grouped convolution, GroupNorm, LayerNorm, an embedding, ...) is not pruned, and
+asking to is a ``ValueError`` naming the layer. Nor is a group whose channels meet an operation
+that mixes features with one another (:data:`MIXING_OPERATIONS`: attention, batched matrix
+products, softmax, norms over features): Torch-Pruning takes such an operation for an element-wise one, and cutting
+one channel of a query, key or value projection would cut part of a head (the model then no
+longer runs, or computes something else). Those groups are found before Torch-Pruning follows
+them (its search does not end on the rotary embedding of Llama's queries and keys), so
+attention is never cut, while the hidden units of a transformer's MLP (BERT's and ViT's
+intermediate layer, Llama's SwiGLU ``gate_proj``/``up_proj`` -> ``down_proj``, GPT-2's
+``c_fc`` -> ``c_proj``) are ordinary groups. A compact model is saved as plain weights plus
+:func:`layer_shapes`, and rebuilt with :func:`rebuild`, never by unpickling modules.
+
+Example inputs are a tensor (``model(x)``) or a mapping of named tensors (``model(**x)``, e.g.
+``input_ids`` and ``attention_mask``); the model may return its logits or an object holding
+them (:func:`~sparsetrain.calls.logits_of`), which the tracing follows.
 """
 
 from __future__ import annotations
 
 import copy
+import inspect
 import operator
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -32,13 +46,21 @@ import torch_pruning as tp
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
+from torch_pruning.pruner.function import BasePruningFunc
 
+from ..calls import ExampleInputs, call_model, logits_of, map_inputs
 from ..models import create_model
 from ..modes import eval_mode
+from ..prunable import out_in, stored_weight, stores_transposed
 from ..report import count_flops, output_width
 
-LAYER_TYPES: tuple[type[nn.Module], ...] = (_ConvNd, nn.Linear)
 SUPPORTED_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, _BatchNorm)
+MIXING_OPERATIONS: tuple[str, ...] = ("attention", "bmm", "softmax", "einsum", "layernorm", "groupnorm", "rmsnorm")
+"""Substrings of the (lower-cased) autograd node names of operations that mix the features of
+one position with one another: scaled dot-product attention (every kernel), batched matrix
+products (``torch.matmul`` of activations), softmax, einsum, and the functional layer, group and
+RMS norms (those with parameters are refused as layers anyway)."""
+
 
 
 @dataclass(frozen=True)
@@ -64,7 +86,8 @@ class Coupling:
     ``outputs[name]`` lists (output channel of layer ``name``, group channel) pairs and
     ``inputs[name]`` (input feature of reader ``name``, group channel) pairs (depthwise
     convolutions are only in ``outputs``). ``is_output`` marks the network's output (no
-    Conv/Linear reads it); ``unsupported`` names a layer surgery cannot cut.
+    Conv/Linear reads it); ``unsupported`` names what surgery cannot cut (``"layer 'ln'"``, or
+    the operation mixing the channels).
     """
 
     root: str
@@ -78,6 +101,29 @@ class Coupling:
         return ChannelGroup(self.root, tuple(self.outputs), tuple(self.inputs), self.channels)
 
 
+def is_layer(module: object) -> bool:
+    """True for the layers channels are gated and cut at: Conv1d/2d/3d, Linear, transformers' Conv1D
+    (``module`` may be anything the traced graph holds: operations, parameters)."""
+    return isinstance(module, (_ConvNd, nn.Linear)) or isinstance(module, nn.Module) and stores_transposed(module)
+
+
+def input_width(module: nn.Module) -> int:
+    """Input channels of a convolution, input features of a Linear or Conv1D layer."""
+    if isinstance(module, _ConvNd):
+        return module.in_channels
+    return out_in(stored_weight(module), stores_transposed(module)).shape[1]
+
+
+def _call_without_cache(model: nn.Module, example_inputs: ExampleInputs) -> Any:
+    """:func:`call_model` with ``use_cache=False`` where the model's forward takes it (a
+    transformers decoder): Torch-Pruning misreads the key/value cache's concatenation."""
+    if "use_cache" not in inspect.signature(model.forward).parameters:
+        return call_model(model, example_inputs)
+    if isinstance(example_inputs, Mapping):
+        return model(**{"use_cache": False, **example_inputs})
+    return model(example_inputs, use_cache=False)
+
+
 def is_depthwise(module: nn.Module) -> bool:
     """True for a convolution with groups = in_channels = out_channels > 1."""
     return isinstance(module, _ConvNd) and module.groups > 1 and module.groups == module.in_channels == module.out_channels
@@ -85,6 +131,8 @@ def is_depthwise(module: nn.Module) -> bool:
 
 def _unsupported(module: nn.Module) -> bool:
     """True for a layer with parameters or buffers that surgery cannot cut."""
+    if stores_transposed(module):
+        return False
     if isinstance(module, _ConvNd):
         return not isinstance(module, SUPPORTED_TYPES) or module.transposed or (module.groups > 1 and not is_depthwise(module))
     if isinstance(module, SUPPORTED_TYPES):
@@ -92,19 +140,97 @@ def _unsupported(module: nn.Module) -> bool:
     return any(True for _ in module.parameters(recurse=False)) or any(True for _ in module.buffers(recurse=False))
 
 
+class _TransposedLinearPruner(BasePruningFunc):
+    """Torch-Pruning's cuts of transformers' ``Conv1D``: a Linear layer whose weight is stored
+    (in, out) and whose forward reads its width from ``nf``."""
+
+    def prune_out_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
+        keep = sorted(set(range(layer.weight.shape[1])) - set(idxs))
+        layer.weight = self._prune_parameter_and_grad(layer.weight, keep, 1)
+        if layer.bias is not None:
+            layer.bias = self._prune_parameter_and_grad(layer.bias, keep, 0)
+        layer.nf = len(keep)
+        return layer
+
+    def prune_in_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
+        keep = sorted(set(range(layer.weight.shape[0])) - set(idxs))
+        layer.weight = self._prune_parameter_and_grad(layer.weight, keep, 0)
+        layer.nx = len(keep)
+        return layer
+
+    def get_out_channels(self, layer: nn.Module) -> int:
+        return layer.weight.shape[1]
+
+    def get_in_channels(self, layer: nn.Module) -> int:
+        return layer.weight.shape[0]
+
+
 def _out_fn(graph: tp.DependencyGraph, module: nn.Module) -> Any:
     return graph.get_pruner_of_module(module).prune_out_channels
 
 
-def trace_couplings(model: nn.Module, example_inputs: Tensor) -> tuple[tp.DependencyGraph, list[Coupling]]:
+def _is_cut_point(node: Any) -> bool:
+    """A layer whose input and output channels are independent (a regular Conv/Linear/Conv1D)."""
+    return is_layer(node.module) and not is_depthwise(node.module)
+
+
+def _mixed_writers(graph: tp.DependencyGraph) -> dict[nn.Module, str]:
+    """Each layer whose output channels meet a :data:`MIXING_OPERATIONS` operation before the
+    next layers read them, with that operation's name. The search walks the traced graph both
+    ways from a layer's output, through everything but regular layers, so it covers every
+    layer writing into the same channels (the query, key and value projections together)."""
+    mixed: dict[nn.Module, str] = {}
+    done: set[Any] = set()
+    for start in graph.module2node.values():
+        if not _is_cut_point(start) or start in done:
+            continue
+        writers, seen, mixing = {start}, set(), None
+        stack = list(start.outputs)
+        while stack:
+            node = stack.pop()
+            if _is_cut_point(node) or node in seen:
+                continue  # a reader (reached from its input side), or done
+            seen.add(node)
+            name = node.grad_fn.name() if hasattr(node.grad_fn, "name") else ""
+            if mixing is None and any(op in name.lower() for op in MIXING_OPERATIONS):
+                mixing = name
+            stack.extend(node.outputs)
+            for source in node.inputs:
+                if not _is_cut_point(source):
+                    stack.append(source)
+                elif source not in writers:  # another writer: its output side only
+                    writers.add(source)
+                    stack.extend(source.outputs)
+        done |= writers
+        if mixing is not None:
+            mixed.update((writer.module, mixing) for writer in writers)
+    return mixed
+
+
+def trace_couplings(model: nn.Module, example_inputs: ExampleInputs) -> tuple[tp.DependencyGraph, list[Coupling]]:
     """Build the dependency graph of ``model`` (in eval mode; training flags restored) and
-    describe every group of coupled Conv/Linear output channels by module names."""
+    describe every group of coupled Conv/Linear/Conv1D output channels by module names."""
+    pruners = {type(m): _TransposedLinearPruner() for m in model.modules() if stores_transposed(m)}
     with torch.enable_grad(), eval_mode(model):
-        graph = tp.DependencyGraph().build_dependency(model, example_inputs, verbose=False)
+        graph = tp.DependencyGraph().build_dependency(
+            model, example_inputs, forward_fn=_call_without_cache, output_transform=logits_of, customized_pruners=pruners,
+            verbose=False)
     names = {module: name for name, module in model.named_modules()}
     order = {name: index for index, name in enumerate(names.values())}
+    mixed = _mixed_writers(graph)
     couplings = []
-    for group in graph.get_all_groups(root_module_types=LAYER_TYPES):
+    visited: set[nn.Module] = set()
+    for module in list(graph.module2node):
+        if not is_layer(module) or module in visited:
+            continue
+        if module in mixed:
+            visited.add(module)
+            width = output_width(module)
+            couplings.append(Coupling(names[module], width, {names[module]: tuple((i, i) for i in range(width))}, {},
+                                      is_output=False, unsupported=f"operation {mixed[module]!r}"))
+            continue
+        group = graph.get_pruning_group(module, _out_fn(graph, module), list(range(output_width(module))))
+        visited.update(item.dep.target.module for item in group if graph.is_out_channel_pruning_fn(item.dep.handler))
         outputs: dict[str, list[tuple[int, int]]] = {}
         inputs: dict[str, list[tuple[int, int]]] = {}
         unsupported = None
@@ -112,13 +238,13 @@ def trace_couplings(model: nn.Module, example_inputs: Tensor) -> tuple[tp.Depend
             module, handler = item.dep.target.module, item.dep.handler
             name = names.get(module) if isinstance(module, nn.Module) else None
             if isinstance(module, nn.Parameter):
-                unsupported = unsupported or graph._param_to_name.get(module, "an unwrapped parameter")
+                unsupported = unsupported or f"layer {graph._param_to_name.get(module, 'an unwrapped parameter')!r}"
                 continue
             if name is None:
                 continue  # a parameter-free operation (add, cat, flatten, ...)
             if _unsupported(module):
-                unsupported = unsupported or name
-            if not isinstance(module, LAYER_TYPES):
+                unsupported = unsupported or f"layer {name!r}"
+            if not is_layer(module):
                 continue
             pairs = list(zip(item.idxs, item.root_idxs))
             if graph.is_out_channel_pruning_fn(handler):
@@ -127,7 +253,7 @@ def trace_couplings(model: nn.Module, example_inputs: Tensor) -> tuple[tp.Depend
                 inputs.setdefault(name, []).extend(pairs)
         channels = len(group[0].idxs)
         partial = [n for n, pairs in inputs.items() if {root for _, root in pairs} != set(range(channels))]
-        unsupported = unsupported or next(iter(partial), None)  # channels re-viewed on the way (attention heads)
+        unsupported = unsupported or next((f"layer {n!r}" for n in partial), None)  # channels re-viewed on the way
         root = _root(model, outputs, channels, names[group[0].dep.target.module])
         couplings.append(Coupling(
             root=root,
@@ -150,7 +276,7 @@ def _root(model: nn.Module, outputs: Mapping[str, list[tuple[int, int]]], channe
     return traced_root
 
 
-def channel_groups(model: nn.Module, example_inputs: Tensor) -> list[ChannelGroup]:
+def channel_groups(model: nn.Module, example_inputs: ExampleInputs) -> list[ChannelGroup]:
     """Every group of coupled prunable output channels of ``model``, in traced order.
 
     The network's output layer (the classifier) and groups touching a layer surgery cannot cut
@@ -160,7 +286,7 @@ def channel_groups(model: nn.Module, example_inputs: Tensor) -> list[ChannelGrou
     return [c.group() for c in couplings if not c.is_output and c.unsupported is None]
 
 
-def remove_channels(model: nn.Module, drop: Mapping[str, Sequence[int]], example_inputs: Tensor) -> nn.Module:
+def remove_channels(model: nn.Module, drop: Mapping[str, Sequence[int]], example_inputs: ExampleInputs) -> nn.Module:
     """A physically smaller deep copy of ``model`` without the given output channels; ``model``
     is never modified (see :func:`remove_channels_`)."""
     compact = copy.deepcopy(model)
@@ -171,7 +297,7 @@ def remove_channels(model: nn.Module, drop: Mapping[str, Sequence[int]], example
 def remove_channels_(
     model: nn.Module,
     drop: Mapping[str, Sequence[int]],
-    example_inputs: Tensor,
+    example_inputs: ExampleInputs,
     optimizer: torch.optim.Optimizer | None = None,
 ) -> nn.Module:
     """Remove the given output channels from ``model`` in place and return it.
@@ -206,15 +332,19 @@ def _repoint(optimizer: torch.optim.Optimizer | None, old: Tensor, new: Tensor, 
         optimizer.state[new] = {key: convert(value) for key, value in state.items()}
 
 
-def surviving_indices(model: nn.Module, drop: Mapping[str, Sequence[int]], example_inputs: Tensor) -> dict[str, Tensor]:
+def surviving_indices(
+    model: nn.Module, drop: Mapping[str, Sequence[int]], example_inputs: ExampleInputs
+) -> dict[str, Tensor]:
     """For each parameter of ``remove_channels(model, drop, ...)``, by name, the flat indices
     into the original parameter of its surviving entries (found by cutting a copy whose
-    parameters hold their own flat indices, in float64 so indices stay exact)."""
+    parameters hold their own flat indices, in float64 so indices stay exact; floating-point
+    inputs follow, integer inputs such as token ids stay as they are)."""
     tagged = copy.deepcopy(model).double()
     with torch.no_grad():
         for param in tagged.parameters():
             param.copy_(torch.arange(param.numel(), dtype=torch.float64, device=param.device).view_as(param))
-    cut = remove_channels(tagged, drop, example_inputs.double())
+    inputs = map_inputs(example_inputs, lambda x: x.double() if x.is_floating_point() else x)
+    cut = remove_channels(tagged, drop, inputs)
     return {name: param.detach().flatten().long() for name, param in cut.named_parameters()}
 
 
@@ -225,7 +355,7 @@ def _gather(value: Any, shape: torch.Size, survivors: Tensor, new_shape: torch.S
     return value
 
 
-def _cut(model: nn.Module, drop: Mapping[str, Sequence[int]], example_inputs: Tensor, model_name: str) -> None:
+def _cut(model: nn.Module, drop: Mapping[str, Sequence[int]], example_inputs: ExampleInputs, model_name: str) -> None:
     """Cut ``model`` in place with Torch-Pruning (new Parameter objects for the cut layers)."""
     modules = dict(model.named_modules())
     requested = {name: _indices(modules, name, indices, model_name) for name, indices in drop.items()}
@@ -240,8 +370,9 @@ def _cut(model: nn.Module, drop: Mapping[str, Sequence[int]], example_inputs: Te
             raise ValueError(f"layer {name!r} is the network's output layer; allowed: inner layers (the classifier keeps its outputs).")
         if coupling.unsupported is not None:
             raise ValueError(
-                f"channels of layer {name!r} are coupled to layer {coupling.unsupported!r}, which surgery cannot cut; "
-                "allowed: groups of regular or depthwise convolutions, linear layers and batch norms."
+                f"channels of layer {name!r} are coupled to {coupling.unsupported}, which surgery cannot cut; "
+                "allowed: groups of regular or depthwise convolutions, linear layers and batch norms joined by "
+                "channel-wise operations."
             )
         to_group = dict(coupling.outputs[name])
         _, chosen = plan.setdefault(coupling.root, (coupling, set()))
@@ -263,7 +394,7 @@ def _indices(modules: Mapping[str, nn.Module], name: str, indices: Sequence[int]
     module = modules.get(name)
     if module is None:
         raise ValueError(f"unknown layer {name!r} in drop; allowed: names of Conv/Linear layers of {model_name}.")
-    if not isinstance(module, LAYER_TYPES):
+    if not is_layer(module):
         raise ValueError(f"layer {name!r} is a {type(module).__name__}; allowed: Conv or Linear layers (coupled batch norms follow them).")
     size = output_width(module)
     checked = []
