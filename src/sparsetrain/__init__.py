@@ -14,7 +14,7 @@ from .methods import (
     register_method,
     register_preset,
 )
-from .inference import load_finalized
+from .inference import load_compact, load_finalized
 from .onnx import export_onnx
 from .prunable import find_prunable
 from .operators import sparsify_ste, threshold_operator
@@ -40,6 +40,7 @@ __all__ = [
     "find_prunable",
     "kth_smallest",
     "list_methods",
+    "load_compact",
     "load_finalized",
     "make_schedule",
     "method_config",

@@ -23,6 +23,18 @@ The checkpoint is one of
   ``torch.save`` wrote it to.
 
 Files are read with ``torch.load(weights_only=True)`` and safetensors: nothing is unpickled.
+
+:func:`load_compact` loads a Hugging Face model that channel pruning made narrower from the folder
+``save_pretrained`` wrote. GDP's and FRS's surgery leaves each layer with its own width (one MLP
+keeps 90 units, the next 70), which a transformers config (one ``intermediate_size``) cannot state,
+so ``from_pretrained`` refuses the weights. The surgery keeps the config describing the model
+(:func:`~sparsetrain.structured.surgery.record_shapes_`): where every MLP kept the same width the
+config's width says so and plain ``from_pretrained`` loads it; otherwise ``config.sparsetrain_shapes``
+holds the sizes of the layers that differ from what the config builds:
+
+    compact = method.finalize()
+    compact.save_pretrained("out")
+    model = sparsetrain.load_compact(BertForSequenceClassification, "out")
 """
 
 from __future__ import annotations
@@ -38,9 +50,10 @@ from torch import Tensor, nn
 
 from .messages import shown
 from .methods import create
+from .structured.surgery import CONFIG_SHAPES, resize_
 
 HF_STATE_FILE = "sparsify_state.pt"  # written by sparsetrain.integrations.hf.SparsifyCallback
-HF_WEIGHTS, HF_INDEX = "model.safetensors", "model.safetensors.index.json"
+HF_WEIGHTS, HF_INDEX, HF_CONFIG = "model.safetensors", "model.safetensors.index.json", "config.json"
 LIGHTNING_CALLBACK = "Sparsify"  # the callback's state key starts with its class name
 ALLOWED = ("a Lightning .ckpt written with the Sparsify callback, a Hugging Face checkpoint folder written "
            "with SparsifyCallback, or a mapping (or torch.save file) of {'model': ..., 'method': ...}")
@@ -73,7 +86,7 @@ def load_finalized(
     attached.load_state_dict(method_state)
     if isinstance(checkpoint, (str, Path)) and Path(checkpoint).is_dir():
         model_state = _own_names(model, model_state)
-    load_model_state(model, model_state)
+    _load(model, model_state, "the checkpoint's model state does not fit this model")
     return attached.finalize()
 
 
@@ -163,18 +176,52 @@ def _own_names(model: nn.Module, state: Mapping[str, Tensor]) -> Mapping[str, Te
 
 def load_model_state(model: nn.Module, state: Mapping[str, Tensor]) -> None:
     """``model.load_state_dict(state)``, strict except for entries that share their tensor with an
-    entry ``state`` holds (tied weights, which Hugging Face checkpoints store once); ValueError
-    naming the first entry that is missing, unexpected or of another shape or dtype."""
+    entry ``state`` holds (tied weights, which Hugging Face checkpoints store once), and refusing a
+    tensor of another dtype (PyTorch would cast it silently). ValueError naming the first entry that
+    is missing, unexpected or of another shape or dtype ("'conv1.weight' is int64, not float32"):
+    callers say which checkpoint and model."""
     own = model.state_dict(keep_vars=True)
     stored = {id(own[key]) for key in state if key in own}
-    missing = [key for key, value in own.items() if key not in state and id(value) not in stored]
-    unexpected = [key for key in state if key not in own]
-    mismatched = [key for key in state if key in own and (state[key].shape != own[key].shape
-                                                          or state[key].dtype != own[key].dtype)]
-    if missing or unexpected or mismatched:
-        key = (missing or unexpected or mismatched)[0]
-        problem = ("is missing" if missing else "is not in the model" if unexpected else
-                   f"is {tuple(state[key].shape)} {state[key].dtype}, not {tuple(own[key].shape)} {own[key].dtype}")
-        raise ValueError(f"the checkpoint's model state does not fit this model: {key!r} {problem}; allowed: the "
-                         "state of the same model class with the same method and options attached.")
+    for key, value in own.items():
+        if key not in state and id(value) not in stored:
+            raise ValueError(f"{key!r} is missing")
+    for key, value in state.items():
+        if key not in own:
+            raise ValueError(f"{key!r} is not in the model")
+        if not isinstance(value, Tensor):
+            raise ValueError(f"{key!r} is a {type(value).__name__}, not a tensor")
+        if value.shape != own[key].shape:
+            raise ValueError(f"{key!r} has shape {tuple(value.shape)}, not {tuple(own[key].shape)}")
+        if value.dtype != own[key].dtype:
+            raise ValueError(f"{key!r} is {_dtype(value)}, not {_dtype(own[key])}")
     model.load_state_dict(state, strict=False)
+
+
+def _dtype(tensor: Tensor) -> str:
+    return str(tensor.dtype).removeprefix("torch.")
+
+
+def _load(model: nn.Module, state: Mapping[str, Tensor], what: str) -> None:
+    try:
+        load_model_state(model, state)
+    except ValueError as error:
+        raise ValueError(f"{what}: {error}; allowed: the state of the same model class with the same method and "
+                         "options attached.") from None
+
+
+def load_compact(model_class: type[nn.Module], directory: str | Path) -> nn.Module:
+    """The model ``save_pretrained`` wrote to ``directory``, in eval mode: ``model_class`` built
+    from the saved config (as ``from_pretrained`` builds it), the layers its
+    ``sparsetrain_shapes`` names given those sizes, then every saved weight loaded, strictly (a
+    missing, unexpected or differently shaped entry is a ``ValueError`` naming it)."""
+    folder = Path(directory)
+    config_class = getattr(model_class, "config_class", None)
+    if not isinstance(model_class, type) or not callable(getattr(config_class, "from_pretrained", None)):
+        raise ValueError(f"model_class={shown(model_class)} is not allowed; allowed: a Hugging Face model class "
+                         "(one with a config_class), such as BertForSequenceClassification.")
+    if not (folder / HF_CONFIG).is_file():
+        raise ValueError(f"directory={shown(str(directory))} holds no {HF_CONFIG}; allowed: a folder save_pretrained wrote.")
+    model = model_class(config_class.from_pretrained(folder))
+    resize_(model, getattr(model.config, CONFIG_SHAPES, None) or {})
+    _load(model, _own_names(model, _hf_weights(folder)), f"the weights in {folder} do not fit the compact model")
+    return model.eval()

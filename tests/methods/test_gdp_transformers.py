@@ -3,10 +3,13 @@ built from configs, CNNs written with F.relu (plain and residual) and Hugging Fa
 a few steps in the README's bare loop, lands on its FLOPs target, and finalizes to a compact model
 that computes what the gated one computed and runs on new inputs; in a transformer only MLP hidden
 units are gated and removed, never a channel of attention or of the residual stream. A model whose
-gated channels are mixed on the way, or that has nothing GDP can gate, is refused at create()."""
+gated channels are mixed on the way, or that has nothing GDP can gate, is refused at create(). A
+compact transformer goes through save_pretrained and comes back, with its own width in every layer,
+through st.load_compact (or plain from_pretrained when every MLP kept the same width)."""
 
 import copy
 import re
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -19,7 +22,7 @@ import sparsetrain as st
 from sparsetrain.methods import GDP
 from sparsetrain.report import output_width
 from sparsetrain.structured.relevance import logits_of
-from sparsetrain.structured.surgery import call_model
+from sparsetrain.structured.surgery import ChannelGroup, call_model, layer_shapes, resize_
 
 transformers = pytest.importorskip("transformers")
 
@@ -270,3 +273,103 @@ def test_a_model_with_attention_only_is_refused_at_create():
 def test_example_inputs_must_be_a_tensor_or_a_dict_of_tensors(inputs):
     with pytest.raises(ValueError, match=re.escape(f"example_inputs={inputs!r} is not allowed; allowed: a tensor batch")):
         GDP(PlainCNN(), 0.5, 10, inputs)
+
+
+def finalized_with_zero_gates(name: str, zeros: Callable[[ChannelGroup, int], int]) -> tuple[nn.Module, dict[str, int]]:
+    """Tiny ``name`` under GDP with the first ``zeros(group, k)`` gates of its k-th group at exactly 0
+    (as the proximal step leaves them), finalized, in eval mode; and the channels kept, by group root."""
+    model = build(name)
+    method = GDP(model, 0.5, 10, batch(name, 100)[0])
+    with torch.no_grad():
+        for k, (group, gates) in enumerate(zip(method.groups, method.gates.split([g.channels for g in method.groups]))):
+            gates[:zeros(group, k)] = 0
+    kept = method.kept_channels()
+    return method.finalize().eval(), kept
+
+
+def width_key(name: str) -> str:
+    return "n_inner" if name == "gpt2" else "intermediate_size"
+
+
+def assert_same_model(loaded: nn.Module, compact: nn.Module, name: str) -> None:
+    assert not loaded.training and shapes(loaded) == shapes(compact)
+    x = batch(name, 7)[0]
+    with torch.no_grad():
+        out = logits(loaded, x)
+        # the same weights through the same code on the same inputs: equal bit for bit (tolerance 0)
+        torch.testing.assert_close(out, logits(compact, x), rtol=0, atol=0)
+    assert bool(torch.isfinite(out).all())
+
+
+@pytest.mark.parametrize("name", TRANSFORMERS)
+def test_a_compact_transformer_with_a_width_per_layer_round_trips_through_load_compact(name, tmp_path):
+    compact, kept = finalized_with_zero_gates(name, lambda group, k: 3 + 4 * k)  # 3, 7 (BERT: 11) units out
+    assert len(set(kept.values())) == len(kept)  # every group its own width
+    assert getattr(compact.config, width_key(name)) == getattr(build(name).config, width_key(name))
+    dense = layer_shapes(build(name))
+    recorded = compact.config.sparsetrain_shapes
+    assert recorded == {layer: sizes for layer, sizes in layer_shapes(compact).items() if dense[layer] != sizes}
+    assert {root: recorded[root]["nf" if name == "gpt2" else "out_features"] for root in kept} == kept
+    compact.save_pretrained(tmp_path)
+    with pytest.raises(RuntimeError, match="mismatch"):  # what load_compact is for
+        type(compact).from_pretrained(tmp_path)
+    assert_same_model(st.load_compact(type(compact), tmp_path), compact, name)
+
+
+@pytest.mark.parametrize("name", ["bert", "gpt2"])
+def test_mlps_that_kept_one_width_set_it_in_the_config_and_plain_from_pretrained_loads_them(name, tmp_path):
+    mlp = re.compile(r"\.(mlp|intermediate)\.")
+    compact, _ = finalized_with_zero_gates(name, lambda group, k: 5 if mlp.search(group.root) else 0)
+    assert getattr(compact.config, width_key(name)) == 128 - 5 and not hasattr(compact.config, "sparsetrain_shapes")
+    compact.save_pretrained(tmp_path)
+    assert_same_model(type(compact).from_pretrained(tmp_path), compact, name)
+    assert_same_model(st.load_compact(type(compact), tmp_path), compact, name)
+
+
+def test_the_config_of_a_wrapped_transformer_follows_its_resized_layers():
+    """Names are the transformer's own; a recorded shape that no longer differs is dropped when one
+    width describes every layer again."""
+    wrapper = nn.Module()
+    wrapper.net = build("bert")  # as a LightningModule holds its model
+    config = wrapper.net.config
+
+    def narrow(layer: int) -> dict[str, dict[str, int]]:
+        prefix = f"bert.encoder.layer.{layer}"
+        return {f"{prefix}.intermediate.dense": {"in_features": 32, "out_features": 100},
+                f"{prefix}.output.dense": {"in_features": 100, "out_features": 32}}
+
+    resize_(wrapper, {f"net.{layer}": sizes for layer, sizes in narrow(0).items()})
+    assert config.sparsetrain_shapes == narrow(0) and config.intermediate_size == 128
+    resize_(wrapper, {f"net.{layer}": sizes for layer, sizes in narrow(1).items()})
+    assert config.intermediate_size == 100 and not hasattr(config, "sparsetrain_shapes")
+
+
+class MetaShyModel(nn.Module):
+    """A model with a Hugging Face model's config and save_pretrained whose __init__ reads a tensor's
+    value, which cannot be done on the meta device."""
+
+    def __init__(self, config: transformers.PretrainedConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.rate = torch.linspace(0, 0.1, 2)[1].item()
+        self.fc1, self.fc2 = nn.Linear(4, config.intermediate_size), nn.Linear(config.intermediate_size, 2)
+
+    def save_pretrained(self, folder: str) -> None:
+        self.config.save_pretrained(folder)
+
+
+def test_a_model_that_cannot_be_built_on_the_meta_device_records_every_layer():
+    model = MetaShyModel(transformers.PretrainedConfig(intermediate_size=8))
+    resize_(model, {"fc1": {"in_features": 4, "out_features": 6}, "fc2": {"in_features": 6, "out_features": 2}})
+    assert model.config.sparsetrain_shapes == layer_shapes(model) == {
+        "fc1": {"in_features": 4, "out_features": 6}, "fc2": {"in_features": 6, "out_features": 2}}
+    assert model.config.intermediate_size == 8
+
+
+def test_load_compact_refuses_what_is_not_a_model_class_or_a_saved_folder(tmp_path):
+    message = ("model_class=Linear(in_features=2, out_features=2, bias=True) is not allowed; allowed: a Hugging Face "
+               "model class (one with a config_class), such as BertForSequenceClassification.")
+    with pytest.raises(ValueError, match=re.escape(message)):
+        st.load_compact(nn.Linear(2, 2), tmp_path)
+    with pytest.raises(ValueError, match=re.escape("holds no config.json; allowed: a folder save_pretrained wrote.")):
+        st.load_compact(transformers.BertForSequenceClassification, tmp_path)

@@ -394,8 +394,8 @@ def test_a_tensor_of_another_dtype_is_refused_on_resume_and_eval(run, cli):
     state["model"][key] = state["model"][key].long()
     folder.save_checkpoint(state)
     err = one_line_error(cli("train", "--resume", run))
-    assert f"the model state in {run / 'checkpoint.safetensors'} does not fit this run ({key} is int64, not float32)" in err
+    assert f"the model state in {run / 'checkpoint.safetensors'} does not fit this run ('{key}' is int64, not float32)" in err
     weights = load_file(str(run / "model.safetensors"))
     weights["conv1.weight"] = weights["conv1.weight"].long()
     save_file(weights, str(run / "model.safetensors"))
-    assert "(conv1.weight is int64, not float32)" in one_line_error(cli("eval", run))
+    assert "('conv1.weight' is int64, not float32)" in one_line_error(cli("eval", run))

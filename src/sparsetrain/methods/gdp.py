@@ -99,7 +99,12 @@ Finalizing. ``finalize()`` folds every gate into the weights of the layers readi
 (W[:, c] *= g_c, removing the parametrizations), removes the zero-gated channels from their
 whole group, in place, with :func:`~sparsetrain.structured.surgery.remove_channels_`, and returns
 the same model object, now compact and plain; in eval mode it computes what the gated model
-computed.
+computed. A Hugging Face model's config is updated to describe it (each layer may keep its own
+number of MLP units, which ``intermediate_size`` or ``n_inner`` cannot state): if every MLP kept
+the same width, that key is set and plain ``from_pretrained`` loads what ``save_pretrained``
+wrote; otherwise ``config.sparsetrain_shapes`` records the narrowed layers' sizes and
+``sparsetrain.load_compact(ModelClass, folder)`` rebuilds the model from them
+(:func:`~sparsetrain.structured.surgery.record_shapes_`).
 """
 
 from __future__ import annotations

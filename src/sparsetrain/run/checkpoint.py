@@ -157,16 +157,3 @@ def first_non_finite(state: Mapping[str, torch.Tensor]) -> str | None:
     return None
 
 
-
-def load_model_state(model: torch.nn.Module, state: Mapping[str, Any]) -> None:
-    """``model.load_state_dict(state)`` that also refuses a tensor of another dtype than the model's
-    (TypeError naming it; PyTorch would cast it silently)."""
-    own = model.state_dict()
-    for name, value in state.items():
-        if name in own and isinstance(value, torch.Tensor) and value.dtype != own[name].dtype:
-            raise TypeError(f"{name} is {_dtype_name(value)}, not {_dtype_name(own[name])}")
-    model.load_state_dict(state)
-
-
-def _dtype_name(tensor: torch.Tensor) -> str:
-    return str(tensor.dtype).removeprefix("torch.")

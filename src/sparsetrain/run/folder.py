@@ -31,12 +31,13 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from ..inference import load_model_state
 from ..methods import Method, create, method_options
 from ..nm import parse_nm
 from ..models import create_model, input_size
 from ..structured import layer_shapes, rebuild
 from .checkpoint import (
-    TMP_SUFFIX, atomic_write, first_non_finite, load_checkpoint, load_model_state, load_weights, save_checkpoint, write_json,
+    TMP_SUFFIX, atomic_write, first_non_finite, load_checkpoint, load_weights, save_checkpoint, write_json,
     writing,
 )
 
@@ -299,6 +300,5 @@ def load_run(path: str | Path, device: torch.device) -> LoadedRun:
 def _load_into(model: nn.Module, state: dict[str, torch.Tensor], path: Path, name: str) -> None:
     try:
         load_model_state(model, state)
-    except (RuntimeError, TypeError) as error:
-        detail = str(error).splitlines()[1].strip() if len(str(error).splitlines()) > 1 else str(error)
-        raise ValueError(f"the weights in {path} do not fit the model {name!r} its {CONFIG} names ({detail}).") from None
+    except ValueError as error:
+        raise ValueError(f"the weights in {path} do not fit the model {name!r} its {CONFIG} names ({error}).") from None

@@ -28,11 +28,12 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from ..data import BatchLoader, ImageDataset, load_dataset
+from ..inference import load_model_state
 from ..methods import Method, create, method_options, method_spec
 from ..models import create_model
 from ..modes import eval_mode
 from ..report import count_flops, sparsity_report
-from .checkpoint import first_non_finite, load_model_state
+from .checkpoint import first_non_finite
 from .folder import CHECKPOINT, CONFIG, LAYERS_PLOT, REPORT, TRAINING_PLOT, RunFolder, changed_shapes
 from .options import TrainOptions, resolve_device
 from .plots import plot_layer_sparsity, plot_training

@@ -25,7 +25,9 @@ them (its search does not end on the rotary embedding of Llama's queries and key
 attention is never cut, while the hidden units of a transformer's MLP (BERT's and ViT's
 intermediate layer, Llama's SwiGLU ``gate_proj``/``up_proj`` -> ``down_proj``, GPT-2's
 ``c_fc`` -> ``c_proj``) are ordinary groups. A compact model is saved as plain weights plus
-:func:`layer_shapes`, and rebuilt with :func:`rebuild`, never by unpickling modules.
+:func:`layer_shapes`, and rebuilt with :func:`rebuild`, never by unpickling modules; the config
+of a Hugging Face model is kept describing its layers after every cut (:func:`record_shapes_`),
+so that ``save_pretrained`` writes what rebuilds it.
 
 Example inputs are a tensor (``model(x)``) or a mapping of named tensors (``model(**x)``, e.g.
 ``input_ids`` and ``attention_mask``); the model may return its logits or an object holding
@@ -387,6 +389,7 @@ def _cut(model: nn.Module, drop: Mapping[str, Sequence[int]], example_inputs: Ex
         if chosen:
             module = modules[root]
             graph.get_pruning_group(module, _out_fn(graph, module), sorted(chosen)).prune(record_history=False)
+    record_shapes_(model)
 
 
 def _indices(modules: Mapping[str, nn.Module], name: str, indices: Sequence[int], model_name: str) -> list[int]:
@@ -411,7 +414,10 @@ def _indices(modules: Mapping[str, nn.Module], name: str, indices: Sequence[int]
 
 def _sizes(module: nn.Module) -> dict[str, int] | None:
     """The constructor sizes of a Conv (in_channels, out_channels, groups), BatchNorm
-    (num_features) or Linear (in_features, out_features) layer; None for any other module."""
+    (num_features), Linear (in_features, out_features) or transformers' Conv1D (nf outputs, nx
+    inputs) layer; None for any other module."""
+    if stores_transposed(module):
+        return {"nf": module.nf, "nx": module.nx}
     if isinstance(module, _ConvNd):
         return {"in_channels": module.in_channels, "out_channels": module.out_channels, "groups": module.groups}
     if isinstance(module, _BatchNorm):
@@ -422,7 +428,7 @@ def _sizes(module: nn.Module) -> dict[str, int] | None:
 
 
 def layer_shapes(model: nn.Module) -> dict[str, dict[str, int]]:
-    """The constructor sizes of every Conv, BatchNorm and Linear layer, by module name (JSON-ready)."""
+    """The constructor sizes of every Conv, BatchNorm, Linear and Conv1D layer, by module name (JSON-ready)."""
     return {name: sizes for name, module in model.named_modules() if (sizes := _sizes(module)) is not None}
 
 
@@ -468,6 +474,7 @@ def resize_(
                 _repoint(optimizer, current, new)
             else:
                 setattr(old, name, zeros)
+    record_shapes_(model)
     return model
 
 
@@ -481,7 +488,71 @@ def _resized(old: nn.Module, sizes: dict[str, int], layer: str) -> nn.Module:
     if isinstance(old, _BatchNorm):
         return type(old)(sizes["num_features"], eps=old.eps, momentum=old.momentum, affine=old.affine,
                          track_running_stats=old.track_running_stats)
+    if stores_transposed(old):
+        return type(old)(sizes["nf"], sizes["nx"])
     return nn.Linear(sizes["in_features"], sizes["out_features"], bias=old.bias is not None)
+
+
+CONFIG_SHAPES = "sparsetrain_shapes"
+"""The attribute of a Hugging Face model's config (saved in its config.json) that holds the
+:func:`layer_shapes` of the layers whose sizes differ from those the config builds."""
+WIDTH_KEYS: tuple[str, ...] = ("intermediate_size", "n_inner")
+"""Config keys of the one MLP width of every layer (BERT's, ViT's, Llama's; GPT-2's)."""
+
+
+def record_shapes_(model: nn.Module) -> None:
+    """Make the config of each Hugging Face model in ``model`` describe its layers' sizes again,
+    in place, so that ``save_pretrained`` writes what rebuilds it.
+
+    If the layers differ from those the config builds by one width only, and a
+    :data:`WIDTH_KEYS` key set to it builds them exactly (every MLP kept the same number of
+    units), that key is set and plain ``from_pretrained`` loads the model. Else
+    ``config.sparsetrain_shapes`` records the :func:`layer_shapes` of every layer whose sizes
+    differ (removed when none does), and ``sparsetrain.load_compact`` rebuilds the model from
+    them. The layers a config builds are read from the model's class built from (a copy of) it on
+    the meta device: no memory, no random numbers; a class that cannot be built there has every
+    layer's sizes recorded. A Hugging Face model is a module with a ``config`` and
+    ``save_pretrained``; where they nest, the outermost one.
+    """
+    inside: list[str] = []
+    for name, module in model.named_modules():
+        if any(name.startswith(prefix) for prefix in inside):
+            continue
+        if callable(getattr(module, "save_pretrained", None)) and hasattr(getattr(module, "config", None), "to_json_string"):
+            inside.append(f"{name}." if name else "")
+            _record_shapes(module)
+
+
+def _record_shapes(model: nn.Module) -> None:
+    """:func:`record_shapes_` for one Hugging Face model."""
+    config, shapes = model.config, layer_shapes(model)
+    built = _built_shapes(model, config) or {}
+    differ = {name: sizes for name, sizes in shapes.items() if built.get(name) != sizes}
+    widths = {size for name, sizes in differ.items() for key, size in sizes.items() if built.get(name, {}).get(key) != size}
+    if len(widths) == 1:
+        (width,) = widths
+        for key in (key for key in WIDTH_KEYS if hasattr(config, key)):
+            trial = copy.deepcopy(config)
+            setattr(trial, key, width)
+            if _built_shapes(model, trial) == shapes:
+                setattr(config, key, width)
+                differ = {}
+                break
+    if differ:
+        setattr(config, CONFIG_SHAPES, differ)
+    elif hasattr(config, CONFIG_SHAPES):
+        delattr(config, CONFIG_SHAPES)
+
+
+def _built_shapes(model: nn.Module, config: Any) -> dict[str, dict[str, int]] | None:
+    """:func:`layer_shapes` of ``type(model)(config)``, built on the meta device from a copy of
+    ``config``; None if it cannot be built there."""
+    try:
+        with torch.device("meta"):
+            built = type(model)(copy.deepcopy(config))
+    except Exception:  # whatever stops the class from being built on the meta device (.item() in __init__)
+        return None
+    return layer_shapes(built)
 
 
 def count_flops_params(model: nn.Module, example_inputs: Tensor) -> tuple[int, int]:
