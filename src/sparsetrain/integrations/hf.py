@@ -10,11 +10,14 @@ The callback drives the method protocol (:mod:`sparsetrain.methods.protocol`) at
 - ``on_pre_optimizer_step`` (after the Trainer clips): ``before_optimizer_step``;
   ``on_optimizer_step``: ``step`` (once per optimizer step, whatever the gradient accumulation).
 - ``on_save``: the method's state into the checkpoint folder; ``on_log``: the method's metrics as
-  ``sparsify/...`` (seen by the callbacks after this one); ``on_train_end``: ``finalize``.
+  ``sparsify/...`` (seen by the callbacks after this one); ``on_train_end``: ``finalize``. With
+  ``load_best_model_at_end`` the Trainer has just loaded the best checkpoint's weights, so the
+  method's state saved beside them is loaded first: the model is finalized as it was at that step.
 
-Methods that resize the model while training (FRS) cannot resume inside the Trainer (its weights
-load before any callback runs), and GDP and FRS trace the model with a tensor batch, which
-Transformers models do not take; they suit plain modules.
+GDP traces the model with ``example_inputs``: a tensor batch, or a dict of named tensors passed as
+``model(**example_inputs)`` (``{"input_ids": ..., "attention_mask": ...}``). Methods that resize
+the model while training (FRS) cannot resume inside the Trainer (its weights load before any
+callback runs).
 """
 
 from __future__ import annotations
@@ -23,23 +26,22 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from ..calls import ExampleInputs
 from ..inference import HF_STATE_FILE as STATE_FILE
 from ..methods import create
 from .holder import MethodHolder
 
 
-
 class SparsifyCallback(MethodHolder, TrainerCallback):
     """Sparsify the Trainer's model during ``Trainer.train`` with the registered ``method``.
 
-    ``options`` are the method's (``sparsetrain list``); ``example_inputs`` a tensor batch for the
-    methods that trace the model.
+    ``options`` are the method's (``sparsetrain list``); ``example_inputs`` a tensor batch or a dict
+    of named tensors for the methods that trace the model (gdp).
     """
 
-    def __init__(self, method: str, *, example_inputs: Tensor | None = None, **options: Any) -> None:
+    def __init__(self, method: str, *, example_inputs: ExampleInputs | None = None, **options: Any) -> None:
         MethodHolder.__init__(self, method, example_inputs, options)
 
     def on_init_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
@@ -55,11 +57,7 @@ class SparsifyCallback(MethodHolder, TrainerCallback):
         method = self._method()
         method.bind(optimizer)
         if state.global_step > 0:  # resumed: the Trainer restored its state from the checkpoint
-            path = _checkpoint(args, state) / STATE_FILE
-            if not path.is_file():
-                raise ValueError(f"{path} does not exist; allowed: resuming from a checkpoint in output_dir "
-                                 "saved by a run with the same SparsifyCallback.")
-            method.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+            method.load_state_dict(_saved_state(_checkpoint(args, state)))
 
     def on_pre_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                               **kwargs: Any) -> None:
@@ -80,9 +78,21 @@ class SparsifyCallback(MethodHolder, TrainerCallback):
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                      **kwargs: Any) -> None:
-        self._method().finalize()
+        method = self._method()
+        if args.load_best_model_at_end and state.best_model_checkpoint is not None:  # its weights are loaded
+            method.load_state_dict(_saved_state(Path(state.best_model_checkpoint)))
+        method.finalize()
 
 
 def _checkpoint(args: TrainingArguments, state: TrainerState) -> Path:
     """The Trainer's checkpoint folder for the current step."""
     return Path(args.output_dir) / f"checkpoint-{state.global_step}"
+
+
+def _saved_state(checkpoint: Path) -> dict[str, Any]:
+    """The method's state that ``on_save`` wrote into the Trainer's ``checkpoint`` folder."""
+    path = checkpoint / STATE_FILE
+    if not path.is_file():
+        raise ValueError(f"{path} does not exist; allowed: a checkpoint in output_dir saved by a run with the same "
+                         "SparsifyCallback.")
+    return torch.load(path, map_location="cpu", weights_only=True)

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from torch import Tensor
-
+from ..calls import ExampleInputs
 from ..methods import Method, method_options
 
 
@@ -13,7 +12,7 @@ class MethodHolder:
     """The method's name and options (validated at once, before any training), optional example
     inputs, and the method itself once a callback has created it."""
 
-    def __init__(self, method: str, example_inputs: Tensor | None, options: dict[str, Any]) -> None:
+    def __init__(self, method: str, example_inputs: ExampleInputs | None, options: dict[str, Any]) -> None:
         method_options(method, **options)
         self.method_name = method
         self.options = options

@@ -22,7 +22,8 @@ The callback drives the method protocol (:mod:`sparsetrain.methods.protocol`) at
 
 The LightningModule's ``forward`` must map a batch of inputs to logits (the example inputs and
 FRS's relevance pass through it), and a training batch must be ``(inputs, labels, ...)`` or the
-inputs alone.
+inputs alone; otherwise (a dict batch, a ``forward`` taking named inputs) pass ``example_inputs``,
+a tensor batch or a dict of named tensors (``forward(**example_inputs)``).
 """
 
 from __future__ import annotations
@@ -34,9 +35,10 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor
 
+from ..calls import ExampleInputs, map_inputs
 from ..methods import create
-from .holder import MethodHolder
 from ..report import count_flops
+from .holder import MethodHolder
 
 
 def _inputs_and_labels(batch: Any) -> tuple[Tensor, Tensor | None]:
@@ -68,15 +70,15 @@ class _TrainingBatches:
 class Sparsify(MethodHolder, pl.Callback):
     """Sparsify the LightningModule during ``Trainer.fit`` with the registered ``method``.
 
-    ``options`` are the method's (``sparsetrain list``); ``example_inputs`` a small input batch
-    (default: the first training batch's inputs).
+    ``options`` are the method's (``sparsetrain list``); ``example_inputs`` a small input batch, a
+    tensor or a dict of named tensors (default: the first training batch's inputs).
     """
 
-    def __init__(self, method: str, *, example_inputs: Tensor | None = None, **options: Any) -> None:
+    def __init__(self, method: str, *, example_inputs: ExampleInputs | None = None, **options: Any) -> None:
         MethodHolder.__init__(self, method, example_inputs, options)
         self._steps_seen = 0
         self._restore_hook: Any = None
-        self._example: Tensor | None = None
+        self._example: ExampleInputs | None = None
         self._dense_flops = 0
 
     @property
@@ -97,9 +99,10 @@ class Sparsify(MethodHolder, pl.Callback):
         if example is None:
             with torch.random.fork_rng(devices=[]):
                 example = _inputs_and_labels(next(iter(trainer.train_dataloader)))[0]
-        self._example = example[:1]
+        self._example = map_inputs(example, lambda x: x[:1])
         self._dense_flops = count_flops(pl_module, self._example)
-        self.method = create(pl_module, self.method_name, total_steps=int(total), example_inputs=example[:2],
+        self.method = create(pl_module, self.method_name, total_steps=int(total),
+                             example_inputs=map_inputs(example, lambda x: x[:2]),
                              data=_TrainingBatches(trainer, pl_module), **self.options)
         self._restore_hook = pl_module.register_load_state_dict_pre_hook(
             lambda *args: self._restore(trainer._checkpoint_connector._loaded_checkpoint)
