@@ -345,13 +345,14 @@ def test_the_config_of_a_wrapped_transformer_follows_its_resized_layers():
 
 
 class MetaShyModel(nn.Module):
-    """A model with a Hugging Face model's config and save_pretrained whose __init__ reads a tensor's
-    value, which cannot be done on the meta device."""
+    """A model with a Hugging Face model's config and save_pretrained whose __init__ needs real
+    tensors (as one reading a tensor's value with .item() does): it cannot be built on the meta device."""
 
     def __init__(self, config: transformers.PretrainedConfig) -> None:
         super().__init__()
+        if torch.empty(()).is_meta:
+            raise RuntimeError("MetaShyModel needs real tensors")
         self.config = config
-        self.rate = torch.linspace(0, 0.1, 2)[1].item()
         self.fc1, self.fc2 = nn.Linear(4, config.intermediate_size), nn.Linear(config.intermediate_size, 2)
 
     def save_pretrained(self, folder: str) -> None:
