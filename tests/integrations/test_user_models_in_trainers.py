@@ -33,6 +33,7 @@ import sparsetrain as st
 from sparsetrain.calls import call_model, logits_of
 from sparsetrain.integrations.hf import STATE_FILE, SparsifyCallback
 from sparsetrain.integrations.lightning import Sparsify
+from user_cnns import PlainCNN, ResidualCNN
 
 VOCAB, CLASSES, LENGTH, SPARSITY = 64, 3, 8, 0.8
 STEPS, STOP = 4, 2  # the Trainer's schedule, and the step whose checkpoint it stops at
@@ -285,36 +286,6 @@ def test_a_best_checkpoint_without_the_method_state_is_refused_naming_the_file(t
 
 
 # -- Lightning ---------------------------------------------------------------------------------------
-
-
-class PlainCNN(nn.Module):
-    """Convolutions, a batch norm and F.relu, as users write them."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv1, self.bn1 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
-        self.conv2 = nn.Conv2d(8, 16, 3, padding=1)
-        self.fc = nn.Linear(16, CLASSES)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu(self.bn1(self.conv1(x)))
-        return self.fc(F.relu(self.conv2(x)).mean((2, 3)))
-
-
-class ResidualCNN(nn.Module):
-    """A stem and one residual block, F.relu after the add."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.stem, self.bn = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
-        self.conv_a, self.bn_a = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
-        self.conv_b, self.bn_b = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
-        self.fc = nn.Linear(8, CLASSES)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu(self.bn(self.stem(x)))
-        x = F.relu(x + self.bn_b(self.conv_b(F.relu(self.bn_a(self.conv_a(x))))))
-        return self.fc(x.mean((2, 3)))
 
 
 CNNS = {"plain-cnn": (PlainCNN, "net.conv1"), "residual-cnn": (ResidualCNN, "net.stem")}  # and its 3-input conv

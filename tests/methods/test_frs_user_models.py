@@ -11,7 +11,8 @@ from torch import nn
 
 import sparsetrain as st
 from sparsetrain.methods.frs import candidates
-from sparsetrain.structured.relevance import logits_of, post_relu_activations
+from sparsetrain.calls import logits_of
+from sparsetrain.structured.relevance import post_relu_activations
 from sparsetrain.structured.surgery import channel_groups
 
 transformers = pytest.importorskip("transformers")

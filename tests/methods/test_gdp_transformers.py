@@ -21,8 +21,9 @@ from torch.utils.flop_counter import FlopCounterMode
 import sparsetrain as st
 from sparsetrain.methods import GDP
 from sparsetrain.report import output_width
-from sparsetrain.structured.relevance import logits_of
-from sparsetrain.structured.surgery import ChannelGroup, call_model, layer_shapes, resize_
+from sparsetrain.calls import call_model, logits_of
+from sparsetrain.structured.surgery import ChannelGroup, layer_shapes, resize_
+from user_cnns import ResidualCNN
 
 transformers = pytest.importorskip("transformers")
 
@@ -41,22 +42,6 @@ class PlainCNN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.relu(self.bn1(self.conv1(x)))
         return self.fc(F.relu(self.bn2(self.conv2(x))).mean((2, 3)))
-
-
-class ResidualCNN(nn.Module):
-    """A stem and one residual block, F.relu after the add."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.stem, self.bn = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
-        self.conv_a, self.bn_a = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
-        self.conv_b, self.bn_b = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
-        self.fc = nn.Linear(8, CLASSES)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu(self.bn(self.stem(x)))
-        x = F.relu(x + self.bn_b(self.conv_b(F.relu(self.bn_a(self.conv_a(x))))))
-        return self.fc(x.mean((2, 3)))
 
 
 def build(name: str) -> nn.Module:

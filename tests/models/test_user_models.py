@@ -19,55 +19,12 @@ from sparsetrain.methods.unstructured import NMOptions, UnstructuredOptions, nm_
 from sparsetrain.models import create_model
 from sparsetrain.nm import to_groups
 from sparsetrain.prunable import EMBEDDING, out_in, stores_transposed
+from user_cnns import InplaceCNN, PlainCNN, ResidualCNN
 
 transformers = pytest.importorskip("transformers")
 
 PRESETS = [name for name in st.list_methods() if method_spec(name).options in (UnstructuredOptions, NMOptions)]
 SPARSITY, STEPS, CLASSES, VOCAB = 0.8, 3, 3, 64
-
-
-class PlainCNN(nn.Module):
-    """Convolutions and F.relu, as users write them."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv1, self.bn1 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
-        self.conv2 = nn.Conv2d(8, 16, 3, padding=1)
-        self.fc = nn.Linear(16, CLASSES)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu(self.bn1(self.conv1(x)))
-        return self.fc(F.relu(self.conv2(x)).mean((2, 3)))
-
-
-class ResidualCNN(nn.Module):
-    """A stem and one residual block, with F.relu after the add."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.stem, self.bn = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
-        self.conv_a, self.bn_a = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
-        self.conv_b, self.bn_b = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
-        self.fc = nn.Linear(8, CLASSES)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu(self.bn(self.stem(x)))
-        x = F.relu(x + self.bn_b(self.conv_b(F.relu(self.bn_a(self.conv_a(x))))))
-        return self.fc(x.mean((2, 3)))
-
-
-class InplaceCNN(nn.Module):
-    """One nn.ReLU(inplace=True) module called after every convolution."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv1, self.conv2, self.conv3 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3), nn.Conv2d(8, 16, 3)
-        self.relu = nn.ReLU(inplace=True)
-        self.fc = nn.Linear(16, CLASSES)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.relu(self.conv3(self.relu(self.conv2(self.relu(self.conv1(x))))))
-        return self.fc(x.mean((2, 3)))
 
 
 def build(name: str) -> nn.Module:

@@ -45,7 +45,7 @@ with their own parameters are rejected with a ``ValueError`` naming the first.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
