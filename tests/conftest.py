@@ -3,6 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from user_models import train_steps
 from torch import nn
 
 
@@ -26,17 +27,6 @@ class TinyNet(nn.Module):
 def _make_batches(count: int, seed: int = 0, size: int = 8) -> list[tuple[torch.Tensor, torch.Tensor]]:
     gen = torch.Generator().manual_seed(seed)
     return [(torch.randn(8, 3, size, size, generator=gen), torch.randint(0, 10, (8,), generator=gen)) for _ in range(count)]
-
-
-def train_steps(model, method, optimizer, batches) -> None:
-    """The protocol loop: forward, backward, before_optimizer_step, optimizer step, method step."""
-    for x, y in batches:
-        loss = F.cross_entropy(model(x), y)
-        optimizer.zero_grad()
-        loss.backward()
-        method.before_optimizer_step()
-        optimizer.step()
-        method.step()
 
 
 @pytest.fixture(autouse=True)

@@ -33,7 +33,7 @@ import sparsetrain as st
 from sparsetrain.calls import call_model, logits_of
 from sparsetrain.integrations.hf import STATE_FILE, SparsifyCallback
 from sparsetrain.integrations.lightning import Sparsify
-from user_cnns import PlainCNN, ResidualCNN
+from user_models import PlainCNN, ResidualCNN
 
 VOCAB, CLASSES, LENGTH, SPARSITY = 64, 3, 8, 0.8
 STEPS, STOP = 4, 2  # the Trainer's schedule, and the step whose checkpoint it stops at

@@ -19,11 +19,11 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 import sparsetrain as st
+from sparsetrain.calls import call_model
 from sparsetrain.methods import GDP
 from sparsetrain.report import output_width
-from sparsetrain.calls import call_model, logits_of
 from sparsetrain.structured.surgery import ChannelGroup, layer_shapes, resize_
-from user_cnns import ResidualCNN
+from user_models import ResidualCNN, bare_loop, logits
 
 transformers = pytest.importorskip("transformers")
 
@@ -87,32 +87,12 @@ def batch(name: str, seed: int) -> tuple[torch.Tensor | dict[str, torch.Tensor],
                                                                         generator=gen)
 
 
-def logits(model: nn.Module, inputs: torch.Tensor | dict[str, torch.Tensor]) -> torch.Tensor:
-    return logits_of(call_model(model, inputs))
-
-
 def flops(model: nn.Module, inputs: torch.Tensor | dict[str, torch.Tensor]) -> int:
     """FLOPs of one eval forward pass, attention by its math path (as sparsetrain counts them)."""
     model.eval()
     with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         call_model(model, inputs)
     return counter.get_total_flops()
-
-
-def bare_loop(model: nn.Module, method: st.Method, name: str) -> None:
-    """The README's loop: forward, backward, before_optimizer_step, optimizer step, method step."""
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    method.bind(optimizer)
-    model.train()
-    for step in range(STEPS):
-        inputs, y = batch(name, step)
-        out = logits(model, inputs)
-        loss = F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
-        optimizer.zero_grad()
-        loss.backward()
-        method.before_optimizer_step()
-        optimizer.step()
-        method.step()
 
 
 def shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
@@ -130,7 +110,7 @@ def test_gdp_trains_lands_on_target_and_compact_equals_gated(name):
     method = st.create(model, "gdp", total_steps=STEPS, example_inputs=example, flops_target=TARGET, prune_end=0.5,
                        tolerance=0.1)
     groups = method.groups
-    bare_loop(model, method, name)
+    bare_loop(model, method, [batch(name, step) for step in range(STEPS)])
     assert method.holding
     hard = method.flops_ratio(hard=True)
     assert TARGET * (1 - method.tolerance) <= hard <= TARGET

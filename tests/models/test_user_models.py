@@ -19,7 +19,7 @@ from sparsetrain.methods.unstructured import NMOptions, UnstructuredOptions, nm_
 from sparsetrain.models import create_model
 from sparsetrain.nm import to_groups
 from sparsetrain.prunable import EMBEDDING, out_in, stores_transposed
-from user_cnns import InplaceCNN, PlainCNN, ResidualCNN
+from user_models import InplaceCNN, PlainCNN, ResidualCNN, bare_loop, logits
 
 transformers = pytest.importorskip("transformers")
 
@@ -72,27 +72,6 @@ def batch(name: str, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(4, 3, 16, 16, generator=gen), torch.randint(0, CLASSES, (4,), generator=gen)
 
 
-def logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    out = model(x)
-    return getattr(out, "logits", out)
-
-
-def bare_loop(model: nn.Module, method: st.Method, name: str, steps: int = STEPS) -> None:
-    """The README's loop: forward, backward, before_optimizer_step, optimizer step, method step."""
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    method.bind(optimizer)
-    model.train()
-    for step in range(steps):
-        x, y = batch(name, step)
-        out = logits(model, x)
-        loss = F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
-        optimizer.zero_grad()
-        loss.backward()
-        method.before_optimizer_step()
-        optimizer.step()
-        method.step()
-
-
 def runs_on_new_inputs(model: nn.Module, name: str) -> None:
     model.eval()
     with torch.no_grad():
@@ -110,7 +89,7 @@ def test_every_preset_works_on_the_models_users_bring(method_name, model_name):
     model = build(model_name)
     nm = method_name in nm_presets()
     method = st.create(model, method_name, total_steps=STEPS, **({} if nm else {"sparsity": SPARSITY}))
-    bare_loop(model, method, model_name)
+    bare_loop(model, method, [batch(model_name, step) for step in range(STEPS)])
     names, size, excluded = list(method.names), method.numel(), dict(method.excluded)
     dense_layers = set(method.dense_layers)
     final = method.finalize()

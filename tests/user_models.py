@@ -1,9 +1,40 @@
-"""CNNs written as users write them (F.relu, residual adds, one in-place ReLU module called several
-times), shared by the tests of the models users bring."""
+"""What the tests of the models users bring share: CNNs written as users write them (F.relu, residual
+adds, one in-place ReLU module called several times) and the README's bare training loop."""
+
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from sparsetrain.calls import call_model, logits_of
+
+
+def logits(model: nn.Module, inputs: Any) -> torch.Tensor:
+    """The model's logits on a tensor batch or a dict of named inputs, whatever it returns them in."""
+    return logits_of(call_model(model, inputs))
+
+
+def train_steps(model: nn.Module, method: Any, optimizer: torch.optim.Optimizer, batches: Iterable[tuple[Any, torch.Tensor]]) -> None:
+    """The protocol loop: forward, backward, before_optimizer_step, optimizer step, method step; the
+    cross-entropy over every position of a language model's logits."""
+    for x, y in batches:
+        out = logits(model, x)
+        loss = F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
+        optimizer.zero_grad()
+        loss.backward()
+        method.before_optimizer_step()
+        optimizer.step()
+        method.step()
+
+
+def bare_loop(model: nn.Module, method: Any, batches: Iterable[tuple[Any, torch.Tensor]]) -> None:
+    """The README's loop from a fresh SGD optimizer bound to ``method``, in training mode."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    method.bind(optimizer)
+    model.train()
+    train_steps(model, method, optimizer, batches)
 
 
 class PlainCNN(nn.Module):
