@@ -68,6 +68,7 @@ def test_feather_ends_at_exactly_the_target_sparsity():
     assert callback.method.step_count == 2 * 4  # 256 images, batches of 64, 2 epochs
 
 
+@pytest.mark.slow  # trains for real: 3 epochs of GDP, then FRS
 def test_gdp_lands_on_its_flops_target_and_frs_removes_channels():
     example = torch.zeros(1, 3, 32, 32)
     dense = count_flops(Classifier(), example)
@@ -98,6 +99,7 @@ class StopAfterFirstEpoch(pl.Callback):
 METHODS = {"feather": {"sparsity": 0.9}, "frs": {"prune_every": 3, "channels_per_step": 5}, "gdp": {"flops_target": 0.5}}
 
 
+@pytest.mark.slow  # trains for real: a fit, a kill and a resumed fit per method
 @pytest.mark.parametrize("method, options", METHODS.items())
 def test_resume_from_a_lightning_checkpoint_ends_identical(tmp_path, method, options):
     straight = Classifier()

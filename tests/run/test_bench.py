@@ -137,6 +137,7 @@ def test_shared_method_options_go_to_the_methods_that_take_them(tmp_path):
         check_grid({**BASE, "prune_every": 2}, cells, tmp_path)
 
 
+@pytest.mark.slow  # trains a grid of cells
 def test_nm_cells_vary_the_pattern_and_land_in_a_table_by_pattern(tmp_path, capsys):
     cells = grid_cells(["sr-ste", "feather"], [0.9], [0], nm_patterns=["2:4", "1:4"])
     assert [c.name for c in cells] == ["dense-seed0", "sr-ste-nm2-4-seed0", "sr-ste-nm1-4-seed0", "feather-s0.9-seed0"]
