@@ -104,8 +104,9 @@ def model_record(options: TrainOptions, num_classes: int) -> dict[str, Any]:
 def prepare(options: TrainOptions, resume: bool = False) -> Setup:
     """Validate inputs, build data, model, method, optimizer and schedule; create or reopen the run folder.
 
-    Every usage error (bad option, missing data, existing run folder) is a ValueError raised
-    here, before anything is written.
+    Every usage error (bad option, missing data, existing run folder, a folder another process
+    trains in) is a ValueError raised here, before anything is written. From here the run folder
+    is locked (rank 0) until :func:`fit` ends.
     """
     folder = RunFolder(options.run_dir)
     if resume:
