@@ -20,6 +20,7 @@ from transformers import (
 from sparsetrain.data import load_dataset
 from sparsetrain.data.augment import normalize
 from sparsetrain.integrations.hf import STATE_FILE, SparsifyCallback
+from hf_trainer import StopAt
 
 EXCLUDE = ["vit.embeddings.*", "classifier"]  # attention and MLP Linear layers only
 
@@ -90,15 +91,6 @@ class LogRecorder(TrainerCallback):
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         self.records.append(dict(logs))
-
-
-class StopAt(TrainerCallback):
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            control.should_training_stop = True
 
 
 def test_resume_from_checkpoint_restores_the_method_and_ends_identical(tmp_path):

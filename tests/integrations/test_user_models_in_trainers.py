@@ -33,6 +33,7 @@ import sparsetrain as st
 from sparsetrain.calls import call_model, logits_of
 from sparsetrain.integrations.hf import STATE_FILE, SparsifyCallback
 from sparsetrain.integrations.lightning import Sparsify
+from hf_trainer import StopAt
 from user_models import PlainCNN, ResidualCNN
 
 VOCAB, CLASSES, LENGTH, SPARSITY = 64, 3, 8, 0.8
@@ -131,15 +132,6 @@ def arguments(out, **kwargs) -> TrainingArguments:
                    save_strategy="steps", save_steps=STOP, report_to=[], use_cpu=True, seed=0, logging_steps=STOP,
                    dataloader_num_workers=0, disable_tqdm=True)
     return TrainingArguments(**{**options, **kwargs})
-
-
-class StopAt(TrainerCallback):
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            control.should_training_stop = True
 
 
 class LogitsAtTrainEnd(TrainerCallback):
