@@ -75,61 +75,112 @@ def from_groups(groups: Tensor, shape: Sequence[int]) -> Tensor:
 
 
 def select_groups(magnitudes: Sequence[Tensor], k: int, m: int) -> Selection:
-    """Prune k of every m grouped magnitudes of each layer: per layer a threshold tensor and a tie
-    mask shaped like it (see the module docstring); 0.0 and None for a layer without groups, and for
-    every layer when k = 0. All layers' groups are selected at once, as the columns of one (m, G)
-    tensor written in one pass, so the work is a few passes over contiguous rows whatever the number
-    of layers; each layer's thresholds and ties are written back in its own layout in one pass."""
-    if not 0 <= k <= m:
-        raise ValueError(f"k={k} is out of range; allowed: 0 <= k <= m = {m}.")
-    thresholds: list[float | Tensor] = [0.0] * len(magnitudes)
-    ties: list[Tensor | None] = [None] * len(magnitudes)
-    grouped = [i for i, magnitude in enumerate(magnitudes) if k and has_groups(magnitude.shape, m)]
-    if not grouped:
+    """Prune k of every m grouped magnitudes of each layer: :meth:`GroupSelector.select` with a
+    selector of its own."""
+    return GroupSelector(m).select(magnitudes, k)
+
+
+class GroupSelector:
+    """Selects k of every m grouped magnitudes, keeping its working buffer from call to call (a
+    fresh one as large as the weights at every training step costs more than the selection)."""
+
+    def __init__(self, m: int) -> None:
+        self.m = m
+        self._buffer: Tensor | None = None  # (m + 1, G): the groups as columns, and one spare row
+
+    def select(self, magnitudes: Sequence[Tensor], k: int) -> Selection:
+        """Per layer a threshold tensor and a tie mask shaped like it (see the module docstring);
+        0.0 and None for a layer without groups, and for every layer when k = 0. All layers' groups
+        are selected at once, as the columns of one (m, G) tensor written in one pass, so the work is
+        a few passes over contiguous rows whatever the number of layers; each layer's thresholds and
+        ties are written back in its own layout in one pass."""
+        m = self.m
+        if not 0 <= k <= m:
+            raise ValueError(f"k={k} is out of range; allowed: 0 <= k <= m = {m}.")
+        thresholds: list[float | Tensor] = [0.0] * len(magnitudes)
+        ties: list[Tensor | None] = [None] * len(magnitudes)
+        grouped = [i for i, magnitude in enumerate(magnitudes) if k and has_groups(magnitude.shape, m)]
+        if not grouped:
+            return Selection(thresholds, ties)
+        spans, start = [], 0
+        for i in grouped:
+            spans.append((i, start, start + magnitudes[i].numel() // m))
+            start = spans[-1][2]
+        dtype = functools.reduce(torch.promote_types, (magnitudes[i].dtype for i in grouped))
+        buffer = self._reserve(start, dtype, magnitudes[grouped[0]].device)
+
+        def fill() -> Tensor:
+            for i, begin, stop in spans:
+                _columns_of(buffer[:m, begin:stop], magnitudes[i], m).copy_(_groups_in_memory_order(magnitudes[i], m))
+            return buffer[:m]
+
+        ordered = sort_rows_(fill(), buffer[m])
+        v = ordered[k - 1]  # each group's k-th smallest
+        tied = None
+        if k == m or bool((ordered[k] > v).all()):  # no group has a tie across its k-th position
+            threshold = v
+        else:  # the sort has shuffled the buffer: the groups are written again
+            v = v.clone()
+            columns = fill()
+            pruned = smallest_in_groups(columns, k)
+            exact = (columns <= v).sum(0) == k
+            below = (columns * (columns < v)).amax(0)  # magnitudes are >= 0
+            threshold = torch.where(exact, v, below)
+            tied = pruned & (columns > threshold)
+        for i, begin, stop in spans:
+            magnitude = magnitudes[i]
+            per_group = _columns_of(threshold[begin:stop].unsqueeze(0), magnitude, m)
+            thresholds[i] = _laid_out_like(magnitude, per_group.expand(m, *per_group.shape[1:]), m)
+            if tied is not None and bool(tied[:, begin:stop].any()):
+                ties[i] = _laid_out_like(magnitude, _columns_of(tied[:, begin:stop], magnitude, m), m)
         return Selection(thresholds, ties)
-    spans, start = [], 0
-    for i in grouped:
-        spans.append((i, start, start + magnitudes[i].numel() // m))
-        start = spans[-1][2]
-    dtype = functools.reduce(torch.promote_types, (magnitudes[i].dtype for i in grouped))
-    columns = torch.empty(m, start, dtype=dtype, device=magnitudes[grouped[0]].device)  # one group per column
-    for i, begin, stop in spans:
-        columns[:, begin:stop].view(m, *_group_grid(magnitudes[i].shape, m)).copy_(group_view(magnitudes[i], m).movedim(2, 0))
-    ordered = ascending_rows(columns)
-    v = ordered[k - 1]  # each group's k-th smallest
-    tied = None
-    if k == m or bool((ordered[k] > v).all()):  # no group has a tie across its k-th position
-        threshold = v
-    else:
-        pruned = smallest_in_groups(columns, k)
-        exact = (columns <= v).sum(0) == k
-        below = (columns * (columns < v)).amax(0)  # magnitudes are >= 0
-        threshold = torch.where(exact, v, below)
-        tied = pruned & (columns > threshold)
-    for i, begin, stop in spans:
-        shape = magnitudes[i].shape
-        grid = _group_grid(shape, m)
-        per_group = threshold[begin:stop].view(grid).unsqueeze(2)  # (out, in / m, 1, *kernel)
-        thresholds[i] = per_group.expand(grid[0], grid[1], m, *grid[2:]).reshape(shape)
-        if tied is not None and bool(tied[:, begin:stop].any()):
-            ties[i] = tied[:, begin:stop].view(m, *grid).movedim(0, 2).reshape(shape)
-    return Selection(thresholds, ties)
+
+    def _reserve(self, groups: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+        """The (m + 1, groups) buffer, reused when it fits."""
+        buffer = self._buffer
+        if buffer is None or buffer.shape[1] != groups or buffer.dtype != dtype or buffer.device != device:
+            buffer = self._buffer = torch.empty(self.m + 1, groups, dtype=dtype, device=device)
+        return buffer
 
 
-def _group_grid(shape: Sequence[int], m: int) -> tuple[int, ...]:
-    """(out, in / m, *kernel): where the groups of a weight of ``shape`` sit."""
-    return (shape[0], shape[1] // m, *shape[2:])
+def _grid_order(x: Tensor, m: int) -> list[int]:
+    """The dimensions of ``x``'s group grid (out, in / m, *kernel), outermost in memory first."""
+    grid_strides = group_view(x, m).movedim(2, 0).stride()[1:]
+    return sorted(range(len(grid_strides)), key=lambda d: -grid_strides[d])
 
 
-def ascending_rows(columns: Tensor) -> list[Tensor]:
-    """The rows of an (m, G) tensor sorted within each column, smallest first: up to RANK_LIMIT
-    rows by a sorting network (a minimum and a maximum of two rows per compare-exchange: 10 passes
-    over G values for m = 4), larger ones by torch.sort."""
+def _groups_in_memory_order(x: Tensor, m: int) -> Tensor:
+    """(m, *grid) view of ``x``'s groups, the grid's dimensions in ``x``'s memory order (so a copy
+    reads ``x`` as it lies: a weight stored (in, out) is read row by row, not column by column)."""
+    return group_view(x, m).movedim(2, 0).permute(0, *(1 + d for d in _grid_order(x, m)))
+
+
+def _columns_of(columns: Tensor, x: Tensor, m: int) -> Tensor:
+    """An (m or 1, G) slice of columns viewed as (m or 1, *grid in ``x``'s memory order)."""
+    grid = (x.shape[0], x.shape[1] // m, *x.shape[2:])
+    return columns.reshape(columns.shape[0], *(grid[d] for d in _grid_order(x, m)))
+
+
+def _laid_out_like(x: Tensor, grouped: Tensor, m: int) -> Tensor:
+    """A tensor shaped and strided like ``x`` holding ``grouped``, an (m, *grid in memory order) tensor."""
+    out = torch.empty_like(x, dtype=grouped.dtype)
+    _groups_in_memory_order(out, m).copy_(grouped)
+    return out
+
+
+def sort_rows_(columns: Tensor, spare: Tensor) -> list[Tensor]:
+    """The rows of an (m, G) tensor sorted within each column, smallest first, in place: up to
+    RANK_LIMIT rows by a sorting network (a minimum and a maximum of two rows per compare-exchange:
+    10 passes over G values for m = 4), the minimum written into ``spare``, a row as long as the
+    others (the rows returned are ``columns``' rows and ``spare`` in some order, one of them left
+    over); larger groups by torch.sort."""
     if columns.shape[0] > RANK_LIMIT:
         return list(torch.sort(columns, dim=0).values.unbind(0))
     rows = list(columns.unbind(0))
     for i, j in sorting_network(columns.shape[0]):
-        rows[i], rows[j] = torch.minimum(rows[i], rows[j]), torch.maximum(rows[i], rows[j])
+        torch.minimum(rows[i], rows[j], out=spare)
+        torch.maximum(rows[i], rows[j], out=rows[j])
+        rows[i], spare = spare, rows[i]
     return rows
 
 

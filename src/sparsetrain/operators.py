@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -44,36 +45,51 @@ def prunes_nothing(threshold: Threshold) -> bool:
 
 
 @torch.no_grad()
-def threshold_operator(w: Tensor, threshold: Threshold, p: float) -> Tensor:
+def threshold_operator(w: Tensor, threshold: Threshold, p: float, magnitude: Tensor | None = None) -> Tensor:
     """Apply P_p(w; T) elementwise (a tensor T per entry; where T = 0 the weight is unchanged).
     The value only: the gradient the methods train with is the straight-through one of
-    :func:`sparsify_ste`.
+    :func:`sparsify_ste`. ``magnitude``, if given, is |w| already computed; it serves as scratch
+    space (its values are lost), saving a temporary as large as w.
 
     The difference |w|^p - T^p is computed so that it stays non-zero for every |w| > T in
     floating point (the count of zeros is then exactly the count of |w| <= T): for an integer p
     as (|w| - T) * sum_i |w|^i T^(p-1-i) (Feather's p = 3: (|w| - T)(|w|(|w| + T) + T^2), one
-    power function in all), for any other finite p > 1 as T^p * expm1(p * log1p((|w| - T) / T)).
+    root in all), for any other finite p > 1 as T^p * expm1(p * log1p((|w| - T) / T)).
     Float16 and bfloat16 weights are shrunk in float32 (in 16 bits the product underflows to 0
     just above T) and the result rounded back.
     """
     if prunes_nothing(threshold):
         return w
-    if math.isinf(p):
-        return w * (w.abs() > threshold)
-    if w.dtype in (torch.float16, torch.bfloat16) and p != 1.0:
+    if w.dtype in (torch.float16, torch.bfloat16) and p != 1.0 and not math.isinf(p):
         wide = threshold.float() if isinstance(threshold, Tensor) else threshold
         return threshold_operator(w.float(), wide, p).to(w.dtype)
-    magnitude = w.abs()  # a fresh tensor: every later step works in place on temporaries
-    if p == 1.0:
-        return magnitude.sub_(threshold).relu_().copysign_(w)
+    fresh = magnitude is None
+    if fresh:
+        magnitude = w.abs()  # every later step may work in place on it
+    if math.isinf(p):
+        return w * (magnitude > threshold)
+    if p == 1.0:  # the result must be a fresh tensor
+        return (magnitude.sub_(threshold) if fresh else magnitude - threshold).relu_().copysign_(w)
     if p.is_integer():
-        total = _power_sum(magnitude, threshold, int(p))
-        shrunk = magnitude.sub_(threshold).relu_().mul_(total).pow_(1.0 / p)
+        shrunk = _power_sum(magnitude, threshold, int(p))  # fresh
+        shrunk = root_(shrunk.mul_(magnitude.sub_(threshold).relu_()), int(p))
     else:
         shrunk = torch.expm1(magnitude.sub_(threshold).relu_().div_(threshold).log1p_().mul_(p))
         shrunk = shrunk.pow_(1.0 / p).mul_(threshold)
     out = shrunk.copysign_(w)
     return torch.where(threshold > 0, out, w) if isinstance(threshold, Tensor) else out
+
+
+def root_(x: Tensor, p: int) -> Tensor:
+    """x^(1/p) in place, for x >= 0: the cube root of a CPU float32/float64 tensor through numpy's
+    ``cbrt`` (within an ulp, about four times faster than ``pow``), any other root (and any root
+    while torch.compile traces) through ``pow_``."""
+    cpu_float = x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
+    if p == 3 and cpu_float and not torch.compiler.is_compiling():
+        array = x.numpy()
+        np.cbrt(array, out=array)
+        return x
+    return x.pow_(1.0 / p)
 
 
 def _power_sum(a: Tensor, t: Threshold, p: int) -> Tensor:
@@ -84,9 +100,11 @@ def _power_sum(a: Tensor, t: Threshold, p: int) -> Tensor:
     return total
 
 
-def kept_mask(w: Tensor, threshold: Threshold, ties: Tensor | None = None) -> Tensor:
-    """E: True where |w| > T and w is not a pruned tie."""
-    kept = w.abs() > threshold
+def kept_mask(
+    w: Tensor, threshold: Threshold, ties: Tensor | None = None, magnitude: Tensor | None = None
+) -> Tensor:
+    """E: True where |w| > T and w is not a pruned tie (``magnitude``: |w| if already computed)."""
+    kept = (w.abs() if magnitude is None else magnitude) > threshold
     return kept & ~ties if ties is not None else kept
 
 
@@ -96,30 +114,38 @@ class _ScaledStraightThrough(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, w: Tensor, threshold: Threshold, p: float, theta: float, rescale: Tensor | None,
-                ties: Tensor | None, decay: float) -> Tensor:
+                ties: Tensor | None, decay: float, magnitude: Tensor | None) -> Tensor:
         prunes = not prunes_nothing(threshold) or ties is not None
-        kept = kept_mask(w, threshold, ties) if prunes and (theta != 1.0 or decay) else None
+        kept = kept_mask(w, threshold, ties, magnitude) if prunes and (theta != 1.0 or decay) else None
         ctx.theta, ctx.decay = theta, decay
         ctx.save_for_backward(w if kept is not None and decay else None, kept)
         if math.isinf(p) and kept is not None:
             out = w * kept  # the hard threshold is the mask E itself
         else:
-            out = threshold_operator(w, threshold, p)
+            out = threshold_operator(w, threshold, p, magnitude)
             if ties is not None:
-                out = out.masked_fill(ties, 0.0)
+                out = out * ~ties  # faster than masked_fill on CPU
         return out if rescale is None else out * rescale
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         w, kept = ctx.saved_tensors
-        none = (None,) * 6
+        none = (None,) * 7
         if kept is None:
             return grad, *none
-        if ctx.theta != 1.0:
-            grad = grad * kept if ctx.theta == 0.0 else torch.where(kept, grad, grad * ctx.theta)
-        if ctx.decay:
-            grad = grad.add(w.masked_fill(kept, 0.0), alpha=ctx.decay)
-        return grad, *none
+        # products with the 0/1 masks rather than torch.where or masked_fill: several times faster on CPU
+        pruned = ~kept
+        if ctx.theta == 1.0:
+            scaled = grad
+        else:
+            scaled = grad * kept
+            if ctx.theta:
+                scaled.addcmul_(grad, pruned, value=ctx.theta)
+        if ctx.decay and scaled is grad:
+            scaled = torch.addcmul(grad, w, pruned, value=ctx.decay)
+        elif ctx.decay:
+            scaled.addcmul_(w, pruned, value=ctx.decay)
+        return scaled, *none
 
 
 def sparsify_ste(
@@ -130,7 +156,9 @@ def sparsify_ste(
     rescale: Tensor | None = None,
     ties: Tensor | None = None,
     decay: float = 0.0,
+    magnitude: Tensor | None = None,
 ) -> Tensor:
     """P_p(w; T), zero at ``ties`` (times ``rescale``, broadcast over w), with the theta-scaled
-    straight-through gradient plus ``decay`` times the pruned weights."""
-    return _ScaledStraightThrough.apply(w, threshold, p, theta, rescale, ties, decay)
+    straight-through gradient plus ``decay`` times the pruned weights (``magnitude``: |w| already
+    computed, used as scratch space, see :func:`threshold_operator`)."""
+    return _ScaledStraightThrough.apply(w, threshold, p, theta, rescale, ties, decay, magnitude)

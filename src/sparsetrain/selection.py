@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import reduce
 from typing import Any, NamedTuple
@@ -29,7 +28,6 @@ SCOPES = ("global", "layer", "sigma")
 
 _DIRECT_LIMIT = 1 << 15
 _CHUNK = 1 << 18
-_CHUNKS_PER_THREAD = 4
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -91,7 +89,7 @@ def _select_group(magnitudes: Sequence[Tensor], sparsity: float) -> Selection:
     rank = _locate(arrays, ops, k)
     if rank.through == k:
         return Selection([rank.value] * len(arrays), [None] * len(arrays))
-    below = _locate(arrays, ops, rank.below).value if rank.below else 0.0  # the largest magnitude < v
+    below = 0.0 if not rank.below else rank.previous if rank.previous is not None else _locate(arrays, ops, rank.below).value
     ties = _tie_masks(arrays, rank.value, k - rank.below)
     return Selection([below] * len(arrays), [t if t is None else t.view(m.shape) for t, m in zip(ties, magnitudes)])
 
@@ -122,11 +120,13 @@ def kth_smallest(values: Sequence[Tensor], k: int) -> float:
 
 
 class _Rank(NamedTuple):
-    """The k-th smallest value and how many values lie below it and at or below it."""
+    """The k-th smallest value, how many values lie below it and at or below it, and the largest
+    value below it when the search saw it (None: not known, or none)."""
 
     value: float
     below: int
     through: int
+    previous: float | None
 
 
 class _Ops(NamedTuple):
@@ -165,7 +165,9 @@ def _locate(arrays: Sequence[Any], ops: _Ops, k: int) -> _Rank:
 
 def _rank(values: Any, k: int, ops: _Ops) -> _Rank:
     value = ops.kth(values, k)
-    return _Rank(value, int((values < value).sum()), int((values <= value).sum()))
+    smaller = values[values < value]
+    previous = float(smaller.max()) if len(smaller) else None
+    return _Rank(value, len(smaller), int((values <= value).sum()), previous)
 
 
 def sample_stride(n: int) -> int:
@@ -189,7 +191,7 @@ def _bracketed(arrays: Sequence[Any], k: int, n: int, ops: _Ops) -> _Rank | None
     if not 1 <= k - below <= len(inside):
         return None
     rank = _rank(inside, k - below, ops)
-    return _Rank(rank.value, below + rank.below, below + rank.through)
+    return _Rank(rank.value, below + rank.below, below + rank.through, rank.previous)
 
 
 def _kth_numpy(values: np.ndarray, k: int) -> float:
@@ -197,32 +199,21 @@ def _kth_numpy(values: np.ndarray, k: int) -> float:
 
 
 def _split_numpy(arrays: Sequence[np.ndarray], lo: float, hi: float) -> tuple[int, np.ndarray]:
-    """#(a < lo) and the values lo <= a <= hi, read in cache-sized chunks; large inputs are
-    shared among torch's threads (numpy releases the GIL while it compares and gathers)."""
-    chunks = [a[start : start + _CHUNK] for a in arrays for start in range(0, a.size, _CHUNK)]
-    total = sum(a.size for a in arrays)  # threads pay off from _CHUNKS_PER_THREAD full chunks each
-    workers = max(1, min(torch.get_num_threads(), total // (_CHUNK * _CHUNKS_PER_THREAD)))
-    shares = [chunks[i::workers] for i in range(workers)]
-    if workers == 1:
-        results = [_split_chunks(shares[0], lo, hi)]
-    else:
-        with ThreadPoolExecutor(workers) as pool:
-            results = list(pool.map(_split_chunks, shares, [lo] * workers, [hi] * workers))
-    return sum(below for below, _ in results), np.concatenate([inside for _, inside in results])
-
-
-def _split_chunks(chunks: Sequence[np.ndarray], lo: float, hi: float) -> tuple[int, np.ndarray]:
-    """_split_numpy for one thread's (non-empty) share: compare, count, compare and gather
-    each chunk while it is in cache, into reused mask buffers."""
+    """#(a < lo) and the values lo <= a <= hi: compare, count, compare and gather each cache-sized
+    chunk while it is in cache, into reused mask buffers. One thread: called between torch's
+    operations in a training step, helper threads lost more to torch's waiting OpenMP threads
+    than they gained."""
     low, inside = np.empty(_CHUNK, dtype=bool), np.empty(_CHUNK, dtype=bool)
     below, parts = 0, []
-    for chunk in chunks:
-        lt, le = low[: chunk.size], inside[: chunk.size]
-        np.less(chunk, lo, out=lt)
-        below += int(np.count_nonzero(lt))
-        np.less_equal(chunk, hi, out=le)
-        np.not_equal(lt, le, out=le)
-        parts.append(chunk[le])
+    for a in arrays:
+        for start in range(0, a.size, _CHUNK):
+            chunk = a[start : start + _CHUNK]
+            lt, le = low[: chunk.size], inside[: chunk.size]
+            np.less(chunk, lo, out=lt)
+            below += int(np.count_nonzero(lt))
+            np.less_equal(chunk, hi, out=le)
+            np.not_equal(lt, le, out=le)
+            parts.append(chunk[le])
     return below, np.concatenate(parts)
 
 

@@ -256,19 +256,40 @@ def test_semi_structured_conversion_computes_what_the_dense_layer_computes():
 
 @pytest.mark.parametrize("m", range(2, 17))
 def test_the_sorting_network_sorts_every_input_of_zeros_and_ones(m):
-    from sparsetrain.nm import ascending_rows
-
     # the 0-1 principle: a comparator network that sorts all 2^m inputs of 0s and 1s sorts any input
     every = ((torch.arange(2**m)[None, :] >> torch.arange(m)[:, None]) & 1).float()
-    assert torch.equal(torch.stack(ascending_rows(every)), every.sort(dim=0).values)
+    assert torch.equal(sorted_rows(every), every.sort(dim=0).values)
+
+
+def sorted_rows(columns):
+    """sort_rows_ on a copy of ``columns`` and a spare row (its rows reused in place), stacked."""
+    from sparsetrain.nm import sort_rows_
+
+    buffer = torch.cat([columns, torch.full_like(columns[:1], float("nan"))])
+    return torch.stack(sort_rows_(buffer[:-1], buffer[-1]))
 
 
 @pytest.mark.parametrize("m", [4, 8, 32])
-def test_ascending_rows_sort_each_column(m):
-    from sparsetrain.nm import ascending_rows
-
+def test_sort_rows_sorts_each_column_in_place(m):
     columns = torch.randint(0, 6, (m, 300), generator=torch.Generator().manual_seed(m)).float()
-    assert torch.equal(torch.stack(ascending_rows(columns)), columns.sort(dim=0).values)
+    assert torch.equal(sorted_rows(columns), columns.sort(dim=0).values)
+
+
+def test_a_selector_reuses_its_buffer_and_selects_as_a_fresh_one():
+    from sparsetrain.nm import GroupSelector
+
+    gen = torch.Generator().manual_seed(0)
+    selector = GroupSelector(4)
+    for step in range(3):  # new magnitudes, one with a tie inside a group, through the same buffer
+        magnitudes = [torch.rand(8, 16, generator=gen), torch.rand(4, 8, 3, 3, generator=gen)]
+        magnitudes[0][2, 4:8] = torch.tensor([0.1, 0.5, 0.5, 0.9])  # a tie across the 2nd position
+        kept = selector.select(magnitudes, 2)
+        buffer = selector._buffer
+        fresh = select_groups(magnitudes, 2, 4)
+        for mine, theirs in zip(kept.thresholds + kept.ties, fresh.thresholds + fresh.ties):
+            assert (mine is None and theirs is None) or torch.equal(mine, theirs), step
+        assert kept.ties[0] is not None and int(kept.ties[0].sum()) == 1
+    assert selector._buffer is buffer
 
 
 @pytest.mark.parametrize("m", [4, 8, 16, 32])

@@ -564,3 +564,23 @@ def test_prepared_weights_are_used_only_within_their_forward_and_for_unchanged_w
     assert again is not prepared and not torch.equal(again, prepared)
     param.release()
     assert torch.equal(layer.weight, again)
+
+
+@pytest.mark.parametrize("method", ["feather", "st3-sigma", "sr-ste", "feather-nm"])
+def test_the_forward_weight_from_the_magnitudes_kept_by_step_equals_a_fresh_one(tiny_net, method):
+    import copy
+
+    options = {"sparsity": 0.8} if method in ("feather", "st3-sigma") else {}
+    sp = st.create(tiny_net, method, total_steps=4, **options)
+    sp.step(), sp.step()
+    param, w = sp._params[1], sp.dense_weights()[1]
+    assert param._scratch_version == w._version  # step() left |w * n| of this version of w
+    spent = param(w)
+    assert param._scratch_version is None  # the forward used it as scratch space
+    assert torch.equal(spent, param(w))  # computed from w alone
+    sp.refresh()
+    with torch.no_grad():
+        w.mul_(1.5)  # changed in place after the magnitudes were taken: they must not be used
+    unaware = copy.deepcopy(param)
+    unaware._scratch_version = None
+    assert torch.equal(param(w), unaware(w))

@@ -64,7 +64,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from ..messages import shown
-from ..nm import has_groups, parse_nm, select_groups, validate_nm
+from ..nm import GroupSelector, has_groups, parse_nm, validate_nm
 from ..operators import Threshold, kept_mask, sparsify_ste, validate_p
 from ..prunable import PRUNABLE_TYPES, LayerType, choose_layers, out_in, stores_transposed, validate_types
 from ..schedules import (
@@ -305,10 +305,31 @@ class SparseWeight(nn.Module):
         self.register_buffer("ties", None, persistent=False)
         self.register_buffer("mask", None, persistent=False)  # the kept weights, once fixed
         self._prepared: tuple[int, Tensor] | None = None  # (version of w, forward weight)
+        self._scratch: Tensor | None = None  # |w * n|, reused from step to step
+        self._scratch_version: int | None = None  # the version of w it holds, until a forward spends it
 
     def normalised(self, w: Tensor) -> Tensor:
         """w * n, the magnitudes the threshold is compared against (w itself when n = 1)."""
         return w if self.norm == 1.0 else w * self.norm
+
+    @torch.no_grad()
+    def magnitude(self, w: Tensor) -> Tensor:
+        """|w * n|, written into a buffer kept from step to step (no fresh tensor as large as w at
+        every step); the next forward weight computed from this version of w reuses it as scratch."""
+        if not _fits(self._scratch, w):
+            self._scratch = torch.empty_like(w)
+        if self.norm == 1.0:
+            torch.abs(w, out=self._scratch)
+        else:
+            torch.mul(w, self.norm, out=self._scratch).abs_()
+        self._scratch_version = w._version
+        return self._scratch
+
+    def _spend_magnitude(self, w: Tensor) -> Tensor | None:
+        """The buffer of :meth:`magnitude` if it holds this version of w (it may then be overwritten)."""
+        fresh = self._scratch_version == w._version and _fits(self._scratch, w)
+        self._scratch_version = None
+        return self._scratch if fresh else None
 
     def prepare(self, w: Tensor) -> None:
         """Compute the forward weight of ``w`` now: :meth:`forward` returns it while ``w`` is not
@@ -327,7 +348,7 @@ class SparseWeight(nn.Module):
             return w * self.mask
         # the decay acts on w * n, so lambda / n^2 gives lambda * (1 - E) * w on w
         out = sparsify_ste(self.normalised(w), self.threshold, self.p, self.theta, self.rescale, self.ties,
-                           self.decay / self.norm**2)
+                           self.decay / self.norm**2, self._spend_magnitude(w))
         return out if self.norm == 1.0 else out / self.norm
 
     def zeros(self, w: Tensor) -> int:
@@ -336,6 +357,11 @@ class SparseWeight(nn.Module):
         if self.mask is not None:
             return int((~self.mask).sum())
         return int((~kept_mask(self.normalised(w), self.threshold, self.ties)).sum())
+
+
+def _fits(buffer: Tensor | None, w: Tensor) -> bool:
+    """Whether ``buffer`` can hold a tensor like ``w``: same shape, dtype and device."""
+    return buffer is not None and buffer.shape == w.shape and buffer.dtype == w.dtype and buffer.device == w.device
 
 
 def st3_rescale(magnitude: Tensor, kept: Tensor) -> Tensor:
@@ -382,6 +408,7 @@ class Sparsifier(Method):
         if unknown:
             raise ValueError(f"unknown option {unknown[0]!r}; allowed options: {', '.join(KNOBS)}.")
         self.config, sparsity = resolve_config(method, sparsity, knobs)
+        self._groups = GroupSelector(self.config.m) if self.config.scope == "nm" else None
         self.name = method
         self.total_steps = total_steps
         self.schedule: Schedule = schedule or make_schedule(
@@ -552,7 +579,7 @@ class Sparsifier(Method):
         if self.fixed:
             return
         with torch.no_grad():
-            magnitudes = [param.normalised(w).abs() for param, w in zip(self._params, self._weights)]
+            magnitudes = [param.magnitude(w) for param, w in zip(self._params, self._weights)]
             check_finite(magnitudes, self.names, "layer", "weight", self._step)
             selection = _same_on_every_rank(self._select(magnitudes), magnitudes)
             for param, w, mag, threshold, ties, transposed in zip(
@@ -573,7 +600,7 @@ class Sparsifier(Method):
         if self.config.scope != "nm":
             return select(magnitudes, self.target, self.config.scope)
         views = [out_in(mag, transposed) for mag, transposed in zip(magnitudes, self._transposed)]
-        selection = select_groups(views, prune_count(self.target, self.config.m), self.config.m)
+        selection = self._groups.select(views, prune_count(self.target, self.config.m))
         return Selection(
             [_stored(t, transposed) for t, transposed in zip(selection.thresholds, self._transposed)],
             [_stored(t, transposed) for t, transposed in zip(selection.ties, self._transposed)],
