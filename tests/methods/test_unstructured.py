@@ -584,3 +584,89 @@ def test_the_forward_weight_from_the_magnitudes_kept_by_step_equals_a_fresh_one(
     unaware = copy.deepcopy(param)
     unaware._scratch_version = None
     assert torch.equal(param(w), unaware(w))
+
+
+# -- update_every: thresholds recomputed every k optimizer steps ------------------------------------
+
+
+@pytest.mark.parametrize("method, options", [("feather", {"sparsity": 0.9}),
+                                             ("st3-sigma", {"sparsity": 0.9, "fix_at": None}), ("sr-ste", {})])
+def test_update_every_4_moves_thresholds_only_at_multiples_of_4(tiny_net, make_batches, method, options):
+    from sparsetrain.selection import select
+
+    tiny_net.double()  # distinct magnitudes: no tie masks, the threshold alone sets each count
+    sp = st.Sparsifier(tiny_net, method, total_steps=12, update_every=4, **options)
+    opt = torch.optim.SGD(tiny_net.parameters(), lr=0.05, momentum=0.9)
+    before = [_copy_thresholds(sp)]
+    for t, (x, y) in enumerate(make_batches(11), start=1):
+        F.cross_entropy(tiny_net(x.double()), y).backward()
+        sp.before_optimizer_step()
+        opt.step()
+        opt.zero_grad()
+        sp.step()
+        now = _copy_thresholds(sp)
+        changed = any(not torch.equal(torch.as_tensor(a), torch.as_tensor(b)) for a, b in zip(now, before[-1]))
+        assert changed == (t % 4 == 0 and sp.target > 0), t
+        assert sp.target == sp.schedule.sparsity_at(t - t % 4)
+        if t % 4 == 0 and sp.config.scope != "nm":  # recomputed from the weights of step t, for s(t)
+            magnitudes = [p.normalised(w).abs() for p, w in zip(sp._params, sp.dense_weights())]
+            assert now == select(magnitudes, sp.target, sp.config.scope).thresholds
+        before.append(now)
+    n, final = sp.numel(), sp.schedule.sparsity_at(11)  # 11 is no multiple of 4: finalize recomputes for s(11)
+    model = sp.finalize()
+    if sp.config.scope == "nm":
+        from sparsetrain.nm import pattern_holds
+
+        grouped = [m.weight for _, m in st.find_prunable(model) if m.weight.shape[1] % 4 == 0]
+        assert grouped and all(pattern_holds(w, 2, 4) and int((w == 0).sum()) == w.numel() // 2 for w in grouped)
+    else:
+        assert sum(int((m.weight == 0).sum()) for _, m in st.find_prunable(model)) == round(final * n)
+
+
+def _copy_thresholds(sp):
+    return [t.clone() if isinstance(t, torch.Tensor) else t for t in sp.thresholds.values()]
+
+
+def test_update_every_resumes_bit_identically_from_inside_an_interval(tiny_net, make_batches, train):
+    batches = make_batches(10)
+
+    def build(seed):
+        torch.manual_seed(seed)
+        model = type(tiny_net)()
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        return model, opt, st.create(model, "feather", sparsity=0.8, total_steps=10, update_every=4)
+
+    model, opt, sp = build(0)
+    train(model, sp, opt, batches)
+    expected = sp.finalize().state_dict()
+    for cut in (4, 6):  # at an update, and two steps after one
+        model, opt, sp = build(0)
+        train(model, sp, opt, batches[:cut])
+        state = {"model": model.state_dict(), "opt": opt.state_dict(), "method": sp.state_dict()}
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        buffer.seek(0)
+        state = torch.load(buffer, weights_only=True)
+        model, opt, sp = build(3)
+        sp.load_state_dict(state["method"])
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        train(model, sp, opt, batches[cut:])
+        got = sp.finalize().state_dict()
+        assert all(torch.equal(got[k], expected[k]) for k in expected), cut
+
+
+def test_update_every_is_a_setting_of_the_saved_state_and_checked(tiny_net):
+    saved = st.create(tiny_net, "feather", sparsity=0.8, total_steps=10, update_every=4).state_dict()
+    assert saved["settings"]["update_every"] == 4
+    other = st.create(fresh_copy(type(tiny_net), 0), "feather", sparsity=0.8, total_steps=10)
+    assert "update_every" not in other.state_dict()["settings"]  # the default: states from before the option load
+    with pytest.raises(ValueError, match="update_every=None but this feather has update_every=4"):
+        st.create(fresh_copy(type(tiny_net), 0), "feather", sparsity=0.8, total_steps=10,
+                  update_every=4).load_state_dict(other.state_dict())
+
+
+@pytest.mark.parametrize("bad", [0, -2, 1.5, True, "4"])
+def test_update_every_must_be_a_positive_int(tiny_net, bad):
+    with pytest.raises(ValueError, match=rf"update_every={bad!r} is not allowed; allowed: an int >= 1"):
+        st.create(tiny_net, "feather", sparsity=0.8, total_steps=10, update_every=bad)

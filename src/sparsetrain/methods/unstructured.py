@@ -12,7 +12,9 @@ tied weights pruned (first in layer order, then flat index) completes the count.
 
 Threshold timing: the forward pass of step t uses the threshold that makes the weights as
 they stand before step t exactly s(t) sparse. ``step()``, called right after
-``optimizer.step()``, advances t and recomputes T from the updated weights. When the model's
+``optimizer.step()``, advances t and recomputes T from the updated weights. With
+``update_every=k`` it does so only when t is a multiple of k (for s(t)); in between T, the ties and
+the rescales stay as they are, and ``finalize()`` recomputes them from the final weights first. When the model's
 forward starts, every forward weight is computed at once (the layers then find theirs ready);
 a layer called on its own computes its weight as it reads it.
 
@@ -100,9 +102,12 @@ class MethodConfig:
     n: int | None = None
     m: int | None = None
     decay: float = 0.0
+    update_every: int = 1
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "p", validate_p(self.p))
+        if isinstance(self.update_every, bool) or not isinstance(self.update_every, int) or self.update_every < 1:
+            raise ValueError(f"update_every={self.update_every!r} is not allowed; allowed: an int >= 1 (optimizer steps).")
         if isinstance(self.theta, bool) or not isinstance(self.theta, (int, float)) or not 0.0 <= self.theta <= 1.0:
             raise ValueError(f"theta={self.theta!r} is out of range; allowed: a number in [0, 1].")
         if self.scope not in ENGINE_SCOPES:
@@ -142,6 +147,7 @@ class _PresetOptions:
     end: int | float | None = None
     fix_at: int | float | None = None
     decay: float | None = None
+    update_every: int | None = None
     exclude: tuple[str, ...] | None = None
     min_size: int = 0
     types: tuple[LayerType, ...] | None = None
@@ -380,7 +386,8 @@ class Sparsifier(Method):
 
     ``method`` names a preset (``feather``, ``st3``, ``st3-sigma``, ``gmp``, ``ste``,
     ``feather-nm``, ``st3-nm``, ``sr-ste``); any of its knobs (``p``, ``theta``, ``scope``,
-    ``rescale``, ``schedule``, ``start``, ``end``, ``fix_at``, ``n``, ``m``, ``decay``) can be
+    ``rescale``, ``schedule``, ``start``, ``end``, ``fix_at``, ``n``, ``m``, ``decay``,
+    ``update_every``) can be
     overridden by keyword. ``sparsity`` None means 0.9, or 1 - N/M for scope "nm".
     ``start``/``end`` are int steps or float fractions of ``total_steps``; ``schedule`` may also
     be a ready schedule object. Layers are chosen by :func:`~sparsetrain.prunable.choose_layers`
@@ -474,8 +481,9 @@ class Sparsifier(Method):
 
     @property
     def target(self) -> float:
-        """s(t): the sparsity the current thresholds were chosen for."""
-        return self.schedule.sparsity_at(self._step)
+        """s(t_u): the sparsity the current thresholds were chosen for, t_u the last multiple of
+        ``update_every`` up to t (t itself by default)."""
+        return self.schedule.sparsity_at(self._step - self._step % self.config.update_every)
 
     @property
     def threshold(self) -> float:
@@ -553,15 +561,18 @@ class Sparsifier(Method):
         return self._params[0].mask is not None
 
     def step(self) -> bool:
-        """Advance t by one and recompute thresholds (and rescales) from the current weights; at
-        ``fix_at`` write the forward weights into the weights and freeze the masks."""
+        """Advance t by one and recompute thresholds (and rescales) from the current weights when t
+        is a multiple of ``update_every``; at ``fix_at`` recompute them, write the forward weights
+        into the weights and freeze the masks."""
         self._check_attached()
         self._step += 1
         if self.fixed:
             return False
-        self.refresh()
         if self.fix_step is not None and self._step >= self.fix_step:
+            self._reselect(self.schedule.sparsity_at(self._step))
             self._fix()
+        elif self._step % self.config.update_every == 0:
+            self.refresh()
         return False
 
     def _fix(self) -> None:
@@ -573,15 +584,18 @@ class Sparsifier(Method):
                 param.mask = value != 0
 
     def refresh(self) -> None:
-        """Recompute thresholds (and rescales) for s(t) from the current weights, t unchanged
-        (nothing once the masks are fixed)."""
+        """Recompute thresholds (and rescales) for :attr:`target` from the current weights, t
+        unchanged (nothing once the masks are fixed)."""
         self._check_attached()
-        if self.fixed:
-            return
+        if not self.fixed:
+            self._reselect(self.target)
+
+    def _reselect(self, sparsity: float) -> None:
+        """Thresholds, ties and rescales that make the current weights exactly ``sparsity`` sparse."""
         with torch.no_grad():
             magnitudes = [param.magnitude(w) for param, w in zip(self._params, self._weights)]
             check_finite(magnitudes, self.names, "layer", "weight", self._step)
-            selection = _same_on_every_rank(self._select(magnitudes), magnitudes)
+            selection = _same_on_every_rank(self._select(magnitudes, sparsity), magnitudes)
             for param, w, mag, threshold, ties, transposed in zip(
                 self._params, self._weights, magnitudes, selection.thresholds, selection.ties, self._transposed
             ):
@@ -593,14 +607,14 @@ class Sparsifier(Method):
                     rescale = st3_rescale(out_in(magnitude, transposed), out_in(kept, transposed))
                     param.rescale = out_in(rescale, transposed)  # per output channel, in w's layout
 
-    def _select(self, magnitudes: Sequence[Tensor]) -> Selection:
-        """Thresholds and tie masks for s(t): one selection over the scope, or one per N:M group
+    def _select(self, magnitudes: Sequence[Tensor], sparsity: float) -> Selection:
+        """Thresholds and tie masks for ``sparsity``: one selection over the scope, or one per N:M group
         (groups along the input dimension: a weight stored (in, out) is selected in its (out, in)
         view, and its thresholds and ties are stored back in its own layout)."""
         if self.config.scope != "nm":
-            return select(magnitudes, self.target, self.config.scope)
+            return select(magnitudes, sparsity, self.config.scope)
         views = [out_in(mag, transposed) for mag, transposed in zip(magnitudes, self._transposed)]
-        selection = self._groups.select(views, prune_count(self.target, self.config.m))
+        selection = self._groups.select(views, prune_count(sparsity, self.config.m))
         return Selection(
             [_stored(t, transposed) for t, transposed in zip(selection.thresholds, self._transposed)],
             [_stored(t, transposed) for t, transposed in zip(selection.ties, self._transposed)],
@@ -610,8 +624,11 @@ class Sparsifier(Method):
         """Bake a * P_p(w; T) into plain weights, remove the parametrizations, return the model.
 
         A shared weight is baked once (by its first layer); its other layers get it back as is.
+        Thresholds left from an earlier step (``update_every`` > 1) are first recomputed for s(t).
         """
         self._check_attached()
+        if not self.fixed and self._step % self.config.update_every:
+            self._reselect(self.schedule.sparsity_at(self._step))
         for hook in self._hooks:
             hook.remove()
         baked: set[int] = set()
@@ -646,7 +663,7 @@ class Sparsifier(Method):
     def _settings(self) -> dict[str, Any]:
         """What a saved state must agree on: the target, the schedule's steps and every knob."""
         return {"sparsity": self.schedule.final, "total_steps": self.total_steps, "fix_step": self.fix_step,
-                **{k: v for k, v in dataclasses.asdict(self.config).items() if k not in ("start", "end", "fix_at")},
+                **{k: v for k, v in dataclasses.asdict(self.config).items() if k not in _unsaved_knobs(self.config)},
                 "start": self.schedule.start if hasattr(self.schedule, "start") else None,
                 "end": self.schedule.end if hasattr(self.schedule, "end") else None}
 
@@ -672,6 +689,12 @@ class Sparsifier(Method):
             param.ties = None if ties is None else ties.to(w.device).bool()
             param.rescale = None if rescale is None else rescale.to(w.device)
             param.mask = None if mask is None else mask.to(w.device).bool()
+
+
+def _unsaved_knobs(config: MethodConfig) -> tuple[str, ...]:
+    """Knobs a saved state does not record: the schedule's bounds (recorded as steps) and
+    ``update_every`` at its default (so states saved before the option existed still load)."""
+    return ("start", "end", "fix_at") + (("update_every",) if config.update_every == 1 else ())
 
 
 def _stored(value: Any, transposed: bool) -> Any:
