@@ -301,7 +301,12 @@ def sr_ste(sparsity: float) -> MethodConfig:
 class SparseWeight(nn.Module):
     """The parametrization of one weight: w -> a * P_p(w * n; T) / n with the scaled STE
     (``ties``: extra entries pruned, see :mod:`sparsetrain.selection`; T a number, or a tensor
-    shaped like w for N:M groups)."""
+    shaped like w for N:M groups).
+
+    Under ``torch.compile`` the forward reads only tensors that keep their shapes from step to
+    step, so a new threshold, target or tie never recompiles the graph: T as a tensor (``limit``),
+    and the pruned ties as the first ``tie_count`` entries (flat index) whose |w * n| equals
+    ``tie_value``."""
 
     def __init__(self, p: float, theta: float, norm: float, decay: float = 0.0) -> None:
         super().__init__()
@@ -310,6 +315,9 @@ class SparseWeight(nn.Module):
         self.register_buffer("rescale", None, persistent=False)
         self.register_buffer("ties", None, persistent=False)
         self.register_buffer("mask", None, persistent=False)  # the kept weights, once fixed
+        self.register_buffer("limit", torch.zeros(()), persistent=False)  # T as a tensor
+        self.register_buffer("tie_value", torch.zeros(()), persistent=False)
+        self.register_buffer("tie_count", torch.zeros((), dtype=torch.long), persistent=False)
         self._prepared: tuple[int, Tensor] | None = None  # (version of w, forward weight)
         self._scratch: Tensor | None = None  # |w * n|, reused from step to step
         self._scratch_version: int | None = None  # the version of w it holds, until a forward spends it
@@ -317,6 +325,26 @@ class SparseWeight(nn.Module):
     def normalised(self, w: Tensor) -> Tensor:
         """w * n, the magnitudes the threshold is compared against (w itself when n = 1)."""
         return w if self.norm == 1.0 else w * self.norm
+
+    @torch.no_grad()
+    def choose(self, threshold: Threshold, ties: Tensor | None, w: Tensor) -> None:
+        """Set T and the pruned ties for weight ``w``, with their tensor forms for compiled graphs."""
+        self.threshold, self.ties = threshold, ties
+        if isinstance(threshold, Tensor):
+            self.limit = threshold
+        else:
+            if self.limit.shape != () or self.limit.dtype != w.dtype or self.limit.device != w.device:
+                self.limit = torch.zeros((), dtype=w.dtype, device=w.device)
+            self.limit.fill_(threshold)
+        if self.tie_value.dtype != w.dtype or self.tie_value.device != w.device:
+            self.tie_value = torch.zeros((), dtype=w.dtype, device=w.device)
+            self.tie_count = torch.zeros((), dtype=torch.long, device=w.device)
+        if ties is None:
+            self.tie_count.zero_()
+            return
+        positions = ties.reshape(-1).nonzero()  # the first entries equal to the tie value, in flat order
+        self.tie_value.copy_(self.normalised(w).abs().reshape(-1)[positions[0, 0]])
+        self.tie_count.fill_(int(positions[-1, 0]) + 1)
 
     @torch.no_grad()
     def magnitude(self, w: Tensor) -> Tensor:
@@ -348,13 +376,20 @@ class SparseWeight(nn.Module):
         self._prepared = None
 
     def forward(self, w: Tensor) -> Tensor:
-        if self._prepared is not None and self._prepared[0] == w._version:
-            return self._prepared[1]
         if self.mask is not None:
             return w * self.mask
         # the decay acts on w * n, so lambda / n^2 gives lambda * (1 - E) * w on w
-        out = sparsify_ste(self.normalised(w), self.threshold, self.p, self.theta, self.rescale, self.ties,
-                           self.decay / self.norm**2, self._spend_magnitude(w))
+        decay = self.decay / self.norm**2
+        if torch.compiler.is_compiling():
+            scaled = self.normalised(w)
+            index = torch.arange(scaled.numel(), device=scaled.device).view(scaled.shape)
+            ties = (scaled.abs() == self.tie_value) & (index < self.tie_count)
+            out = sparsify_ste(scaled, self.limit, self.p, self.theta, self.rescale, ties, decay)
+        elif self._prepared is not None and self._prepared[0] == w._version:
+            return self._prepared[1]
+        else:
+            out = sparsify_ste(self.normalised(w), self.threshold, self.p, self.theta, self.rescale, self.ties,
+                               decay, self._spend_magnitude(w))
         return out if self.norm == 1.0 else out / self.norm
 
     def zeros(self, w: Tensor) -> int:
@@ -543,13 +578,18 @@ class Sparsifier(Method):
     def _prepare(self, model: nn.Module, args: Any) -> None:
         """Before the model's forward: every forward weight computed at once, one after another.
         The layers then find theirs ready (computed lazily inside the forward, between the
-        convolutions, the same work took several times as long on CPU)."""
+        convolutions, the same work took several times as long on CPU). Not in a compiled graph,
+        where the compiler fuses each layer's work."""
+        if torch.compiler.is_compiling():
+            return
         for param, w in zip(self._params, self._weights):
             param.prepare(w)
 
     def _release(self, model: nn.Module, args: Any, output: Any) -> None:
         """After the model's forward, even one that raised: the prepared weights are dropped (the
         graph keeps what the backward needs)."""
+        if torch.compiler.is_compiling():
+            return
         for param in self._params:
             param.release()
 
@@ -599,8 +639,7 @@ class Sparsifier(Method):
             for param, w, mag, threshold, ties, transposed in zip(
                 self._params, self._weights, magnitudes, selection.thresholds, selection.ties, self._transposed
             ):
-                param.threshold = threshold
-                param.ties = ties
+                param.choose(threshold, ties, w)
                 if self.config.rescale:  # on |w|: the sigma scale cancels in the ratio r_c
                     kept = kept_mask(mag, threshold, ties)
                     magnitude = w.abs() if param.norm != 1.0 else mag
@@ -685,8 +724,8 @@ class Sparsifier(Method):
         for param, w, threshold, ties, rescale, mask in zip(
             self._params, self._weights, thresholds, state["ties"], state["rescale"], state["masks"]
         ):
-            param.threshold = threshold.to(w.device, w.dtype) if isinstance(threshold, Tensor) else threshold
-            param.ties = None if ties is None else ties.to(w.device).bool()
+            param.choose(threshold.to(w.device, w.dtype) if isinstance(threshold, Tensor) else threshold,
+                         None if ties is None else ties.to(w.device).bool(), w)
             param.rescale = None if rescale is None else rescale.to(w.device)
             param.mask = None if mask is None else mask.to(w.device).bool()
 
