@@ -10,9 +10,11 @@ x. Each round histograms the next 16 bits of the local keys that share the prefi
 the histograms across ranks (``all_reduce``) and extends the prefix by the bucket holding position k,
 until the key of v, the k-th smallest magnitude, is exact: 1 round for 16-bit floats, 2 for float32,
 4 for float64. Only when ties at v straddle k, one ``all_gather`` of each rank's per-layer counts of
-keys equal to v (and of its largest key below v) tells every rank how many of its own tied entries
-fall among the first r = k - #(m < v). Shards are read in chunks of ``_CHUNK`` entries, so the
-temporaries stay O(chunk + 2^16) beside the output masks.
+keys equal to v (and of its largest key below v, unless the last histogram shows the largest
+magnitude below v) tells every rank how many of its own tied entries fall among the first
+r = k - #(m < v), and one more pass marks them. Every rank decides from the same reduced counts.
+Shards are read in chunks of ``_CHUNK`` entries, so the temporaries stay O(chunk + 2^16) beside
+the output masks.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from sparsetrain.selection import Selection, prune_count
+from .selection import Selection, prune_count
 
 _CHUNK = 1 << 20
 _DIGITS = 16
@@ -39,7 +41,9 @@ def select_sharded(magnitudes: Sequence[Tensor], sparsity: float, group: dist.Pr
     on every rank. The thresholds are equal on every rank; ``ties[i]`` is shaped like this rank's
     shard of layer i, None where the rank prunes none of its entries equal to v. Without an
     initialised torch.distributed, or in a world of one, it selects over the local tensors alone.
-    Collectives (2 for float32, 3 when ties straddle k) run on the tensors' device.
+    Collectives: one ``all_reduce`` per 16 bits of the dtype (1, 2 or 4; float32: 2), one
+    ``all_gather`` more when ties straddle k, on the tensors' device. Local passes: as many, plus
+    at most two when ties straddle k.
     """
     if not 0.0 <= sparsity <= 1.0:
         raise ValueError(f"sparsity={sparsity!r} is out of range; allowed: a number in [0, 1].")
@@ -50,7 +54,6 @@ def select_sharded(magnitudes: Sequence[Tensor], sparsity: float, group: dist.Pr
         raise ValueError(f"magnitudes of dtype {dtype} are not supported; allowed: float16, bfloat16, float32, float64.")
     keys = _KEYS[dtype]
     width = keys.itemsize * 8
-    device = magnitudes[0].device
     world = dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
 
     prefix = below = 0
@@ -75,7 +78,7 @@ def select_sharded(magnitudes: Sequence[Tensor], sparsity: float, group: dist.Pr
     # Ties at v straddle position k: prune the first k - below of them in the global order.
     lower = counts[:digit].nonzero()
     previous = (prefix - digit + int(lower[-1])) if len(lower) else None
-    local = _tie_counts(magnitudes, dtype, keys, prefix)
+    local = _tie_counts(magnitudes, dtype, keys, prefix, previous is None and below > 0)
     if world > 1:
         table = [torch.empty_like(local) for _ in range(world)]
         dist.all_gather(table, local, group=group)
@@ -94,37 +97,47 @@ def _unpruned(layers: int) -> Selection:
     return Selection([0.0] * layers, [None] * layers)
 
 
-def _chunks(m: Tensor) -> Iterator[tuple[int, Tensor]]:
-    """(start, entries) of consecutive blocks of about ``_CHUNK`` entries of ``m`` in flat (row-major)
-    order; a non-contiguous ``m`` is copied a block of rows at a time."""
+def _chunks(m: Tensor, start: int = 0) -> Iterator[tuple[int, Tensor]]:
+    """(start, entries) of consecutive blocks of at most ``_CHUNK`` entries of ``m`` in flat (row-major)
+    order; a non-contiguous ``m`` is copied a block of rows (or a piece of a row) at a time."""
     m = m.detach()
     if m.is_contiguous() or m.dim() < 2:
         flat = m.reshape(-1)
-        for start in range(0, flat.numel(), _CHUNK):
-            yield start, flat[start : start + _CHUNK]
+        for i in range(0, flat.numel(), _CHUNK):
+            yield start + i, flat[i : i + _CHUNK]
     elif m.numel():
-        rows = max(1, _CHUNK // (m.numel() // m.shape[0]))
-        for row in range(0, m.shape[0], rows):
-            yield row * (m.numel() // m.shape[0]), m[row : row + rows].reshape(-1)
+        row = m[0].numel()
+        if row > _CHUNK:
+            for i in range(len(m)):
+                yield from _chunks(m[i], start + i * row)
+        else:
+            for i in range(0, len(m), _CHUNK // row):
+                yield start + i * row, m[i : i + _CHUNK // row].reshape(-1)
 
 
 def _keys(chunk: Tensor, dtype: torch.dtype, keys: torch.dtype) -> Tensor:
-    """The IEEE bits of ``chunk`` in ``dtype`` as integers (int32 for 16-bit floats), -0.0 read as 0.0."""
-    bits = (chunk.to(dtype) + 0.0).view(keys)
-    return bits.int() if keys == torch.int16 else bits
+    """The IEEE bits of ``chunk`` in ``dtype`` as integers of dtype ``keys``, -0.0 read as 0.0."""
+    return (chunk.to(dtype) + 0.0).view(keys)
 
 
 def _histogram(magnitudes: Sequence[Tensor], dtype: torch.dtype, keys: torch.dtype, shift: int, prefix: int | None) -> Tensor:
-    """Counts of the 16-bit digit at ``shift`` of the keys whose higher bits equal ``prefix`` (None: all)."""
-    counts = torch.zeros(_BUCKETS, dtype=torch.int64, device=magnitudes[0].device)
+    """Counts of the 16-bit digit at ``shift`` of the keys whose higher bits equal ``prefix`` (None: all).
+    The digits of consecutive chunks share a buffer of ``_CHUNK`` entries and one ``bincount``."""
+    device = magnitudes[0].device
+    counts = torch.zeros(_BUCKETS, dtype=torch.int64, device=device)
+    digits = torch.empty(_CHUNK, dtype=torch.int32 if keys == torch.int16 else keys, device=device)
+    size = 0
     for m in magnitudes:
         for _, chunk in _chunks(m):
             key = _keys(chunk, dtype, keys)
             if prefix is not None:
                 key = key[(key >> (shift + _DIGITS)) == prefix]
-            digits = key >> shift
-            counts += torch.bincount(digits.bitwise_and_(_BUCKETS - 1), minlength=_BUCKETS)
-    return counts
+            if size + len(key) > _CHUNK:
+                counts += torch.bincount(digits[:size], minlength=_BUCKETS)
+                size = 0
+            torch.bitwise_right_shift(key, shift, out=digits[size : size + len(key)]).bitwise_and_(_BUCKETS - 1)
+            size += len(key)
+    return counts + torch.bincount(digits[:size], minlength=_BUCKETS)
 
 
 def _check_keys(counts: Tensor, dtype: torch.dtype, keys: torch.dtype, width: int) -> None:
@@ -139,8 +152,9 @@ def _value(key: int, dtype: torch.dtype, keys: torch.dtype) -> float:
     return torch.tensor(key, dtype=keys).view(dtype).item()
 
 
-def _tie_counts(magnitudes: Sequence[Tensor], dtype: torch.dtype, keys: torch.dtype, value: int) -> Tensor:
-    """[largest local key below ``value`` (-1: none), count of keys equal to ``value`` in each layer]."""
+def _tie_counts(magnitudes: Sequence[Tensor], dtype: torch.dtype, keys: torch.dtype, value: int, largest_below: bool) -> Tensor:
+    """[largest local key below ``value`` (-1: none, or not ``largest_below``), count of keys equal to
+    ``value`` in each layer]."""
     device = magnitudes[0].device
     largest = torch.tensor(-1, dtype=torch.int64, device=device)
     counts = torch.zeros(len(magnitudes), dtype=torch.int64, device=device)
@@ -148,7 +162,8 @@ def _tie_counts(magnitudes: Sequence[Tensor], dtype: torch.dtype, keys: torch.dt
         for _, chunk in _chunks(m):
             key = _keys(chunk, dtype, keys)
             counts[i] += (key == value).sum()
-            largest = torch.maximum(largest, torch.where(key < value, key, -1).max())
+            if largest_below:
+                largest = torch.maximum(largest, torch.where(key < value, key, -1).max())
     return torch.cat([largest[None], counts])
 
 
@@ -166,7 +181,7 @@ def _tie_mask(m: Tensor, dtype: torch.dtype, keys: torch.dtype, value: int, take
     for start, chunk in _chunks(m):
         tied = _keys(chunk, dtype, keys) == value
         found = int(tied.sum())
-        if found >= take:
+        if found > take:
             tied &= tied.cumsum(0) <= take
         flat[start : start + len(tied)] = tied
         take -= found

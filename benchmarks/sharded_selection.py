@@ -1,0 +1,140 @@
+"""Exact global selection over sharded weights: ``select_sharded`` across gloo processes against the
+single-process ``select`` over one rank's share of the weights, CPU, one torch thread per rank.
+
+The script launches itself under ``torch.distributed.run`` with ``--nproc`` ranks. Every rank builds
+the same ``--layers`` float32 layers of |N(0, 1)| magnitudes (about ``--weights`` in all, from one
+seed) and keeps its FSDP2 shard of each (``torch.chunk`` along dim 0). Reported, over ``--repeats``
+timed calls after one warm-up: the median time of ``select_sharded`` (the slowest rank's median),
+the median time of ``select(shards, s, "global")`` on rank 0's shards alone (the same local work
+without communication), the collective rounds of one call (``torch.distributed.all_reduce`` and
+``all_gather`` wrapped to count their calls) and the passes over the local shards (entries read,
+counted by wrapping the module's key function, over the local entries). Before timing, every rank
+checks that its result equals ``select`` on the concatenation of all shards (the full weights).
+Memory is not measured.
+
+    python benchmarks/sharded_selection.py [--nproc 2] [--weights 25600000] [--layers 50]
+                                           [--sparsity 0.9] [--repeats 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+from sparsetrain import sharded_selection
+from sparsetrain.selection import select
+
+COLUMNS = 512
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--nproc", type=int, choices=(2, 4), default=2)
+    parser.add_argument("--weights", type=int, default=25_600_000)
+    parser.add_argument("--layers", type=int, default=50)
+    parser.add_argument("--sparsity", type=float, default=0.9)
+    parser.add_argument("--repeats", type=int, default=5)
+    return parser.parse_args()
+
+
+def full_layers(weights: int, layers: int) -> list[torch.Tensor]:
+    """``layers`` magnitude matrices of COLUMNS columns, row counts varying by +-1 around the mean."""
+    rows = max(2, round(weights / layers / COLUMNS))
+    gen = torch.Generator().manual_seed(0)
+    return [torch.randn(rows + i % 3 - 1, COLUMNS, generator=gen).abs() for i in range(layers)]
+
+
+def shard(layer: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+    """FSDP2's shard of ``layer``: torch.chunk along dim 0, empty for ranks left without rows."""
+    parts = torch.chunk(layer, world, dim=0)
+    return parts[rank] if rank < len(parts) else layer[len(layer) :]
+
+
+def counting() -> tuple[list[int], list[int]]:
+    """Wrap the collectives and the key function; return the [calls] and [entries read] counters."""
+    calls, read = [0], [0]
+
+    def count_calls(name: str) -> None:
+        call = getattr(dist, name)
+
+        def counted(*args, **kwargs):
+            calls[0] += 1
+            return call(*args, **kwargs)
+
+        setattr(dist, name, counted)
+
+    count_calls("all_reduce")
+    count_calls("all_gather")
+    keys = sharded_selection._keys
+
+    def counted_keys(chunk, *args):
+        read[0] += chunk.numel()
+        return keys(chunk, *args)
+
+    sharded_selection._keys = counted_keys
+    return calls, read
+
+
+def check(got, want, rank: int, world: int) -> None:
+    assert got.thresholds == want.thresholds, (got.thresholds[:1], want.thresholds[:1])
+    for mask, full in zip(got.ties, want.ties):
+        part = None if full is None else shard(full, rank, world)
+        part = part if part is not None and part.any() else None
+        assert (mask is None) == (part is None) and (mask is None or torch.equal(mask, part))
+
+
+def timed(call, repeats: int, barrier: bool) -> float:
+    call()  # warm-up
+    times = []
+    for _ in range(repeats):
+        if barrier:
+            dist.barrier()
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def worker(args: argparse.Namespace) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    layers = full_layers(args.weights, args.layers)
+    shards = [shard(layer, rank, world) for layer in layers]
+    total, local = sum(m.numel() for m in layers), sum(m.numel() for m in shards)
+
+    check(sharded_selection.select_sharded(shards, args.sparsity), select(layers, args.sparsity, "global"), rank, world)
+    del layers
+    sharded = timed(lambda: sharded_selection.select_sharded(shards, args.sparsity), args.repeats, barrier=True)
+    alone = timed(lambda: select(shards, args.sparsity, "global"), args.repeats, barrier=False) if rank == 0 else 0.0
+    slowest = torch.tensor(sharded)
+    dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
+    calls, read = counting()
+    sharded_selection.select_sharded(shards, args.sparsity)
+    if rank == 0:
+        print(f"{world} ranks, {total:,} float32 magnitudes in {args.layers} layers, {local:,} on rank 0, s = {args.sparsity}")
+        print("result equals select on the concatenated shards: yes (every rank)")
+        print(f"select_sharded                 median {slowest.item() * 1e3:8.1f} ms (slowest rank)")
+        print(f"select on rank 0's shards only median {alone * 1e3:8.1f} ms")
+        print(f"collective rounds per call: {calls[0]}; passes over rank 0's shards: {read[0] / local:.2f}")
+    dist.destroy_process_group()
+
+
+def main() -> None:
+    args = parse_args()
+    if "LOCAL_RANK" in os.environ:
+        worker(args)
+        return
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}", __file__, *sys.argv[1:]]
+    sys.exit(subprocess.run(command, check=False, env={**os.environ, "OMP_NUM_THREADS": "1"}).returncode)
+
+
+if __name__ == "__main__":
+    main()
