@@ -66,8 +66,8 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from ..messages import shown
-from ..nm import GroupSelector, has_groups, parse_nm, validate_nm
-from ..operators import Threshold, kept_mask, sparsify_ste, validate_p
+from ..nm import GroupSelector, has_groups, parse_nm, select_groups, validate_nm
+from ..operators import Threshold, kept_mask, sparsify_ste, threshold_operator, validate_p
 from ..prunable import PRUNABLE_TYPES, LayerType, choose_layers, out_in, stores_transposed, validate_types
 from ..schedules import (
     SCHEDULES,
@@ -78,7 +78,19 @@ from ..schedules import (
     validate_total_steps,
 )
 from ..selection import SCOPES, Selection, layer_sigma, prune_count, select
+from ..sharded_selection import select_sharded
 from .protocol import Method, check_finite
+from .sharding import (
+    any_rank,
+    channel_sums,
+    first_row,
+    global_ties,
+    is_sharded,
+    local_shard,
+    shard_group,
+    total,
+    unparametrize,
+)
 from .registry import Context, MethodSpec, register_method
 
 RESCALE_EPS = 1e-6
@@ -318,6 +330,13 @@ class SparseWeight(nn.Module):
         self.register_buffer("limit", torch.zeros(()), persistent=False)  # T as a tensor
         self.register_buffer("tie_value", torch.zeros(()), persistent=False)
         self.register_buffer("tie_count", torch.zeros((), dtype=torch.long), persistent=False)
+        # Under FSDP2 (see :mod:`.sharding`), set by the Sparsifier: the forward works on the unsharded weight.
+        self.sharded = False
+        self.groups: tuple[int, int] | None = None  # N:M: (k, m), the groups selected inside the forward
+        self.transposed = False  # the weight is stored (in, out)
+        self.rescaled = False  # ST-3's rescale, computed inside the forward
+        self.frozen = False  # the fixed-mask phase: the pruned weights are kept at exact zeros
+        self.shard_mask: Tensor | None = None  # then the kept entries of this rank's shard
         self._prepared: tuple[int, Tensor] | None = None  # (version of w, forward weight)
         self._scratch: Tensor | None = None  # |w * n|, reused from step to step
         self._scratch_version: int | None = None  # the version of w it holds, until a forward spends it
@@ -327,8 +346,9 @@ class SparseWeight(nn.Module):
         return w if self.norm == 1.0 else w * self.norm
 
     @torch.no_grad()
-    def choose(self, threshold: Threshold, ties: Tensor | None, w: Tensor) -> None:
-        """Set T and the pruned ties for weight ``w``, with their tensor forms for compiled graphs."""
+    def choose(self, threshold: Threshold, ties: Tensor | None, w: Tensor, span: tuple[float, int] | None = None) -> None:
+        """Set T and the pruned ties for weight ``w``, with their tensor forms for compiled graphs
+        (``span``: the tie value and count of a sharded weight, which its local ties cannot tell)."""
         self.threshold, self.ties = threshold, ties
         if isinstance(threshold, Tensor):
             self.limit = threshold
@@ -339,6 +359,10 @@ class SparseWeight(nn.Module):
         if self.tie_value.dtype != w.dtype or self.tie_value.device != w.device:
             self.tie_value = torch.zeros((), dtype=w.dtype, device=w.device)
             self.tie_count = torch.zeros((), dtype=torch.long, device=w.device)
+        if span is not None:
+            self.tie_value.fill_(span[0])
+            self.tie_count.fill_(span[1])
+            return
         if ties is None:
             self.tie_count.zero_()
             return
@@ -380,6 +404,8 @@ class SparseWeight(nn.Module):
             return w * self.mask
         # the decay acts on w * n, so lambda / n^2 gives lambda * (1 - E) * w on w
         decay = self.decay / self.norm**2
+        if self.sharded:
+            return self._forward_unsharded(w, decay)
         if torch.compiler.is_compiling():
             scaled = self.normalised(w)
             index = torch.arange(scaled.numel(), device=scaled.device).view(scaled.shape)
@@ -392,12 +418,42 @@ class SparseWeight(nn.Module):
                                decay, self._spend_magnitude(w))
         return out if self.norm == 1.0 else out / self.norm
 
+    def _forward_unsharded(self, w: Tensor, decay: float) -> Tensor:
+        """The forward of an FSDP2-sharded weight, on its unsharded value inside the layer's forward:
+        the N:M groups, the pruned ties and ST-3's rescale are computed here from w itself."""
+        if self.frozen:
+            return w * (w != 0)
+        scaled = self.normalised(w)
+        with torch.no_grad():
+            magnitude = scaled.abs()
+            if self.groups is not None:
+                k, m = self.groups
+                chosen = select_groups([out_in(magnitude, self.transposed)], k, m)
+                threshold, ties = (_stored(value[0], self.transposed) for value in (chosen.thresholds, chosen.ties))
+            else:
+                threshold, ties = self.threshold, None
+                if int(self.tie_count):
+                    index = torch.arange(w.numel(), device=w.device).view(w.shape)
+                    ties = (magnitude == self.tie_value) & (index < self.tie_count)
+            rescale = None
+            if self.rescaled:
+                kept = kept_mask(scaled, threshold, ties, magnitude)
+                plain = magnitude if self.norm == 1.0 else w.abs()
+                rescale = out_in(st3_rescale(out_in(plain, self.transposed), out_in(kept, self.transposed)), self.transposed)
+        out = sparsify_ste(scaled, threshold, self.p, self.theta, rescale, ties, decay, magnitude)
+        return out if self.norm == 1.0 else out / self.norm
+
     def zeros(self, w: Tensor) -> int:
         """How many entries of the forward weight are pruned: |w * n| <= T, or a pruned tie; once
         fixed, outside the mask."""
         if self.mask is not None:
             return int((~self.mask).sum())
         return int((~kept_mask(self.normalised(w), self.threshold, self.ties)).sum())
+
+
+def _weight_of(module: nn.Module) -> Tensor:
+    """The dense weight w of a layer: the original under its parametrization, once removed the weight."""
+    return module.parametrizations["weight"].original if parametrize.is_parametrized(module, "weight") else module.weight
 
 
 def _fits(buffer: Tensor | None, w: Tensor) -> bool:
@@ -474,6 +530,10 @@ class Sparsifier(Method):
                              f"{kinds} layer of at least {min_size} weights not left dense (left dense: {dense}).")
         if any(parametrize.is_parametrized(module, "weight") for _, module in layers):
             raise ValueError("the model's weights are already parametrized; allowed: a model not yet attached to a method.")
+        sharded = [name for name, module in layers if is_sharded(module.weight)]
+        if sharded:
+            raise ValueError(f"layer {sharded[0]!r} is already sharded by fully_shard; allowed: create() first, then "
+                             "fully_shard, then the optimizer, then bind().")
         self.model = model
         self.excluded: list[tuple[str, str]] = list(choice.dense)
         self._modules = [module for _, module in layers]
@@ -481,14 +541,14 @@ class Sparsifier(Method):
         first: dict[int, int] = {}
         self._owner: list[int] = []  # for each layer, the index of its weight
         self.names: list[str] = []
-        self._weights: list[Tensor] = []
+        self._holders: list[nn.Module] = []  # for each weight, the first layer holding it
         self._transposed: list[bool] = []  # stored (in, out): N:M groups and rescale read it transposed
         for name, module in layers:
             key = id(module.weight)
             if key not in first:
-                first[key] = len(self._weights)
+                first[key] = len(self._holders)
                 self.names.append(name)
-                self._weights.append(module.weight)
+                self._holders.append(module)
                 self._transposed.append(stores_transposed(module))
             self._owner.append(first[key])
         self._params: list[SparseWeight] = []
@@ -503,6 +563,12 @@ class Sparsifier(Method):
         self.refresh()
 
     # -- reading the state -------------------------------------------------------------
+
+    @property
+    def _weights(self) -> list[Tensor]:
+        """Each distinct prunable weight as its layer holds it now (FSDP2's ``fully_shard`` replaces
+        the Parameters by sharded ones after ``create()``)."""
+        return [_weight_of(module) for module in self._holders]
 
     @property
     def method(self) -> str:
@@ -562,10 +628,25 @@ class Sparsifier(Method):
     def layer_stats(self) -> list[tuple[str, int, int]]:
         """(name, size, zeros in the forward weight) of each distinct prunable weight; after
         ``finalize()``, the zeros of the baked weight."""
+        weights = self._weights
+        group = shard_group(weights, self.names)
         with torch.no_grad():
+            if group is not None:
+                zeros = total([self._local_zeros(p, local_shard(w), t) for p, w, t in
+                               zip(self._params, weights, self._transposed)], group)
+                return [(n, w.numel(), z) for n, w, z in zip(self.names, weights, zeros)]
             if self._finalized:
-                return [(n, w.numel(), int((w == 0).sum())) for n, w in zip(self.names, self._weights)]
-            return [(n, w.numel(), p.zeros(w)) for n, p, w in zip(self.names, self._params, self._weights)]
+                return [(n, w.numel(), int((w == 0).sum())) for n, w in zip(self.names, weights)]
+            return [(n, w.numel(), p.zeros(w)) for n, p, w in zip(self.names, self._params, weights)]
+
+    def _local_zeros(self, param: SparseWeight, shard: Tensor, transposed: bool) -> int:
+        """Entries of this rank's shard that the forward prunes (sharded weights)."""
+        if self._finalized or param.frozen:
+            return int((shard == 0).sum())
+        if param.groups is not None:
+            threshold, ties = self._local_groups(param, shard, transposed)
+            return int((~kept_mask(shard, threshold, ties)).sum())
+        return int((~kept_mask(param.normalised(shard), param.threshold, param.ties)).sum())
 
     def metrics(self) -> dict[str, float]:
         values = {"sparsity": self.sparsity()}
@@ -580,25 +661,38 @@ class Sparsifier(Method):
         The layers then find theirs ready (computed lazily inside the forward, between the
         convolutions, the same work took several times as long on CPU). Not in a compiled graph,
         where the compiler fuses each layer's work."""
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() or self._params[0].sharded:
             return
-        for param, w in zip(self._params, self._weights):
+        weights = self._weights
+        if is_sharded(weights[0]):
+            raise RuntimeError("the model was sharded by fully_shard after create(), but bind() has not seen it; "
+                               "allowed: bind(optimizer) after fully_shard and before the first forward.")
+        for param, w in zip(self._params, weights):
             param.prepare(w)
 
     def _release(self, model: nn.Module, args: Any, output: Any) -> None:
         """After the model's forward, even one that raised: the prepared weights are dropped (the
         graph keeps what the backward needs)."""
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() or self._params[0].sharded:
             return
         for param in self._params:
             param.release()
 
     # -- changing the state ------------------------------------------------------------
 
+    def bind(self, optimizer: torch.optim.Optimizer) -> None:
+        """Remember the optimizer; if FSDP2 has sharded the weights since ``create()``, take over
+        the sharded weights: thresholds selected again across the shards (the same values)."""
+        super().bind(optimizer)
+        weights = self._weights
+        group = shard_group(weights, self.names)
+        if group is not None and not self.fixed:
+            self._reselect_sharded(self.target, weights, group)
+
     @property
     def fixed(self) -> bool:
         """Whether the fixed-mask phase has begun."""
-        return self._params[0].mask is not None
+        return self._params[0].mask is not None or self._params[0].frozen
 
     def step(self) -> bool:
         """Advance t by one and recompute thresholds (and rescales) from the current weights when t
@@ -607,6 +701,7 @@ class Sparsifier(Method):
         self._check_attached()
         self._step += 1
         if self.fixed:
+            self._zero_pruned_shards()
             return False
         if self.fix_step is not None and self._step >= self.fix_step:
             self._reselect(self.schedule.sparsity_at(self._step))
@@ -615,8 +710,22 @@ class Sparsifier(Method):
             self.refresh()
         return False
 
+    @torch.no_grad()
+    def _zero_pruned_shards(self) -> None:
+        """Sharded weights in the fixed-mask phase: the optimizer's momentum may have moved pruned
+        entries; they are set back to 0 (the forward reads the mask off the zeros)."""
+        for param, w in zip(self._params, self._weights):
+            if param.shard_mask is not None:
+                local_shard(w).mul_(param.shard_mask)
+
     def _fix(self) -> None:
         """w <- a * P_p(w; T) and M <- 1[w kept], for good."""
+        group = shard_group(self._weights, self.names)
+        if group is not None:
+            self._bake_shards(group)
+            for param, w in zip(self._params, self._weights):
+                param.frozen, param.shard_mask = True, local_shard(w) != 0
+            return
         with torch.no_grad():
             for param, w in zip(self._params, self._weights):
                 value = param(w)
@@ -632,6 +741,11 @@ class Sparsifier(Method):
 
     def _reselect(self, sparsity: float) -> None:
         """Thresholds, ties and rescales that make the current weights exactly ``sparsity`` sparse."""
+        weights = self._weights
+        group = shard_group(weights, self.names)
+        if group is not None:
+            self._reselect_sharded(sparsity, weights, group)
+            return
         with torch.no_grad():
             magnitudes = [param.magnitude(w) for param, w in zip(self._params, self._weights)]
             check_finite(magnitudes, self.names, "layer", "weight", self._step)
@@ -645,6 +759,81 @@ class Sparsifier(Method):
                     magnitude = w.abs() if param.norm != 1.0 else mag
                     rescale = st3_rescale(out_in(magnitude, transposed), out_in(kept, transposed))
                     param.rescale = out_in(rescale, transposed)  # per output channel, in w's layout
+
+    @torch.no_grad()
+    def _reselect_sharded(self, sparsity: float, weights: Sequence[Tensor], group: dist.ProcessGroup) -> None:
+        """:meth:`_reselect` for weights sharded by FSDP2: the threshold of the scope selected over every
+        rank's shards, equal on every rank; N:M groups and ST-3's rescale are left to the forward."""
+        config = self.config
+        if config.update_every > 1 and (config.scope == "nm" or config.rescale):
+            raise ValueError(f"update_every={config.update_every} with {self.name!r} under FSDP is not supported; "
+                             "allowed: update_every=1 (its N:M groups and rescale are computed in every forward).")
+        shards = [local_shard(w) for w in weights]
+        for param, transposed in zip(self._params, self._transposed):
+            param.sharded, param.transposed, param.rescaled = True, transposed, config.rescale
+        if config.scope == "nm":
+            for name, w, transposed in zip(self.names, weights, self._transposed):
+                rows = -(-w.shape[0] // w.device_mesh.size())
+                if transposed and has_groups(out_in(w, True).shape, config.m) and rows % config.m:
+                    raise ValueError(f"layer {name!r} (stored (in, out)) has {rows} input rows per shard, so groups of "
+                                     f"{config.m} straddle the shards; allowed: a rank count that splits its "
+                                     f"{w.shape[0]} rows into multiples of {config.m}.")
+            for param in self._params:
+                param.groups = (prune_count(sparsity, config.m), config.m)
+            return
+        magnitudes = [param.normalised(shard).abs() for param, shard in zip(self._params, shards)]
+        broken = any_rank([not bool(torch.isfinite(m).all()) for m in magnitudes], group)
+        if any(broken):
+            name = self.names[broken.index(True)]
+            raise FloatingPointError(f"layer {name!r} has a NaN or infinite weight at step {self._step}; "
+                                     "allowed: finite weights (lower the learning rate or clip gradients).")
+        if config.scope == "layer":
+            parts = [select_sharded([m], sparsity, group) for m in magnitudes]
+            chosen = Selection([p.thresholds[0] for p in parts], [p.ties[0] for p in parts])
+            spans = [global_ties([m], [t], [w], group) for m, t, w in zip(magnitudes, chosen.ties, weights)]
+            spans = [(value, ends[0]) for value, ends in spans]
+        else:
+            chosen = select_sharded(magnitudes, sparsity, group)
+            value, ends = global_ties(magnitudes, chosen.ties, weights, group)
+            spans = [(value, end) for end in ends]
+        for param, shard, threshold, ties, span in zip(self._params, shards, chosen.thresholds, chosen.ties, spans):
+            param.choose(threshold, ties, shard, span)
+
+    def _local_groups(self, param: SparseWeight, shard: Tensor, transposed: bool) -> tuple[Threshold, Tensor | None]:
+        """The N:M thresholds and ties of this rank's shard (its groups lie within it)."""
+        chosen = select_groups([out_in(shard.abs(), transposed)], *param.groups)
+        return _stored(chosen.thresholds[0], transposed), _stored(chosen.ties[0], transposed)
+
+    @torch.no_grad()
+    def _bake_shards(self, group: dist.ProcessGroup) -> None:
+        """Write a * P_p(w; T) into every rank's shard of every weight (sharded weights)."""
+        for param, w, transposed in zip(self._params, self._weights, self._transposed):
+            shard = local_shard(w)
+            if param.groups is not None:
+                threshold, ties = self._local_groups(param, shard, transposed)
+            else:
+                threshold, ties = param.threshold, param.ties
+            scaled = param.normalised(shard)
+            value = threshold_operator(scaled, threshold, param.p)
+            if ties is not None:
+                value = value * ~ties
+            if param.rescaled:
+                value = value * self._shard_rescale(w, shard, kept_mask(scaled, threshold, ties), transposed, group)
+            shard.copy_(value if param.norm == 1.0 else value / param.norm)
+
+    @staticmethod
+    def _shard_rescale(w: Tensor, shard: Tensor, kept: Tensor, transposed: bool, group: dist.ProcessGroup) -> Tensor:
+        """ST-3's a_c (:func:`st3_rescale`) of the full weight's output channels, shaped to broadcast
+        over this rank's shard."""
+        magnitude = shard.abs()
+        per_channel = w.numel() // (w.shape[1] if transposed else w.shape[0])
+        kept_sum = channel_sums(magnitude * kept, w, transposed, group) / per_channel
+        all_sum = channel_sums(magnitude, w, transposed, group) / per_channel
+        rescale = 1.01 / ((kept_sum + RESCALE_EPS) / (all_sum + RESCALE_EPS) + 0.01)
+        if transposed:
+            return rescale.view(1, -1)
+        start = first_row(w)
+        return rescale[start : start + shard.shape[0]].view(-1, *([1] * (shard.dim() - 1)))
 
     def _select(self, magnitudes: Sequence[Tensor], sparsity: float) -> Selection:
         """Thresholds and tie masks for ``sparsity``: one selection over the scope, or one per N:M group
@@ -670,6 +859,14 @@ class Sparsifier(Method):
             self._reselect(self.schedule.sparsity_at(self._step))
         for hook in self._hooks:
             hook.remove()
+        group = shard_group(self._weights, self.names)
+        if group is not None:
+            if not self.fixed:
+                self._bake_shards(group)
+            for module in self._modules:
+                unparametrize(self.model, module)
+            self._finalized = True
+            return self.model
         baked: set[int] = set()
         with torch.no_grad():
             for module, owner in zip(self._modules, self._owner):

@@ -1,0 +1,111 @@
+"""One rank of tests/methods/test_fsdp.py: every case of CASES on models sharded by FSDP2's fully_shard
+(create(), then fully_shard on every prunable layer and the root, then the optimizer, then bind()).
+
+Each rank writes, per case, what the test checks: at every step the method's threshold and the one
+``select`` gives on the gathered weights at the method's target, the gathered finalized weights, and
+whether the finalized model still trains.
+
+    python -m torch.distributed.run --standalone --nproc_per_node=N tests/methods/fsdp_run.py OUT
+"""
+
+import json
+import sys
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.distributed.fsdp import fully_shard
+
+import sparsetrain as st
+from sparsetrain.selection import layer_sigma, select
+
+STEPS = 8
+CASES = [  # (name, model, method, options, tied)
+    ("mlp-feather", "mlp", "feather", {"sparsity": 0.8}, False),
+    ("mlp-st3-sigma", "mlp", "st3-sigma", {"sparsity": 0.8}, False),
+    ("mlp-gmp", "mlp", "gmp", {"sparsity": 0.8}, False),
+    ("mlp-sr-ste", "mlp", "sr-ste", {}, False),
+    ("mlp-feather-nm", "mlp", "feather-nm", {}, False),
+    ("cnn-feather", "cnn", "feather", {"sparsity": 0.9}, False),
+    ("cnn-st3", "cnn", "st3", {"sparsity": 0.9}, False),
+    ("cnn-sr-ste", "cnn", "sr-ste", {}, False),
+    ("tied-feather", "mlp", "feather", {"sparsity": 0.6, "start": 2}, True),
+    ("tied-st3-sigma", "mlp", "st3-sigma", {"sparsity": 0.6, "start": 2}, True),
+]
+
+
+def mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(32, 52), nn.ReLU(), nn.Linear(52, 47), nn.ReLU(), nn.Linear(47, 12))
+
+
+class CNN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 20, 3, padding=1)
+        self.fc = nn.Linear(20, 12)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.conv2(F.relu(self.conv1(x))))
+        return self.fc(x.mean((2, 3)))
+
+
+def batch(model_name: str, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    x = torch.randn(8, 32, generator=gen) if model_name == "mlp" else torch.randn(4, 3, 8, 8, generator=gen)
+    return x, torch.randint(0, 12, (len(x),), generator=gen)
+
+
+def run(name: str, model_name: str, method: str, options: dict, tied: bool, rank: int) -> dict:
+    torch.manual_seed(0)
+    model = mlp() if model_name == "mlp" else CNN()
+    if tied:  # magnitudes on a grid of 1/32, kept there (lr 0): ties straddle the k-th position across shards
+        with torch.no_grad():
+            for p in model.parameters():
+                p.copy_((p * 32).round() / 32)
+    method_object = st.create(model, method, total_steps=STEPS, **options)
+    for module in model.modules():
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            fully_shard(module)
+    fully_shard(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0 if tied else 0.05, momentum=0.9)
+    method_object.bind(optimizer)
+    gen = torch.Generator().manual_seed(100 + rank)  # each rank its own data, as in data-parallel training
+    thresholds, tie_steps = [], 0
+    for _ in range(STEPS):
+        x, y = batch(model_name, gen)
+        loss = F.cross_entropy(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        method_object.before_optimizer_step()
+        optimizer.step()
+        method_object.step()
+        if method_object.config.scope in ("global", "sigma") and not method_object.fixed:
+            full = [w.full_tensor() for w in method_object.dense_weights()]
+            norms = [1.0 / layer_sigma(w.shape) if method_object.config.scope == "sigma" else 1.0 for w in full]
+            expected = select([w.abs() * n for w, n in zip(full, norms)], method_object.target, "global")
+            thresholds.append([method_object.threshold, expected.thresholds[0]])
+            tie_steps += any(t is not None for t in expected.ties)
+    sparsity = method_object.sparsity()
+    finalized = method_object.finalize()
+    weights = {key: p.full_tensor() for key, p in finalized.named_parameters()}
+    torch.save(weights, f"{sys.argv[1]}/{name}-rank{rank}.pt")
+    x, y = batch(model_name, gen)  # the finalized model is an ordinary FSDP model: it still trains
+    loss = F.cross_entropy(finalized(x), y)
+    loss.backward()
+    return {"thresholds": thresholds, "tie_steps": tie_steps, "sparsity": sparsity, "target": method_object.schedule.final,
+            "n": method_object.numel(), "layers": [n for n, _, _ in method_object.layer_stats()],
+            "trains": bool(torch.isfinite(loss)) and all(p.grad is not None for p in finalized.parameters()),
+            "classes": sorted({type(m).__name__ for m in finalized.modules()})}
+
+
+def main() -> None:
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    report = {name: run(name, *case, rank) for name, *case in CASES}
+    with open(f"{sys.argv[1]}/report-rank{rank}.json", "w") as f:
+        json.dump(report, f)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,79 @@
+"""Unstructured and N:M presets on models sharded by FSDP2 (``fully_shard``) over 2 and 3 real gloo
+processes: the threshold equals, bit for bit, the k-th magnitude of the gathered weights at every step
+(ties across shards included), the ranks end identical, the finalized model holds exactly round(s*N)
+zeros (or the N:M pattern) and still trains as an ordinary FSDP model; the wrong order is refused."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import sparsetrain as st
+from sparsetrain.nm import to_groups
+
+RUN = Path(__file__).with_name("fsdp_run.py")
+
+
+@pytest.fixture(scope="module", params=[2, 3])
+def ranks(request, tmp_path_factory):
+    """Every case of fsdp_run.py on ``request.param`` ranks: (reports, weights) per rank."""
+    out = tmp_path_factory.mktemp(f"fsdp{request.param}")
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           f"--nproc_per_node={request.param}", str(RUN), str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    reports = [json.loads((out / f"report-rank{r}.json").read_text()) for r in range(request.param)]
+    weights = [{name: torch.load(out / f"{name}-rank{r}.pt") for name in reports[0]} for r in range(request.param)]
+    return reports, weights
+
+
+@pytest.mark.slow
+def test_every_threshold_is_the_kth_magnitude_of_the_gathered_weights(ranks):
+    reports, _ = ranks
+    for report in reports:
+        for name, case in report.items():
+            if "nm" in name or "sr-ste" in name:
+                continue
+            assert len(case["thresholds"]) >= 6, name  # every step before a fixed mask
+            assert all(mine == expected for mine, expected in case["thresholds"]), name
+        assert report["tied-feather"]["tie_steps"] >= 4 and report["tied-st3-sigma"]["tie_steps"] >= 2
+
+
+@pytest.mark.slow
+def test_finalized_weights_are_identical_on_every_rank_and_exactly_sparse(ranks):
+    reports, weights = ranks
+    for name, case in reports[0].items():
+        for other in weights[1:]:
+            assert all(torch.equal(other[name][key], value) for key, value in weights[0][name].items()), name
+        layers = [weights[0][name][f"{layer}.weight"] for layer in case["layers"]]
+        if "sr-ste" in name or "nm" in name:  # 2:4 along the input dimension wherever it has groups of 4
+            grouped = [w for w in layers if w.shape[1] % 4 == 0]
+            assert grouped and all(bool(((to_groups(w, 4) == 0).sum(-1) == 2).all()) for w in grouped), name
+        else:
+            assert sum(int((w == 0).sum()) for w in layers) == round(case["target"] * case["n"]), name
+        assert case["trains"], name
+        assert not any("Parametrized" in cls for cls in case["classes"]) and any("FSDP" in c for c in case["classes"])
+
+
+def test_the_wrong_order_is_refused_in_one_sentence(tmp_path):
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        sharded_first = nn.Sequential(nn.Linear(8, 8))
+        fully_shard(sharded_first)
+        with pytest.raises(ValueError, match=r"layer '0' is already sharded by fully_shard; allowed: create\(\) first"):
+            st.create(sharded_first, "feather", sparsity=0.5, total_steps=4)
+        unbound = nn.Sequential(nn.Linear(8, 8))
+        st.create(unbound, "feather", sparsity=0.5, total_steps=4)
+        fully_shard(unbound[0])
+        fully_shard(unbound)
+        with pytest.raises(RuntimeError, match=r"bind\(\) has not seen it; allowed: bind\(optimizer\) after fully_shard"):
+            unbound(torch.randn(2, 8))
+    finally:
+        dist.destroy_process_group()
