@@ -77,3 +77,23 @@ def test_the_wrong_order_is_refused_in_one_sentence(tmp_path):
             unbound(torch.randn(2, 8))
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("method", ["gdp", "frs"])
+def test_channel_pruning_under_fsdp_is_refused_naming_ddp(tmp_path, method):
+    from torch.distributed.fsdp import fully_shard
+
+    from sparsetrain.models import create_model
+
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        model = create_model("resnet20", width=0.25)
+        images = torch.randn(4, 3, 32, 32)
+        extra = {"data": [(images, torch.zeros(4, dtype=torch.long))]} if method == "frs" else {}
+        created = st.create(model, method, total_steps=10, example_inputs=images, **extra)
+        fully_shard(model)
+        with pytest.raises(ValueError, match=rf"{method} removes channels, which parameters sharded by FSDP \(fully_shard\) "
+                                             r"cannot follow; allowed: DDP"):
+            created.bind(torch.optim.SGD(model.parameters(), lr=0.1))
+    finally:
+        dist.destroy_process_group()

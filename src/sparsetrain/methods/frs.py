@@ -327,6 +327,7 @@ class FRS(Method):
     """
 
     name = "frs"
+    removes_channels = True
 
     def __init__(
         self,

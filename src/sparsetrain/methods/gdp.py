@@ -249,6 +249,7 @@ class GDP(Method):
     """
 
     name = "gdp"
+    removes_channels = True
 
     def __init__(
         self,

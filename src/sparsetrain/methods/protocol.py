@@ -26,6 +26,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
+from torch.distributed.tensor import DTensor
 from torch import Tensor, nn
 
 from ..messages import shown
@@ -48,6 +49,7 @@ class Method(ABC):
 
     name: str
     model: nn.Module
+    removes_channels = False  # the model's parameters change shape: no FSDP (fully_shard)
 
     def __init__(self) -> None:
         self.optimizer: torch.optim.Optimizer | None = None
@@ -100,11 +102,15 @@ class Method(ABC):
     def _check_optimizer(self, optimizer: object) -> None:
         """TypeError unless ``optimizer`` is a torch optimizer; ValueError if it holds a tensor that
         is not a parameter of the model, or a parameter twice (a subset, e.g. frozen layers left
-        out, is fine). Methods with more to check extend this."""
+        out, is fine), or if the method removes channels and FSDP has sharded the model. Methods
+        with more to check extend this."""
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer={shown(optimizer)} is not allowed; allowed: a torch.optim.Optimizer "
                             "over the model's parameters.")
         names = {id(p): name for name, p in self.model.named_parameters()}
+        if self.removes_channels and any(isinstance(p, DTensor) for p in self.model.parameters()):
+            raise ValueError(f"{self.name} removes channels, which parameters sharded by FSDP (fully_shard) cannot "
+                             "follow; allowed: DDP (torchrun, one model replica per process) or a single process.")
         seen: set[int] = set()
         for index, group in enumerate(optimizer.param_groups):
             for p in group["params"]:
