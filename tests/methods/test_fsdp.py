@@ -97,3 +97,42 @@ def test_channel_pruning_under_fsdp_is_refused_naming_ddp(tmp_path, method):
             created.bind(torch.optim.SGD(model.parameters(), lr=0.1))
     finally:
         dist.destroy_process_group()
+
+
+RESUME = Path(__file__).with_name("fsdp_resume.py")
+RESUMED = ["feather", "st3-sigma", "sr-ste"]
+
+
+def launch(ranks, out, phase):
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
+                           str(RESUME), str(out), phase, ",".join(RESUMED)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_a_run_killed_and_resumed_through_distributed_checkpoint(tmp_path):
+    """Same world size: the resumed run ends identical to the one never killed. 2 -> 3 processes: the
+    resumed method holds the saved thresholds and sparsity at the saved step, and finishes exactly sparse."""
+    for method in RESUMED:
+        (tmp_path / "same" / method).mkdir(parents=True)
+        (tmp_path / "wider" / method).mkdir(parents=True)
+    for phase in ("whole", "first", "rest"):
+        launch(2, tmp_path / "same", phase)
+    launch(2, tmp_path / "wider", "first")
+    launch(3, tmp_path / "wider", "rest")
+    for method in RESUMED:
+        same, wider = tmp_path / "same" / method, tmp_path / "wider" / method
+        for rank in (0, 1):
+            whole, resumed = torch.load(same / f"whole-rank{rank}.pt"), torch.load(same / f"rest-rank{rank}.pt")
+            assert all(torch.equal(whole[key], resumed[key]) for key in whole), method
+        saved = json.loads((wider / "first-rank0.json").read_text())["saved"]
+        for rank in range(3):
+            assert json.loads((wider / f"rest-rank{rank}.json").read_text())["loaded"] == saved, method
+        assert saved["step"] == 4 and (saved["thresholds"] or method == "sr-ste")
+        final = torch.load(wider / "rest-rank2.pt")
+        layers = [final[f"{i}.weight"] for i in (0, 2, 4)]
+        if method == "sr-ste":
+            assert all(bool(((to_groups(w, 4) == 0).sum(-1) == 2).all()) for w in layers)
+        else:
+            n = sum(w.numel() for w in layers)
+            assert sum(int((w == 0).sum()) for w in layers) == round(0.8 * n), method

@@ -778,8 +778,9 @@ class Sparsifier(Method):
                     raise ValueError(f"layer {name!r} (stored (in, out)) has {rows} input rows per shard, so groups of "
                                      f"{config.m} straddle the shards; allowed: a rank count that splits its "
                                      f"{w.shape[0]} rows into multiples of {config.m}.")
-            for param in self._params:
+            for param, shard in zip(self._params, shards):
                 param.groups = (prune_count(sparsity, config.m), config.m)
+                param.choose(0.0, None, shard)  # no threshold tensor as large as the weight kept
             return
         magnitudes = [param.normalised(shard).abs() for param, shard in zip(self._params, shards)]
         broken = any_rank([not bool(torch.isfinite(m).all()) for m in magnitudes], group)
@@ -790,14 +791,21 @@ class Sparsifier(Method):
         if config.scope == "layer":
             parts = [select_sharded([m], sparsity, group) for m in magnitudes]
             chosen = Selection([p.thresholds[0] for p in parts], [p.ties[0] for p in parts])
-            spans = [global_ties([m], [t], [w], group) for m, t, w in zip(magnitudes, chosen.ties, weights)]
-            spans = [(value, ends[0]) for value, ends in spans]
         else:
             chosen = select_sharded(magnitudes, sparsity, group)
-            value, ends = global_ties(magnitudes, chosen.ties, weights, group)
-            spans = [(value, end) for end in ends]
+        spans = self._spans(magnitudes, chosen.ties, weights, group)
         for param, shard, threshold, ties, span in zip(self._params, shards, chosen.thresholds, chosen.ties, spans):
             param.choose(threshold, ties, shard, span)
+
+    def _spans(self, magnitudes: Sequence[Tensor], ties: Sequence[Tensor | None], weights: Sequence[Tensor],
+               group: dist.ProcessGroup) -> list[tuple[float, int]]:
+        """Each weight's (tie value, end of its pruned ties in the full weight) from the local tie masks
+        (one tie value for a shared threshold, one per layer for scope "layer")."""
+        if self.config.scope == "layer":
+            return [(value, ends[0]) for value, ends in
+                    (global_ties([m], [t], [w], group) for m, t, w in zip(magnitudes, ties, weights))]
+        value, ends = global_ties(magnitudes, ties, weights, group)
+        return [(value, end) for end in ends]
 
     def _local_groups(self, param: SparseWeight, shard: Tensor, transposed: bool) -> tuple[Threshold, Tensor | None]:
         """The N:M thresholds and ties of this rank's shard (its groups lie within it)."""
@@ -879,16 +887,21 @@ class Sparsifier(Method):
 
     def state_dict(self) -> dict[str, Any]:
         """Step, thresholds, tie masks, rescales and fixed masks: everything needed to resume
-        mid-schedule, with the settings they belong to."""
+        mid-schedule, with the settings they belong to. Under FSDP the same on every rank, whatever
+        their number (for ``torch.distributed.checkpoint``): the ties as ``{"value", "end"}`` (the
+        tie value and the end of the pruned ties in the full weight's flat order), no rescales or
+        masks (the forward computes the rescale; the fixed phase keeps the pruned weights at 0)."""
+        sharded = self._params[0].sharded
         return {
             "method": self.name,
             "settings": self._settings(),
             "step": self._step,
             "layers": list(self.names),
             "thresholds": [_copy(param.threshold) for param in self._params],
-            "ties": [None if param.ties is None else param.ties.clone() for param in self._params],
-            "rescale": [None if param.rescale is None else param.rescale.clone() for param in self._params],
-            "masks": [None if param.mask is None else param.mask.clone() for param in self._params],
+            "ties": [_span_of(param) if sharded else None if param.ties is None else param.ties.clone()
+                     for param in self._params],
+            "rescale": [None if sharded or param.rescale is None else param.rescale.clone() for param in self._params],
+            "masks": [None if sharded or param.mask is None else param.mask.clone() for param in self._params],
         }
 
     def _check_model(self, state: Mapping[str, Any]) -> None:
@@ -918,13 +931,62 @@ class Sparsifier(Method):
                     raise ValueError(f"the saved {key} of layer {name!r} has shape {tuple(value.shape)}; "
                                      f"allowed: the weight's {tuple(w.shape)}.")
         self._step = int(state["step"])
+        weights = self._weights
+        group = shard_group(weights, self.names)
+        if group is not None:
+            self._load_sharded(thresholds, state["ties"], weights, group)
+            return
+        fixed = self.fix_step is not None and self._step >= self.fix_step
         for param, w, threshold, ties, rescale, mask in zip(
-            self._params, self._weights, thresholds, state["ties"], state["rescale"], state["masks"]
+            self._params, weights, thresholds, state["ties"], state["rescale"], state["masks"]
         ):
+            if isinstance(ties, Mapping):  # saved under FSDP
+                ties = _span_mask(param.magnitude(w), ties["value"], ties["end"], 0)
             param.choose(threshold.to(w.device, w.dtype) if isinstance(threshold, Tensor) else threshold,
                          None if ties is None else ties.to(w.device).bool(), w)
             param.rescale = None if rescale is None else rescale.to(w.device)
             param.mask = None if mask is None else mask.to(w.device).bool()
+            if fixed and param.mask is None:  # saved under FSDP: the pruned weights are zeros
+                param.mask = w != 0
+        if self.config.rescale and not fixed and self._params[0].rescale is None:
+            self._rescale_all()
+
+    @torch.no_grad()
+    def _rescale_all(self) -> None:
+        """ST-3's rescale of every weight from its current thresholds and ties."""
+        for param, w, transposed in zip(self._params, self._weights, self._transposed):
+            kept = kept_mask(param.normalised(w), param.threshold, param.ties)
+            param.rescale = out_in(st3_rescale(out_in(w.abs(), transposed), out_in(kept, transposed)), transposed)
+
+    @torch.no_grad()
+    def _load_sharded(self, thresholds: Sequence[Threshold], ties: Sequence[Any], weights: Sequence[Tensor],
+                      group: dist.ProcessGroup) -> None:
+        """:meth:`load_state_dict` on sharded weights (from a state saved under FSDP on any number of
+        ranks, or without FSDP)."""
+        shards = [local_shard(w) for w in weights]
+        for param, transposed in zip(self._params, self._transposed):
+            param.sharded, param.transposed, param.rescaled = True, transposed, self.config.rescale
+        if self.fix_step is not None and self._step >= self.fix_step:
+            for param, shard in zip(self._params, shards):
+                param.frozen, param.shard_mask = True, shard != 0
+            return
+        if self.config.scope == "nm":
+            self._reselect_sharded(self.target, weights, group)  # the groups follow the weights
+            return
+        local: list[Tensor | None] = []
+        for param, w, shard, saved in zip(self._params, weights, shards, ties):
+            start = first_row(w) * (w.numel() // max(w.shape[0], 1))
+            if isinstance(saved, Mapping):
+                local.append(_span_mask(param.normalised(shard).abs(), saved["value"], saved["end"], start))
+            elif saved is not None:  # a full mask, saved without FSDP
+                rows = saved.reshape(-1)[start : start + shard.numel()].view(shard.shape).to(shard.device).bool()
+                local.append(rows if rows.any() else None)
+            else:
+                local.append(None)
+        magnitudes = [param.normalised(shard).abs() for param, shard in zip(self._params, shards)]
+        for param, shard, threshold, mask, span in zip(self._params, shards, thresholds, local,
+                                                       self._spans(magnitudes, local, weights, group)):
+            param.choose(threshold, mask, shard, span)
 
 
 def _unsaved_knobs(config: MethodConfig) -> tuple[str, ...]:
@@ -937,6 +999,19 @@ def _stored(value: Any, transposed: bool) -> Any:
     """A threshold or tie tensor of a weight's (out, in) view in the weight's own layout
     (contiguous, as broadcasts and checkpoints need); numbers and None as they are."""
     return out_in(value, transposed).contiguous() if isinstance(value, Tensor) and transposed else value
+
+
+def _span_of(param: SparseWeight) -> dict[str, float | int] | None:
+    """The pruned ties of a sharded weight as saved: the tie value and their end in flat order."""
+    return None if int(param.tie_count) == 0 else {"value": float(param.tie_value), "end": int(param.tie_count)}
+
+
+def _span_mask(magnitude: Tensor, value: float, end: int, start: int) -> Tensor | None:
+    """The entries of ``magnitude`` (flat positions ``start``... of a full weight) equal to ``value``
+    before position ``end``; None if there are none."""
+    index = torch.arange(start, start + magnitude.numel(), device=magnitude.device).view(magnitude.shape)
+    mask = (magnitude == value) & (index < end)
+    return mask if bool(mask.any()) else None
 
 
 def _copy(threshold: Threshold) -> Threshold:
