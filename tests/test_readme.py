@@ -34,6 +34,18 @@ def test_readme_python_examples_run(capsys, tmp_path, monkeypatch):
     assert namespace["percent"] == pytest.approx(100 * 243_806 / 270_896)
 
 
+@pytest.mark.slow
+def test_the_fsdp_example_runs_under_torchrun():
+    import subprocess
+    import sys
+
+    assert "torchrun --nproc_per_node=2 examples/fsdp.py" in README
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(ROOT / "examples" / "fsdp.py")], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "fsdp: 2 ranks, sparsity 0.9000" in done.stdout
+
+
 def test_ci_runs_the_readme_test_command():
     install_and_test = [line for block in code_blocks("bash") for line in block.splitlines() if "pytest" in line]
     assert len(install_and_test) == 1
