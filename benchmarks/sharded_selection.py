@@ -1,18 +1,20 @@
 """Exact global selection over sharded weights: ``select_sharded`` across gloo processes against the
 single-process ``select`` over one rank's share of the weights, CPU, one torch thread per rank.
 
-The script launches itself under ``torch.distributed.run`` with ``--nproc`` ranks. Every rank builds
+The script launches itself under ``torch.distributed.run`` with ``--ranks`` ranks. Every rank builds
 the same ``--layers`` float32 layers of |N(0, 1)| magnitudes (about ``--weights`` in all, from one
 seed) and keeps its FSDP2 shard of each (``torch.chunk`` along dim 0). Reported, over ``--repeats``
 timed calls after one warm-up: the median time of ``select_sharded`` (the slowest rank's median),
 the median time of ``select(shards, s, "global")`` on rank 0's shards alone (the same local work
 without communication), the collective rounds of one call (``torch.distributed.all_reduce`` and
-``all_gather`` wrapped to count their calls) and the passes over the local shards (entries read,
-counted by wrapping the module's key function, over the local entries). Before timing, every rank
+``all_gather`` wrapped to count their calls), the passes over the local shards (entries read, counted
+by wrapping the module's chunk reader, over the local entries; the bracket's sample of at most
+65,536 / ranks entries per rank aside) and whether the bracket held position k or the radix fallback
+decided (wrapped to count its calls). Before timing, every rank
 checks that its result equals ``select`` on the concatenation of all shards (the full weights).
 Memory is not measured.
 
-    python benchmarks/sharded_selection.py [--nproc 2] [--weights 25600000] [--layers 50]
+    python benchmarks/sharded_selection.py [--ranks 2] [--weights 25600000] [--layers 50]
                                            [--sparsity 0.9] [--repeats 5]
 """
 
@@ -36,7 +38,7 @@ COLUMNS = 512
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--nproc", type=int, choices=(2, 4), default=2)
+    parser.add_argument("--ranks", type=int, choices=(2, 4), default=2)
     parser.add_argument("--weights", type=int, default=25_600_000)
     parser.add_argument("--layers", type=int, default=50)
     parser.add_argument("--sparsity", type=float, default=0.9)
@@ -57,9 +59,10 @@ def shard(layer: torch.Tensor, rank: int, world: int) -> torch.Tensor:
     return parts[rank] if rank < len(parts) else layer[len(layer) :]
 
 
-def counting() -> tuple[list[int], list[int]]:
-    """Wrap the collectives and the key function; return the [calls] and [entries read] counters."""
-    calls, read = [0], [0]
+def counting() -> tuple[list[int], list[int], list[int]]:
+    """Wrap the collectives, the chunk reader and the radix fallback; return the [calls], [entries read]
+    and [fallbacks] counters."""
+    calls, read, fallbacks = [0], [0], [0]
 
     def count_calls(name: str) -> None:
         call = getattr(dist, name)
@@ -72,14 +75,19 @@ def counting() -> tuple[list[int], list[int]]:
 
     count_calls("all_reduce")
     count_calls("all_gather")
-    keys = sharded_selection._keys
+    chunks, radix = sharded_selection._chunks, sharded_selection._radix
 
-    def counted_keys(chunk, *args):
-        read[0] += chunk.numel()
-        return keys(chunk, *args)
+    def counted_chunks(m, *args):
+        for start, chunk in chunks(m, *args):
+            read[0] += chunk.numel()
+            yield start, chunk
 
-    sharded_selection._keys = counted_keys
-    return calls, read
+    def counted_radix(*args):
+        fallbacks[0] += 1
+        return radix(*args)
+
+    sharded_selection._chunks, sharded_selection._radix = counted_chunks, counted_radix
+    return calls, read, fallbacks
 
 
 def check(got, want, rank: int, world: int) -> None:
@@ -116,14 +124,15 @@ def worker(args: argparse.Namespace) -> None:
     alone = timed(lambda: select(shards, args.sparsity, "global"), args.repeats, barrier=False) if rank == 0 else 0.0
     slowest = torch.tensor(sharded)
     dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
-    calls, read = counting()
+    calls, read, fallbacks = counting()
     sharded_selection.select_sharded(shards, args.sparsity)
     if rank == 0:
         print(f"{world} ranks, {total:,} float32 magnitudes in {args.layers} layers, {local:,} on rank 0, s = {args.sparsity}")
         print("result equals select on the concatenated shards: yes (every rank)")
         print(f"select_sharded                 median {slowest.item() * 1e3:8.1f} ms (slowest rank)")
         print(f"select on rank 0's shards only median {alone * 1e3:8.1f} ms")
-        print(f"collective rounds per call: {calls[0]}; passes over rank 0's shards: {read[0] / local:.2f}")
+        path = "radix fallback (the bracket missed)" if fallbacks[0] else "bracket from the gathered sample"
+        print(f"collective rounds per call: {calls[0]}; passes over rank 0's shards: {read[0] / local:.2f}; path: {path}")
     dist.destroy_process_group()
 
 
@@ -132,7 +141,7 @@ def main() -> None:
     if "LOCAL_RANK" in os.environ:
         worker(args)
         return
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}", __file__, *sys.argv[1:]]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.ranks}", __file__, *sys.argv[1:]]
     sys.exit(subprocess.run(command, check=False, env={**os.environ, "OMP_NUM_THREADS": "1"}).returncode)
 
 

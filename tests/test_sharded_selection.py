@@ -2,7 +2,9 @@
 
 The distributed tests start real gloo processes (2 and 3 ranks) once each; every rank runs all the
 cases of :func:`cases` on its FSDP2-style shards (torch.chunk along dim 0, the last ranks possibly
-empty), once with the default chunk size and once with tiny chunks, and saves what it got.
+empty) in each of the :data:`MODES` (the bracket on whole samples: the default chunk size and tiny
+chunks; the radix fallback forced; a bracket from 4 sampled entries per rank, which misses at times),
+and saves what it got.
 """
 
 import math
@@ -12,6 +14,7 @@ import sys
 from functools import reduce
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -21,8 +24,23 @@ from sparsetrain.selection import Selection, prune_count, select
 from sparsetrain.sharded_selection import select_sharded
 
 SPARSITIES = (0.0, 1e-4, 0.1, 0.37, 0.5, 0.9, 1.0)
-ROUNDS = {torch.float16: 1, torch.bfloat16: 1, torch.float32: 2, torch.float64: 4}
+ROUNDS = {torch.float16: 1, torch.bfloat16: 1, torch.float32: 2, torch.float64: 4}  # of the radix fallback
 TINY_CHUNK = 5
+MODES = ("bracket", "tiny-chunks", "radix", "sampled")
+
+
+def set_mode(mode: str, world: int, patch=setattr) -> None:
+    """bracket: the defaults (the tests' shards are smaller than a sample: the bracket is exact);
+    tiny-chunks: chunks of TINY_CHUNK entries; radix: a bracket budget of 0 entries, so the radix
+    fallback decides; sampled: 4 entries sampled per rank, a narrow margin and no spare budget."""
+    if mode == "tiny-chunks":
+        patch(ss, "_CHUNK", TINY_CHUNK)
+    elif mode == "radix":
+        patch(ss, "_budget", lambda margin: 0)
+    elif mode == "sampled":
+        patch(ss, "_SAMPLE", 4 * world)
+        patch(ss, "_MARGIN", (0.5, 0.5))
+        patch(ss, "_SPARE", 0)
 
 
 def cases() -> dict[str, list[torch.Tensor]]:
@@ -47,6 +65,7 @@ def cases() -> dict[str, list[torch.Tensor]]:
     out["near-f32"] = [near(s) for s in shapes]
     out["zeros-f32"] = [grid(s, 2, torch.float32) * (torch.rand(s, generator=gen) < 0.3) for s in shapes]
     out["equal-f32"] = [torch.ones(s) for s in shapes]
+    out["rank-without-rows"] = [grid((1, 40), 3, torch.float32), grid((2, 5), 3, torch.float32)]  # world 3: rank 2 holds nothing
     out["mixed"] = [grid((9, 4), 3, torch.bfloat16), grid((7,), 3, torch.float32), grid((6, 2), 3, torch.float16)]
     out["transposed-f32"] = [  # non-contiguous shards, rows longer than TINY_CHUNK
         grid((8, 6), 3, torch.float32).T,
@@ -69,26 +88,41 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, {tests!r})
-from test_sharded_selection import SPARSITIES, TINY_CHUNK, cases, shard
+from test_sharded_selection import MODES, SPARSITIES, cases, set_mode, shard
 from sparsetrain import sharded_selection as ss
 
 dist.init_process_group("gloo")
 rank, world = dist.get_rank(), dist.get_world_size()
-calls = [0]
+calls, fallbacks = [0], [0]
 for name in ("all_reduce", "all_gather"):
     def counted(*args, _call=getattr(dist, name), **kwargs):
         calls[0] += 1
         return _call(*args, **kwargs)
     setattr(dist, name, counted)
+def radix(*args, _radix=ss._radix):
+    fallbacks[0] += 1
+    return _radix(*args)
+ss._radix = radix
+defaults = {{name: getattr(ss, name) for name in ("_CHUNK", "_budget", "_SAMPLE", "_MARGIN", "_SPARE")}}
 results = {{}}
-for chunk in (ss._CHUNK, TINY_CHUNK):
-    ss._CHUNK = chunk
+for mode in MODES:
+    for name, value in defaults.items():
+        setattr(ss, name, value)
+    set_mode(mode, world)
     for name, layers in cases().items():
         shards = [shard(layer, world)[rank] for layer in layers]
         for s in SPARSITIES:
-            calls[0] = 0
+            calls[0] = fallbacks[0] = 0
             got = ss.select_sharded(shards, s)
-            results[name, s, chunk] = (got.thresholds, got.ties, calls[0])
+            results[name, s, mode] = (got.thresholds, got.ties, calls[0], fallbacks[0])
+for name, bad in (("nan", float("nan")), ("negative", -1.0)):  # on one rank only: every rank raises alike
+    layer = shard(torch.ones(6, 4), world)[rank]
+    layer[:1, :1] = bad if rank == world - 1 - (name == "negative") else 1.0
+    try:
+        ss.select_sharded([layer], 0.5)
+        results[name] = None
+    except ValueError as error:
+        results[name] = str(error)
 torch.save(results, {out!r} + f"/rank{{rank}}.pt")
 dist.destroy_process_group()
 """
@@ -107,35 +141,50 @@ def bits(values: list[float]) -> list[bytes]:
     return [struct.pack("<d", v) for v in values]
 
 
-def expected_rounds(layers: list[torch.Tensor], s: float, tied: bool) -> int:
+def path(layers: list[torch.Tensor], s: float, tied: bool, calls: int, fallback: int) -> str:
+    """The path that made ``calls`` collective rounds: "s = 0" (none), "k = 0" (1), "bracket" (3),
+    "radix" (the bracket missed after the counts: 2 + the radix rounds), "late radix" (it missed
+    after the values, as only a narrow margin makes it: 3 + the radix rounds)."""
     if s == 0.0:
-        return 0
-    if prune_count(s, sum(m.numel() for m in layers)) == 0:
-        return 1
-    return ROUNDS[reduce(torch.promote_types, [m.dtype for m in layers])] + tied
+        paths = {(0, 0): "s = 0"}
+    elif prune_count(s, sum(m.numel() for m in layers)) == 0:
+        paths = {(1, 0): "k = 0"}
+    else:
+        radix = ROUNDS[reduce(torch.promote_types, [m.dtype for m in layers])] + tied
+        paths = {(3, 0): "bracket", (2 + radix, 1): "radix", (3 + radix, 1): "late radix"}
+    assert (calls, fallback) in paths, (calls, fallback, paths)
+    return paths[calls, fallback]
 
 
 @pytest.mark.slow  # real processes, like the DDP tests
 @pytest.mark.parametrize("world", [2, 3])
 def test_every_rank_gets_select_on_the_concatenated_shards(tmp_path, world):
     ranks = run_ranks(tmp_path, world)
-    checked, spread = 0, 0
+    checked, spread, paths = 0, 0, {mode: set() for mode in MODES}
     for name, layers in cases().items():
         for s in SPARSITIES:
             want = select(layers, s, "global")
-            for chunk in (ss._CHUNK, TINY_CHUNK):
+            tied = any(t is not None for t in want.ties)
+            for mode in MODES:
                 for rank, results in enumerate(ranks):
-                    thresholds, ties, calls = results[name, s, chunk]
-                    assert bits(thresholds) == bits(want.thresholds), (name, s, rank)
-                    assert calls == expected_rounds(layers, s, any(t is not None for t in want.ties)), (name, s)
+                    thresholds, ties, calls, fallback = results[name, s, mode]
+                    assert bits(thresholds) == bits(want.thresholds), (name, s, mode, rank)
+                    assert (calls, fallback) == ranks[0][name, s, mode][2:], (name, s, mode, rank)
                     for layer, mask, full in zip(layers, ties, want.ties):
                         part = shard(full if full is not None else torch.zeros(layer.shape, dtype=torch.bool), world)[rank]
-                        assert (mask is None) == (not part.any()), (name, s, rank)
-                        assert mask is None or torch.equal(mask, part), (name, s, rank)
+                        assert (mask is None) == (not part.any()), (name, s, mode, rank)
+                        assert mask is None or torch.equal(mask, part), (name, s, mode, rank)
                     checked += 1
-            masks = [[t is not None for t in results[name, s, ss._CHUNK][1]] for results in ranks]
+                paths[mode].add(path(layers, s, tied, calls, fallback))
+            masks = [[t is not None for t in results[name, s, "bracket"][1]] for results in ranks]
             spread += sum(map(any, masks)) >= 2 and sum(map(any, zip(*masks))) >= 2  # pruned ties on 2+ ranks and layers
-    assert checked == len(cases()) * len(SPARSITIES) * 2 * world and spread >= 10
+    assert checked == len(cases()) * len(SPARSITIES) * len(MODES) * world
+    assert spread >= 10  # through the bracket: ties pruned on 2+ ranks and 2+ layers
+    assert paths["bracket"] == paths["tiny-chunks"] == {"s = 0", "k = 0", "bracket"}  # whole samples: never a miss
+    assert paths["radix"] == {"s = 0", "k = 0", "radix"}
+    assert paths["sampled"] - {"late radix"} == {"s = 0", "k = 0", "bracket", "radix"}  # late radix: seen on 2 ranks only
+    for name in ("nan", "negative"):
+        assert [results[name] for results in ranks] == ["magnitudes hold 1 negative or NaN entries; allowed: non-negative numbers."] * world
 
 
 # -- one process ----------------------------------------------------------------------------
@@ -147,10 +196,10 @@ def same(got, want) -> None:
     assert all(g is None or torch.equal(g, w) for g, w in zip(got.ties, want.ties))
 
 
-@pytest.mark.parametrize("name", ["random-f32", "grid-f32", "grid-bf16", "grid-f16", "grid-f64", "near-f32", "zeros-f32", "equal-f32", "mixed", "transposed-f32"])
-@pytest.mark.parametrize("chunk", [ss._CHUNK, TINY_CHUNK])
-def test_without_torch_distributed_it_is_select(name, chunk, monkeypatch):
-    monkeypatch.setattr(ss, "_CHUNK", chunk)
+@pytest.mark.parametrize("name", ["random-f32", "grid-f32", "grid-bf16", "grid-f16", "grid-f64", "near-f32", "zeros-f32", "equal-f32", "rank-without-rows", "mixed", "transposed-f32"])
+@pytest.mark.parametrize("mode", MODES)
+def test_without_torch_distributed_it_is_select(name, mode, monkeypatch):
+    set_mode(mode, 1, monkeypatch.setattr)
     layers = cases()[name]
     for s in SPARSITIES:
         same(select_sharded(layers, s), select(layers, s, "global"))
@@ -166,23 +215,103 @@ def test_a_world_of_one_is_select():
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize(("dtype", "passes"), [(torch.float32, 4), (torch.bfloat16, 3), (torch.float64, 6)])
-def test_entries_are_read_at_most_rounds_plus_two_times(dtype, passes, monkeypatch):
-    keys, read = ss._keys, [0]
+def counting(monkeypatch) -> tuple[list[int], list[int]]:
+    """[entries read through ss._chunks] and [radix fallbacks taken], counted from here on."""
+    chunks, read, fallbacks = ss._chunks, [0], [0]
+    radix = ss._radix
 
-    def counted(chunk, *args):
-        read[0] += chunk.numel()
-        return keys(chunk, *args)
+    def counted(m, *args):
+        for start, chunk in chunks(m, *args):
+            read[0] += chunk.numel()
+            yield start, chunk
 
-    monkeypatch.setattr(ss, "_keys", counted)
+    def counted_radix(*args):
+        fallbacks[0] += 1
+        return radix(*args)
+
+    monkeypatch.setattr(ss, "_chunks", counted)
+    monkeypatch.setattr(ss, "_radix", counted_radix)
+    return read, fallbacks
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("mode", ["bracket", "radix"])
+def test_entries_are_read_once_through_the_bracket_and_once_more_per_radix_round(dtype, mode, monkeypatch):
+    """Bracket: 1 pass, + at most 1 marking straddling ties. Radix fallback: 1 + its rounds, + at
+    most 2 with straddling ties (float32: at most 5 passes in all)."""
+    set_mode(mode, 1, monkeypatch.setattr)
+    read, fallbacks = counting(monkeypatch)
+    passes = 1 if mode == "bracket" else 1 + ROUNDS[dtype]
     gen = torch.Generator().manual_seed(1)
     layers = [(torch.randint(0, 4, (n, 3), generator=gen) / 4).to(dtype) for n in (50, 70)]
     n = sum(m.numel() for m in layers)
     assert any(t is not None for t in select_sharded(layers, 0.5).ties)
-    assert read[0] <= passes * n
-    read[0] = 0
+    assert passes * n < read[0] <= (passes + 1 + (mode == "radix")) * n and fallbacks[0] == (mode == "radix")
+    read[0] = fallbacks[0] = 0
     select_sharded([(torch.randperm(200, generator=gen) + 1).to(dtype)], 0.5)  # distinct values: no ties
-    assert read[0] == (passes - 2) * 200
+    assert read[0] == passes * 200 and fallbacks[0] == (mode == "radix")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_a_sampled_bracket_selects_exactly_in_one_pass(dtype, monkeypatch):
+    """300,000 entries: a real sample (65,536 entries), 1 pass; bfloat16: ties straddle k."""
+    read, fallbacks = counting(monkeypatch)
+    gen = torch.Generator().manual_seed(2)
+    layers = [torch.randn(n, 100, generator=gen).abs().to(dtype) for n in (1000, 1, 1999)]
+    tied = []
+    for s in (1e-4, 0.5, 0.9, 1.0):
+        read[0] = 0
+        got, want = select_sharded(layers, s), select(layers, s, "global")
+        same(got, want)
+        tied.append(any(t is not None for t in want.ties))
+        assert fallbacks[0] == 0 and read[0] <= (1 + tied[-1]) * 300_000, s
+    assert tied == [False, dtype == torch.bfloat16, dtype == torch.bfloat16, False]
+
+
+def test_ties_at_lo_below_which_entries_lie_take_the_radix_path(monkeypatch):
+    """v = lo, the largest magnitude below v lies below lo: the values gathered cannot tell it, and
+    the radix path decides (after the 3 rounds; the real bracket makes it as unlikely as a miss)."""
+    _, fallbacks = counting(monkeypatch)
+    monkeypatch.setattr(ss, "_bracket", lambda samples, size, k: (2.0, 3.0, 1.0))
+    layers = [torch.tensor([1.0, 2.0, 2.0]), torch.tensor([[3.0, 2.0, 1.5]])]
+    same(select_sharded(layers, 0.5), select(layers, 0.5, "global"))
+    assert fallbacks[0] == 1 and select_sharded(layers, 0.5).thresholds == [1.5, 1.5]
+
+
+def test_many_equal_magnitudes_take_the_radix_path_without_gathering_them(monkeypatch):
+    _, fallbacks = counting(monkeypatch)
+    layers = [torch.ones(150_000), torch.full((50_000,), 2.0)]
+    same(select_sharded(layers, 0.5), select(layers, 0.5, "global"))
+    assert fallbacks[0] == 1
+    split = ss._split(layers, torch.float32, 1.0, 1.0, budget=1000)
+    assert split.counts == [150_000, 0] and split.below == 0 and split.valid and len(split.values) <= 1000
+
+
+def test_the_bracket_from_unequal_shards_holds_the_kth_value():
+    """Rank 0 holds 150,000 entries, rank 1 holds 5,000, rank 2 none: their samples weigh 150,000 / 1,024,
+    5,000 / 1,024 and nothing. The k-th smallest v lies in (lo, hi], inside the budget."""
+    gen = torch.Generator().manual_seed(3)
+    shards = [[torch.rand(150_000, generator=gen)], [torch.rand(5_000, generator=gen) * 0.1 + 0.45], [torch.empty(0)]]
+    samples = np.stack([ss._sample(m, 1024) for m in shards])
+    assert list(samples[:, 0]) == [150_000, 5_000, 0] and np.isinf(samples[2, 1:]).all()
+    values = torch.cat([m[0] for m in shards]).numpy()
+    for s in (1e-3, 0.3, 0.47, 0.5, 0.9, 1.0):
+        k = prune_count(s, len(values))
+        lo, hi, margin = ss._bracket(samples, 1024, k)
+        v = np.partition(values, k - 1)[k - 1]
+        assert lo < v <= hi and ((values >= lo) & (values <= hi)).sum() <= ss._budget(margin), s
+
+
+def test_the_torch_pass_marks_like_the_numpy_pass():
+    """The pass's primitive off the CPU (run here on CPU tensors): #(a < lo), lo <= a <= hi, min(a)."""
+    buffers = np.empty(16, dtype=bool), np.empty(16, dtype=bool)
+    for values in ([0.5, 2.0, 1.0, 0.0, 3.0, 1.5], [1.0, -1.0, 2.0], [1.0, math.nan, 0.5]):
+        a = torch.tensor(values)
+        for lo, hi in ((1.0, 2.0), (-math.inf, 0.5), (3.0, math.inf)):
+            below, mask, least = ss._marks_torch(a, lo, hi)
+            want = ss._marks_numpy(a.numpy(), lo, hi, *buffers)
+            assert (below, mask.tolist()) == (want[0], want[1].tolist())
+            assert least == want[2] or math.isnan(least) and math.isnan(want[2])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -5,23 +5,45 @@ concatenation of all ranks' shards: the same thresholds, and the tie masks cut t
 The global order is layer, then rank, then flat index: the flat order of the unsharded weights when,
 as with FSDP2, every rank holds a contiguous block of dim-0 rows, in rank order.
 
-Radix selection on the IEEE bits: for x >= 0 the bit pattern read as an integer (the key) grows with
-x. Each round histograms the next 16 bits of the local keys that share the prefix found so far, sums
-the histograms across ranks (``all_reduce``) and extends the prefix by the bucket holding position k,
-until the key of v, the k-th smallest magnitude, is exact: 1 round for 16-bit floats, 2 for float32,
-4 for float64. Only when ties at v straddle k, one ``all_gather`` of each rank's per-layer counts of
-keys equal to v (and of its largest key below v, unless the last histogram shows the largest
-magnitude below v) tells every rank how many of its own tied entries fall among the first
-r = k - #(m < v), and one more pass marks them. Every rank decides from the same reduced counts.
-Shards are read in chunks of ``_CHUNK`` entries, so the temporaries stay O(chunk + 2^16) beside
-the output masks.
+Bracket first (3 collective rounds; 1 pass over the local shards, and 1 more over the layers holding
+tied entries to prune when ties at v straddle k). Every rank takes the same number S of its entries
+(S = 2^16 / ranks) at a fixed stride (all of them when it holds fewer) and one ``all_gather`` shares
+them with the ranks' entry counts n_r: every rank now knows N, k = round(s * N) and a sample in which
+each of rank r's sampled entries stands for n_r / S_r entries, and derives from it the same bracket
+[lo, hi] around v, the k-th smallest magnitude, 4 standard deviations of the estimate wide on either
+side. One pass counts the local entries below lo and gathers those inside (numpy on the CPU, a
+cache-sized piece at a time, like ``select``); a second ``all_gather`` of the counts tells every rank
+whether position k lies inside, and a third of the values inside lets every rank select v among them,
+with the largest magnitude below v and, when ties at v straddle k, how many entries equal to v each
+rank holds in each layer. Each rank then marks its own share of the first r = k - #(m < v) entries
+equal to v. As in ``select``, 16-bit floats are compared widened to float32 (exactly).
+
+Radix fallback, exact: when the bracket misses k, holds more entries than its budget (4 margins and
+2^16: many equal magnitudes, which no sample narrows), a rank holds negative or NaN magnitudes (the
+pass takes each piece's minimum), or, as unlikely as a miss, ties straddle k at the smallest value
+inside while entries lie below lo, every rank takes the same decision from the gathered data, and
+selects again on the IEEE bits: for x >= 0 the bit pattern read as
+an integer (the key) grows with x. Each round histograms the next 16 bits of the local keys that
+share the prefix found so far, sums the histograms across ranks (``all_reduce``) and extends the
+prefix by the bucket holding position k, until the key of v is exact: 1 round for 16-bit floats, 2
+for float32, 4 for float64. Only when ties at v straddle k, one ``all_gather`` of each rank's
+per-layer counts of keys equal to v (and of its largest key below v, unless the last histogram shows
+the largest magnitude below v) tells every rank how many of its own tied entries fall among the
+first r, and one more pass marks them.
+
+Every rank decides from the same gathered data, so all take the same path and raise the same errors.
+Shards are read in chunks, so the temporaries stay O(sample + bracket + chunk + 2^16) beside the
+output masks.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import math
+from collections.abc import Callable, Iterator, Sequence
 from functools import reduce
+from typing import NamedTuple
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -29,6 +51,10 @@ from torch import Tensor
 from .selection import Selection, prune_count
 
 _CHUNK = 1 << 20
+_SPLIT = 1 << 16  # entries per piece of a chunk in the bracket's pass: the piece and its masks stay in cache
+_SAMPLE = 1 << 16  # entries in the union of the ranks' samples
+_SPARE = 1 << 16  # entries the bracket may hold beyond 4 margins before the radix path takes over
+_MARGIN = (4.0, 8.0)  # the bracket's margin beyond k: standard deviations of the estimate, and sampled entries
 _DIGITS = 16
 _BUCKETS = 1 << _DIGITS
 _KEYS = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32, torch.float64: torch.int64}
@@ -41,9 +67,11 @@ def select_sharded(magnitudes: Sequence[Tensor], sparsity: float, group: dist.Pr
     on every rank. The thresholds are equal on every rank; ``ties[i]`` is shaped like this rank's
     shard of layer i, None where the rank prunes none of its entries equal to v. Without an
     initialised torch.distributed, or in a world of one, it selects over the local tensors alone.
-    Collectives: one ``all_reduce`` per 16 bits of the dtype (1, 2 or 4; float32: 2), one
-    ``all_gather`` more when ties straddle k, on the tensors' device. Local passes: as many, plus
-    at most two when ties straddle k.
+    Collectives, on the tensors' device: none when s = 0; 1 ``all_gather`` when k = 0; 3 when the
+    bracket holds position k. Otherwise 2 (rarely 3), then the radix path's: one ``all_reduce`` per
+    16 bits of the dtype (float32: 2) and one ``all_gather`` more when ties straddle k. Passes over
+    the local shards: 1, +1 over the layers holding tied entries to prune when ties straddle k; on the
+    radix path 1 + one per radix round, +2 when ties straddle k (float32: at most 5).
     """
     if not 0.0 <= sparsity <= 1.0:
         raise ValueError(f"sparsity={sparsity!r} is out of range; allowed: a number in [0, 1].")
@@ -52,10 +80,198 @@ def select_sharded(magnitudes: Sequence[Tensor], sparsity: float, group: dist.Pr
     dtype = reduce(torch.promote_types, [m.dtype for m in magnitudes])
     if dtype not in _KEYS:
         raise ValueError(f"magnitudes of dtype {dtype} are not supported; allowed: float16, bfloat16, float32, float64.")
+    world = dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
+    found = _bracketed(magnitudes, sparsity, dtype, group, world)
+    return found if found is not None else _radix(magnitudes, sparsity, dtype, group, world)
+
+
+def _unpruned(layers: int) -> Selection:
+    return Selection([0.0] * layers, [None] * layers)
+
+
+def _gather(values: np.ndarray, device: torch.device, group: dist.ProcessGroup | None, world: int) -> np.ndarray:
+    """Every rank's ``values`` (the same shape on every rank), stacked in rank order: one ``all_gather``."""
+    if world == 1:
+        return values[None]
+    local = torch.from_numpy(values).to(device)
+    table = [torch.empty_like(local) for _ in range(world)]
+    dist.all_gather(table, local, group=group)
+    return torch.stack(table).cpu().numpy()
+
+
+# -- bracket first ------------------------------------------------------------------------
+
+
+class _Split(NamedTuple):
+    """One pass over the local shards against a bracket [lo, hi]."""
+
+    below: int  # entries < lo
+    counts: list[int]  # entries in [lo, hi], per layer
+    values: np.ndarray  # those entries in layer, then flat order (only when at most a budget in all)
+    valid: bool  # no negative or NaN entry
+
+
+def _bracketed(magnitudes: Sequence[Tensor], sparsity: float, dtype: torch.dtype, group: dist.ProcessGroup | None, world: int) -> Selection | None:
+    """The selection through a bracket from a gathered sample, or None where the radix path must decide."""
+    device, layers = magnitudes[0].device, len(magnitudes)
+    size = max(1, _SAMPLE // world)
+    samples = _gather(_sample(magnitudes, size), device, group, world)  # round 1
+    n = int(samples[:, 0].sum())
+    k = prune_count(sparsity, n)
+    if k == 0:
+        return _unpruned(layers)
+    lo, hi, margin = _bracket(samples, size, k)
+    budget = _budget(margin)
+    split = _split(magnitudes, torch.promote_types(dtype, torch.float32), lo, hi, budget)
+    counts = _gather(np.array([split.below, split.valid, *split.counts], dtype=np.float64), device, group, world)  # round 2
+    below, inside = int(counts[:, 0].sum()), counts[:, 2:].astype(np.int64)
+    if not counts[:, 1].all() or inside.sum() > budget or not 1 <= k - below <= inside.sum():
+        return None
+    held = inside.sum(1)
+    padded = np.full(held.max(), np.inf, dtype=split.values.dtype)
+    padded[: len(split.values)] = split.values
+    values = _gather(padded, device, group, world)  # round 3
+    found = _select_inside([row[:h] for row, h in zip(values, held)], inside, k - below, below > 0)
+    if found is None:
+        return None
+    value, threshold, tied, count = found
+    if tied is None:
+        return Selection([value] * layers, [None] * layers)
+    keys = _KEYS[dtype]
+    key = _key(value, dtype, keys)
+    takes = _takes(torch.from_numpy(tied), dist.get_rank(group) if world > 1 else 0, count)
+    ties = [_tie_mask(m, dtype, keys, key, take) if take else None for m, take in zip(magnitudes, takes)]
+    return Selection([threshold] * layers, ties)
+
+
+def _sample(magnitudes: Sequence[Tensor], size: int) -> np.ndarray:
+    """[n, the sorted entries at positions stride // 2 + j * stride of the n local entries (layers
+    concatenated), j < min(n, size), stride = max(1, n // size), then +inf up to ``size``], float64."""
+    n = sum(m.numel() for m in magnitudes)
+    stride = max(1, n // size)
+    first, end = stride // 2, min(n, stride // 2 + size * stride)
+    parts, offset = [], 0
+    for m in magnitudes:
+        start, stop = (first - offset) % stride, min(m.numel(), end - offset)
+        if start < stop:
+            m = m.detach()
+            if m.is_contiguous():
+                parts.append(m.reshape(-1)[start:stop:stride])
+            else:
+                parts.append(m[torch.unravel_index(torch.arange(start, stop, stride, device=m.device), m.shape)])
+        offset += m.numel()
+    taken = np.sort(torch.cat(parts).to(torch.float64).cpu().numpy()) if parts else np.empty(0)
+    return np.concatenate([[n], taken, np.full(size - len(taken), np.inf)])
+
+
+def _bracket(samples: np.ndarray, size: int, k: int) -> tuple[float, float, float]:
+    """(lo, hi, margin): a bracket around the k-th smallest of all entries from the gathered ``samples``
+    (a row per rank, as :func:`_sample` makes it), ``margin`` entries beyond k on either side by the
+    samples' estimate of #(m <= x): 4 standard deviations + 8 sampled entries (``_MARGIN``). hi is the
+    first sampled value whose estimate reaches k + margin; lo the largest sampled value below the
+    first one whose estimate exceeds k - margin, so that v > lo unless the bracket misses."""
+    counts = samples[:, 0]
+    taken = np.minimum(counts, size).astype(np.int64)
+    rows = [row[1 : 1 + t] for row, t in zip(samples, taken) if t]
+    weight = counts[taken > 0] / taken[taken > 0]  # entries per sampled entry, per rank
+
+    def through(x: float) -> float:  # the estimate of #(m <= x)
+        return sum(w * int(np.searchsorted(row, x, side="right")) for w, row in zip(weight, rows))
+
+    q = k / counts.sum()
+    spread = q * (1.0 - q) * float(np.sum(counts[taken > 0] * (weight - 1.0)))  # variance of a count, without replacement
+    margin = _MARGIN[0] * math.sqrt(spread) + _MARGIN[1] * float(weight.max())
+    values = np.sort(np.concatenate(rows))
+    first = min(_first(values, lambda x: through(x) > k - margin), len(values) - 1)
+    start = int(np.searchsorted(values, values[first], side="left"))
+    last = _first(values, lambda x: through(x) >= k + margin)
+    lo = float(values[start - 1]) if start else -math.inf
+    return lo, float(values[last]) if last < len(values) else math.inf, margin
+
+
+def _first(values: np.ndarray, holds: Callable[[float], bool]) -> int:
+    """The first index of the sorted ``values`` whose value ``holds`` (monotone), len(values) if none."""
+    lo, hi = 0, len(values)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if holds(float(values[mid])) else (mid + 1, hi)
+    return lo
+
+
+def _budget(margin: float) -> int:
+    """The most entries the bracket may hold (4 margins and a spare) before the radix path takes over:
+    many equal magnitudes (all of them, at worst) make a bracket that no sample can narrow."""
+    return 4 * math.ceil(margin) + _SPARE
+
+
+def _split(magnitudes: Sequence[Tensor], wide: torch.dtype, lo: float, hi: float, budget: int) -> _Split:
+    """Count the entries below lo, and those in [lo, hi] per layer, keeping these (in ``wide``) while
+    they number at most ``budget`` in all; on the CPU compare, count and gather each cache-sized
+    piece (``_SPLIT`` entries) of a chunk in numpy while it is in cache, into reused masks (see
+    ``_split_numpy`` in :mod:`.selection`)."""
+    cpu = magnitudes[0].device.type == "cpu"
+    low, mid = np.empty(_SPLIT, dtype=bool), np.empty(_SPLIT, dtype=bool)
+    below, counts, parts, valid, total = 0, [], [], True, 0
+    for m in magnitudes:
+        count = 0
+        for _, chunk in _chunks(m):
+            entries = chunk.to(wide).numpy() if cpu else chunk.to(wide)
+            for start in range(0, len(entries), _SPLIT if cpu else len(entries)):
+                piece = entries[start : start + _SPLIT] if cpu else entries
+                under, mask, least = _marks_numpy(piece, lo, hi, low, mid) if cpu else _marks_torch(piece, lo, hi)
+                part = piece[mask]
+                below, count, total, valid = below + under, count + len(part), total + len(part), valid and least >= 0.0
+                if total <= budget:
+                    parts.append(part if cpu else part.cpu().numpy())
+        counts.append(count)
+    values = np.concatenate(parts) if parts else np.empty(0, dtype=torch.empty(0, dtype=wide).numpy().dtype)
+    return _Split(below, counts, values, valid)
+
+
+def _marks_numpy(a: np.ndarray, lo: float, hi: float, low: np.ndarray, mid: np.ndarray) -> tuple[int, np.ndarray, float]:
+    """(#(a < lo), the mask of lo <= a <= hi, min(a): NaN if any is NaN), into the buffers ``low`` and ``mid``."""
+    lt, inside = low[: a.size], mid[: a.size]
+    np.less(a, lo, out=lt)
+    np.less_equal(a, hi, out=inside)
+    np.not_equal(lt, inside, out=inside)  # lo <= hi: a < lo implies a <= hi
+    return int(np.count_nonzero(lt)), inside, float(a.min())
+
+
+def _marks_torch(a: Tensor, lo: float, hi: float) -> tuple[int, Tensor, float]:
+    return int((a < lo).sum()), (a >= lo) & (a <= hi), float(a.min())
+
+
+def _select_inside(values: list[np.ndarray], inside: np.ndarray, r: int, lower: bool) -> tuple[float, float, np.ndarray | None, int] | None:
+    """From every rank's entries inside the bracket (``inside``: their counts, ranks x layers) and
+    r = k - #(below lo): (v, the threshold, None or the counts of entries equal to v (ranks x layers)
+    when ties straddle k, how many of these to prune). None when ties straddle k, no entry inside
+    lies below v and some lie below lo (``lower``): the largest magnitude below v is not among them."""
+    union = np.concatenate(values)
+    part = np.partition(union, r - 1)
+    value = float(part[r - 1]) + 0.0  # + 0.0: -0.0 reads as 0.0
+    smaller = part[: r - 1]  # holds every entry below v
+    less = int(np.count_nonzero(smaller < value))
+    if less + int(np.count_nonzero(union == value)) == r:
+        return value, value, None, 0
+    if not less and lower:
+        return None
+    threshold = float(np.partition(smaller, less - 1)[less - 1]) + 0.0 if less else 0.0  # the less smallest: those below v
+    tied = np.stack([_layer_counts(np.flatnonzero(row == value), sizes) for row, sizes in zip(values, inside)])
+    return value, threshold, tied, r - less
+
+
+def _layer_counts(positions: np.ndarray, sizes: np.ndarray) -> np.ndarray:
+    """How many of ``positions`` (in a rank's inside entries) fall in each layer; ``sizes``: the layers' inside counts."""
+    return np.bincount(np.searchsorted(np.cumsum(sizes), positions, side="right"), minlength=len(sizes))
+
+
+# -- radix fallback -----------------------------------------------------------------------
+
+
+def _radix(magnitudes: Sequence[Tensor], sparsity: float, dtype: torch.dtype, group: dist.ProcessGroup | None, world: int) -> Selection:
+    """The selection by radix selection on the IEEE bits (module docstring)."""
     keys = _KEYS[dtype]
     width = keys.itemsize * 8
-    world = dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
-
     prefix = below = 0
     for shift in range(width - _DIGITS, -1, -_DIGITS):
         counts = _histogram(magnitudes, dtype, keys, shift, None if shift == width - _DIGITS else prefix)
@@ -93,26 +309,26 @@ def select_sharded(magnitudes: Sequence[Tensor], sparsity: float, group: dist.Pr
     return Selection([threshold] * len(magnitudes), ties)
 
 
-def _unpruned(layers: int) -> Selection:
-    return Selection([0.0] * layers, [None] * layers)
+def _chunks(m: Tensor, size: int | None = None) -> Iterator[tuple[int, Tensor]]:
+    """(start, entries) of consecutive blocks of at most ``size`` (default ``_CHUNK``) entries of ``m``
+    in flat (row-major) order; a non-contiguous ``m`` is copied a block of rows (or a piece of a row)
+    at a time. Every pass over the shards reads them through here."""
+    return _blocks(m.detach(), 0, size or _CHUNK)
 
 
-def _chunks(m: Tensor, start: int = 0) -> Iterator[tuple[int, Tensor]]:
-    """(start, entries) of consecutive blocks of at most ``_CHUNK`` entries of ``m`` in flat (row-major)
-    order; a non-contiguous ``m`` is copied a block of rows (or a piece of a row) at a time."""
-    m = m.detach()
+def _blocks(m: Tensor, start: int, size: int) -> Iterator[tuple[int, Tensor]]:
     if m.is_contiguous() or m.dim() < 2:
         flat = m.reshape(-1)
-        for i in range(0, flat.numel(), _CHUNK):
-            yield start + i, flat[i : i + _CHUNK]
+        for i in range(0, flat.numel(), size):
+            yield start + i, flat[i : i + size]
     elif m.numel():
         row = m[0].numel()
-        if row > _CHUNK:
+        if row > size:
             for i in range(len(m)):
-                yield from _chunks(m[i], start + i * row)
+                yield from _blocks(m[i], start + i * row, size)
         else:
-            for i in range(0, len(m), _CHUNK // row):
-                yield start + i * row, m[i : i + _CHUNK // row].reshape(-1)
+            for i in range(0, len(m), size // row):
+                yield start + i * row, m[i : i + size // row].reshape(-1)
 
 
 def _keys(chunk: Tensor, dtype: torch.dtype, keys: torch.dtype) -> Tensor:
@@ -150,6 +366,11 @@ def _check_keys(counts: Tensor, dtype: torch.dtype, keys: torch.dtype, width: in
 
 def _value(key: int, dtype: torch.dtype, keys: torch.dtype) -> float:
     return torch.tensor(key, dtype=keys).view(dtype).item()
+
+
+def _key(value: float, dtype: torch.dtype, keys: torch.dtype) -> int:
+    """The key of ``value``, a number that ``dtype`` holds exactly."""
+    return int(torch.tensor(value, dtype=dtype).view(keys))
 
 
 def _tie_counts(magnitudes: Sequence[Tensor], dtype: torch.dtype, keys: torch.dtype, value: int, largest_below: bool) -> Tensor:
