@@ -30,6 +30,8 @@ CASES = [  # (name, model, method, options, tied)
     ("cnn-feather", "cnn", "feather", {"sparsity": 0.9}, False),
     ("cnn-st3", "cnn", "st3", {"sparsity": 0.9}, False),
     ("cnn-sr-ste", "cnn", "sr-ste", {}, False),
+    ("conv1d-st3", "conv1d", "st3", {"sparsity": 0.8}, False),
+    ("conv1d-feather-nm", "conv1d", "feather-nm", {}, False),
     ("tied-feather", "mlp", "feather", {"sparsity": 0.6, "start": 2}, True),
     ("tied-st3-sigma", "mlp", "st3-sigma", {"sparsity": 0.6, "start": 2}, True),
 ]
@@ -50,21 +52,29 @@ class CNN(nn.Module):
         return self.fc(x.mean((2, 3)))
 
 
+def conv1d() -> nn.Module:
+    """Layers stored (in, out) like GPT-2's: rows (input features) per shard a multiple of 4 on 2 and 3 ranks."""
+    from transformers.pytorch_utils import Conv1D
+
+    return nn.Sequential(Conv1D(96, 48), nn.ReLU(), Conv1D(12, 96))
+
+
 def batch(model_name: str, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    x = torch.randn(8, 32, generator=gen) if model_name == "mlp" else torch.randn(4, 3, 8, 8, generator=gen)
+    width = {"mlp": 32, "conv1d": 48}
+    x = torch.randn(8, width[model_name], generator=gen) if model_name in width else torch.randn(4, 3, 8, 8, generator=gen)
     return x, torch.randint(0, 12, (len(x),), generator=gen)
 
 
 def run(name: str, model_name: str, method: str, options: dict, tied: bool, rank: int) -> dict:
     torch.manual_seed(0)
-    model = mlp() if model_name == "mlp" else CNN()
+    model = {"mlp": mlp, "cnn": CNN, "conv1d": conv1d}[model_name]()
     if tied:  # magnitudes on a grid of 1/32, kept there (lr 0): ties straddle the k-th position across shards
         with torch.no_grad():
             for p in model.parameters():
                 p.copy_((p * 32).round() / 32)
     method_object = st.create(model, method, total_steps=STEPS, **options)
     for module in model.modules():
-        if isinstance(module, (nn.Linear, nn.Conv2d)):
+        if isinstance(module, (nn.Linear, nn.Conv2d)) or type(module).__name__ == "Conv1D":
             fully_shard(module)
     fully_shard(model)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0 if tied else 0.05, momentum=0.9)
