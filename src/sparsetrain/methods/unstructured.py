@@ -783,29 +783,37 @@ class Sparsifier(Method):
                 param.choose(0.0, None, shard)  # no threshold tensor as large as the weight kept
             return
         magnitudes = [param.normalised(shard).abs() for param, shard in zip(self._params, shards)]
-        broken = any_rank([not bool(torch.isfinite(m).all()) for m in magnitudes], group)
-        if any(broken):
-            name = self.names[broken.index(True)]
-            raise FloatingPointError(f"layer {name!r} has a NaN or infinite weight at step {self._step}; "
-                                     "allowed: finite weights (lower the learning rate or clip gradients).")
-        if config.scope == "layer":
-            parts = [select_sharded([m], sparsity, group) for m in magnitudes]
-            chosen = Selection([p.thresholds[0] for p in parts], [p.ties[0] for p in parts])
-        else:
-            chosen = select_sharded(magnitudes, sparsity, group)
-        spans = self._spans(magnitudes, chosen.ties, weights, group)
+        broken = [not bool(torch.isfinite(m).all()) for m in magnitudes]
+        try:
+            if config.scope == "layer":
+                parts = [select_sharded([m], sparsity, group) for m in magnitudes]
+                chosen = Selection([p.thresholds[0] for p in parts], [p.ties[0] for p in parts])
+            else:
+                chosen = select_sharded(magnitudes, sparsity, group)
+        except ValueError:  # a NaN on some rank: every rank is here
+            self._check_finite_shards(any_rank(broken, group))
+            raise
+        spans, broken = self._spans(magnitudes, chosen.ties, weights, group, broken)
+        self._check_finite_shards(broken)
         for param, shard, threshold, ties, span in zip(self._params, shards, chosen.thresholds, chosen.ties, spans):
             param.choose(threshold, ties, shard, span)
 
+    def _check_finite_shards(self, broken: Sequence[bool]) -> None:
+        """FloatingPointError naming the first layer with a NaN or infinite weight on some rank."""
+        if any(broken):
+            raise FloatingPointError(f"layer {self.names[list(broken).index(True)]!r} has a NaN or infinite weight at "
+                                     f"step {self._step}; allowed: finite weights (lower the learning rate or clip gradients).")
+
     def _spans(self, magnitudes: Sequence[Tensor], ties: Sequence[Tensor | None], weights: Sequence[Tensor],
-               group: dist.ProcessGroup) -> list[tuple[float, int]]:
+               group: dist.ProcessGroup, flags: Sequence[bool] = ()) -> tuple[list[tuple[float, int]], list[bool]]:
         """Each weight's (tie value, end of its pruned ties in the full weight) from the local tie masks
-        (one tie value for a shared threshold, one per layer for scope "layer")."""
+        (one tie value for a shared threshold, one per layer for scope "layer"), and each of ``flags``
+        set on some rank, in the same collective."""
         if self.config.scope == "layer":
-            return [(value, ends[0]) for value, ends in
-                    (global_ties([m], [t], [w], group) for m, t, w in zip(magnitudes, ties, weights))]
-        value, ends = global_ties(magnitudes, ties, weights, group)
-        return [(value, end) for end in ends]
+            spans = [global_ties([m], [t], [w], group) for m, t, w in zip(magnitudes, ties, weights)]
+            return [(value, ends[0]) for value, ends, _ in spans], any_rank(flags, group) if flags else []
+        value, ends, flags = global_ties(magnitudes, ties, weights, group, flags)
+        return [(value, end) for end in ends], flags
 
     def _local_groups(self, param: SparseWeight, shard: Tensor, transposed: bool) -> tuple[Threshold, Tensor | None]:
         """The N:M thresholds and ties of this rank's shard (its groups lie within it)."""
@@ -985,7 +993,7 @@ class Sparsifier(Method):
                 local.append(None)
         magnitudes = [param.normalised(shard).abs() for param, shard in zip(self._params, shards)]
         for param, shard, threshold, mask, span in zip(self._params, shards, thresholds, local,
-                                                       self._spans(magnitudes, local, weights, group)):
+                                                       self._spans(magnitudes, local, weights, group)[0]):
             param.choose(threshold, mask, shard, span)
 
 
