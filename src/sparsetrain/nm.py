@@ -20,10 +20,10 @@ group in ceil(log2 M) bits.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Sequence
-import functools
 
 import numpy as np
 import torch

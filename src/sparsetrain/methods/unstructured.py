@@ -67,8 +67,21 @@ from torch.nn.utils import parametrize
 
 from ..messages import shown
 from ..nm import GroupSelector, has_groups, parse_nm, select_groups, validate_nm
-from ..operators import Threshold, kept_mask, sparsify_ste, threshold_operator, validate_p
-from ..prunable import PRUNABLE_TYPES, LayerType, choose_layers, out_in, stores_transposed, validate_types
+from ..operators import (
+    Threshold,
+    kept_mask,
+    sparsify_ste,
+    threshold_operator,
+    validate_p,
+)
+from ..prunable import (
+    PRUNABLE_TYPES,
+    LayerType,
+    choose_layers,
+    out_in,
+    stores_transposed,
+    validate_types,
+)
 from ..schedules import (
     SCHEDULES,
     Schedule,
@@ -80,6 +93,7 @@ from ..schedules import (
 from ..selection import SCOPES, Selection, layer_sigma, prune_count, select
 from ..sharded_selection import select_sharded
 from .protocol import Method, check_finite
+from .registry import Context, MethodSpec, register_method
 from .sharding import (
     any_rank,
     channel_sums,
@@ -91,7 +105,6 @@ from .sharding import (
     total,
     unparametrize,
 )
-from .registry import Context, MethodSpec, register_method
 
 RESCALE_EPS = 1e-6
 DEFAULT_SPARSITY = 0.9
