@@ -25,10 +25,8 @@ STEPS = 8
 CASES = [  # (name, model, method, options, tied)
     ("mlp-feather", "mlp", "feather", {"sparsity": 0.8}, False),
     ("mlp-st3-sigma", "mlp", "st3-sigma", {"sparsity": 0.8}, False),
-    ("mlp-gmp", "mlp", "gmp", {"sparsity": 0.8}, False),
     ("mlp-sr-ste", "mlp", "sr-ste", {}, False),
-    ("mlp-feather-nm", "mlp", "feather-nm", {}, False),
-    ("cnn-feather", "cnn", "feather", {"sparsity": 0.9}, False),
+    ("cnn-gmp", "cnn", "gmp", {"sparsity": 0.9}, False),
     ("cnn-st3", "cnn", "st3", {"sparsity": 0.9}, False),
     ("cnn-sr-ste", "cnn", "sr-ste", {}, False),
     ("conv1d-st3", "conv1d", "st3", {"sparsity": 0.8}, False),
