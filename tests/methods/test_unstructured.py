@@ -476,10 +476,17 @@ def test_resume_across_the_fix_is_bit_identical(tiny_net, make_batches, train):
         opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
         return model, opt, st.Sparsifier(model, "st3", 0.8, total_steps=8, start=0, end=3, fix_at=5)
 
+    assert_resume_is_bit_identical(build, batches, (4, 6), train)  # just before the fix, and after it
+
+
+def assert_resume_is_bit_identical(build, batches, cuts, train):
+    """Train on ``batches`` in one go, and again stopped at each of ``cuts``: model, optimizer and
+    method saved with torch.save, loaded into a set-up built from another seed (``build(seed)``:
+    model, optimizer, method) and trained on; the finalized weights must be equal bit for bit."""
     model, opt, sp = build(0)
     train(model, sp, opt, batches)
     expected = sp.finalize().state_dict()
-    for cut in (4, 6):  # just before the fix, and after it
+    for cut in cuts:
         model, opt, sp = build(0)
         train(model, sp, opt, batches[:cut])
         buffer = io.BytesIO()
@@ -636,24 +643,7 @@ def test_update_every_resumes_bit_identically_from_inside_an_interval(tiny_net, 
         opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
         return model, opt, st.create(model, "feather", sparsity=0.8, total_steps=10, update_every=4)
 
-    model, opt, sp = build(0)
-    train(model, sp, opt, batches)
-    expected = sp.finalize().state_dict()
-    for cut in (4, 6):  # at an update, and two steps after one
-        model, opt, sp = build(0)
-        train(model, sp, opt, batches[:cut])
-        state = {"model": model.state_dict(), "opt": opt.state_dict(), "method": sp.state_dict()}
-        buffer = io.BytesIO()
-        torch.save(state, buffer)
-        buffer.seek(0)
-        state = torch.load(buffer, weights_only=True)
-        model, opt, sp = build(3)
-        sp.load_state_dict(state["method"])
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        train(model, sp, opt, batches[cut:])
-        got = sp.finalize().state_dict()
-        assert all(torch.equal(got[k], expected[k]) for k in expected), cut
+    assert_resume_is_bit_identical(build, batches, (4, 6), train)  # at an update, and two steps after one
 
 
 def test_update_every_is_a_setting_of_the_saved_state_and_checked(tiny_net):
