@@ -2,6 +2,7 @@
 removed channels."""
 
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -108,3 +109,59 @@ def test_nm_on_two_gloo_ranks_ends_identical_and_every_group_holds_the_pattern(t
     grouped = [v for k, v in weights[0].items() if k.endswith("weight") and v.dim() > 1 and has_groups(v.shape, 4)]
     assert len(grouped) == 21 and all(pattern_holds(w, 2, 4) for w in grouped)  # every layer but conv1
     assert [rec["sparsity"] for rec in ranks[0]["history"]] == [rec["sparsity"] for rec in ranks[1]["history"]]
+
+
+# -- FSDP2 from the command line ------------------------------------------------------------------------
+
+FSDP = ["--fsdp", "--epochs", 2, "--limit", 256, "--batch-size", 64, "--device", "cpu", "--workers", 1]
+DIE_AFTER_FIRST_CHECKPOINT = """
+import os, signal, sys
+from sparsetrain.run import folder
+save = folder.RunFolder.save_checkpoint
+def save_then_die(self, state):
+    save(self, state)
+    os.kill(os.getpid(), signal.SIGKILL)  # rank 0, right after the first epoch's checkpoint
+folder.RunFolder.save_checkpoint = save_then_die
+from sparsetrain.run.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("model, extra", [("resnet20", ["--model-arg", "width=0.25"]), ("vit-micro", [])])
+def test_fsdp_from_the_command_line_ends_exactly_sparse(tmp_path, model, extra):
+    done = torchrun("-m", "sparsetrain", "train", *FSDP, "--model", model, *extra, "--out", tmp_path, "--name", "run")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("final: test acc") == 1
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["options"]["fsdp"] is True
+    weights = load_file(str(tmp_path / "run" / "model.safetensors"))  # a plain model's weights, gathered whole
+    assert not any("parametrizations" in key for key in weights)
+    assert abs(config["metrics"]["sparsity"] - 0.9) < 1e-4  # round(0.9 N) / N
+
+
+def test_an_fsdp_run_killed_after_its_first_epoch_resumes_to_the_same_end(tmp_path):
+    args = ["--model-arg", "width=0.25", "--out", tmp_path]
+    straight = torchrun("-m", "sparsetrain", "train", *FSDP, *args, "--name", "straight")
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    dying = tmp_path / "dying.py"
+    dying.write_text(DIE_AFTER_FIRST_CHECKPOINT)
+    killed = torchrun(dying, "train", *FSDP, *args, "--name", "killed")
+    assert killed.returncode != 0 and (tmp_path / "killed" / "checkpoint.safetensors").is_file()
+    resumed = torchrun("-m", "sparsetrain", "train", "--resume", tmp_path / "killed", "--workers", 1)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a, b = load_file(str(tmp_path / "straight" / "model.safetensors")), load_file(str(tmp_path / "killed" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_gdp_under_fsdp_is_refused_naming_ddp(tmp_path):
+    done = torchrun("-m", "sparsetrain", "train", *FSDP, "--method", "gdp", "--model-arg", "width=0.25",
+                    "--out", tmp_path, "--name", "gdp")
+    assert re.search(r"exitcode\s*:\s*2\b", done.stderr), done.stderr[-3000:]  # each rank: a usage error
+    assert "gdp removes channels, which parameters sharded by FSDP (fully_shard) cannot follow; allowed: DDP" in done.stderr
+
+
+def test_fsdp_without_torchrun_is_a_usage_error(tmp_path, capsys):
+    from sparsetrain.run.cli import main
+
+    assert main(["train", *map(str, FSDP), "--out", str(tmp_path), "--name", "alone"]) == 2
+    assert "--fsdp shards the model across torchrun's processes; allowed: torchrun with 2 or more" in capsys.readouterr().err

@@ -160,6 +160,10 @@ def _add_training_options(parser: argparse.ArgumentParser, single_run: bool) -> 
     device = parser.add_argument_group("device")
     device.add_argument("--device", default=s, help="auto, cpu, cuda or cuda:N; default auto")
     device.add_argument("--workers", type=int, default=s, help="CPU threads for torch (0: torch's default)")
+    if single_run:
+        device.add_argument("--fsdp", action="store_true", default=s,
+                            help="under torchrun: shard the model with FSDP2 (fully_shard) instead of DDP "
+                                 "(unstructured and N:M methods)")
 
 
 MAX_CONFIG_BYTES = 1 << 20

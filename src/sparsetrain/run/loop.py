@@ -4,7 +4,9 @@ Every method is driven through the protocol of :mod:`sparsetrain.methods` and no
 ``create`` before the optimizer, ``bind``, ``before_optimizer_step`` and ``step`` around each
 optimizer step, ``finalize`` at the end, ``state_dict`` in every checkpoint.
 
-Under ``torchrun`` the run is data-parallel (DDP): the method keeps every rank's thresholds,
+Under ``torchrun`` the run is data-parallel (DDP, or FSDP2's ``fully_shard`` with ``fsdp``: every
+Linear and Conv2d layer and the root sharded after ``create()``, checkpoints and the final model
+gathered whole, so a run folder reads the same either way): the method keeps every rank's thresholds,
 masks and removed channels the same, the DDP wrapper is rebuilt when ``step()`` reports new
 shapes, and only rank 0 writes files.
 """
@@ -154,6 +156,8 @@ def _prepare(options: TrainOptions, folder: RunFolder, device: torch.device, ran
     method_options = options.method_options(len(train_loader))
     method = create(model, options.method, total_steps=total_steps, example_inputs=example_inputs, data=scoring,
                     **method_options)
+    if options.fsdp:
+        _shard(model, ranks)
     optimizer = make_optimizer(model, options)
     method.bind(optimizer)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(lr_factor, options, len(train_loader)))
@@ -172,6 +176,19 @@ def _prepare(options: TrainOptions, folder: RunFolder, device: torch.device, ran
             "total_steps": total_steps,
         })
     return setup
+
+
+def _shard(model: nn.Module, ranks: Distributed) -> None:
+    """FSDP2 over the torchrun job: every Linear and Conv2d layer sharded, then the root."""
+    from torch.distributed.fsdp import fully_shard
+
+    if ranks.world_size < 2:
+        raise ValueError("--fsdp shards the model across torchrun's processes; allowed: torchrun with 2 or more "
+                         "processes, or no --fsdp.")
+    for module in model.modules():
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            fully_shard(module)
+    fully_shard(model)
 
 
 def make_optimizer(model: nn.Module, options: TrainOptions) -> torch.optim.SGD:
@@ -229,6 +246,9 @@ def _restore(setup: Setup, state: Any) -> None:
         raise ValueError(f"the checkpoint's {bad} holds NaN or infinite values; allowed: a checkpoint of finite weights.")
     parts = [("method", setup.method.load_state_dict), ("model", partial(load_model_state, setup.model)),
              ("optimizer", setup.optimizer.load_state_dict), ("scheduler", setup.scheduler.load_state_dict)]
+    if setup.options.fsdp:  # model and optimizer into the shards together; the method then reads its ties off the weights
+        parts = [("model", partial(_set_whole_states, setup, optimizer_state=state["optimizer"])),
+                 ("method", setup.method.load_state_dict), ("scheduler", setup.scheduler.load_state_dict)]
     for key, load in parts:
         try:
             load(state[key])
@@ -251,11 +271,29 @@ def _diverged(step: int, loss: torch.Tensor, model: nn.Module) -> str:
             "or clip gradients); the last good checkpoint is kept.")
 
 
+def _whole_states(setup: Setup) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The model's and optimizer's states; under FSDP gathered whole on every rank (every rank calls)."""
+    if not setup.options.fsdp:
+        return setup.model.state_dict(), setup.optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    return get_state_dict(setup.model, setup.optimizer, options=StateDictOptions(full_state_dict=True))
+
+
+def _set_whole_states(setup: Setup, model_state: dict[str, Any], optimizer_state: dict[str, Any]) -> None:
+    """Load whole model and optimizer states (of :func:`_whole_states`, read by every rank) into the shards."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    set_state_dict(setup.model, setup.optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state,
+                   options=StateDictOptions(full_state_dict=True))
+
+
 def _checkpoint_state(setup: Setup, epoch: int) -> dict[str, Any]:
+    model, optimizer = _whole_states(setup)
     return {
         "epoch": epoch,
-        "model": setup.model.state_dict(),
-        "optimizer": setup.optimizer.state_dict(),
+        "model": model,
+        "optimizer": optimizer,
         "scheduler": setup.scheduler.state_dict(),
         "method": setup.method.state_dict(),
         "rng": torch.get_rng_state(),
@@ -298,8 +336,8 @@ def _mean_over_ranks(value: torch.Tensor, ranks: Distributed) -> float:
     return value.item()
 
 
-def _wrap(model: nn.Module, ranks: Distributed) -> nn.Module:
-    return DistributedDataParallel(model) if ranks.world_size > 1 else model
+def _wrap(model: nn.Module, ranks: Distributed, fsdp: bool) -> nn.Module:
+    return DistributedDataParallel(model) if ranks.world_size > 1 and not fsdp else model
 
 
 def fit(setup: Setup, log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -317,7 +355,7 @@ def _fit(setup: Setup, log: Callable[[str], None]) -> dict[str, Any]:
     show_progress = ranks.main and sys.stderr.isatty()
     record = model_record(options, setup.data.num_classes)
     dense = create_model(record["name"], **record["kwargs"])  # the registered model, for FLOPs and widths
-    net = _wrap(model, ranks)
+    net = _wrap(model, ranks, options.fsdp)
     if setup.notice:
         log(setup.notice)
     for epoch in range(setup.start_epoch, options.epochs):
@@ -338,7 +376,7 @@ def _fit(setup: Setup, log: Callable[[str], None]) -> dict[str, Any]:
             optimizer.step()
             setup.scheduler.step()
             if method.step():  # parameter shapes changed: DDP must see the new ones
-                net = _wrap(model, ranks)
+                net = _wrap(model, ranks, options.fsdp)
             loss_sum += loss.detach()
         train_loss = _mean_over_ranks(loss_sum / len(setup.train_loader), ranks)
         train_time = time.perf_counter() - start
@@ -355,12 +393,13 @@ def _fit(setup: Setup, log: Callable[[str], None]) -> dict[str, Any]:
             "epoch_time": time.perf_counter() - start,
         }
         setup.history.append(entry)
-        bad = first_non_finite(model.state_dict())
+        state = _checkpoint_state(setup, epoch + 1) if ranks.main or options.fsdp else None  # FSDP: every rank gathers
+        bad = first_non_finite(state["model"] if state is not None else model.state_dict())
         if bad is not None:
             raise FloatingPointError(f"epoch {epoch + 1}: {bad} holds NaN or infinite values; allowed: finite weights "
                                      "(lower the learning rate or clip gradients); the last good checkpoint is kept.")
         if ranks.main:
-            setup.folder.save_checkpoint(_checkpoint_state(setup, epoch + 1))
+            setup.folder.save_checkpoint(state)
             setup.folder.write_metrics(setup.history)
             log(format_record(entry, options.epochs))
             if writer is not None:
@@ -394,6 +433,11 @@ def _finish(setup: Setup, dense: nn.Module, log: Callable[[str], None]) -> dict[
     options, folder = setup.options, setup.folder
     dense_flops = count_flops(dense, setup.example_inputs[:1].cpu())
     model = setup.method.finalize()
+    if options.fsdp:  # the finalized shards gathered into a plain model, on every rank
+        record = model_record(options, setup.data.num_classes)
+        plain = create_model(record["name"], **record["kwargs"]).to(setup.device)
+        plain.load_state_dict(_whole_states(setup)[0])
+        model = plain
     test_loss, test_acc = evaluate(model, setup.test_loader)
     report = sparsity_report(model)
     final = {

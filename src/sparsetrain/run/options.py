@@ -81,6 +81,7 @@ class TrainOptions:
     seed: int = 0
     device: str = "auto"
     workers: int = 0
+    fsdp: bool = False
     limit: int | None = None
     name: str | None = None
     out: str = "runs"
@@ -127,6 +128,8 @@ class TrainOptions:
         _check_number("stop_at", self.stop_at, int, minimum=1, optional=True)
         _check_number("seed", self.seed, int, minimum=0)
         _check_number("workers", self.workers, int, minimum=0, maximum=MAX_WORKERS)
+        if not isinstance(self.fsdp, bool):
+            raise ValueError(f"fsdp={shown(self.fsdp)} is not allowed; allowed: true or false.")
         _check_number("limit", self.limit, int, minimum=1, optional=True)
         if self.epochs is None:
             object.__setattr__(self, "epochs", DEFAULT_EPOCHS[self.dataset])
