@@ -82,9 +82,9 @@ def threshold_operator(w: Tensor, threshold: Threshold, p: float, magnitude: Ten
 
 def root_(x: Tensor, p: int) -> Tensor:
     """x^(1/p) in place, for x >= 0: the cube root of a CPU float32/float64 tensor through numpy's
-    ``cbrt`` (within an ulp, about four times faster than ``pow``), any other root (and any root
-    while torch.compile traces) through ``pow_``."""
-    cpu_float = x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
+    ``cbrt`` (within an ulp, about four times faster than ``pow``), any other root (and any root of
+    a tensor subclass such as a DTensor, or while torch.compile traces) through ``pow_``."""
+    cpu_float = type(x) is Tensor and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
     if p == 3 and cpu_float and not torch.compiler.is_compiling():
         array = x.numpy()
         np.cbrt(array, out=array)

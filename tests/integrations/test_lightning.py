@@ -126,6 +126,24 @@ def test_gradient_accumulation_advances_the_schedule_once_per_optimizer_step():
 
 
 @pytest.mark.slow
+def test_fsdp_through_model_parallel_strategy_ends_exactly_sparse_and_identical(tmp_path):
+    """The model sharded by FSDP2 in configure_model (after the callback's create() in setup, before
+    the optimizer and bind()): the gathered weights hold exactly round(0.9 N) zeros on both ranks."""
+    import sparsetrain as st
+
+    script = Path(__file__).with_name("lightning_fsdp_run.py")
+    done = subprocess.run([sys.executable, "-u", str(script), str(tmp_path)], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert all(torch.equal(ranks[0]["weights"][k], ranks[1]["weights"][k]) for k in ranks[0]["weights"])
+    prunable = [f"net.{name}.weight" for name, _ in st.find_prunable(Classifier().net)]
+    weights = [ranks[0]["weights"][key] for key in prunable]
+    assert sum(int((w == 0).sum()) for w in weights) == round(0.9 * sum(w.numel() for w in weights))
+    assert "FSDPConv2d" in ranks[0]["classes"] and not any("Parametrized" in c for c in ranks[0]["classes"])
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["frs"])  # the hardest case: channels removed, DDP rebuilt, on both ranks
 def test_ddp_ranks_end_identical(tmp_path, method):
     script = Path(__file__).with_name("lightning_ddp_run.py")
