@@ -35,6 +35,10 @@ weights: no shift, no rescale, gradient only on the kept weights, thresholds no 
 A weight shared by several layers (one Parameter in two modules) is one weight: counted
 once, thresholded once, finalized once.
 
+Weights sharded by FSDP2 (``fully_shard`` after ``create()``, seen at ``bind()``) are selected over
+every rank's shards (:mod:`.sharding`); under ``torch.compile`` the forward reads T and the pruned
+ties as fixed-shape tensors (:class:`SparseWeight`), so changing them recompiles nothing.
+
 | preset      | operator | theta                          | rescale | scope  | cubic schedule   |
 |-------------|----------|--------------------------------|---------|--------|------------------|
 | feather     | p = 3    | 0.5 if s_f > 0.95 else 1.0     | no      | global | 0 -> 1/2         |
