@@ -24,7 +24,7 @@ from sparsetrain.models import create_model
 dist.init_process_group("gloo")
 torch.manual_seed(0)
 model = create_model("vit-micro")
-method = st.create(model, "feather", sparsity=0.9, total_steps=20)
+method = st.create(model, "feather", sparsity=0.9, total_steps=12)
 for layer in model.modules():
     if isinstance(layer, (torch.nn.Linear, torch.nn.Conv2d)):
         fully_shard(layer)
@@ -34,7 +34,7 @@ method.bind(optimizer)
 gen = torch.Generator().manual_seed(dist.get_rank())  # each rank its own batches
 checkpoint = [tempfile.mkdtemp() if dist.get_rank() == 0 else None]
 dist.broadcast_object_list(checkpoint)  # one folder for every rank's part of the checkpoint
-for step in range(20):
+for step in range(12):
     x, y = torch.randn(16, 3, 32, 32, generator=gen), torch.randint(0, 10, (16,), generator=gen)
     loss = F.cross_entropy(model(x), y)
     optimizer.zero_grad()
@@ -42,7 +42,7 @@ for step in range(20):
     method.before_optimizer_step()
     optimizer.step()
     method.step()
-    if step == 9:
+    if step == 5:
         model_state, optimizer_state = get_state_dict(model, optimizer)
         dcp.save({"model": model_state, "optimizer": optimizer_state, "method": method.state_dict()},
                  checkpoint_id=checkpoint[0])

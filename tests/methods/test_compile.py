@@ -89,16 +89,16 @@ def test_tie_masks_appearing_and_moving_recompile_nothing_and_prune_the_same_ent
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model_name", ["resnet20", "vit-micro"])
-@pytest.mark.parametrize("method", ["feather", "st3", "sr-ste"])
+@pytest.mark.parametrize("model_name, method", [("resnet20", "feather"), ("vit-micro", "feather"),
+                                                ("vit-micro", "st3"), ("resnet20", "sr-ste")])
 def test_zoo_models_compile_with_the_dense_graph_count(model_name, method):
-    """Through AOT autograd (the straight-through Function's backward traced too) for feather, through
-    dynamo alone for the others (the graph counts are dynamo's)."""
+    """Through AOT autograd (the straight-through Function's backward traced too) for feather on
+    ResNet-20, through dynamo alone for the others (the graph counts are dynamo's)."""
     def build():
         torch.manual_seed(0)
         return create_model(model_name, **({"width": 0.25} if model_name == "resnet20" else {}))
 
-    backend = "aot_eager" if method == "feather" else "eager"
+    backend = "aot_eager" if method == "feather" and model_name == "resnet20" else "eager"
     dense_graphs = run(build, "dense", backend, 6, images)[2]
     eager, compiled = run(build, method, None, 6, images), run(build, method, backend, 6, images)
     assert compiled[3] == 0
