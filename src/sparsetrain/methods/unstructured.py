@@ -14,9 +14,9 @@ Threshold timing: the forward pass of step t uses the threshold that makes the w
 they stand before step t exactly s(t) sparse. ``step()``, called right after
 ``optimizer.step()``, advances t and recomputes T from the updated weights. With
 ``update_every=k`` it does so only when t is a multiple of k (for s(t)); in between T, the ties and
-the rescales stay as they are, and ``finalize()`` recomputes them from the final weights first. When the model's
-forward starts, every forward weight is computed at once (the layers then find theirs ready);
-a layer called on its own computes its weight as it reads it.
+the rescales stay as they are, and ``finalize()`` recomputes them from the final weights first.
+When the model's forward starts, every forward weight is computed at once (the layers then find
+theirs ready); a layer called on its own computes its weight as it reads it.
 
 N:M scope (``scope="nm"``, ``n``, ``m``): the threshold is per group of M consecutive weights
 along the input dimension (:mod:`sparsetrain.nm`; dimension 0 of a weight stored (in, out), such as
