@@ -344,7 +344,7 @@ class SparseWeight(nn.Module):
         self.register_buffer("rescale", None, persistent=False)
         self.register_buffer("ties", None, persistent=False)
         self.register_buffer("mask", None, persistent=False)  # the kept weights, once fixed
-        self.register_buffer("limit", torch.zeros(()), persistent=False)  # T as a tensor
+        self.limit = torch.zeros(())  # T as a tensor; not a buffer, which DDP would broadcast at every forward
         self.register_buffer("tie_value", torch.zeros(()), persistent=False)
         self.register_buffer("tie_count", torch.zeros((), dtype=torch.long), persistent=False)
         # Under FSDP2 (see :mod:`.sharding`), set by the Sparsifier: the forward works on the unsharded weight.
