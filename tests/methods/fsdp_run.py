@@ -31,6 +31,8 @@ CASES = [  # (name, model, method, options, tied)
     ("cnn-sr-ste", "cnn", "sr-ste", {}, False),
     ("conv1d-st3", "conv1d", "st3", {"sparsity": 0.8}, False),
     ("conv1d-feather-nm", "conv1d", "feather-nm", {}, False),
+    ("gpt2-feather", "gpt2", "feather", {"sparsity": 0.9}, False),
+    ("llama-sr-ste", "llama", "sr-ste", {}, False),
     ("tied-feather", "mlp", "feather", {"sparsity": 0.6, "start": 2}, True),
     ("tied-st3-sigma", "mlp", "st3-sigma", {"sparsity": 0.6, "start": 2}, True),
 ]
@@ -58,7 +60,28 @@ def conv1d() -> nn.Module:
     return nn.Sequential(Conv1D(96, 48), nn.ReLU(), Conv1D(12, 96))
 
 
+def gpt2() -> nn.Module:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    return GPT2LMHeadModel(GPT2Config(vocab_size=100, n_positions=32, n_embd=32, n_layer=2, n_head=2))
+
+
+def llama() -> nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    return LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32))
+
+
+def loss_of(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of a classifier, or a causal language model's own loss on token ids ``x``."""
+    return model(input_ids=x, labels=x).loss if hasattr(model, "get_output_embeddings") else F.cross_entropy(model(x), y)
+
+
 def batch(model_name: str, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    if model_name in ("gpt2", "llama"):
+        ids = torch.randint(0, 100, (4, 16), generator=gen)
+        return ids, ids
     width = {"mlp": 32, "conv1d": 48}
     x = torch.randn(8, width[model_name], generator=gen) if model_name in width else torch.randn(4, 3, 8, 8, generator=gen)
     return x, torch.randint(0, 12, (len(x),), generator=gen)
@@ -66,15 +89,16 @@ def batch(model_name: str, gen: torch.Generator) -> tuple[torch.Tensor, torch.Te
 
 def run(name: str, model_name: str, method: str, options: dict, tied: bool, rank: int) -> dict:
     torch.manual_seed(0)
-    model = {"mlp": mlp, "cnn": CNN, "conv1d": conv1d}[model_name]()
+    model = {"mlp": mlp, "cnn": CNN, "conv1d": conv1d, "gpt2": gpt2, "llama": llama}[model_name]()
     if tied:  # magnitudes on a grid of 1/32, kept there (lr 0): ties straddle the k-th position across shards
         with torch.no_grad():
             for p in model.parameters():
                 p.copy_((p * 32).round() / 32)
     method_object = st.create(model, method, total_steps=STEPS, **options)
     for module in model.modules():
-        if isinstance(module, (nn.Linear, nn.Conv2d)) or type(module).__name__ == "Conv1D":
-            fully_shard(module)
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        if (isinstance(module, (nn.Linear, nn.Conv2d)) or type(module).__name__ == "Conv1D") and module is not head:
+            fully_shard(module)  # a language model's head stays with the root, beside the embedding it may share
     fully_shard(model)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0 if tied else 0.05, momentum=0.9)
     method_object.bind(optimizer)
@@ -82,7 +106,7 @@ def run(name: str, model_name: str, method: str, options: dict, tied: bool, rank
     thresholds, tie_steps = [], 0
     for _ in range(STEPS):
         x, y = batch(model_name, gen)
-        loss = F.cross_entropy(model(x), y)
+        loss = loss_of(model, x, y)
         optimizer.zero_grad()
         loss.backward()
         method_object.before_optimizer_step()
@@ -99,7 +123,7 @@ def run(name: str, model_name: str, method: str, options: dict, tied: bool, rank
     weights = {key: p.full_tensor() for key, p in finalized.named_parameters()}
     torch.save(weights, f"{sys.argv[1]}/{name}-rank{rank}.pt")
     x, y = batch(model_name, gen)  # the finalized model is an ordinary FSDP model: it still trains
-    loss = F.cross_entropy(finalized(x), y)
+    loss = loss_of(finalized, x, y)
     loss.backward()
     return {"thresholds": thresholds, "tie_steps": tie_steps, "sparsity": sparsity, "target": method_object.schedule.final,
             "n": method_object.numel(), "layers": [n for n, _, _ in method_object.layer_stats()],
