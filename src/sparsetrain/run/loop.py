@@ -434,9 +434,11 @@ def _finish(setup: Setup, dense: nn.Module, log: Callable[[str], None]) -> dict[
     dense_flops = count_flops(dense, setup.example_inputs[:1].cpu())
     model = setup.method.finalize()
     if options.fsdp:  # the finalized shards gathered into a plain model, on every rank
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
         record = model_record(options, setup.data.num_classes)
         plain = create_model(record["name"], **record["kwargs"]).to(setup.device)
-        plain.load_state_dict(_whole_states(setup)[0])
+        plain.load_state_dict(get_model_state_dict(model, options=StateDictOptions(full_state_dict=True)))
         model = plain
     test_loss, test_acc = evaluate(model, setup.test_loader)
     report = sparsity_report(model)
