@@ -568,6 +568,8 @@ class Sparsifier(Method):
                 self._holders.append(module)
                 self._transposed.append(stores_transposed(module))
             self._owner.append(first[key])
+        # each distinct weight as its layer holds it; read again at bind(), as fully_shard replaces them
+        self._weights: list[Tensor] = [module.weight for module in self._holders]
         self._params: list[SparseWeight] = []
         for w in self._weights:
             norm = 1.0 / layer_sigma(w.shape) if self.config.scope == "sigma" else 1.0
@@ -580,12 +582,6 @@ class Sparsifier(Method):
         self.refresh()
 
     # -- reading the state -------------------------------------------------------------
-
-    @property
-    def _weights(self) -> list[Tensor]:
-        """Each distinct prunable weight as its layer holds it now (FSDP2's ``fully_shard`` replaces
-        the Parameters by sharded ones after ``create()``)."""
-        return [_weight_of(module) for module in self._holders]
 
     @property
     def method(self) -> str:
@@ -680,11 +676,10 @@ class Sparsifier(Method):
         where the compiler fuses each layer's work."""
         if torch.compiler.is_compiling() or self._params[0].sharded:
             return
-        weights = self._weights
-        if is_sharded(weights[0]):
+        if is_sharded(_weight_of(self._holders[0])):
             raise RuntimeError("the model was sharded by fully_shard after create(), but bind() has not seen it; "
                                "allowed: bind(optimizer) after fully_shard and before the first forward.")
-        for param, w in zip(self._params, weights):
+        for param, w in zip(self._params, self._weights):
             param.prepare(w)
 
     def _release(self, model: nn.Module, args: Any, output: Any) -> None:
@@ -701,7 +696,7 @@ class Sparsifier(Method):
         """Remember the optimizer; if FSDP2 has sharded the weights since ``create()``, take over
         the sharded weights: thresholds selected again across the shards (the same values)."""
         super().bind(optimizer)
-        weights = self._weights
+        self._weights = weights = [_weight_of(module) for module in self._holders]
         group = shard_group(weights, self.names)
         if group is not None and not self.fixed:
             self._reselect_sharded(self.target, weights, group)
