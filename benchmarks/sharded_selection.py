@@ -12,7 +12,9 @@ by wrapping the module's chunk reader, over the local entries; the bracket's sam
 65,536 / ranks entries per rank aside) and whether the bracket held position k or the radix fallback
 decided (wrapped to count its calls). Before timing, every rank
 checks that its result equals ``select`` on the concatenation of all shards (the full weights).
-Memory is not measured.
+Memory: the peak resident bytes of one call beyond what the process held before it (Linux's VmHWM,
+reset through /proc/self/clear_refs), on the largest rank; large allocations are mapped and unmapped
+one by one (``MALLOC_MMAP_THRESHOLD_``) so freed memory does not stay resident between calls.
 
     python benchmarks/sharded_selection.py [--ranks 2] [--weights 25600000] [--layers 50]
                                            [--sparsity 0.9] [--repeats 5]
@@ -98,6 +100,22 @@ def check(got, want, rank: int, world: int) -> None:
         assert (mask is None) == (part is None) and (mask is None or torch.equal(mask, part))
 
 
+def _status(field: str) -> int:
+    """A field of /proc/self/status in bytes (VmRSS: resident now; VmHWM: the peak since the last reset)."""
+    with open("/proc/self/status") as status:
+        line = next(line for line in status if line.startswith(field + ":"))
+    return int(line.split()[1]) * 1024
+
+
+def peak_extra(call) -> int:
+    """Peak resident bytes during ``call()`` beyond the resident bytes before it."""
+    with open("/proc/self/clear_refs", "w") as refs:
+        refs.write("5")  # VmHWM := VmRSS
+    before = _status("VmRSS")
+    call()
+    return _status("VmHWM") - before
+
+
 def timed(call, repeats: int, barrier: bool) -> float:
     call()  # warm-up
     times = []
@@ -124,6 +142,8 @@ def worker(args: argparse.Namespace) -> None:
     alone = timed(lambda: select(shards, args.sparsity, "global"), args.repeats, barrier=False) if rank == 0 else 0.0
     slowest = torch.tensor(sharded)
     dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
+    extra = torch.tensor(peak_extra(lambda: sharded_selection.select_sharded(shards, args.sparsity)))
+    dist.all_reduce(extra, op=dist.ReduceOp.MAX)
     calls, read, fallbacks = counting()
     sharded_selection.select_sharded(shards, args.sparsity)
     if rank == 0:
@@ -133,6 +153,9 @@ def worker(args: argparse.Namespace) -> None:
         print(f"select on rank 0's shards only median {alone * 1e3:8.1f} ms")
         path = "radix fallback (the bracket missed)" if fallbacks[0] else "bracket from the gathered sample"
         print(f"collective rounds per call: {calls[0]}; passes over rank 0's shards: {read[0] / local:.2f}; path: {path}")
+        shard_bytes = local * 4
+        print(f"peak memory of one call beyond the shards: {extra.item() / 2**20:.2f} MiB (largest rank) = "
+              f"{100 * extra.item() / shard_bytes:.2f} % of rank 0's shards ({shard_bytes / 2**20:.1f} MiB)")
     dist.destroy_process_group()
 
 
@@ -142,7 +165,7 @@ def main() -> None:
         worker(args)
         return
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.ranks}", __file__, *sys.argv[1:]]
-    sys.exit(subprocess.run(command, check=False, env={**os.environ, "OMP_NUM_THREADS": "1"}).returncode)
+    sys.exit(subprocess.run(command, check=False, env={**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536"}).returncode)
 
 
 if __name__ == "__main__":

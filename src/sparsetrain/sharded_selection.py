@@ -94,20 +94,21 @@ def _gather(values: np.ndarray, device: torch.device, group: dist.ProcessGroup |
     if world == 1:
         return values[None]
     local = torch.from_numpy(values).to(device)
-    table = [torch.empty_like(local) for _ in range(world)]
-    dist.all_gather(table, local, group=group)
-    return torch.stack(table).cpu().numpy()
+    table = local.new_empty((world, *local.shape))
+    dist.all_gather(list(table.unbind(0)), local, group=group)  # into the rows: no stacked copy
+    return table.cpu().numpy()
 
 
 # -- bracket first ------------------------------------------------------------------------
 
 
 class _Split(NamedTuple):
-    """One pass over the local shards against a bracket [lo, hi]."""
+    """One pass over the local shards against a bracket [lo, hi] cut into buckets by ``edges``."""
 
     below: int  # entries < lo
     counts: list[int]  # entries in [lo, hi], per layer
-    values: np.ndarray  # those entries in layer, then flat order (only when at most a budget in all)
+    histogram: np.ndarray  # entries in [lo, hi] per bucket: bucket j holds edges[j - 1] < x <= edges[j]
+    parts: list[tuple[int, np.ndarray]]  # (layer, entries in [lo, hi]), in layer then flat order, kept while at most a budget
     valid: bool  # no negative or NaN entry
 
 
@@ -120,18 +121,25 @@ def _bracketed(magnitudes: Sequence[Tensor], sparsity: float, dtype: torch.dtype
     k = prune_count(sparsity, n)
     if k == 0:
         return _unpruned(layers)
-    lo, hi, margin = _bracket(samples, size, k)
+    lo, hi, margin, edges = _bracket(samples, size, k)
+    del samples  # O(2^16) entries: freed before the pass
     budget = _budget(margin)
-    split = _split(magnitudes, torch.promote_types(dtype, torch.float32), lo, hi, budget)
-    counts = _gather(np.array([split.below, split.valid, *split.counts], dtype=np.float64), device, group, world)  # round 2
-    below, inside = int(counts[:, 0].sum()), counts[:, 2:].astype(np.int64)
+    split = _split(magnitudes, torch.promote_types(dtype, torch.float32), lo, hi, budget, edges)
+    layout = np.array([split.below, split.valid, *split.counts, *split.histogram], dtype=np.float64)
+    counts = _gather(layout, device, group, world)  # round 2
+    below, inside = int(counts[:, 0].sum()), counts[:, 2 : 2 + layers].astype(np.int64)
     if not counts[:, 1].all() or inside.sum() > budget or not 1 <= k - below <= inside.sum():
         return None
-    held = inside.sum(1)
-    padded = np.full(held.max(), np.inf, dtype=split.values.dtype)
-    padded[: len(split.values)] = split.values
-    values = _gather(padded, device, group, world)  # round 3
-    found = _select_inside([row[:h] for row, h in zip(values, held)], inside, k - below, below > 0)
+    histogram = counts[:, 2 + layers :].astype(np.int64)
+    bucket = int(np.searchsorted(histogram.sum(0).cumsum(), k - below))  # the bucket holding position k
+    before = below + int(histogram[:, :bucket].sum())
+    held = histogram[:, bucket]
+    row = np.full(1 + layers + held.max(), np.inf)
+    previous, layer_counts, values = _in_bucket(split.parts, edges, bucket, layers)
+    row[0], row[1 : 1 + layers], row[1 + layers : 1 + layers + len(values)] = previous, layer_counts, values
+    table = _gather(row, device, group, world)  # round 3
+    found = _select_inside([entries[1 + layers : 1 + layers + h] for entries, h in zip(table, held)],
+                           table[:, 1 : 1 + layers].astype(np.int64), k - before, float(table[:, 0].max()), before > 0)
     if found is None:
         return None
     value, threshold, tied, count = found
@@ -139,9 +147,13 @@ def _bracketed(magnitudes: Sequence[Tensor], sparsity: float, dtype: torch.dtype
         return Selection([value] * layers, [None] * layers)
     keys = _KEYS[dtype]
     key = _key(value, dtype, keys)
-    takes = _takes(torch.from_numpy(tied), dist.get_rank(group) if world > 1 else 0, count)
+    takes = _takes(torch.from_numpy(tied), _rank(group, world), count)
     ties = [_tie_mask(m, dtype, keys, key, take) if take else None for m, take in zip(magnitudes, takes)]
     return Selection([threshold] * layers, ties)
+
+
+def _rank(group: dist.ProcessGroup | None, world: int) -> int:
+    return dist.get_rank(group) if world > 1 else 0
 
 
 def _sample(magnitudes: Sequence[Tensor], size: int) -> np.ndarray:
@@ -160,16 +172,22 @@ def _sample(magnitudes: Sequence[Tensor], size: int) -> np.ndarray:
             else:
                 parts.append(m[torch.unravel_index(torch.arange(start, stop, stride, device=m.device), m.shape)])
         offset += m.numel()
-    taken = np.sort(torch.cat(parts).to(torch.float64).cpu().numpy()) if parts else np.empty(0)
-    return np.concatenate([[n], taken, np.full(size - len(taken), np.inf)])
+    row = np.full(1 + size, np.inf)
+    row[0] = n
+    if parts:
+        taken = row[1 : 1 + sum(len(part) for part in parts)]
+        torch.from_numpy(taken).copy_(torch.cat(parts))  # widened to float64 as it is copied
+        taken.sort()
+    return row
 
 
-def _bracket(samples: np.ndarray, size: int, k: int) -> tuple[float, float, float]:
-    """(lo, hi, margin): a bracket around the k-th smallest of all entries from the gathered ``samples``
+def _bracket(samples: np.ndarray, size: int, k: int) -> tuple[float, float, float, np.ndarray]:
+    """(lo, hi, margin, edges): a bracket around the k-th smallest of all entries from the gathered ``samples``
     (a row per rank, as :func:`_sample` makes it), ``margin`` entries beyond k on either side by the
     samples' estimate of #(m <= x): 4 standard deviations + 8 sampled entries (``_MARGIN``). hi is the
     first sampled value whose estimate reaches k + margin; lo the largest sampled value below the
-    first one whose estimate exceeds k - margin, so that v > lo unless the bracket misses."""
+    first one whose estimate exceeds k - margin, so that v > lo unless the bracket misses; the edges of
+    its buckets are the distinct sampled values strictly between lo and hi."""
     counts = samples[:, 0]
     taken = np.minimum(counts, size).astype(np.int64)
     rows = [row[1 : 1 + t] for row, t in zip(samples, taken) if t]
@@ -181,12 +199,14 @@ def _bracket(samples: np.ndarray, size: int, k: int) -> tuple[float, float, floa
     q = k / counts.sum()
     spread = q * (1.0 - q) * float(np.sum(counts[taken > 0] * (weight - 1.0)))  # variance of a count, without replacement
     margin = _MARGIN[0] * math.sqrt(spread) + _MARGIN[1] * float(weight.max())
-    values = np.sort(np.concatenate(rows))
+    values = np.concatenate(rows)
+    values.sort()
     first = min(_first(values, lambda x: through(x) > k - margin), len(values) - 1)
     start = int(np.searchsorted(values, values[first], side="left"))
     last = _first(values, lambda x: through(x) >= k + margin)
     lo = float(values[start - 1]) if start else -math.inf
-    return lo, float(values[last]) if last < len(values) else math.inf, margin
+    hi = float(values[last]) if last < len(values) else math.inf
+    return lo, hi, margin, np.unique(values[(values > lo) & (values < hi)])
 
 
 def _first(values: np.ndarray, holds: Callable[[float], bool]) -> int:
@@ -204,15 +224,17 @@ def _budget(margin: float) -> int:
     return 4 * math.ceil(margin) + _SPARE
 
 
-def _split(magnitudes: Sequence[Tensor], wide: torch.dtype, lo: float, hi: float, budget: int) -> _Split:
-    """Count the entries below lo, and those in [lo, hi] per layer, keeping these (in ``wide``) while
-    they number at most ``budget`` in all; on the CPU compare, count and gather each cache-sized
-    piece (``_SPLIT`` entries) of a chunk in numpy while it is in cache, into reused masks (see
-    ``_split_numpy`` in :mod:`.selection`)."""
+def _split(magnitudes: Sequence[Tensor], wide: torch.dtype, lo: float, hi: float, budget: int,
+           edges: np.ndarray) -> _Split:
+    """Count the entries below lo, and those in [lo, hi] per layer and per bucket, keeping these (in
+    ``wide``) while they number at most ``budget`` in all; on the CPU compare, count and gather each
+    cache-sized piece (``_SPLIT`` entries) of a chunk in numpy while it is in cache, into reused masks
+    (see ``_split_numpy`` in :mod:`.selection`)."""
     cpu = magnitudes[0].device.type == "cpu"
     low, mid = np.empty(_SPLIT, dtype=bool), np.empty(_SPLIT, dtype=bool)
+    histogram = np.zeros(len(edges) + 1, dtype=np.int64)
     below, counts, parts, valid, total = 0, [], [], True, 0
-    for m in magnitudes:
+    for layer, m in enumerate(magnitudes):
         count = 0
         for _, chunk in _chunks(m):
             entries = chunk.to(wide).numpy() if cpu else chunk.to(wide)
@@ -221,11 +243,29 @@ def _split(magnitudes: Sequence[Tensor], wide: torch.dtype, lo: float, hi: float
                 under, mask, least = _marks_numpy(piece, lo, hi, low, mid) if cpu else _marks_torch(piece, lo, hi)
                 part = piece[mask]
                 below, count, total, valid = below + under, count + len(part), total + len(part), valid and least >= 0.0
-                if total <= budget:
-                    parts.append(part if cpu else part.cpu().numpy())
+                if total <= budget and len(part):
+                    part = part if cpu else part.cpu().numpy()
+                    histogram += np.bincount(np.searchsorted(edges, part), minlength=len(histogram))
+                    parts.append((layer, part))
         counts.append(count)
-    values = np.concatenate(parts) if parts else np.empty(0, dtype=torch.empty(0, dtype=wide).numpy().dtype)
-    return _Split(below, counts, values, valid)
+    return _Split(below, counts, histogram, parts, valid)
+
+
+def _in_bucket(parts: Sequence[tuple[int, np.ndarray]], edges: np.ndarray, bucket: int, layers: int
+               ) -> tuple[float, np.ndarray, np.ndarray]:
+    """(the largest kept entry below the bucket, -inf if none; the bucket's entries per layer; those
+    entries in layer then flat order)."""
+    low = edges[bucket - 1] if bucket else -math.inf
+    high = edges[bucket] if bucket < len(edges) else math.inf
+    previous, counts, values = -math.inf, np.zeros(layers, dtype=np.int64), []
+    for layer, part in parts:
+        under = part[part <= low]
+        if len(under):
+            previous = max(previous, float(under.max()))
+        inside = part[(part > low) & (part <= high)]
+        counts[layer] += len(inside)
+        values.append(inside)
+    return previous, counts, np.concatenate(values) if values else np.empty(0)
 
 
 def _marks_numpy(a: np.ndarray, lo: float, hi: float, low: np.ndarray, mid: np.ndarray) -> tuple[int, np.ndarray, float]:
@@ -241,21 +281,28 @@ def _marks_torch(a: Tensor, lo: float, hi: float) -> tuple[int, Tensor, float]:
     return int((a < lo).sum()), (a >= lo) & (a <= hi), float(a.min())
 
 
-def _select_inside(values: list[np.ndarray], inside: np.ndarray, r: int, lower: bool) -> tuple[float, float, np.ndarray | None, int] | None:
-    """From every rank's entries inside the bracket (``inside``: their counts, ranks x layers) and
-    r = k - #(below lo): (v, the threshold, None or the counts of entries equal to v (ranks x layers)
-    when ties straddle k, how many of these to prune). None when ties straddle k, no entry inside
-    lies below v and some lie below lo (``lower``): the largest magnitude below v is not among them."""
+def _select_inside(values: list[np.ndarray], inside: np.ndarray, r: int, previous: float, lower: bool
+                   ) -> tuple[float, float, np.ndarray | None, int] | None:
+    """From every rank's entries in the bucket holding position k (``inside``: their counts, ranks x
+    layers), r = k - #(entries below the bucket) and ``previous``, the largest entry of the bracket
+    below the bucket (-inf: none): (v, the threshold, None or the counts of entries equal to v (ranks x
+    layers) when ties straddle k, how many of these to prune). None when ties straddle k, no entry of
+    the bracket lies below v and some lie below lo (``lower``): the largest magnitude below v is unknown."""
     union = np.concatenate(values)
     part = np.partition(union, r - 1)
     value = float(part[r - 1]) + 0.0  # + 0.0: -0.0 reads as 0.0
-    smaller = part[: r - 1]  # holds every entry below v
+    smaller = part[: r - 1]  # holds every entry of the bucket below v
     less = int(np.count_nonzero(smaller < value))
     if less + int(np.count_nonzero(union == value)) == r:
         return value, value, None, 0
-    if not less and lower:
+    if less:
+        threshold = float(np.partition(smaller, less - 1)[less - 1]) + 0.0  # the less smallest: those below v
+    elif previous > -math.inf:
+        threshold = previous + 0.0
+    elif lower:
         return None
-    threshold = float(np.partition(smaller, less - 1)[less - 1]) + 0.0 if less else 0.0  # the less smallest: those below v
+    else:
+        threshold = 0.0
     tied = np.stack([_layer_counts(np.flatnonzero(row == value), sizes) for row, sizes in zip(values, inside)])
     return value, threshold, tied, r - less
 
