@@ -10,6 +10,7 @@ from sparsetrain.selection import (
     Selection,
     _bracketed,
     _split_numpy,
+    erk_counts,
     kth_smallest,
     layer_sigma,
     prune_count,
@@ -217,6 +218,32 @@ def test_without_ties_the_threshold_is_the_kth_smallest(scope):
     groups = [[m] for m in magnitudes] if scope == "layer" else [magnitudes] * 3
     expected = [reference_kth(g, prune_count(0.8, sum(m.numel() for m in g))) for g in groups]
     assert selection.thresholds == expected
+
+
+def test_erk_counts_by_hand():
+    # (4, 2): N 8, score 6/8; (10, 10): N 100, score 20/100. s = 0.5 keeps 54: eps = 54 / 26 gives the
+    # first layer a density 1.56 >= 1, so it stays dense and eps = (54 - 8) / 20 = 2.3 keeps 46 of the second.
+    assert erk_counts([(4, 2), (10, 10)], 0.5) == [0, 54]
+    # (3, 3): score 6/9; (5, 5): score 10/25. s = 0.9 of 34 prunes 31, keeps 3: eps = 3 / 16 keeps 1.125 and
+    # 1.875; floors 1 + 1, the one left to the larger remainder (the second layer).
+    assert erk_counts([(3, 3), (5, 5)], 0.9) == [8, 23]
+    assert erk_counts([(3, 3), (5, 5)], 0.0) == [0, 0]
+    assert erk_counts([(3, 3), (5, 5)], 1.0) == [9, 25]
+
+
+@pytest.mark.parametrize("sparsity", [0.3, 0.9, 0.98, 0.999])
+def test_erk_scope_prunes_exactly_k_overall_and_its_counts_per_layer(sparsity):
+    shapes = [(16, 3, 3, 3), (16, 16, 3, 3), (64, 32, 3, 3), (64, 64, 3, 3), (10, 64)]
+    gen = torch.Generator().manual_seed(3)
+    magnitudes = [torch.rand(shape, generator=gen) for shape in shapes]
+    counts = erk_counts(shapes, sparsity)
+    total = sum(m.numel() for m in magnitudes)
+    assert sum(counts) == prune_count(sparsity, total)
+    assert all(0 <= k <= m.numel() for k, m in zip(counts, magnitudes))
+    densities = [1 - k / m.numel() for k, m in zip(counts, magnitudes)]
+    assert densities[0] >= densities[1] >= densities[3]  # fewer inputs and outputs: denser
+    masks = pruned_masks(magnitudes, select(magnitudes, sparsity, "erk"))
+    assert [int(mask.sum()) for mask in masks] == counts
 
 
 def test_zero_sparsity_prunes_nothing():

@@ -6,6 +6,9 @@ Scopes decide which weights share a selection:
     layer   each layer on its own, pruned to the same fraction s
     sigma   one selection over the normalised magnitudes |w| / sigma_l,
             sigma_l = 1 / sqrt(sum of the dims of the layer's weight shape)  (ST-3 sigma)
+    erk     each layer on its own, with the Erdos-Renyi-kernel allocation of the kept weights
+            (Evci et al. 2020): density d_l = min(1, eps * sum(dims) / prod(dims)), eps such
+            that sum_l d_l N_l = (1 - s) N; counts rounded so that they add up to round(s * N)
 
 :func:`select` gives each layer a threshold T (prune |m| <= T; T = 0 prunes nothing) and,
 when magnitudes tie across the k-th position, a mask of the tied entries pruned too.
@@ -24,7 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-SCOPES = ("global", "layer", "sigma")
+SCOPES = ("global", "layer", "sigma", "erk")
 
 _DIRECT_LIMIT = 1 << 15
 _CHUNK = 1 << 18
@@ -61,7 +64,8 @@ def select(magnitudes: Sequence[Tensor], sparsity: float, scope: str) -> Selecti
     """Choose exactly k = round(s * N) magnitudes to prune, smallest first.
 
     "global" and "sigma" select once over all layers (the caller has normalised the
-    magnitudes for "sigma"); "layer" selects in each layer alone with k_l = round(s * N_l).
+    magnitudes for "sigma"); "layer" selects in each layer alone with k_l = round(s * N_l),
+    "erk" with k_l from :func:`erk_counts`.
     Let v be the k-th smallest magnitude (1-based) of the scope. If #(m <= v) = k, the
     threshold is v and every ``ties`` entry is None. Otherwise (ties at v straddle position
     k) the threshold is the largest magnitude below v (0.0 if none), and the first
@@ -75,15 +79,47 @@ def select(magnitudes: Sequence[Tensor], sparsity: float, scope: str) -> Selecti
     validate_scope(scope)
     if not 0.0 <= sparsity <= 1.0:
         raise ValueError(f"sparsity={sparsity!r} is out of range; allowed: a number in [0, 1].")
-    if scope != "layer":
-        return _select_group(magnitudes, sparsity)
-    parts = [_select_group([m], sparsity) for m in magnitudes]
+    if scope in ("global", "sigma"):
+        return _select_group(magnitudes, prune_count(sparsity, sum(m.numel() for m in magnitudes)))
+    shares = layer_sparsities([tuple(m.shape) for m in magnitudes], sparsity, scope)
+    parts = [_select_group([m], prune_count(share, m.numel())) for m, share in zip(magnitudes, shares)]
     return Selection([p.thresholds[0] for p in parts], [p.ties[0] for p in parts])
 
 
-def _select_group(magnitudes: Sequence[Tensor], sparsity: float) -> Selection:
+def layer_sparsities(shapes: Sequence[Sequence[int]], sparsity: float, scope: str) -> list[float]:
+    """The sparsity of each layer under a per-layer scope: s for "layer", k_l / N_l for "erk"
+    (so that round(s_l * N_l) = k_l of :func:`erk_counts`)."""
+    if scope == "layer":
+        return [sparsity] * len(shapes)
+    return [k / math.prod(shape) for k, shape in zip(erk_counts(shapes, sparsity), shapes)]
+
+
+def erk_counts(shapes: Sequence[Sequence[int]], sparsity: float) -> list[int]:
+    """How many weights of each layer the "erk" scope prunes: k_l = N_l - kept_l, where the
+    kept_l = d_l N_l follow the Erdos-Renyi-kernel densities d_l = min(1, eps * sum(dims) / prod(dims))
+    with eps solving sum_l d_l N_l = (1 - s) N (layers reaching d_l = 1 stay dense and eps is
+    solved again over the others). The real counts are rounded by largest remainder (ties to the
+    earlier layer), so that sum_l k_l = round(s * N) exactly."""
+    sizes = [math.prod(shape) for shape in shapes]
+    scores = [sum(shape) / size for shape, size in zip(shapes, sizes)]
+    budget = sum(sizes) - prune_count(sparsity, sum(sizes))  # weights kept in all
+    open_layers = set(range(len(sizes)))
+    while open_layers:
+        eps = (budget - sum(sizes) + sum(sizes[i] for i in open_layers)) / sum(scores[i] * sizes[i] for i in open_layers)
+        full = {i for i in open_layers if eps * scores[i] >= 1.0}
+        if not full:
+            break
+        open_layers -= full
+    keep = [eps * score * size if i in open_layers else size for i, (score, size) in enumerate(zip(scores, sizes))]
+    kept = [math.floor(k) for k in keep]
+    order = sorted((i for i in range(len(sizes)) if kept[i] < sizes[i]), key=lambda i: (kept[i] - keep[i], i))
+    for i in order[: budget - sum(kept)]:
+        kept[i] += 1
+    return [size - k for size, k in zip(sizes, kept)]
+
+
+def _select_group(magnitudes: Sequence[Tensor], k: int) -> Selection:
     arrays, ops = _arrays(magnitudes)
-    k = prune_count(sparsity, sum(len(a) for a in arrays))
     if k == 0:
         return Selection([0.0] * len(arrays), [None] * len(arrays))
     rank = _locate(arrays, ops, k)

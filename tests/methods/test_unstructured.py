@@ -12,7 +12,7 @@ from torch import nn
 import sparsetrain as st
 from sparsetrain.methods.unstructured import nm_presets
 from sparsetrain.operators import threshold_operator
-from sparsetrain.selection import layer_sigma
+from sparsetrain.selection import erk_counts, layer_sigma
 
 PRESETS = ["feather", "st3", "st3-sigma", "gmp", "ste"]
 
@@ -135,6 +135,15 @@ def test_layer_scope_prunes_each_layer_to_the_same_fraction(tiny_net):
     sp = st.Sparsifier(tiny_net, "gmp", 0.75, total_steps=1, scope="layer", schedule="constant")
     for name, size, zeros in sp.layer_stats():
         assert zeros == round(0.75 * size), name
+    with pytest.raises(ValueError, match="Sparsifier.thresholds"):
+        sp.threshold
+
+
+def test_erk_scope_prunes_each_layer_to_its_erk_count(tiny_net):
+    sp = st.Sparsifier(tiny_net, "feather", 0.9, total_steps=1, scope="erk", schedule="constant")
+    counts = erk_counts([tuple(w.shape) for w in sp.dense_weights()], 0.9)
+    assert [zeros for _, _, zeros in sp.layer_stats()] == counts
+    assert sp.sparsity() == round(0.9 * sp.numel()) / sp.numel()
     with pytest.raises(ValueError, match="Sparsifier.thresholds"):
         sp.threshold
 

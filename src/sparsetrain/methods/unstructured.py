@@ -94,7 +94,7 @@ from ..schedules import (
     validate_sparsity,
     validate_total_steps,
 )
-from ..selection import SCOPES, Selection, layer_sigma, prune_count, select
+from ..selection import SCOPES, Selection, layer_sigma, layer_sparsities, prune_count, select
 from ..sharded_selection import select_sharded
 from .protocol import Method, check_finite
 from .registry import Context, MethodSpec, register_method
@@ -113,6 +113,7 @@ from .sharding import (
 RESCALE_EPS = 1e-6
 DEFAULT_SPARSITY = 0.9
 ENGINE_SCOPES = (*SCOPES, "nm")
+PER_LAYER = ("layer", "erk")  # scopes with a threshold per layer
 SR_STE_DECAY = 2e-4  # lambda_w of Zhou et al. (2021)
 
 
@@ -797,8 +798,9 @@ class Sparsifier(Method):
         magnitudes = [param.normalised(shard).abs() for param, shard in zip(self._params, shards)]
         broken = [not bool(torch.isfinite(m).all()) for m in magnitudes]
         try:
-            if config.scope == "layer":
-                parts = [select_sharded([m], sparsity, group) for m in magnitudes]
+            if config.scope in PER_LAYER:
+                shares = layer_sparsities([tuple(w.shape) for w in weights], sparsity, config.scope)
+                parts = [select_sharded([m], share, group) for m, share in zip(magnitudes, shares)]
                 chosen = Selection([p.thresholds[0] for p in parts], [p.ties[0] for p in parts])
             else:
                 chosen = select_sharded(magnitudes, sparsity, group)
@@ -819,9 +821,9 @@ class Sparsifier(Method):
     def _spans(self, magnitudes: Sequence[Tensor], ties: Sequence[Tensor | None], weights: Sequence[Tensor],
                group: dist.ProcessGroup, flags: Sequence[bool] = ()) -> tuple[list[tuple[float, int]], list[bool]]:
         """Each weight's (tie value, end of its pruned ties in the full weight) from the local tie masks
-        (one tie value for a shared threshold, one per layer for scope "layer"), and each of ``flags``
-        set on some rank, in the same collective."""
-        if self.config.scope == "layer":
+        (one tie value for a shared threshold, one per layer for scopes "layer" and "erk"), and each of
+        ``flags`` set on some rank, in the same collective."""
+        if self.config.scope in PER_LAYER:
             spans = [global_ties([m], [t], [w], group) for m, t, w in zip(magnitudes, ties, weights)]
             return [(value, ends[0]) for value, ends, _ in spans], any_rank(flags, group) if flags else []
         value, ends, flags = global_ties(magnitudes, ties, weights, group, flags)
