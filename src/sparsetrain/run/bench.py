@@ -117,7 +117,7 @@ def read_results(path: Path) -> list[dict[str, Any]]:
     return records
 
 
-def _append(path: Path, record: dict[str, Any]) -> None:
+def append_record(path: Path, record: dict[str, Any]) -> None:
     with open(path, "a") as file:
         file.write(json.dumps(record) + "\n")
         file.flush()
@@ -188,7 +188,7 @@ def run_grid(
         sparsity = 1.0 - _pattern_density(nm) if nm else cell.options().get("sparsity", 0.0)
         record = {"cell": cell.name, "method": cell.method, "target": cell.target_option, "sparsity": sparsity,
                   "flops_target": cell.options().get("flops_target"), "nm": nm, "seed": cell.seed, **_measure(folder)}
-        _append(results_path, record)
+        append_record(results_path, record)
         records.append(record)
     write_outputs(records, out)
     return records

@@ -7,7 +7,6 @@ be overwritten) print one line and exit with status 2.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tomllib
 from collections.abc import Callable, Sequence
@@ -28,7 +27,7 @@ from .export import save_sparse
 from .onnx import export_onnx, onnxruntime_difference
 from .folder import CONFIG, MODEL, RUN_FILES, RunFolder, final_weights, load_run, nm_pattern
 from .loop import EVAL_BATCH_SIZE, evaluate, fit, method_title, prepare
-from .options import TrainOptions, check_path_length, list_recipes, options_from_dict, resolve_device
+from .options import TrainOptions, check_path_length, list_recipes, options_from_dict, resolve_device, text_value
 
 USAGE_ERROR = 2
 FAILURE = 1  # a run that cannot go on (it diverged); its last good checkpoint is kept
@@ -44,18 +43,11 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
-def _json_value(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
-
-
 def _key_value(text: str) -> tuple[str, Any]:
     key, sep, value = text.partition("=")
     if not sep or not key:
         raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE")
-    return key, _json_value(value)
+    return key, text_value(value)
 
 
 def build_parser() -> argparse.ArgumentParser:

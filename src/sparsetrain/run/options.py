@@ -14,6 +14,7 @@ the recipe's.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -45,6 +46,14 @@ METHOD_FLAGS: dict[str, tuple[str, str]] = {
     "channels_per_step": ("channels_per_step", "value"),
     "stop_at": ("stop_at", "epochs"),
 }
+
+
+def text_value(text: str) -> Any:
+    """The value of a command-line ``KEY=VALUE``'s text: a JSON value (number, true, list...), or else the text."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
 
 
 @dataclass(frozen=True)
