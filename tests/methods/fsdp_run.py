@@ -35,6 +35,8 @@ CASES = [  # (name, model, method, options, tied)
     ("llama-sr-ste", "llama", "sr-ste", {}, False),
     ("tied-feather", "mlp", "feather", {"sparsity": 0.6, "start": 2}, True),
     ("tied-st3-sigma", "mlp", "st3-sigma", {"sparsity": 0.6, "start": 2}, True),
+    ("cnn-erk", "cnn", "feather", {"sparsity": 0.9, "scope": "erk"}, False),
+    ("tied-erk", "mlp", "feather", {"sparsity": 0.6, "start": 2, "scope": "erk"}, True),
 ]
 
 
@@ -112,11 +114,12 @@ def run(name: str, model_name: str, method: str, options: dict, tied: bool, rank
         method_object.before_optimizer_step()
         optimizer.step()
         method_object.step()
-        if method_object.config.scope in ("global", "sigma") and not method_object.fixed:
+        scope = method_object.config.scope
+        if scope != "nm" and not method_object.fixed:
             full = [w.full_tensor() for w in method_object.dense_weights()]
-            norms = [1.0 / layer_sigma(w.shape) if method_object.config.scope == "sigma" else 1.0 for w in full]
-            expected = select([w.abs() * n for w, n in zip(full, norms)], method_object.target, "global")
-            thresholds.append([method_object.threshold, expected.thresholds[0]])
+            norms = [1.0 / layer_sigma(w.shape) if scope == "sigma" else 1.0 for w in full]
+            expected = select([w.abs() * n for w, n in zip(full, norms)], method_object.target, scope)
+            thresholds.append([list(method_object.thresholds.values()), expected.thresholds])
             tie_steps += any(t is not None for t in expected.ties)
     sparsity = method_object.sparsity()
     finalized = method_object.finalize()

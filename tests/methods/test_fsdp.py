@@ -43,6 +43,7 @@ def test_every_threshold_is_the_kth_magnitude_of_the_gathered_weights(ranks):
             assert len(case["thresholds"]) >= 6, name  # every step before a fixed mask
             assert all(mine == expected for mine, expected in case["thresholds"]), name
         assert report["tied-feather"]["tie_steps"] >= 4 and report["tied-st3-sigma"]["tie_steps"] >= 2
+        assert report["tied-erk"]["tie_steps"] >= 2
 
 
 @pytest.mark.slow
