@@ -1,0 +1,101 @@
+"""The knobs of the unstructured engine (:class:`MethodConfig`) and the table of presets: each a
+function from the final sparsity to a configuration (registered in :mod:`.presets`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from ...nm import validate_nm
+from ...operators import validate_p
+from ...schedules import SCHEDULES, resolve_step, validate_sparsity
+from ...selection import SCOPES
+
+RESCALE_EPS = 1e-6
+DEFAULT_SPARSITY = 0.9
+ENGINE_SCOPES = (*SCOPES, "nm")
+PER_LAYER = ("layer", "erk")  # scopes with a threshold per layer
+SR_STE_DECAY = 2e-4  # lambda_w of Zhou et al. (2021)
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    """Every knob of the engine. ``start``/``end``: int steps or float fractions of training."""
+
+    p: float
+    theta: float
+    scope: str = "global"
+    rescale: bool = False
+    schedule: str = "cubic"
+    start: int | float = 0
+    end: int | float = 0.5
+    fix_at: int | float | None = None
+    n: int | None = None
+    m: int | None = None
+    decay: float = 0.0
+    update_every: int = 1
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "p", validate_p(self.p))
+        if isinstance(self.update_every, bool) or not isinstance(self.update_every, int) or self.update_every < 1:
+            raise ValueError(f"update_every={self.update_every!r} is not allowed; allowed: an int >= 1 (optimizer steps).")
+        if isinstance(self.theta, bool) or not isinstance(self.theta, (int, float)) or not 0.0 <= self.theta <= 1.0:
+            raise ValueError(f"theta={self.theta!r} is out of range; allowed: a number in [0, 1].")
+        if self.scope not in ENGINE_SCOPES:
+            raise ValueError(f"unknown scope {self.scope!r}; known scopes: {', '.join(ENGINE_SCOPES)}.")
+        if self.scope == "nm":
+            validate_nm(self.n, self.m)
+        elif self.n is not None or self.m is not None:
+            raise ValueError(f"n={self.n!r}, m={self.m!r} apply to scope 'nm' only; allowed: leave them unset for scope {self.scope!r}.")
+        if isinstance(self.decay, bool) or not isinstance(self.decay, (int, float)) or not 0.0 <= self.decay < math.inf:
+            raise ValueError(f"decay={self.decay!r} is not allowed; allowed: a finite number >= 0.")
+        if not isinstance(self.rescale, bool):
+            raise ValueError(f"rescale={self.rescale!r} is not allowed; allowed: true or false.")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"unknown schedule {self.schedule!r}; known schedules: {', '.join(sorted(SCHEDULES))}.")
+        for name in ("start", "end", "fix_at"):
+            if getattr(self, name) is not None:
+                resolve_step(getattr(self, name), 1, name)
+
+
+KNOBS = tuple(f.name for f in dataclasses.fields(MethodConfig))
+NM_KNOBS = ("n", "m", "scope")  # set by the N:M presets' nm option
+
+PRESETS: dict[str, Callable[[float], MethodConfig]] = {}
+
+
+def nm_presets() -> list[str]:
+    """The presets of scope "nm"."""
+    return [name for name, preset in PRESETS.items() if preset(DEFAULT_SPARSITY).scope == "nm"]
+
+
+def method_config(name: str, sparsity: float) -> MethodConfig:
+    """The configuration of preset ``name`` for final sparsity ``sparsity``."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown method {name!r}; known methods: {', '.join(PRESETS)}.")
+    return PRESETS[name](sparsity)
+
+
+def resolve_config(name: str, sparsity: float | None, knobs: dict[str, Any]) -> tuple[MethodConfig, float]:
+    """Preset ``name`` with ``knobs`` applied, and its final sparsity: ``sparsity`` (None: 0.9),
+    or for scope "nm" 1 - N/M (a ``sparsity`` given must equal it)."""
+    probe = dataclasses.replace(method_config(name, DEFAULT_SPARSITY), **knobs)
+    if probe.scope == "nm":
+        pattern = 1.0 - probe.n / probe.m
+        if sparsity is not None and not math.isclose(sparsity, pattern):
+            raise ValueError(f"sparsity={sparsity!r} does not match the {probe.n}:{probe.m} pattern; "
+                             f"allowed: {pattern:g} (1 - N/M) or no sparsity.")
+        sparsity = pattern
+    elif sparsity is None:
+        sparsity = DEFAULT_SPARSITY
+    sparsity = validate_sparsity(sparsity)
+    return dataclasses.replace(method_config(name, sparsity), **knobs), sparsity
+
+
+def unsaved_knobs(config: MethodConfig) -> tuple[str, ...]:
+    """Knobs a saved state does not record: the schedule's bounds (recorded as steps) and
+    ``update_every`` at its default (so states saved before the option existed still load)."""
+    return ("start", "end", "fix_at") + (("update_every",) if config.update_every == 1 else ())

@@ -1,0 +1,214 @@
+"""The unstructured engine across processes: weights sharded by FSDP2 (the thresholds selected over
+every rank's shards, see :mod:`.sharding`) and replicated by DDP (every rank takes rank 0's selection)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from ...nm import has_groups, select_groups
+from ...operators import Threshold, kept_mask, threshold_operator
+from ...prunable import out_in
+from ...selection import Selection, layer_sparsities, prune_count
+from ...sharded_selection import select_sharded
+from .config import PER_LAYER, RESCALE_EPS
+from .sharding import any_rank, channel_sums, first_row, global_ties, local_shard
+from .weight import SparseWeight, stored
+
+
+class ShardedEngine:
+    """The :class:`~.engine.Sparsifier`'s work on weights sharded by FSDP2: selection over the shards,
+    the pruned ties as spans of the full weight, baking and loading each rank's shard."""
+
+    def _local_zeros(self, param: SparseWeight, shard: Tensor, transposed: bool) -> int:
+        """Entries of this rank's shard that the forward prunes (sharded weights)."""
+        if self._finalized or param.frozen:
+            return int((shard == 0).sum())
+        if param.groups is not None:
+            threshold, ties = self._local_groups(param, shard, transposed)
+            return int((~kept_mask(shard, threshold, ties)).sum())
+        return int((~kept_mask(param.normalised(shard), param.threshold, param.ties)).sum())
+
+
+    @torch.no_grad()
+    def _zero_pruned_shards(self) -> None:
+        """Sharded weights in the fixed-mask phase: the optimizer's momentum may have moved pruned
+        entries; they are set back to 0 (the forward reads the mask off the zeros)."""
+        for param, w in zip(self._params, self._weights):
+            if param.shard_mask is not None:
+                local_shard(w).mul_(param.shard_mask)
+
+
+    @torch.no_grad()
+    def _reselect_sharded(self, sparsity: float, weights: Sequence[Tensor], group: dist.ProcessGroup) -> None:
+        """:meth:`_reselect` for weights sharded by FSDP2: the threshold of the scope selected over every
+        rank's shards, equal on every rank; N:M groups and ST-3's rescale are left to the forward."""
+        config = self.config
+        if config.update_every > 1 and (config.scope == "nm" or config.rescale):
+            raise ValueError(f"update_every={config.update_every} with {self.name!r} under FSDP is not supported; "
+                             "allowed: update_every=1 (its N:M groups and rescale are computed in every forward).")
+        shards = [local_shard(w) for w in weights]
+        for param, transposed in zip(self._params, self._transposed):
+            param.sharded, param.transposed, param.rescaled = True, transposed, config.rescale
+        if config.scope == "nm":
+            for name, w, transposed in zip(self.names, weights, self._transposed):
+                rows = -(-w.shape[0] // w.device_mesh.size())
+                if transposed and has_groups(out_in(w, True).shape, config.m) and rows % config.m:
+                    raise ValueError(f"layer {name!r} (stored (in, out)) has {rows} input rows per shard, so groups of "
+                                     f"{config.m} straddle the shards; allowed: a rank count that splits its "
+                                     f"{w.shape[0]} rows into multiples of {config.m}.")
+            for param, shard in zip(self._params, shards):
+                param.groups = (prune_count(sparsity, config.m), config.m)
+                param.choose(0.0, None, shard)  # no threshold tensor as large as the weight kept
+            return
+        magnitudes = [param.normalised(shard).abs() for param, shard in zip(self._params, shards)]
+        broken = [not bool(torch.isfinite(m).all()) for m in magnitudes]
+        try:
+            if config.scope in PER_LAYER:
+                shares = layer_sparsities([tuple(w.shape) for w in weights], sparsity, config.scope)
+                parts = [select_sharded([m], share, group) for m, share in zip(magnitudes, shares)]
+                chosen = Selection([p.thresholds[0] for p in parts], [p.ties[0] for p in parts])
+            else:
+                chosen = select_sharded(magnitudes, sparsity, group)
+        except ValueError:  # a NaN on some rank: every rank is here
+            self._check_finite_shards(any_rank(broken, group))
+            raise
+        spans, broken = self._spans(magnitudes, chosen.ties, weights, group, broken)
+        self._check_finite_shards(broken)
+        for param, shard, threshold, ties, span in zip(self._params, shards, chosen.thresholds, chosen.ties, spans):
+            param.choose(threshold, ties, shard, span)
+
+
+    def _check_finite_shards(self, broken: Sequence[bool]) -> None:
+        """FloatingPointError naming the first layer with a NaN or infinite weight on some rank."""
+        if any(broken):
+            raise FloatingPointError(f"layer {self.names[list(broken).index(True)]!r} has a NaN or infinite weight at "
+                                     f"step {self._step}; allowed: finite weights (lower the learning rate or clip gradients).")
+
+
+    def _spans(self, magnitudes: Sequence[Tensor], ties: Sequence[Tensor | None], weights: Sequence[Tensor],
+               group: dist.ProcessGroup, flags: Sequence[bool] = ()) -> tuple[list[tuple[float, int]], list[bool]]:
+        """Each weight's (tie value, end of its pruned ties in the full weight) from the local tie masks
+        (one tie value for a shared threshold, one per layer for scopes "layer" and "erk"), and each of
+        ``flags`` set on some rank, in the same collective."""
+        if self.config.scope in PER_LAYER:
+            spans = [global_ties([m], [t], [w], group) for m, t, w in zip(magnitudes, ties, weights)]
+            return [(value, ends[0]) for value, ends, _ in spans], any_rank(flags, group) if flags else []
+        value, ends, flags = global_ties(magnitudes, ties, weights, group, flags)
+        return [(value, end) for end in ends], flags
+
+
+    def _local_groups(self, param: SparseWeight, shard: Tensor, transposed: bool) -> tuple[Threshold, Tensor | None]:
+        """The N:M thresholds and ties of this rank's shard (its groups lie within it)."""
+        chosen = select_groups([out_in(shard.abs(), transposed)], *param.groups)
+        return stored(chosen.thresholds[0], transposed), stored(chosen.ties[0], transposed)
+
+
+    @torch.no_grad()
+    def _bake_shards(self, group: dist.ProcessGroup) -> None:
+        """Write a * P_p(w; T) into every rank's shard of every weight (sharded weights)."""
+        for param, w, transposed in zip(self._params, self._weights, self._transposed):
+            shard = local_shard(w)
+            if param.groups is not None:
+                threshold, ties = self._local_groups(param, shard, transposed)
+            else:
+                threshold, ties = param.threshold, param.ties
+            scaled = param.normalised(shard)
+            value = threshold_operator(scaled, threshold, param.p)
+            if ties is not None:
+                value = value * ~ties
+            if param.rescaled:
+                value = value * self._shard_rescale(w, shard, kept_mask(scaled, threshold, ties), transposed, group)
+            shard.copy_(value if param.norm == 1.0 else value / param.norm)
+
+
+    @staticmethod
+    def _shard_rescale(w: Tensor, shard: Tensor, kept: Tensor, transposed: bool, group: dist.ProcessGroup) -> Tensor:
+        """ST-3's a_c (:func:`st3_rescale`) of the full weight's output channels, shaped to broadcast
+        over this rank's shard."""
+        magnitude = shard.abs()
+        per_channel = w.numel() // (w.shape[1] if transposed else w.shape[0])
+        kept_sum = channel_sums(magnitude * kept, w, transposed, group) / per_channel
+        all_sum = channel_sums(magnitude, w, transposed, group) / per_channel
+        rescale = 1.01 / ((kept_sum + RESCALE_EPS) / (all_sum + RESCALE_EPS) + 0.01)
+        if transposed:
+            return rescale.view(1, -1)
+        start = first_row(w)
+        return rescale[start : start + shard.shape[0]].view(-1, *([1] * (shard.dim() - 1)))
+
+
+    @torch.no_grad()
+    def _load_sharded(self, thresholds: Sequence[Threshold], ties: Sequence[Any], weights: Sequence[Tensor],
+                      group: dist.ProcessGroup) -> None:
+        """:meth:`load_state_dict` on sharded weights (from a state saved under FSDP on any number of
+        ranks, or without FSDP)."""
+        shards = [local_shard(w) for w in weights]
+        for param, transposed in zip(self._params, self._transposed):
+            param.sharded, param.transposed, param.rescaled = True, transposed, self.config.rescale
+        if self.fix_step is not None and self._step >= self.fix_step:
+            for param, shard in zip(self._params, shards):
+                param.frozen, param.shard_mask = True, shard != 0
+            return
+        if self.config.scope == "nm":
+            self._reselect_sharded(self.target, weights, group)  # the groups follow the weights
+            return
+        local: list[Tensor | None] = []
+        for param, w, shard, saved in zip(self._params, weights, shards, ties):
+            start = first_row(w) * (w.numel() // max(w.shape[0], 1))
+            if isinstance(saved, Mapping):
+                local.append(span_mask(param.normalised(shard).abs(), saved["value"], saved["end"], start))
+            elif saved is not None:  # a full mask, saved without FSDP
+                rows = saved.reshape(-1)[start : start + shard.numel()].view(shard.shape).to(shard.device).bool()
+                local.append(rows if rows.any() else None)
+            else:
+                local.append(None)
+        magnitudes = [param.normalised(shard).abs() for param, shard in zip(self._params, shards)]
+        for param, shard, threshold, mask, span in zip(self._params, shards, thresholds, local,
+                                                       self._spans(magnitudes, local, weights, group)[0]):
+            param.choose(threshold, mask, shard, span)
+
+
+def span_of(param: SparseWeight) -> dict[str, float | int] | None:
+    """The pruned ties of a sharded weight as saved: the tie value and their end in flat order."""
+    return None if int(param.tie_count) == 0 else {"value": float(param.tie_value), "end": int(param.tie_count)}
+
+
+def span_mask(magnitude: Tensor, value: float, end: int, start: int) -> Tensor | None:
+    """The entries of ``magnitude`` (flat positions ``start``... of a full weight) equal to ``value``
+    before position ``end``; None if there are none."""
+    index = torch.arange(start, start + magnitude.numel(), device=magnitude.device).view(magnitude.shape)
+    mask = (magnitude == value) & (index < end)
+    return mask if bool(mask.any()) else None
+
+
+def same_on_every_rank(selection: Selection, magnitudes: Sequence[Tensor]) -> Selection:
+    """Under torch.distributed, every rank takes rank 0's thresholds and tie masks, so all masks
+    agree (per-group threshold tensors are broadcast whole; every rank holds one for the same layers)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return selection
+    device = torch.device("cuda") if dist.get_backend() == "nccl" else torch.device("cpu")
+    has_ties = [float(t is not None) for t in selection.ties]
+    numbers = [0.0 if isinstance(t, Tensor) else t for t in selection.thresholds]
+    values = torch.tensor(numbers + has_ties, dtype=torch.float64, device=device)
+    dist.broadcast(values, src=0)
+    count = len(selection.thresholds)
+    thresholds: list[Threshold] = []
+    for number, local in zip(values[:count].tolist(), selection.thresholds):
+        if isinstance(local, Tensor):
+            dist.broadcast(local, src=0)
+            thresholds.append(local)
+        else:
+            thresholds.append(number)
+    ties: list[Tensor | None] = []
+    for flag, local, mag in zip(values[count:].tolist(), selection.ties, magnitudes):
+        if not flag:
+            ties.append(None)
+            continue
+        buffer = (local if local is not None else torch.zeros_like(mag, dtype=torch.bool)).to(torch.uint8)
+        dist.broadcast(buffer, src=0)
+        ties.append(buffer.bool())
+    return Selection(thresholds, ties)

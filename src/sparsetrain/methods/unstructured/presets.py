@@ -1,0 +1,173 @@
+"""The unstructured presets: named configurations of the :class:`~.engine.Sparsifier`, their options,
+and :func:`register_preset` to add one.
+
+| preset      | operator | theta                          | rescale | scope  | cubic schedule   |
+|-------------|----------|--------------------------------|---------|--------|------------------|
+| feather     | p = 3    | 0.5 if s_f > 0.95 else 1.0     | no      | global | 0 -> 1/2         |
+| st3         | p = 1    | 1.0                            | yes     | global | 5/170 -> 80/170, fixed mask from 160/170 |
+| st3-sigma   | p = 1    | 1.0                            | yes     | sigma  | 5/170 -> 80/170, fixed mask from 160/170 |
+| gmp         | p = inf  | 0.0                            | no      | global | 0 -> 1/2         |
+| ste         | p = inf  | 1.0                            | no      | global | 0 -> 1/2         |
+| feather-nm  | p = 3    | Feather's rule                 | no      | nm     | 0 -> 1/2         |
+| st3-nm      | p = 1    | 1.0                            | yes     | nm     | as st3, fixed mask from 160/170 |
+| sr-ste      | p = inf  | 1.0, decay 2e-4                | no      | nm     | N:M from the start |
+
+Feather: Glentis Georgoulakis et al., BMVC 2023. ST-3 and ST-3 sigma: Vanderschueren &
+De Vleeschouwer, WACV 2023. GMP: Zhu & Gupta, 2017. ste is Feather's p = inf ablation.
+SR-STE: Zhou et al., ICLR 2021 (lambda_w = 2e-4). The N:M presets take ``nm="N:M"`` (2:4 by
+default) instead of a sparsity.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from ...nm import parse_nm
+from ...prunable import LayerType, validate_types
+from ...schedules import validate_sparsity
+from ...selection import SCOPES
+from ..registry import Context, MethodSpec, register_method
+from .config import NM_KNOBS, PRESETS, DEFAULT_SPARSITY, KNOBS, SR_STE_DECAY, MethodConfig, nm_presets
+from .engine import Sparsifier
+
+@dataclass(frozen=True)
+class _PresetOptions:
+    """Options shared by every preset: any knob of :class:`MethodConfig` (None: the preset's
+    value) and the layer filters (glob patterns on module names, minimum size, and the layer
+    types: classes or class names; None: :data:`~sparsetrain.prunable.PRUNABLE_TYPES`)."""
+
+    p: float | None = None
+    theta: float | None = None
+    rescale: bool | None = None
+    schedule: str | None = None
+    start: int | float | None = None
+    end: int | float | None = None
+    fix_at: int | float | None = None
+    decay: float | None = None
+    update_every: int | None = None
+    exclude: tuple[str, ...] | None = None
+    min_size: int = 0
+    types: tuple[LayerType, ...] | None = None
+
+    def __post_init__(self) -> None:
+        MethodConfig(**{"p": 1.0, "theta": 1.0, **self.knobs()})  # validates every knob given
+        if self.exclude is not None:
+            if not isinstance(self.exclude, (list, tuple)) or not all(isinstance(e, str) for e in self.exclude):
+                raise ValueError(f"exclude={self.exclude!r} is not allowed; allowed: a list of glob patterns.")
+            object.__setattr__(self, "exclude", tuple(self.exclude))
+        if self.types is not None:
+            object.__setattr__(self, "types", validate_types(self.types))
+        if isinstance(self.min_size, bool) or not isinstance(self.min_size, int) or self.min_size < 0:
+            raise ValueError(f"min_size={self.min_size!r} is not allowed; allowed: an int >= 0.")
+
+    def knobs(self) -> dict[str, Any]:
+        """The knobs that override the preset."""
+        return {k: v for k in KNOBS if (v := getattr(self, k, None)) is not None}
+
+    def engine_args(self) -> dict[str, Any]:
+        """The keyword arguments of :class:`Sparsifier` beyond the model, method and length."""
+        types = {} if self.types is None else {"types": self.types}
+        return {"exclude": self.exclude, "min_size": self.min_size, **types, **self.knobs()}
+
+
+@dataclass(frozen=True)
+class UnstructuredOptions(_PresetOptions):
+    """Options of the unstructured presets: the final sparsity, the threshold scope and the shared ones."""
+
+    sparsity: float = DEFAULT_SPARSITY
+    scope: str | None = None
+
+    def __post_init__(self) -> None:
+        validate_sparsity(self.sparsity)
+        if self.scope == "nm":
+            raise ValueError(f"scope='nm' is not allowed here; allowed: {', '.join(SCOPES)} "
+                             f"(N:M sparsity is the presets {', '.join(nm_presets())}, with nm='N:M').")
+        super().__post_init__()
+
+    def engine_args(self) -> dict[str, Any]:
+        return {"sparsity": self.sparsity, **super().engine_args()}
+
+
+@dataclass(frozen=True)
+class NMOptions(_PresetOptions):
+    """Options of the N:M presets: the pattern ``nm`` ("N:M") and the shared ones."""
+
+    nm: str = "2:4"
+
+    def __post_init__(self) -> None:
+        parse_nm(self.nm)
+        super().__post_init__()
+
+    def engine_args(self) -> dict[str, Any]:
+        n, m = parse_nm(self.nm)
+        return {"n": n, "m": m, **super().engine_args()}
+
+
+def register_preset(
+    name: str, summary: str, recipe: str = "feather"
+) -> Callable[[Callable[[float], MethodConfig]], Callable[[float], MethodConfig]]:
+    """Register a preset: a function from the final sparsity to a :class:`MethodConfig`; it
+    becomes a method of the registry (``create(model, name, sparsity=...)``, or ``nm="N:M"`` for
+    a preset of scope "nm") trained by its paper's ``recipe``."""
+
+    def add(preset: Callable[[float], MethodConfig]) -> Callable[[float], MethodConfig]:
+        def build(model: nn.Module, options: _PresetOptions, context: Context) -> Sparsifier:
+            return Sparsifier(model, name, total_steps=context.total_steps, **options.engine_args())
+
+        shown = dataclasses.asdict(preset(DEFAULT_SPARSITY))
+        nm = shown["scope"] == "nm"
+        if nm:
+            shown = {k: v for k, v in shown.items() if k not in NM_KNOBS}
+        register_method(MethodSpec(name, NMOptions if nm else UnstructuredOptions, build, summary,
+                                   target="nm" if nm else "sparsity", recipe=recipe, shown_defaults=shown))
+        PRESETS[name] = preset
+        return preset
+
+    return add
+
+
+@register_preset("feather", "straight-through, p = 3 operator, gradient scaling, one global threshold (BMVC 2023)")
+def feather(sparsity: float) -> MethodConfig:
+    return MethodConfig(p=3.0, theta=0.5 if sparsity > 0.95 else 1.0)
+
+
+@register_preset("st3", "straight-through soft thresholding with per-channel rescale (WACV 2023)", recipe="st3")
+def st3(sparsity: float) -> MethodConfig:
+    return MethodConfig(p=1.0, theta=1.0, rescale=True, start=5 / 170, end=80 / 170, fix_at=160 / 170)
+
+
+@register_preset("st3-sigma", "ST-3 with the global threshold on sigma-normalised weights (WACV 2023)", recipe="st3")
+def st3_sigma(sparsity: float) -> MethodConfig:
+    return MethodConfig(p=1.0, theta=1.0, rescale=True, scope="sigma", start=5 / 170, end=80 / 170, fix_at=160 / 170)
+
+
+@register_preset("gmp", "gradual magnitude pruning: hard threshold, no gradient to pruned weights (Zhu & Gupta 2017)")
+def gmp(sparsity: float) -> MethodConfig:
+    return MethodConfig(p=math.inf, theta=0.0)
+
+
+@register_preset("ste", "hard threshold with a plain straight-through estimator (Feather's p = inf ablation)")
+def ste(sparsity: float) -> MethodConfig:
+    return MethodConfig(p=math.inf, theta=1.0)
+
+
+@register_preset("feather-nm", "Feather's p = 3 operator and gradient scaling with an N:M threshold per group")
+def feather_nm(sparsity: float) -> MethodConfig:
+    return dataclasses.replace(feather(sparsity), scope="nm", n=2, m=4)
+
+
+@register_preset("st3-nm", "ST-3's soft threshold, rescale and fixed-mask phase with an N:M threshold per group",
+                 recipe="st3")
+def st3_nm(sparsity: float) -> MethodConfig:
+    return dataclasses.replace(st3(sparsity), scope="nm", n=2, m=4)
+
+
+@register_preset("sr-ste", "N:M mask from the start, straight-through with sparse-refined decay (ICLR 2021)")
+def sr_ste(sparsity: float) -> MethodConfig:
+    return MethodConfig(p=math.inf, theta=1.0, scope="nm", n=2, m=4, schedule="constant", decay=SR_STE_DECAY)

@@ -1,0 +1,187 @@
+"""The parametrization of one prunable weight, w -> a * P_p(w * n; T) / n with the scaled
+straight-through estimator, and ST-3's per-output-channel rescale a."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from ...nm import select_groups
+from ...operators import Threshold, kept_mask, sparsify_ste
+from ...prunable import out_in
+from .config import RESCALE_EPS
+
+
+class SparseWeight(nn.Module):
+    """The parametrization of one weight: w -> a * P_p(w * n; T) / n with the scaled STE
+    (``ties``: extra entries pruned, see :mod:`sparsetrain.selection`; T a number, or a tensor
+    shaped like w for N:M groups).
+
+    Under ``torch.compile`` the forward reads only tensors that keep their shapes from step to
+    step, so a new threshold, target or tie never recompiles the graph: T as a tensor (``limit``),
+    and the pruned ties as the first ``tie_count`` entries (flat index) whose |w * n| equals
+    ``tie_value``."""
+
+    def __init__(self, p: float, theta: float, norm: float, decay: float = 0.0) -> None:
+        super().__init__()
+        self.p, self.theta, self.norm, self.decay = p, theta, norm, decay
+        self.threshold: Threshold = 0.0
+        self.register_buffer("rescale", None, persistent=False)
+        self.register_buffer("ties", None, persistent=False)
+        self.register_buffer("mask", None, persistent=False)  # the kept weights, once fixed
+        self.limit = torch.zeros(())  # T as a tensor; not a buffer, which DDP would broadcast at every forward
+        self.register_buffer("tie_value", torch.zeros(()), persistent=False)
+        self.register_buffer("tie_count", torch.zeros((), dtype=torch.long), persistent=False)
+        # Under FSDP2 (see :mod:`.sharding`), set by the Sparsifier: the forward works on the unsharded weight.
+        self.sharded = False
+        self.groups: tuple[int, int] | None = None  # N:M: (k, m), the groups selected inside the forward
+        self.transposed = False  # the weight is stored (in, out)
+        self.rescaled = False  # ST-3's rescale, computed inside the forward
+        self.frozen = False  # the fixed-mask phase: the pruned weights are kept at exact zeros
+        self.shard_mask: Tensor | None = None  # then the kept entries of this rank's shard
+        self._prepared: tuple[int, Tensor] | None = None  # (version of w, forward weight)
+        self._scratch: Tensor | None = None  # |w * n|, reused from step to step
+        self._scratch_version: int | None = None  # the version of w it holds, until a forward spends it
+
+    def normalised(self, w: Tensor) -> Tensor:
+        """w * n, the magnitudes the threshold is compared against (w itself when n = 1)."""
+        return w if self.norm == 1.0 else w * self.norm
+
+    @torch.no_grad()
+    def choose(self, threshold: Threshold, ties: Tensor | None, w: Tensor, span: tuple[float, int] | None = None) -> None:
+        """Set T and the pruned ties for weight ``w``, with their tensor forms for compiled graphs
+        (``span``: the tie value and count of a sharded weight, which its local ties cannot tell)."""
+        self.threshold, self.ties = threshold, ties
+        if isinstance(threshold, Tensor):
+            self.limit = threshold
+        else:
+            if self.limit.shape != () or self.limit.dtype != w.dtype or self.limit.device != w.device:
+                self.limit = torch.zeros((), dtype=w.dtype, device=w.device)
+            self.limit.fill_(threshold)
+        if self.tie_value.dtype != w.dtype or self.tie_value.device != w.device:
+            self.tie_value = torch.zeros((), dtype=w.dtype, device=w.device)
+            self.tie_count = torch.zeros((), dtype=torch.long, device=w.device)
+        if span is not None:
+            self.tie_value.fill_(span[0])
+            self.tie_count.fill_(span[1])
+            return
+        if ties is None:
+            self.tie_count.zero_()
+            return
+        positions = ties.reshape(-1).nonzero()  # the first entries equal to the tie value, in flat order
+        self.tie_value.copy_(self.normalised(w).abs().reshape(-1)[positions[0, 0]])
+        self.tie_count.fill_(int(positions[-1, 0]) + 1)
+
+    @torch.no_grad()
+    def magnitude(self, w: Tensor) -> Tensor:
+        """|w * n|, written into a buffer kept from step to step (no fresh tensor as large as w at
+        every step); the next forward weight computed from this version of w reuses it as scratch."""
+        if not fits(self._scratch, w):
+            self._scratch = torch.empty_like(w)
+        if self.norm == 1.0:
+            torch.abs(w, out=self._scratch)
+        else:
+            torch.mul(w, self.norm, out=self._scratch).abs_()
+        self._scratch_version = w._version
+        return self._scratch
+
+    def _spend_magnitude(self, w: Tensor) -> Tensor | None:
+        """The buffer of :meth:`magnitude` if it holds this version of w (it may then be overwritten)."""
+        fresh = self._scratch_version == w._version and fits(self._scratch, w)
+        self._scratch_version = None
+        return self._scratch if fresh else None
+
+    def prepare(self, w: Tensor) -> None:
+        """Compute the forward weight of ``w`` now: :meth:`forward` returns it while ``w`` is not
+        changed in place, until :meth:`release`."""
+        self._prepared = None
+        self._prepared = (w._version, self.forward(w))
+
+    def release(self) -> None:
+        """Forget the prepared forward weight."""
+        self._prepared = None
+
+    def forward(self, w: Tensor) -> Tensor:
+        if self.mask is not None:
+            return w * self.mask
+        # the decay acts on w * n, so lambda / n^2 gives lambda * (1 - E) * w on w
+        decay = self.decay / self.norm**2
+        if self.sharded:
+            return self._forward_unsharded(w, decay)
+        if torch.compiler.is_compiling():
+            scaled = self.normalised(w)
+            index = torch.arange(scaled.numel(), device=scaled.device).view(scaled.shape)
+            ties = (scaled.abs() == self.tie_value) & (index < self.tie_count)
+            out = sparsify_ste(scaled, self.limit, self.p, self.theta, self.rescale, ties, decay)
+        elif self._prepared is not None and self._prepared[0] == w._version:
+            return self._prepared[1]
+        else:
+            out = sparsify_ste(self.normalised(w), self.threshold, self.p, self.theta, self.rescale, self.ties,
+                               decay, self._spend_magnitude(w))
+        return out if self.norm == 1.0 else out / self.norm
+
+    def _forward_unsharded(self, w: Tensor, decay: float) -> Tensor:
+        """The forward of an FSDP2-sharded weight, on its unsharded value inside the layer's forward:
+        the N:M groups, the pruned ties and ST-3's rescale are computed here from w itself."""
+        if self.frozen:
+            return w * (w != 0)
+        scaled = self.normalised(w)
+        with torch.no_grad():
+            magnitude = scaled.abs()
+            if self.groups is not None:
+                k, m = self.groups
+                chosen = select_groups([out_in(magnitude, self.transposed)], k, m)
+                threshold, ties = (stored(value[0], self.transposed) for value in (chosen.thresholds, chosen.ties))
+            else:
+                threshold, ties = self.threshold, None
+                if int(self.tie_count):
+                    index = torch.arange(w.numel(), device=w.device).view(w.shape)
+                    ties = (magnitude == self.tie_value) & (index < self.tie_count)
+            rescale = None
+            if self.rescaled:
+                kept = kept_mask(scaled, threshold, ties, magnitude)
+                plain = magnitude if self.norm == 1.0 else w.abs()
+                rescale = out_in(st3_rescale(out_in(plain, self.transposed), out_in(kept, self.transposed)), self.transposed)
+        out = sparsify_ste(scaled, threshold, self.p, self.theta, rescale, ties, decay, magnitude)
+        return out if self.norm == 1.0 else out / self.norm
+
+    def zeros(self, w: Tensor) -> int:
+        """How many entries of the forward weight are pruned: |w * n| <= T, or a pruned tie; once
+        fixed, outside the mask."""
+        if self.mask is not None:
+            return int((~self.mask).sum())
+        return int((~kept_mask(self.normalised(w), self.threshold, self.ties)).sum())
+
+
+def weight_of(module: nn.Module) -> Tensor:
+    """The dense weight w of a layer: the original under its parametrization, once removed the weight."""
+    return module.parametrizations["weight"].original if parametrize.is_parametrized(module, "weight") else module.weight
+
+
+def fits(buffer: Tensor | None, w: Tensor) -> bool:
+    """Whether ``buffer`` can hold a tensor like ``w``: same shape, dtype and device."""
+    return buffer is not None and buffer.shape == w.shape and buffer.dtype == w.dtype and buffer.device == w.device
+
+
+def st3_rescale(magnitude: Tensor, kept: Tensor) -> Tensor:
+    """ST-3 per-output-channel rescale a_c = 1.01 / (r_c + 0.01) of a weight's magnitudes |w|,
+    shaped to broadcast over w.
+
+    r_c = (mean_k |w_ck| M_ck + 1e-6) / (mean_k |w_ck| + 1e-6), k running over the other dims.
+    """
+    flat = magnitude.flatten(1)
+    ratio = ((flat * kept.flatten(1)).mean(1) + RESCALE_EPS) / (flat.mean(1) + RESCALE_EPS)
+    return (1.01 / (ratio + 0.01)).view(-1, *([1] * (magnitude.dim() - 1)))
+
+
+def stored(value: Any, transposed: bool) -> Any:
+    """A threshold or tie tensor of a weight's (out, in) view in the weight's own layout
+    (contiguous, as broadcasts and checkpoints need); numbers and None as they are."""
+    return out_in(value, transposed).contiguous() if isinstance(value, Tensor) and transposed else value
+
+
+def copy_threshold(threshold: Threshold) -> Threshold:
+    return threshold.clone() if isinstance(threshold, Tensor) else threshold
