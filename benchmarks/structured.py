@@ -22,7 +22,7 @@ import torch
 
 import sparsetrain as st
 from sparsetrain.models import create_model
-from sparsetrain.report import count_flops
+from sparsetrain.measure import count_flops_params
 from sparsetrain.run import RunFolder, TrainOptions, load_run, train
 from sparsetrain.run.folder import final_weights
 
@@ -96,8 +96,7 @@ def main() -> None:
     ones = latencies([model for model, _ in models.values()], 1, args.repeats * 3)
     fulls = latencies([model for model, _ in models.values()], 128, args.repeats)
     for (method, (model, config)), one, full in zip(models.items(), ones, fulls):
-        flops = count_flops(model, example)
-        params = sum(p.numel() for p in model.parameters())
+        flops, params = count_flops_params(model, example)
         if base is None:
             base = (flops, full)
         flops_speedup = base[0] / flops

@@ -38,7 +38,7 @@ class _Attention(nn.Module):
 
 
 def test_flops_count_attention_products():
-    from sparsetrain.report import count_flops
+    from sparsetrain.measure import count_flops
 
     batch, heads, tokens, dim = 2, 3, 17, 8
     x = torch.randn(batch, heads, tokens, dim)

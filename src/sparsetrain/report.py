@@ -9,11 +9,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .calls import ExampleInputs, call_model
-from .modes import eval_mode
+from .measure import count_flops, output_width, param_counts
 from .nm import has_groups, pattern_holds
-from .prunable import (PRUNABLE_TYPES, LayerType, choose_layers, find_prunable, out_in, stored_weight,
-                       stores_transposed)
+from .prunable import PRUNABLE_TYPES, LayerType, choose_layers, find_prunable, out_in, stores_transposed
 
 
 @dataclass(frozen=True)
@@ -107,36 +105,10 @@ def _pattern(module: nn.Module, nm: tuple[int, int] | None) -> bool | None:
     return pattern_holds(weight, *nm)
 
 
-def count_flops(model: nn.Module, example_inputs: ExampleInputs, skip_zeros: bool = False) -> int:
-    """FLOPs of one forward pass (torch.utils.flop_counter, eval mode, no grad). Attention runs
-    by its math path while counting, so its matrix products count on every device (the counter
-    does not see CPU's fused attention kernel, and CUDA's fused kernels count differently).
-
-    With ``skip_zeros`` each Conv/Linear layer's FLOPs are scaled by its weight density
-    (non-zeros / entries): the work of a sparse kernel that multiplies only non-zero weights.
-    """
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with torch.no_grad(), eval_mode(model), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
-        call_model(model, example_inputs)
-    if not skip_zeros:
-        return int(counter.get_total_flops())
-    per_module = counter.get_flop_counts()
-    root = type(model).__name__
-    total = counter.get_total_flops()
-    for name, module in find_prunable(model):
-        flops = sum(per_module.get(f"{root}.{name}", {}).values())
-        density = float(torch.count_nonzero(module.weight)) / module.weight.numel()
-        total -= round(flops * (1.0 - density))
-    return int(total)
-
-
 def size_report(before: nn.Module, after: nn.Module, example_inputs: torch.Tensor) -> str:
     """Markdown: parameters and FLOPs (non-zero weights only) of ``before`` and ``after``, and each
     Conv/Linear layer's output width in both."""
-    params = [sum(p.numel() for p in m.parameters()) for m in (before, after)]
-    nonzero = [sum(int(torch.count_nonzero(p)) for p in m.parameters()) for m in (before, after)]
+    params, nonzero = zip(*(param_counts(m) for m in (before, after)))
     flops = [count_flops(m, example_inputs, skip_zeros=True) for m in (before, after)]
     rows = [
         "| | before | after | ratio |",
@@ -154,7 +126,3 @@ def size_report(before: nn.Module, after: nn.Module, example_inputs: torch.Tenso
         rows.append(f"| {name} | {output_width(module)} | {after_width} |")
     return "\n".join(rows)
 
-
-def output_width(module: nn.Module) -> int:
-    """Output channels of a convolution, output features of a Linear or Conv1D layer."""
-    return out_in(stored_weight(module), stores_transposed(module)).shape[0]

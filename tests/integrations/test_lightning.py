@@ -16,7 +16,7 @@ from sparsetrain.data import load_dataset
 from sparsetrain.data.augment import normalize
 from sparsetrain.integrations.lightning import Sparsify
 from sparsetrain.models import create_model
-from sparsetrain.report import count_flops
+from sparsetrain.measure import count_flops
 
 
 class Classifier(pl.LightningModule):

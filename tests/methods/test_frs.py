@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sparsetrain.models import create_model
+from sparsetrain.models import create_model, rebuild
 from sparsetrain.methods.frs import (
     FRS,
     FRSOptions,
@@ -21,7 +21,7 @@ from sparsetrain.methods.frs import (
     select,
 )
 from sparsetrain.structured.relevance import channel_relevance
-from sparsetrain.structured.surgery import channel_groups, layer_shapes, rebuild
+from sparsetrain.structured.surgery import channel_groups, layer_shapes
 
 EXAMPLE = torch.zeros(2, 3, 16, 16)  # small images keep the tests fast; the models pool adaptively
 

@@ -12,7 +12,7 @@ from torch.nn.utils import parametrize
 from sparsetrain.data import BatchLoader, load_dataset
 from sparsetrain.models import create_model
 from sparsetrain.methods import GDP
-from sparsetrain.structured import count_flops_params
+from sparsetrain.measure import count_flops_params
 
 CASES = {
     "resnet20": {"width": 0.25},

@@ -21,7 +21,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import sparsetrain as st
 from sparsetrain.calls import call_model
 from sparsetrain.methods import GDP
-from sparsetrain.report import output_width
+from sparsetrain.measure import output_width
 from sparsetrain.structured.surgery import ChannelGroup, layer_shapes, resize_
 from user_models import ResidualCNN, bare_loop, logits
 

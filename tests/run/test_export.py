@@ -5,7 +5,7 @@ import torch
 import sparsetrain as st
 from sparsetrain.run.export import load_sparse, save_sparse
 from sparsetrain.models import create_model
-from sparsetrain.report import count_flops
+from sparsetrain.measure import count_flops
 
 
 def sparse_resnet(sparsity):

@@ -12,9 +12,9 @@ import torch.nn.functional as F
 import torch_pruning as tp
 from torch import nn
 
-from sparsetrain.models import create_model
-from sparsetrain.structured import (channel_groups, count_flops_params, layer_shapes, rebuild, remove_channels,
-                                    remove_channels_)
+from sparsetrain.measure import count_flops_params
+from sparsetrain.models import create_model, rebuild
+from sparsetrain.structured import channel_groups, layer_shapes, remove_channels, remove_channels_
 
 CASES = {
     "resnet20": {"width": 0.5},

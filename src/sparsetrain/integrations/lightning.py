@@ -36,8 +36,8 @@ import torch
 from torch import Tensor
 
 from ..calls import ExampleInputs, map_inputs
+from ..measure import count_flops
 from ..methods import create
-from ..report import count_flops
 from .holder import MethodHolder
 
 

@@ -67,8 +67,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..calls import logits_of
+from ..measure import count_flops, output_width
 from ..modes import eval_mode
-from ..report import count_flops, output_width
 from ..schedules import resolve_step, validate_total_steps
 from ..structured.relevance import post_relu_activations, relevance_and_logits
 from ..structured.surgery import ChannelGroup, channel_groups, layer_shapes, remove_channels_, resize_

@@ -126,15 +126,14 @@ from torch.nn.utils import parametrize
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..calls import ExampleInputs, call_model, logits_of, map_inputs
+from ..measure import input_width, output_width
 from ..messages import shown
 from ..modes import eval_mode
 from ..prunable import out_in, stores_transposed
-from ..report import output_width
 from ..schedules import validate_total_steps
 from ..structured.surgery import (
     ChannelGroup,
     Coupling,
-    input_width,
     is_depthwise,
     is_layer,
     remove_channels,
@@ -584,7 +583,7 @@ def _dense_flops(model: nn.Module, example_inputs: ExampleInputs) -> tuple[dict[
     """FLOPs of each Conv/Linear/Conv1D layer on ``example_inputs`` (eval mode, no grad), as
     ``torch.utils.flop_counter`` counts them: 2 * output elements * inputs per output; and f_0,
     what the counter counts besides (attention's matrix products, by their math path as
-    :func:`~sparsetrain.report.count_flops` counts them)."""
+    :func:`~sparsetrain.measure.count_flops` counts them)."""
     flops: dict[str, float] = {}
 
     def count(name: str, module: nn.Module, args: Sequence[Tensor], output: Tensor) -> None:

@@ -29,8 +29,8 @@ import torch
 from torch.distributed.tensor import DTensor
 from torch import Tensor, nn
 
+from ..measure import prunable_sparsity
 from ..messages import shown
-from ..prunable import find_prunable, stored_weight
 
 
 def check_finite(magnitudes: Sequence[Tensor], names: Sequence[str], kind: str, what: str, step: int) -> None:
@@ -79,11 +79,8 @@ class Method(ABC):
         """Fraction of zeros among the weights of the model's prunable layers (Conv, Linear and
         transformers' Conv1D, a shared weight counted once) as the forward pass uses them, before
         and after ``finalize()``; 0.0 for a model without such a layer. Methods that prune chosen
-        layers count theirs."""
-        with torch.no_grad():
-            weights = {id(stored_weight(module)): module.weight for _, module in find_prunable(self.model)}
-            size = sum(w.numel() for w in weights.values())
-            return sum(int((w == 0).sum()) for w in weights.values()) / size if size else 0.0
+        layers count theirs (:func:`~sparsetrain.measure.prunable_sparsity`)."""
+        return prunable_sparsity(self.model)
 
     def metrics(self) -> dict[str, float]:
         """Numbers worth logging now (e.g. sparsity, threshold, flops_ratio), before and after

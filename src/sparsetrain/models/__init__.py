@@ -1,6 +1,7 @@
 """Model zoo: CIFAR ResNets, MobileNetV1, DenseNet-BC, VGG-16-BN, ViTs for 32x32 images and ImageNet ResNets.
 
-Importing this package registers every model; build one with ``create_model(name, **kwargs)``.
+Importing this package registers every model; build one with ``create_model(name, **kwargs)``, and a
+compact one (channels removed) with ``rebuild(name, kwargs, shapes)``.
 """
 
 # Importing the model modules registers their factories.
@@ -11,7 +12,8 @@ from sparsetrain.models.registry import (
     input_size,
     list_models,
     model_spec,
+    rebuild,
     register_model,
 )
 
-__all__ = ["ModelSpec", "create_model", "input_size", "list_models", "model_spec", "register_model"]
+__all__ = ["ModelSpec", "create_model", "input_size", "list_models", "model_spec", "rebuild", "register_model"]

@@ -17,6 +17,7 @@ from typing import Any
 from torch import nn
 
 from ..messages import shown
+from ..structured.surgery import with_shapes
 
 ModelFactory = Callable[..., nn.Module]
 
@@ -110,3 +111,11 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
     except (RuntimeError, MemoryError, TypeError, ValueError) as error:  # e.g. a width too large to allocate
         reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
         raise ValueError(f"model {name!r} cannot be built with {shown(kwargs)}: {reason}; allowed: arguments it can be built with.") from None
+
+
+def rebuild(name: str, kwargs: Mapping[str, Any], shapes: Mapping[str, Mapping[str, int]] | None) -> nn.Module:
+    """Registered model ``name(**kwargs)`` with each layer in ``shapes`` replaced by a fresh one of
+    the saved sizes (:func:`~sparsetrain.structured.surgery.with_shapes`), so a compact model's
+    state_dict loads strictly. Without shapes (None or empty: no channel was removed) it is the
+    model as registered."""
+    return with_shapes(create_model(name, **kwargs), shapes, f"model {name!r}")

@@ -34,8 +34,8 @@ from torch import nn
 from ..inference import load_model_state
 from ..methods import Method, create, method_options
 from ..nm import parse_nm
-from ..models import create_model, input_size
-from ..structured import layer_shapes, rebuild
+from ..models import create_model, input_size, rebuild
+from ..structured import layer_shapes
 from .checkpoint import (
     TMP_SUFFIX, atomic_write, first_non_finite, load_checkpoint, load_weights, save_checkpoint, write_json,
     writing,

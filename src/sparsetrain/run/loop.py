@@ -31,10 +31,11 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..data import BatchLoader, ImageDataset, load_dataset
 from ..inference import load_model_state
+from ..measure import count_flops, param_counts
 from ..methods import Method, create, method_options, method_spec
 from ..models import create_model
 from ..modes import eval_mode
-from ..report import count_flops, sparsity_report
+from ..report import sparsity_report
 from .checkpoint import first_non_finite
 from .folder import CHECKPOINT, CONFIG, LAYERS_PLOT, REPORT, TRAINING_PLOT, RunFolder, changed_shapes
 from .options import TrainOptions, resolve_device
@@ -442,6 +443,7 @@ def _finish(setup: Setup, dense: nn.Module, log: Callable[[str], None]) -> dict[
         model = plain
     test_loss, test_acc = evaluate(model, setup.test_loader)
     report = sparsity_report(model)
+    params, nonzero_params = param_counts(model)
     final = {
         "test_loss": test_loss,
         "test_acc": test_acc,
@@ -449,8 +451,8 @@ def _finish(setup: Setup, dense: nn.Module, log: Callable[[str], None]) -> dict[
         "epochs": options.epochs,
         "flops": count_flops(model, setup.example_inputs[:1], skip_zeros=True),
         "dense_flops": dense_flops,
-        "params": sum(p.numel() for p in model.parameters()),
-        "nonzero_params": sum(int(torch.count_nonzero(p)) for p in model.parameters()),
+        "params": params,
+        "nonzero_params": nonzero_params,
     }
     if setup.ranks.main:
         folder.write_model(model)

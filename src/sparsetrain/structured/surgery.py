@@ -25,9 +25,10 @@ them (its search does not end on the rotary embedding of Llama's queries and key
 attention is never cut, while the hidden units of a transformer's MLP (BERT's and ViT's
 intermediate layer, Llama's SwiGLU ``gate_proj``/``up_proj`` -> ``down_proj``, GPT-2's
 ``c_fc`` -> ``c_proj``) are ordinary groups. A compact model is saved as plain weights plus
-:func:`layer_shapes`, and rebuilt with :func:`rebuild`, never by unpickling modules; the config
-of a Hugging Face model is kept describing its layers after every cut (:func:`record_shapes_`),
-so that ``save_pretrained`` writes what rebuilds it.
+:func:`layer_shapes`, and rebuilt with :func:`with_shapes` (a registered model:
+:func:`sparsetrain.models.rebuild`), never by unpickling modules; the config of a Hugging Face
+model is kept describing its layers after every cut (:func:`record_shapes_`), so that
+``save_pretrained`` writes what rebuilds it.
 
 Example inputs are a tensor (``model(x)``) or a mapping of named tensors (``model(**x)``, e.g.
 ``input_ids`` and ``attention_mask``); the model may return its logits or an object holding
@@ -51,10 +52,9 @@ from torch.nn.modules.conv import _ConvNd
 from torch_pruning.pruner.function import BasePruningFunc
 
 from ..calls import ExampleInputs, call_model, logits_of, map_inputs
-from ..models import create_model
+from ..measure import output_width
 from ..modes import eval_mode
-from ..prunable import out_in, stored_weight, stores_transposed
-from ..report import count_flops, output_width
+from ..prunable import stores_transposed
 
 SUPPORTED_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, _BatchNorm)
 MIXING_OPERATIONS: tuple[str, ...] = ("attention", "bmm", "softmax", "einsum", "layernorm", "groupnorm", "rmsnorm")
@@ -107,13 +107,6 @@ def is_layer(module: object) -> bool:
     """True for the layers channels are gated and cut at: Conv1d/2d/3d, Linear, transformers' Conv1D
     (``module`` may be anything the traced graph holds: operations, parameters)."""
     return isinstance(module, (_ConvNd, nn.Linear)) or isinstance(module, nn.Module) and stores_transposed(module)
-
-
-def input_width(module: nn.Module) -> int:
-    """Input channels of a convolution, input features of a Linear or Conv1D layer."""
-    if isinstance(module, _ConvNd):
-        return module.in_channels
-    return out_in(stored_weight(module), stores_transposed(module)).shape[1]
 
 
 def _call_without_cache(model: nn.Module, example_inputs: ExampleInputs) -> Any:
@@ -432,16 +425,17 @@ def layer_shapes(model: nn.Module) -> dict[str, dict[str, int]]:
     return {name: sizes for name, module in model.named_modules() if (sizes := _sizes(module)) is not None}
 
 
-def rebuild(name: str, kwargs: Mapping[str, Any], shapes: Mapping[str, Mapping[str, int]] | None) -> nn.Module:
-    """Registered model ``name(**kwargs)`` with each layer in ``shapes`` replaced by a fresh one of
-    the saved sizes (other hyper-parameters kept), so a compact model's state_dict loads strictly.
-    Without shapes (None or empty: no channel was removed) it is the model as registered."""
-    model = create_model(name, **kwargs)
+def with_shapes(model: nn.Module, shapes: Mapping[str, Mapping[str, int]] | None, what: str) -> nn.Module:
+    """``model`` with each layer in ``shapes`` (as :func:`layer_shapes` wrote them) replaced, in
+    place, by a fresh one of the saved sizes (other hyper-parameters kept), so a compact model's
+    state_dict loads strictly; ``what`` names the model in errors (e.g. ``"model 'resnet20'"``).
+    Without shapes (None or empty: no channel was removed) it is ``model`` unchanged.
+    :func:`sparsetrain.models.rebuild` applies it to a registered model."""
     modules = dict(model.named_modules())
     for layer, sizes in (shapes or {}).items():
         old = modules.get(layer)
         if old is None or _sizes(old) is None:
-            raise ValueError(f"shapes name layer {layer!r}, which is not a Conv, BatchNorm or Linear layer of model {name!r}.")
+            raise ValueError(f"shapes name layer {layer!r}, which is not a Conv, BatchNorm or Linear layer of {what}.")
         new = _resized(old, dict(sizes), layer)
         parent, _, attr = layer.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, attr, new)
@@ -554,8 +548,3 @@ def _built_shapes(model: nn.Module, config: Any) -> dict[str, dict[str, int]] | 
         return None
     return layer_shapes(built)
 
-
-def count_flops_params(model: nn.Module, example_inputs: Tensor) -> tuple[int, int]:
-    """(FLOPs of one forward pass on ``example_inputs``, counted by ``torch.utils.flop_counter``
-    in eval mode without gradients, number of parameters)."""
-    return count_flops(model, example_inputs), sum(p.numel() for p in model.parameters())
