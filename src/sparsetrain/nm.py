@@ -24,6 +24,7 @@ import functools
 import math
 import re
 from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -36,19 +37,40 @@ MAX_M = 256  # a position fits in one byte
 RANK_LIMIT = 16  # groups up to this size are ranked by comparisons, larger ones sorted
 
 
-def parse_nm(text: str) -> tuple[int, int]:
-    """``"2:4"`` -> (2, 4); one sentence naming the value otherwise."""
+class NMPattern(NamedTuple):
+    """An N:M pattern: at most ``n`` non-zeros in every group of ``m``. A tuple, so ``n, m = pattern``
+    and ``pattern == (2, 4)`` hold; ``str(pattern)`` is ``"2:4"``. Build one with :func:`as_pattern`,
+    which checks 1 <= n < m <= MAX_M."""
+
+    n: int
+    m: int
+
+    def __str__(self) -> str:
+        return f"{self.n}:{self.m}"
+
+
+def parse_nm(text: str) -> NMPattern:
+    """``"2:4"`` -> NMPattern(2, 4); one sentence naming the value otherwise."""
     match = _PATTERN.match(text) if isinstance(text, str) else None
     if match is None or not 1 <= int(match.group(1)) < int(match.group(2)) <= MAX_M:
         raise ValueError(f"nm={text!r} is not an N:M pattern; allowed: 'N:M' with integers 1 <= N < M <= {MAX_M}, e.g. '2:4'.")
-    return int(match.group(1)), int(match.group(2))
+    return NMPattern(int(match.group(1)), int(match.group(2)))
 
 
-def validate_nm(n: int, m: int) -> tuple[int, int]:
-    """Return (n, m) after checking 1 <= n < m <= MAX_M."""
+def validate_nm(n: int, m: int) -> NMPattern:
+    """NMPattern(n, m) after checking 1 <= n < m <= MAX_M."""
     if any(isinstance(v, bool) or not isinstance(v, int) for v in (n, m)) or not 1 <= n < m <= MAX_M:
         raise ValueError(f"n={n!r}, m={m!r} is not an N:M pattern; allowed: integers 1 <= n < m <= {MAX_M}.")
-    return n, m
+    return NMPattern(n, m)
+
+
+def as_pattern(value: Any) -> NMPattern:
+    """The N:M pattern ``value`` stands for: ``"N:M"`` text, an (n, m) tuple or list, or an
+    :class:`NMPattern`, checked as :func:`parse_nm` and :func:`validate_nm` check it; anything else
+    is :func:`parse_nm`'s ValueError."""
+    if isinstance(value, (tuple, list)) and len(value) == 2:  # an NMPattern too: built directly, unchecked
+        return validate_nm(*value)
+    return parse_nm(value)
 
 
 def has_groups(shape: Sequence[int], m: int) -> bool:

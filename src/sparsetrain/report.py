@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .measure import count_flops, output_width, param_counts
-from .nm import has_groups, pattern_holds
+from .nm import NMPattern, as_pattern, has_groups, pattern_holds
 from .prunable import PRUNABLE_TYPES, LayerType, choose_layers, find_prunable, out_in, stores_transposed
 
 
@@ -36,7 +36,7 @@ class SparsityReport:
     ``exclude``, and embeddings (:func:`~sparsetrain.prunable.choose_layers`)."""
 
     layers: tuple[LayerReport, ...]
-    nm: tuple[int, int] | None = None
+    nm: NMPattern | None = None
     dense: tuple[tuple[str, str], ...] = ()
 
     @property
@@ -78,15 +78,16 @@ class SparsityReport:
 def sparsity_report(
     model: nn.Module,
     exclude: Sequence[str] | None = None,
-    nm: tuple[int, int] | None = None,
+    nm: NMPattern | tuple[int, int] | str | None = None,
     types: Sequence[LayerType] = PRUNABLE_TYPES,
 ) -> SparsityReport:
     """The zeros of each prunable layer's weight (Conv1d/2d/3d, Linear, transformers' Conv1D, or
     ``types``) as the forward pass uses it: the thresholded weight while a method is attached, the
     plain weight after. ``exclude``: glob patterns of layers left out; None: the default exclusions
     (:func:`~sparsetrain.prunable.choose_layers`: e.g. a ViT's patch embedding, a tied language-model
-    head), listed with their reasons in ``dense``. ``nm``: (N, M) to check in each layer, groups
-    along its input dimension (:mod:`sparsetrain.nm`)."""
+    head), listed with their reasons in ``dense``. ``nm``: the N:M pattern to check in each layer
+    (an NMPattern, (n, m) or "N:M"), groups along its input dimension (:mod:`sparsetrain.nm`)."""
+    nm = None if nm is None else as_pattern(nm)
     choice = choose_layers(model, types, exclude)
     with torch.no_grad():
         layers = [

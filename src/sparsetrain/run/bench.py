@@ -25,8 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..methods import method_spec
-from ..nm import parse_nm
+from ..methods import method_options, method_spec
 from .checkpoint import atomic_write, write_json
 from .folder import RunFolder
 from .options import METHOD_FLAGS, options_from_dict
@@ -184,19 +183,20 @@ def run_grid(
         log(f"[{index + 1}/{len(cells)}] {cell.name}" + (" (resuming)" if folder.has_checkpoint() else ""))
         # a cell killed before its first checkpoint starts over through resume (which keeps what it did not write)
         train(options, resume=folder.has_config(), log=lambda line: log(f"  {line}"))
-        nm = cell.options().get("nm")
-        sparsity = 1.0 - _pattern_density(nm) if nm else cell.options().get("sparsity", 0.0)
-        record = {"cell": cell.name, "method": cell.method, "target": cell.target_option, "sparsity": sparsity,
-                  "flops_target": cell.options().get("flops_target"), "nm": nm, "seed": cell.seed, **_measure(folder)}
+        record = {"cell": cell.name, "method": cell.method, "target": cell.target_option,
+                  "sparsity": _target_sparsity(cell), "flops_target": cell.options().get("flops_target"),
+                  "nm": cell.options().get("nm"), "seed": cell.seed, **_measure(folder)}
         append_record(results_path, record)
         records.append(record)
     write_outputs(records, out)
     return records
 
 
-def _pattern_density(nm: str) -> float:
-    n, m = parse_nm(nm)
-    return n / m
+def _target_sparsity(cell: Cell) -> float:
+    """The sparsity the cell's method aims at, as its options give it (``target_sparsity()``: the
+    sparsity, 1 - N/M for a pattern); 0 for a method whose options state none (dense, channel pruning)."""
+    options = method_options(cell.method, **({} if cell.target is None else {cell.target_option: cell.target}))
+    return float(options.target_sparsity()) if hasattr(options, "target_sparsity") else 0.0
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -257,8 +257,9 @@ def _sparsity_table(records: Sequence[dict[str, Any]], column: str = "sparsity")
     """Rows: methods, the reference first; columns: target sparsities, or N:M patterns (column "nm",
     densest first); the reference fills every column."""
     summary = summarise(records, column)
-    if column == "nm":
-        values = sorted({v for m, v in summary if m != REFERENCE}, key=_pattern_density, reverse=True)
+    if column == "nm":  # densest first: by the sparsity the records hold (1 - N/M)
+        sparsity = {r["nm"]: r["sparsity"] for r in records if r["method"] != REFERENCE}
+        values = sorted({v for m, v in summary if m != REFERENCE}, key=lambda v: sparsity[v])
         headings = values
     else:
         values = sorted({v for m, v in summary if m != REFERENCE})

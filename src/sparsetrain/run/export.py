@@ -27,7 +27,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..nm import has_groups, index_bits, pack, pattern_holds, unpack
+from ..nm import NMPattern, as_pattern, has_groups, index_bits, pack, pattern_holds, unpack
 from ..prunable import out_in
 from .checkpoint import atomic_write
 
@@ -78,11 +78,12 @@ def _encode(name: str, tensor: torch.Tensor, nm: tuple[int, int] | None,
     return {f"{name}.indices": positions, f"{name}.values": values}, info
 
 
-def save_sparse(path: str | Path, state: dict[str, torch.Tensor], nm: tuple[int, int] | None = None,
+def save_sparse(path: str | Path, state: dict[str, torch.Tensor], nm: NMPattern | tuple[int, int] | str | None = None,
                 transposed: Collection[str] = ()) -> Path:
-    """Write ``state`` compressed (see the module docstring), atomically; ``nm``: the (N, M)
-    pattern to pack the weights holding it with; ``transposed``: the keys of the weights stored
-    (in, out), e.g. ``transposed_weights(model)``."""
+    """Write ``state`` compressed (see the module docstring), atomically; ``nm``: the N:M
+    pattern to pack the weights holding it with (an NMPattern, (n, m) or "N:M"); ``transposed``: the
+    keys of the weights stored (in, out), e.g. ``transposed_weights(model)``."""
+    nm = None if nm is None else as_pattern(nm)
     tensors: dict[str, torch.Tensor] = {}
     layouts: dict[str, dict] = {}
     for name, tensor in state.items():

@@ -33,7 +33,7 @@ from torch import nn
 
 from ..inference import load_model_state
 from ..methods import Method, create, method_options
-from ..nm import parse_nm
+from ..nm import NMPattern
 from ..models import create_model, input_size, rebuild
 from ..structured import layer_shapes
 from .checkpoint import (
@@ -234,18 +234,19 @@ class LoadedRun:
     weights: Path
 
     @property
-    def nm(self) -> tuple[int, int] | None:
-        """The (N, M) pattern of an N:M method's run, else None."""
+    def nm(self) -> NMPattern | None:
+        """The N:M pattern of an N:M method's run, else None."""
         return nm_pattern(self.config)
 
 
-def nm_pattern(config: dict[str, Any]) -> tuple[int, int] | None:
-    """The (N, M) pattern of the run whose config.json holds ``config``, if its method is an N:M preset."""
+def nm_pattern(config: dict[str, Any]) -> NMPattern | None:
+    """The N:M pattern of the run whose config.json holds ``config``, as its method's options give it
+    (their ``pattern()``; None for a method without one, or a folder with no method recorded)."""
     section = config.get("method") or {}
     if "name" not in section:  # a bare weights folder: no method recorded
         return None
-    pattern = getattr(method_options(section["name"], **section.get("options", {})), "nm", None)
-    return None if pattern is None else parse_nm(pattern)
+    options = method_options(section["name"], **section.get("options", {}))
+    return options.pattern() if hasattr(options, "pattern") else None  # options that state no pattern: none
 
 
 def final_weights(path: str | Path) -> Path:

@@ -96,7 +96,8 @@ def method_title(name: str, given: dict[str, Any]) -> str:
     if target is None:
         return name
     value = getattr(method_options(name, **given), target)
-    return f"{name} · {target} {value if isinstance(value, str) else format(value, 'g')}"
+    shown = format(value, "g") if isinstance(value, (int, float)) else str(value)  # an N:M pattern as "2:4"
+    return f"{name} · {target} {shown}"
 
 
 def model_record(options: TrainOptions, num_classes: int) -> dict[str, Any]:

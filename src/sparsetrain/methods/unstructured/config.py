@@ -9,7 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ...nm import validate_nm
+from ...nm import NMPattern, as_pattern, validate_nm
 from ...operators import validate_p
 from ...schedules import SCHEDULES, resolve_step, validate_sparsity
 from ...selection import SCOPES
@@ -23,7 +23,10 @@ SR_STE_DECAY = 2e-4  # lambda_w of Zhou et al. (2021)
 
 @dataclass(frozen=True)
 class MethodConfig:
-    """Every knob of the engine. ``start``/``end``: int steps or float fractions of training."""
+    """Every knob of the engine. ``start``/``end``: int steps or float fractions of training.
+    ``nm``: the N:M pattern ("N:M", (n, m) or an :class:`~sparsetrain.nm.NMPattern`, kept as the
+    latter); the scope is "nm" exactly when it is set (a scope given beside it must be "global", the
+    default, or "nm")."""
 
     p: float
     theta: float
@@ -33,8 +36,7 @@ class MethodConfig:
     start: int | float = 0
     end: int | float = 0.5
     fix_at: int | float | None = None
-    n: int | None = None
-    m: int | None = None
+    nm: NMPattern | None = None
     decay: float = 0.0
     update_every: int = 1
 
@@ -46,10 +48,14 @@ class MethodConfig:
             raise ValueError(f"theta={self.theta!r} is out of range; allowed: a number in [0, 1].")
         if self.scope not in ENGINE_SCOPES:
             raise ValueError(f"unknown scope {self.scope!r}; known scopes: {', '.join(ENGINE_SCOPES)}.")
-        if self.scope == "nm":
-            validate_nm(self.n, self.m)
-        elif self.n is not None or self.m is not None:
-            raise ValueError(f"n={self.n!r}, m={self.m!r} apply to scope 'nm' only; allowed: leave them unset for scope {self.scope!r}.")
+        if self.nm is not None:
+            object.__setattr__(self, "nm", as_pattern(self.nm))
+            if self.scope not in ("global", "nm"):
+                raise ValueError(f"nm={str(self.nm)!r} applies to scope 'nm' only; allowed: leave nm unset for scope "
+                                 f"{self.scope!r}.")
+            object.__setattr__(self, "scope", "nm")
+        elif self.scope == "nm":
+            raise ValueError("scope='nm' needs a pattern; allowed: nm='N:M' (e.g. '2:4').")
         if isinstance(self.decay, bool) or not isinstance(self.decay, (int, float)) or not 0.0 <= self.decay < math.inf:
             raise ValueError(f"decay={self.decay!r} is not allowed; allowed: a finite number >= 0.")
         if not isinstance(self.rescale, bool):
@@ -62,7 +68,8 @@ class MethodConfig:
 
 
 KNOBS = tuple(f.name for f in dataclasses.fields(MethodConfig))
-NM_KNOBS = ("n", "m", "scope")  # set by the N:M presets' nm option
+LEGACY_NM_KNOBS = ("n", "m")  # the pattern as two knobs, as earlier versions took it (and saved states record it)
+NM_KNOBS = ("nm", "scope")  # set by the N:M presets' nm option
 
 PRESETS: dict[str, Callable[[float], MethodConfig]] = {}
 
@@ -81,18 +88,45 @@ def method_config(name: str, sparsity: float) -> MethodConfig:
 
 def resolve_config(name: str, sparsity: float | None, knobs: dict[str, Any]) -> tuple[MethodConfig, float]:
     """Preset ``name`` with ``knobs`` applied, and its final sparsity: ``sparsity`` (None: 0.9),
-    or for scope "nm" 1 - N/M (a ``sparsity`` given must equal it)."""
+    or for an N:M pattern 1 - N/M (a ``sparsity`` given must equal it). ``knobs`` may give the
+    pattern as ``n`` and ``m`` (:func:`nm_knobs`)."""
+    knobs = nm_knobs(method_config(name, DEFAULT_SPARSITY), knobs)
     probe = dataclasses.replace(method_config(name, DEFAULT_SPARSITY), **knobs)
-    if probe.scope == "nm":
-        pattern = 1.0 - probe.n / probe.m
+    if knobs.get("scope", "nm") != "nm" and probe.nm is not None:  # "global" beside a pattern
+        raise ValueError(f"scope={knobs['scope']!r} is not allowed with the {probe.nm} pattern of {name!r}; allowed: "
+                         "leave scope unset, or nm=None.")
+    if probe.nm is not None:
+        n, m = probe.nm
+        pattern = 1.0 - n / m
         if sparsity is not None and not math.isclose(sparsity, pattern):
-            raise ValueError(f"sparsity={sparsity!r} does not match the {probe.n}:{probe.m} pattern; "
+            raise ValueError(f"sparsity={sparsity!r} does not match the {probe.nm} pattern; "
                              f"allowed: {pattern:g} (1 - N/M) or no sparsity.")
         sparsity = pattern
     elif sparsity is None:
         sparsity = DEFAULT_SPARSITY
     sparsity = validate_sparsity(sparsity)
     return dataclasses.replace(method_config(name, sparsity), **knobs), sparsity
+
+
+def nm_knobs(preset: MethodConfig, knobs: dict[str, Any]) -> dict[str, Any]:
+    """``knobs`` with the legacy ``n``/``m`` turned into ``nm`` (the one not given is the preset's;
+    both None: no pattern). They set a pattern only where the scope is "nm": the preset's, or a
+    ``scope="nm"`` given beside them."""
+    if not any(k in knobs for k in LEGACY_NM_KNOBS):
+        return knobs
+    knobs = dict(knobs)
+    old = preset.nm or (None, None)
+    n, m = knobs.pop("n", old[0]), knobs.pop("m", old[1])
+    if "nm" in knobs:
+        raise ValueError(f"nm={knobs['nm']!r} and n={n!r}, m={m!r} give the pattern twice; allowed: nm='N:M' alone.")
+    scope = knobs.get("scope", preset.scope)
+    if scope == "nm":
+        knobs["nm"] = validate_nm(n, m)
+    elif n is not None or m is not None:
+        raise ValueError(f"n={n!r}, m={m!r} apply to scope 'nm' only; allowed: leave them unset for scope {scope!r}.")
+    else:
+        knobs["nm"] = None
+    return knobs
 
 
 def unsaved_knobs(config: MethodConfig) -> tuple[str, ...]:

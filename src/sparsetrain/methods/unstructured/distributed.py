@@ -54,15 +54,17 @@ class ShardedEngine:
         shards = [local_shard(w) for w in weights]
         for param, transposed in zip(self._params, self._transposed):
             param.sharded, param.transposed, param.rescaled = True, transposed, config.rescale
-        if config.scope == "nm":
+        if config.nm is not None:
+            m = config.nm.m
             for name, w, transposed in zip(self.names, weights, self._transposed):
                 rows = -(-w.shape[0] // w.device_mesh.size())
-                if transposed and has_groups(out_in(w, True).shape, config.m) and rows % config.m:
+                if transposed and has_groups(out_in(w, True).shape, m) and rows % m:
                     raise ValueError(f"layer {name!r} (stored (in, out)) has {rows} input rows per shard, so groups of "
-                                     f"{config.m} straddle the shards; allowed: a rank count that splits its "
-                                     f"{w.shape[0]} rows into multiples of {config.m}.")
+                                     f"{m} straddle the shards; allowed: a rank count that splits its "
+                                     f"{w.shape[0]} rows into multiples of {m}.")
+            groups = (prune_count(sparsity, m), m)
             for param, shard in zip(self._params, shards):
-                param.groups = (prune_count(sparsity, config.m), config.m)
+                param.groups = groups
                 param.choose(0.0, None, shard)  # no threshold tensor as large as the weight kept
             return
         magnitudes = [param.normalised(shard).abs() for param, shard in zip(self._params, shards)]

@@ -18,7 +18,7 @@ the rescales stay as they are, and ``finalize()`` recomputes them from the final
 When the model's forward starts, every forward weight is computed at once (the layers then find
 theirs ready); a layer called on its own computes its weight as it reads it.
 
-N:M scope (``scope="nm"``, ``n``, ``m``): the threshold is per group of M consecutive weights
+N:M scope (``nm="N:M"``, which sets ``scope="nm"``): the threshold is per group of M consecutive weights
 along the input dimension (:mod:`sparsetrain.nm`; dimension 0 of a weight stored (in, out), such as
 transformers' Conv1D: :func:`sparsetrain.prunable.out_in`); at s(t) each group prunes k = round(s(t) * M)
 weights, so the final sparsity is 1 - N/M and a schedule is a path M:M -> ... -> N:M. Layers whose
@@ -43,7 +43,6 @@ The named configurations of the engine are :mod:`.presets`.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -59,7 +58,7 @@ from ...prunable import PRUNABLE_TYPES, LayerType, choose_layers, out_in, stores
 from ...schedules import Schedule, make_schedule, resolve_step, validate_total_steps
 from ...selection import Selection, layer_sigma, prune_count, select
 from ..protocol import Method, check_finite
-from .config import KNOBS, unsaved_knobs, resolve_config
+from .config import KNOBS, LEGACY_NM_KNOBS, unsaved_knobs, resolve_config
 from .distributed import ShardedEngine, span_mask, span_of, same_on_every_rank
 from .sharding import is_sharded, local_shard, shard_group, total, unparametrize
 from .weight import SparseWeight, copy_threshold, stored, weight_of, st3_rescale
@@ -70,9 +69,10 @@ class Sparsifier(ShardedEngine, Method):
 
     ``method`` names a preset (``feather``, ``st3``, ``st3-sigma``, ``gmp``, ``ste``,
     ``feather-nm``, ``st3-nm``, ``sr-ste``); any of its knobs (``p``, ``theta``, ``scope``,
-    ``rescale``, ``schedule``, ``start``, ``end``, ``fix_at``, ``n``, ``m``, ``decay``,
+    ``rescale``, ``schedule``, ``start``, ``end``, ``fix_at``, ``nm``, ``decay``,
     ``update_every``) can be
-    overridden by keyword. ``sparsity`` None means 0.9, or 1 - N/M for scope "nm".
+    overridden by keyword (the pattern also as ``n`` and ``m``, as earlier versions took it).
+    ``sparsity`` None means 0.9, or 1 - N/M for an N:M pattern.
     ``start``/``end`` are int steps or float fractions of ``total_steps``; ``schedule`` may also
     be a ready schedule object. Layers are chosen by :func:`~sparsetrain.prunable.choose_layers`
     from ``types`` (classes or class names), ``exclude`` (glob patterns on module names; None: the
@@ -95,11 +95,11 @@ class Sparsifier(ShardedEngine, Method):
         super().__init__()
         validate_total_steps(total_steps)
         schedule = None if isinstance(knobs.get("schedule", ""), str) else knobs.pop("schedule")
-        unknown = sorted(set(knobs) - set(KNOBS))
+        unknown = sorted(set(knobs) - set(KNOBS) - set(LEGACY_NM_KNOBS))
         if unknown:
             raise ValueError(f"unknown option {unknown[0]!r}; allowed options: {', '.join(KNOBS)}.")
         self.config, sparsity = resolve_config(method, sparsity, knobs)
-        self._groups = GroupSelector(self.config.m) if self.config.scope == "nm" else None
+        self._groups = None if self.config.nm is None else GroupSelector(self.config.nm.m)
         self.name = method
         self.total_steps = total_steps
         self.schedule: Schedule = schedule or make_schedule(
@@ -199,7 +199,7 @@ class Sparsifier(ShardedEngine, Method):
         if self.config.scope != "nm":
             return []
         return [name for name, w, transposed in zip(self.names, self._weights, self._transposed)
-                if not has_groups(out_in(w, transposed).shape, self.config.m)]
+                if not has_groups(out_in(w, transposed).shape, self.config.nm.m)]
 
     def dense_weights(self) -> list[Tensor]:
         """The trained dense weights w, one per distinct prunable weight, in order."""
@@ -341,7 +341,7 @@ class Sparsifier(ShardedEngine, Method):
         if self.config.scope != "nm":
             return select(magnitudes, sparsity, self.config.scope)
         views = [out_in(mag, transposed) for mag, transposed in zip(magnitudes, self._transposed)]
-        selection = self._groups.select(views, prune_count(sparsity, self.config.m))
+        selection = self._groups.select(views, prune_count(sparsity, self._groups.m))
         return Selection(
             [stored(t, transposed) for t, transposed in zip(selection.thresholds, self._transposed)],
             [stored(t, transposed) for t, transposed in zip(selection.ties, self._transposed)],
@@ -402,8 +402,13 @@ class Sparsifier(ShardedEngine, Method):
 
     def _settings(self) -> dict[str, Any]:
         """What a saved state must agree on: the target, the schedule's steps and every knob."""
-        return {"sparsity": self.schedule.final, "total_steps": self.total_steps, "fix_step": self.fix_step,
-                **{k: v for k, v in dataclasses.asdict(self.config).items() if k not in unsaved_knobs(self.config)},
+        knobs: dict[str, Any] = {}
+        for k in KNOBS:
+            if k == "nm":  # recorded as n and m, as by earlier versions: their states load, and these load there
+                knobs["n"], knobs["m"] = self.config.nm or (None, None)
+            elif k not in unsaved_knobs(self.config):
+                knobs[k] = getattr(self.config, k)
+        return {"sparsity": self.schedule.final, "total_steps": self.total_steps, "fix_step": self.fix_step, **knobs,
                 "start": self.schedule.start if hasattr(self.schedule, "start") else None,
                 "end": self.schedule.end if hasattr(self.schedule, "end") else None}
 

@@ -14,8 +14,8 @@ and :func:`register_preset` to add one.
 
 Feather: Glentis Georgoulakis et al., BMVC 2023. ST-3 and ST-3 sigma: Vanderschueren &
 De Vleeschouwer, WACV 2023. GMP: Zhu & Gupta, 2017. ste is Feather's p = inf ablation.
-SR-STE: Zhou et al., ICLR 2021 (lambda_w = 2e-4). The N:M presets take ``nm="N:M"`` (2:4 by
-default) instead of a sparsity.
+SR-STE: Zhou et al., ICLR 2021 (lambda_w = 2e-4). The N:M presets take ``nm`` ("N:M", (n, m) or an
+:class:`~sparsetrain.nm.NMPattern`; 2:4 by default) instead of a sparsity.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from typing import Any
 
 from torch import nn
 
-from ...nm import parse_nm
+from ...nm import NMPattern, as_pattern
 from ...prunable import LayerType, validate_types
 from ...schedules import validate_sparsity
 from ...selection import SCOPES
@@ -75,6 +75,10 @@ class _PresetOptions:
         types = {} if self.types is None else {"types": self.types}
         return {"exclude": self.exclude, "min_size": self.min_size, **types, **self.knobs()}
 
+    def pattern(self) -> NMPattern | None:
+        """The N:M pattern the method leaves in the weights (None: unstructured)."""
+        return None
+
 
 @dataclass(frozen=True)
 class UnstructuredOptions(_PresetOptions):
@@ -93,20 +97,28 @@ class UnstructuredOptions(_PresetOptions):
     def engine_args(self) -> dict[str, Any]:
         return {"sparsity": self.sparsity, **super().engine_args()}
 
+    def target_sparsity(self) -> float:
+        """The final sparsity of the prunable weights."""
+        return self.sparsity
+
 
 @dataclass(frozen=True)
 class NMOptions(_PresetOptions):
-    """Options of the N:M presets: the pattern ``nm`` ("N:M") and the shared ones."""
+    """Options of the N:M presets: the pattern ``nm`` ("N:M", (n, m) or an NMPattern, kept as an
+    :class:`~sparsetrain.nm.NMPattern`) and the shared ones."""
 
-    nm: str = "2:4"
+    nm: NMPattern | str = "2:4"  # the default is listed as given: "2:4"
 
     def __post_init__(self) -> None:
-        parse_nm(self.nm)
+        object.__setattr__(self, "nm", as_pattern(self.nm))
         super().__post_init__()
 
-    def engine_args(self) -> dict[str, Any]:
-        n, m = parse_nm(self.nm)
-        return {"n": n, "m": m, **super().engine_args()}
+    def pattern(self) -> NMPattern:
+        return self.nm
+
+    def target_sparsity(self) -> float:
+        """The final sparsity of the prunable weights: 1 - N/M."""
+        return 1 - self.nm.n / self.nm.m
 
 
 def register_preset(
@@ -120,10 +132,10 @@ def register_preset(
         def build(model: nn.Module, options: _PresetOptions, context: Context) -> Sparsifier:
             return Sparsifier(model, name, total_steps=context.total_steps, **options.engine_args())
 
-        shown = dataclasses.asdict(preset(DEFAULT_SPARSITY))
-        nm = shown["scope"] == "nm"
-        if nm:
-            shown = {k: v for k, v in shown.items() if k not in NM_KNOBS}
+        config = preset(DEFAULT_SPARSITY)
+        nm = config.nm is not None
+        # the preset's knobs, less those its options set otherwise (the N:M presets' nm sets the pattern and scope)
+        shown = {k: getattr(config, k) for k in KNOBS if k not in (NM_KNOBS if nm else ("nm",))}
         register_method(MethodSpec(name, NMOptions if nm else UnstructuredOptions, build, summary,
                                    target="nm" if nm else "sparsity", recipe=recipe, shown_defaults=shown))
         PRESETS[name] = preset
@@ -159,15 +171,15 @@ def ste(sparsity: float) -> MethodConfig:
 
 @register_preset("feather-nm", "Feather's p = 3 operator and gradient scaling with an N:M threshold per group")
 def feather_nm(sparsity: float) -> MethodConfig:
-    return dataclasses.replace(feather(sparsity), scope="nm", n=2, m=4)
+    return dataclasses.replace(feather(sparsity), nm=NMPattern(2, 4))
 
 
 @register_preset("st3-nm", "ST-3's soft threshold, rescale and fixed-mask phase with an N:M threshold per group",
                  recipe="st3")
 def st3_nm(sparsity: float) -> MethodConfig:
-    return dataclasses.replace(st3(sparsity), scope="nm", n=2, m=4)
+    return dataclasses.replace(st3(sparsity), nm=NMPattern(2, 4))
 
 
 @register_preset("sr-ste", "N:M mask from the start, straight-through with sparse-refined decay (ICLR 2021)")
 def sr_ste(sparsity: float) -> MethodConfig:
-    return MethodConfig(p=math.inf, theta=1.0, scope="nm", n=2, m=4, schedule="constant", decay=SR_STE_DECAY)
+    return MethodConfig(p=math.inf, theta=1.0, nm=NMPattern(2, 4), schedule="constant", decay=SR_STE_DECAY)
