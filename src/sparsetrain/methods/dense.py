@@ -8,12 +8,13 @@ from typing import Any
 
 from torch import nn
 
+from ..declare import Declared
 from .protocol import Method
 from .registry import Context, MethodSpec, register_method
 
 
 @dataclass(frozen=True)
-class DenseOptions:
+class DenseOptions(Declared):
     """The dense reference has no options."""
 
 

@@ -72,6 +72,7 @@ from ..modes import eval_mode
 from ..schedules import resolve_step, validate_total_steps
 from ..structured.relevance import post_relu_activations, relevance_and_logits
 from ..structured.surgery import ChannelGroup, channel_groups, layer_shapes, remove_channels_, resize_
+from ..declare import Declared, Flag, option
 from .protocol import Method, check_finite
 from .registry import Context, MethodSpec, register_method
 
@@ -79,42 +80,22 @@ DEFAULT_FRACTION = 0.3  # of the prunable entries of each pool, picked over the 
 POOLS = ("conv", "linear")
 
 
-def _step_value(name: str, value: object) -> int | float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{name}={value!r} is not allowed; allowed: an int number of steps >= 1 or a float fraction of training in (0, 1].")
-    if isinstance(value, int) and value < 1 or isinstance(value, float) and not 0.0 < value <= 1.0:
-        raise ValueError(f"{name}={value!r} is not allowed; allowed: an int number of steps >= 1 or a float fraction of training in (0, 1].")
-    return value
-
-
 @dataclass(frozen=True)
-class FRSOptions:
-    """``prune_every`` and ``stop_at``: int steps or float fractions of training;
-    ``channels_per_step`` / ``linear_per_step``: entries picked per step among convolutional /
-    Linear groups, None for 30 % of the pool's prunable entries spread over the steps;
-    ``num_classes``: None for the width of the model's output; ``lrp_eps``: 0 for the exact
-    alpha-beta rule, 1e-9 for the public code's stabiliser."""
+class FRSOptions(Declared):
+    """FRS's options (the maths and the schedule: the module docstring)."""
 
-    prune_every: int | float = 21 / 200
-    channels_per_step: int | None = None
-    stop_at: int | float = 150 / 200
-    num_classes: int | None = None
-    linear_per_step: int | None = None
-    lrp_eps: float = 0.0
-
-    def __post_init__(self) -> None:
-        _step_value("prune_every", self.prune_every)
-        _step_value("stop_at", self.stop_at)
-        for name in ("channels_per_step", "num_classes"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ValueError(f"{name}={value!r} is not allowed; allowed: an int >= 1.")
-        value = self.linear_per_step
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
-            raise ValueError(f"linear_per_step={value!r} is not allowed; allowed: an int >= 0.")
-        eps = self.lrp_eps
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps < 1e-3:
-            raise ValueError(f"lrp_eps={eps!r} is not allowed; allowed: a number in [0, 1e-3), e.g. 1e-9 as the public code.")
+    prune_every: int | float = option(21 / 200, "steps between pruning steps", kind=float, unit="steps", low=1,
+                                      flag=Flag(epochs=True, help="epochs between pruning steps"))
+    channels_per_step: int | None = option(None, "entries picked per pruning step among the convolutional groups "
+                                           "(None: 30 % of the pool over the steps)", kind=int, low=1, optional=True)
+    stop_at: int | float = option(150 / 200, "the last step that prunes", kind=float, unit="steps", low=1,
+                                  flag=Flag(epochs=True, help="the last epoch that prunes"))
+    num_classes: int | None = option(None, "classes (None: the width of the model's output)", kind=int, low=1,
+                                     optional=True)
+    linear_per_step: int | None = option(None, "entries picked per pruning step among the groups Linear layers write "
+                                         "(None: 30 % of the pool over the steps)", kind=int, low=0, optional=True)
+    lrp_eps: float = option(0.0, "stabiliser of the alpha-beta rule (0: exact; the public code: 1e-9)", low=0.0,
+                            high=1e-3, high_open=True)
 
 
 @dataclass(frozen=True)
@@ -335,16 +316,13 @@ class FRS(Method):
         total_steps: int,
         example_inputs: Tensor,
         data: Iterable[tuple[Tensor, Tensor]],
-        *,
-        prune_every: int | float = 21 / 200,
-        channels_per_step: int | None = None,
-        stop_at: int | float = 150 / 200,
-        num_classes: int | None = None,
-        linear_per_step: int | None = None,
-        lrp_eps: float = 0.0,
+        **options: Any,
     ) -> None:
         super().__init__()
-        self.options = FRSOptions(prune_every, channels_per_step, stop_at, num_classes, linear_per_step, lrp_eps)
+        self.options = FRSOptions(**options)
+        prune_every, stop_at = self.options.prune_every, self.options.stop_at
+        channels_per_step, linear_per_step = self.options.channels_per_step, self.options.linear_per_step
+        num_classes = self.options.num_classes
         self.total_steps = validate_total_steps(total_steps)
         if not isinstance(example_inputs, Tensor):
             raise ValueError(f"example_inputs={example_inputs!r} is not allowed; allowed: a tensor batch the model accepts.")
@@ -365,12 +343,12 @@ class FRS(Method):
         steps = self.schedule.steps
         given = {"conv": channels_per_step, "linear": linear_per_step}
         self.counts = {pool: _default_count(prunable[pool], steps) if given[pool] is None else given[pool] for pool in POOLS}
-        for pool, option in (("conv", "channels_per_step"), ("linear", "linear_per_step")):
+        for pool, name in (("conv", "channels_per_step"), ("linear", "linear_per_step")):
             if self.counts[pool] * steps > prunable[pool]:
                 raise ValueError(
-                    f"{option}={self.counts[pool]} over {steps} pruning steps picks {self.counts[pool] * steps} "
+                    f"{name}={self.counts[pool]} over {steps} pruning steps picks {self.counts[pool] * steps} "
                     f"entries, but {type(model).__name__} has {prunable[pool]} prunable in its {pool} pool; "
-                    f"allowed: {option} <= {prunable[pool] // steps}."
+                    f"allowed: {name} <= {prunable[pool] // steps}."
                 )
         self._step = 0
         self.removals: list[dict[str, list[int]]] = []
@@ -434,11 +412,11 @@ class FRS(Method):
         A NaN or infinite relevance score is a FloatingPointError naming its layer."""
         found = candidates(self.model, self.example_inputs)
         pools = _pool_entries(found)
-        for pool, option in (("conv", "channels_per_step"), ("linear", "linear_per_step")):
+        for pool, name in (("conv", "channels_per_step"), ("linear", "linear_per_step")):
             available = pools[pool]
             if self.counts[pool] > available:
                 raise ValueError(
-                    f"{option}={self.counts[pool]} exceeds the {available} entries still prunable in the {pool} pool "
+                    f"{name}={self.counts[pool]} exceeds the {available} entries still prunable in the {pool} pool "
                     f"of {type(self.model).__name__}; allowed: at most {available} (every group keeps one channel)."
                 )
         rank0 = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
@@ -487,12 +465,7 @@ class FRS(Method):
 
 
 def _build(model: nn.Module, options: FRSOptions, context: Context) -> FRS:
-    return FRS(
-        model, context.total_steps, context.need_example_inputs("frs"), context.need_data("frs"),
-        prune_every=options.prune_every, channels_per_step=options.channels_per_step,
-        stop_at=options.stop_at, num_classes=options.num_classes,
-        linear_per_step=options.linear_per_step, lrp_eps=options.lrp_eps,
-    )
+    return FRS(model, context.total_steps, context.need_example_inputs("frs"), context.need_data("frs"), **options.values())
 
 
 register_method(MethodSpec(

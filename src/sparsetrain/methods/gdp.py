@@ -140,65 +140,35 @@ from ..structured.surgery import (
     remove_channels_,
     trace_couplings,
 )
+from ..declare import Axis, Declared, option
 from .protocol import Method, check_finite
 from .registry import Context, MethodSpec, register_method
 
 
-def validate_flops_target(value: object) -> float:
-    """Return ``value`` as a float if it is a fraction strictly between 0 and 1, else ``ValueError``."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value < 1.0:
-        raise ValueError(
-            f"flops_target={value!r} is not allowed; allowed: a fraction of the dense model's FLOPs strictly between 0 and 1."
-        )
-    return float(value)
-
-
 @dataclass(frozen=True)
-class GDPOptions:
-    """GDP's options (see the module docstring for the maths).
+class GDPOptions(Declared):
+    """GDP's options (the maths: the module docstring)."""
 
-    ``flops_target``: the wanted fraction of the dense model's FLOPs, in (0, 1);
-    ``eps_start``/``eps_end`` the eps schedule (eps_start = 0.1 kept more accuracy than 1.0 on
-    the bundled sample: ResNet-20 x0.5, 12 epochs, 46.1 % vs 39.6 % at 50 % FLOPs, one seed);
-    ``init`` the initial x of every gate (g = 1 / 1.1 with the defaults); ``lambda_init`` and
-    ``lr_lambda`` (log-rate per pruning window) of the FLOPs weight; ``gate_min`` the gate value
-    under which a gate is zeroed; ``min_keep`` the fraction of every group's channels that stays
-    (at least one): the FLOPs pressure is highest on the high-resolution first stage, whose groups
-    would otherwise be emptied (ResNet-56 at 50 % FLOPs: every stage-1 group ends on this floor);
-    ``prune_end`` the end of the pruning window, as a fraction of T; ``tolerance`` how far under
-    the target (as a fraction of it) the compact model's FLOPs may land.
-    """
+    flops_target: float = option(0.5, "FLOPs of the compact model, as a fraction of the dense model's", low=0.0,
+                                 high=1.0, low_open=True, high_open=True, axis=Axis("flops-targets", "f", (0.5,)))
+    eps_start: float = option(0.1, "eps of the gates g = x^2 / (x^2 + eps) at the start", low=0.0, low_open=True)
+    eps_end: float = option(1e-4, "eps at the end of the pruning window", low=0.0, low_open=True)
+    init: float = option(1.0, "initial x of every gate", low=0.0, low_open=True)
+    lambda_init: float = option(1.0, "initial weight of the FLOPs penalty", low=0.0, low_open=True)
+    lr_lambda: float = option(20.0, "log-rate of the FLOPs weight per pruning window", low=0.0, low_open=True)
+    gate_min: float = option(0.01, "gate value under which a gate is zeroed", low=0.0, high=1.0, low_open=True,
+                             high_open=True)
+    prune_end: float = option(0.5, "end of the pruning window, as a fraction of training", unit="fraction", low=0.0,
+                              high=1.0, low_open=True)
+    tolerance: float = option(0.01, "how far under the target, as a fraction of it, the compact model's FLOPs may land",
+                              low=0.0, high=1.0, high_open=True)
+    min_keep: float = option(0.25, "fraction of each group's channels that stays (at least one)", low=0.0, high=1.0,
+                             high_open=True)
 
-    flops_target: float = 0.5
-    eps_start: float = 0.1
-    eps_end: float = 1e-4
-    init: float = 1.0
-    lambda_init: float = 1.0
-    lr_lambda: float = 20.0
-    gate_min: float = 0.01
-    prune_end: float = 0.5
-    tolerance: float = 0.01
-    min_keep: float = 0.25
-
-    def __post_init__(self) -> None:
-        validate_flops_target(self.flops_target)
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ValueError(f"{f.name}={value!r} is not allowed; allowed: a finite number.")
-        if not 0.0 < self.eps_end <= self.eps_start:
-            raise ValueError(f"eps_start={self.eps_start!r}, eps_end={self.eps_end!r} are not allowed; allowed: 0 < eps_end <= eps_start.")
-        if not 0.0 < self.prune_end <= 1.0:
-            raise ValueError(f"prune_end={self.prune_end!r} is not allowed; allowed: a fraction of training in (0, 1].")
-        if not 0.0 <= self.tolerance < 1.0:
-            raise ValueError(f"tolerance={self.tolerance!r} is not allowed; allowed: a fraction in [0, 1).")
-        if not 0.0 <= self.min_keep < 1.0:
-            raise ValueError(f"min_keep={self.min_keep!r} is not allowed; allowed: a fraction of each group in [0, 1).")
-        if not 0.0 < self.gate_min < 1.0:
-            raise ValueError(f"gate_min={self.gate_min!r} is not allowed; allowed: a gate value in (0, 1).")
-        for name in ("init", "lambda_init", "lr_lambda"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name}={getattr(self, name)!r} is not allowed; allowed: a positive finite number.")
+    def check(self) -> None:
+        if self.eps_end > self.eps_start:
+            raise ValueError(f"eps_start={self.eps_start!r}, eps_end={self.eps_end!r} are not allowed; allowed: "
+                             "0 < eps_end <= eps_start.")
 
 
 class GateBank:
@@ -650,8 +620,8 @@ def _removal_holds(model: nn.Module, couplings: Sequence[Coupling], example_inpu
 
 
 def _build(model: nn.Module, options: GDPOptions, context: Context) -> GDP:
-    knobs = {k: v for k, v in dataclasses.asdict(options).items() if k != "flops_target"}
-    return GDP(model, options.flops_target, context.total_steps, context.need_example_inputs("gdp"), **knobs)
+    knobs = options.values()
+    return GDP(model, knobs.pop("flops_target"), context.total_steps, context.need_example_inputs("gdp"), **knobs)
 
 
 register_method(MethodSpec(
