@@ -107,7 +107,9 @@ class Option:
             return value
         if not self._fits(value):
             raise ValueError(f"{name}={shown(value)} is not allowed; allowed: {self.allowed_text()}.")
-        return tuple(value) if self.kind is tuple else value
+        if self.kind is tuple:
+            return tuple(value)
+        return float(value) if self.kind is float and self.unit != "steps" else value
 
     def _fits(self, value: Any) -> bool:
         if self.kind is bool or self.kind is str:
@@ -172,6 +174,13 @@ class Option:
 def option(default: Any = dataclasses.MISSING, help: str = "", **spec: Any) -> Any:
     """A dataclass field declaring an option (``spec``: the fields of :class:`Option`)."""
     return field(default=default, metadata={OPTION: Option(help, **spec)})
+
+
+def overriding(cls: type, name: str) -> Any:
+    """A dataclass field declaring option ``name`` of the options class ``cls`` again, optional,
+    with default None: an override of ``cls``'s value (its help, bounds and flag kept)."""
+    spec = next(spec for field_name, spec, _ in declared(cls) if field_name == name)
+    return field(default=None, metadata={OPTION: dataclasses.replace(spec, optional=True)})
 
 
 def declared(cls: type) -> list[tuple[str, Option, Any]]:

@@ -86,7 +86,7 @@ def write_cifar10(folder, corrupt=None):
     [
         (["--model", "resnet21"], "unknown model 'resnet21'; known models: densenet40"),
         (["--method", "feathr"], "unknown method 'feathr'; known methods: dense, feather"),
-        (["--sparsity", "1.2"], "sparsity=1.2 is out of range; allowed: a number in [0, 1)"),
+        (["--sparsity", "1.2"], "sparsity=1.2 is not allowed; allowed: a number in [0, 1)"),
         (["--sparsity", "abc"], "argument --sparsity/--ptarget: invalid float value: 'abc'"),
         (["--epochs", "0"], "epochs=0 is not allowed; allowed: an integer >= 1"),
         (["--dataset", "cifar10"], "needs data_dir"),
@@ -95,7 +95,7 @@ def write_cifar10(folder, corrupt=None):
         (["--bogus"], "unrecognized arguments: --bogus"),
         (["--method", "gdp", "--sparsity", "0.5"], "--sparsity does not apply to method 'gdp'; its options: flops_target"),
         (["--method-arg", "thetta=1"], "unknown option 'thetta' for method 'feather'; allowed options: p, theta, rescale"),
-        (["--method-arg", "theta=2"], "theta=2 is out of range; allowed: a number in [0, 1]"),
+        (["--method-arg", "theta=2"], "theta=2 is not allowed; allowed: a number in [0, 1]"),
     ],
 )
 def test_usage_errors_exit_2_with_one_line(tmp_path, cli, argv, message):

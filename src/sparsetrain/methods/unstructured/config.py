@@ -9,9 +9,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from ...declare import Declared, Flag, option
 from ...nm import NMPattern, as_pattern, validate_nm
-from ...operators import validate_p
-from ...schedules import SCHEDULES, resolve_step, validate_sparsity
+from ...schedules import SCHEDULES, validate_sparsity
 from ...selection import SCOPES
 
 RESCALE_EPS = 1e-6
@@ -22,49 +22,36 @@ SR_STE_DECAY = 2e-4  # lambda_w of Zhou et al. (2021)
 
 
 @dataclass(frozen=True)
-class MethodConfig:
-    """Every knob of the engine. ``start``/``end``: int steps or float fractions of training.
-    ``nm``: the N:M pattern ("N:M", (n, m) or an :class:`~sparsetrain.nm.NMPattern`, kept as the
-    latter); the scope is "nm" exactly when it is set (a scope given beside it must be "global", the
-    default, or "nm")."""
+class MethodConfig(Declared):
+    """Every knob of the engine. ``nm``: the N:M pattern ("N:M", (n, m) or an
+    :class:`~sparsetrain.nm.NMPattern`, kept as the latter); the scope is "nm" exactly when it is set
+    (a scope given beside it must be "global", the default, or "nm")."""
 
-    p: float
-    theta: float
-    scope: str = "global"
-    rescale: bool = False
-    schedule: str = "cubic"
-    start: int | float = 0
-    end: int | float = 0.5
-    fix_at: int | float | None = None
-    nm: NMPattern | None = None
-    decay: float = 0.0
-    update_every: int = 1
+    p: float = option(help="exponent of the operator P_p (1: soft threshold, inf: hard threshold)", low=1.0,
+                      infinite=True)
+    theta: float = option(help="scale of the straight-through gradient of the pruned weights", low=0.0, high=1.0)
+    scope: str = option("global", "where one threshold applies", kind=str, choices=ENGINE_SCOPES)
+    rescale: bool = option(False, "ST-3's per-output-channel rescale of the kept weights", kind=bool)
+    schedule: str = option("cubic", "the sparsity schedule s(t)", kind=str, choices=lambda: sorted(SCHEDULES))
+    start: int | float = option(0, "first step of the schedule", unit="steps",
+                                flag=Flag("t1", epochs=True, help="epoch at which pruning starts"))
+    end: int | float = option(0.5, "last step of the schedule's ramp", unit="steps", flag=Flag(epochs=True))
+    fix_at: int | float | None = option(None, "first step of the fixed-mask phase (None: none)", unit="steps",
+                                        optional=True, flag=Flag(epochs=True))
+    nm: NMPattern | None = option(None, "the N:M pattern (None: unstructured)", kind=object, parse=as_pattern,
+                                  plain=str, optional=True)
+    decay: float = option(0.0, "SR-STE's lambda_w: lambda_w * (1 - E) * w added to the pruned weights' gradient",
+                          low=0.0)
+    update_every: int = option(1, "optimizer steps between threshold updates", kind=int, low=1)
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "p", validate_p(self.p))
-        if isinstance(self.update_every, bool) or not isinstance(self.update_every, int) or self.update_every < 1:
-            raise ValueError(f"update_every={self.update_every!r} is not allowed; allowed: an int >= 1 (optimizer steps).")
-        if isinstance(self.theta, bool) or not isinstance(self.theta, (int, float)) or not 0.0 <= self.theta <= 1.0:
-            raise ValueError(f"theta={self.theta!r} is out of range; allowed: a number in [0, 1].")
-        if self.scope not in ENGINE_SCOPES:
-            raise ValueError(f"unknown scope {self.scope!r}; known scopes: {', '.join(ENGINE_SCOPES)}.")
+    def check(self) -> None:
         if self.nm is not None:
-            object.__setattr__(self, "nm", as_pattern(self.nm))
             if self.scope not in ("global", "nm"):
                 raise ValueError(f"nm={str(self.nm)!r} applies to scope 'nm' only; allowed: leave nm unset for scope "
                                  f"{self.scope!r}.")
             object.__setattr__(self, "scope", "nm")
         elif self.scope == "nm":
             raise ValueError("scope='nm' needs a pattern; allowed: nm='N:M' (e.g. '2:4').")
-        if isinstance(self.decay, bool) or not isinstance(self.decay, (int, float)) or not 0.0 <= self.decay < math.inf:
-            raise ValueError(f"decay={self.decay!r} is not allowed; allowed: a finite number >= 0.")
-        if not isinstance(self.rescale, bool):
-            raise ValueError(f"rescale={self.rescale!r} is not allowed; allowed: true or false.")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"unknown schedule {self.schedule!r}; known schedules: {', '.join(sorted(SCHEDULES))}.")
-        for name in ("start", "end", "fix_at"):
-            if getattr(self, name) is not None:
-                resolve_step(getattr(self, name), 1, name)
 
 
 KNOBS = tuple(f.name for f in dataclasses.fields(MethodConfig))

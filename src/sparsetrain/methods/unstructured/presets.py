@@ -30,41 +30,33 @@ from torch import nn
 
 from ...nm import NMPattern, as_pattern
 from ...prunable import LayerType, validate_types
-from ...schedules import validate_sparsity
 from ...selection import SCOPES
 from ..registry import Context, MethodSpec, register_method
-from .config import NM_KNOBS, PRESETS, DEFAULT_SPARSITY, KNOBS, SR_STE_DECAY, MethodConfig, nm_presets
+from ...declare import Axis, Declared, Flag, option, overriding
+from .config import ENGINE_SCOPES, NM_KNOBS, PRESETS, DEFAULT_SPARSITY, KNOBS, SR_STE_DECAY, MethodConfig, nm_presets
 from .engine import Sparsifier
 
 @dataclass(frozen=True)
-class _PresetOptions:
-    """Options shared by every preset: any knob of :class:`MethodConfig` (None: the preset's
-    value) and the layer filters (glob patterns on module names, minimum size, and the layer
-    types: classes or class names; None: :data:`~sparsetrain.prunable.PRUNABLE_TYPES`)."""
+class _PresetOptions(Declared):
+    """Options shared by every preset: a knob of :class:`MethodConfig` overrides the preset's value
+    (None: the preset's); the layer filters choose the prunable layers."""
 
-    p: float | None = None
-    theta: float | None = None
-    rescale: bool | None = None
-    schedule: str | None = None
-    start: int | float | None = None
-    end: int | float | None = None
-    fix_at: int | float | None = None
-    decay: float | None = None
-    update_every: int | None = None
-    exclude: tuple[str, ...] | None = None
-    min_size: int = 0
-    types: tuple[LayerType, ...] | None = None
-
-    def __post_init__(self) -> None:
-        MethodConfig(**{"p": 1.0, "theta": 1.0, **self.knobs()})  # validates every knob given
-        if self.exclude is not None:
-            if not isinstance(self.exclude, (list, tuple)) or not all(isinstance(e, str) for e in self.exclude):
-                raise ValueError(f"exclude={self.exclude!r} is not allowed; allowed: a list of glob patterns.")
-            object.__setattr__(self, "exclude", tuple(self.exclude))
-        if self.types is not None:
-            object.__setattr__(self, "types", validate_types(self.types))
-        if isinstance(self.min_size, bool) or not isinstance(self.min_size, int) or self.min_size < 0:
-            raise ValueError(f"min_size={self.min_size!r} is not allowed; allowed: an int >= 0.")
+    p: float | None = overriding(MethodConfig, "p")
+    theta: float | None = overriding(MethodConfig, "theta")
+    rescale: bool | None = overriding(MethodConfig, "rescale")
+    schedule: str | None = overriding(MethodConfig, "schedule")
+    start: int | float | None = overriding(MethodConfig, "start")
+    end: int | float | None = overriding(MethodConfig, "end")
+    fix_at: int | float | None = overriding(MethodConfig, "fix_at")
+    decay: float | None = overriding(MethodConfig, "decay")
+    update_every: int | None = overriding(MethodConfig, "update_every")
+    exclude: tuple[str, ...] | None = option(None, "glob patterns of layer names left dense (None: the default "
+                                             "exclusions)", kind=tuple, optional=True, allowed="a list of glob patterns")
+    min_size: int = option(0, "layers with fewer weights stay dense", kind=int, low=0,
+                           flag=Flag("pthres", offset=1, help="leave layers with at most this many weights dense"))
+    types: tuple[LayerType, ...] | None = option(None, "the prunable layer classes or class names (None: Linear, "
+                                                 "Conv1d/2d/3d, Conv1D)", kind=object, parse=validate_types,
+                                                 optional=True, flag=None)
 
     def knobs(self) -> dict[str, Any]:
         """The knobs that override the preset."""
@@ -84,15 +76,16 @@ class _PresetOptions:
 class UnstructuredOptions(_PresetOptions):
     """Options of the unstructured presets: the final sparsity, the threshold scope and the shared ones."""
 
-    sparsity: float = DEFAULT_SPARSITY
-    scope: str | None = None
+    sparsity: float = option(DEFAULT_SPARSITY, "final sparsity of the prunable weights", low=0.0, high=1.0,
+                             high_open=True, flag=Flag(aliases=("ptarget",)),
+                             axis=Axis("sparsities", "s", (0.9, 0.95, 0.98, 0.99)))
+    scope: str | None = option(None, "where one threshold applies (None: the preset's)", kind=str,
+                               choices=ENGINE_SCOPES, optional=True)
 
-    def __post_init__(self) -> None:
-        validate_sparsity(self.sparsity)
+    def check(self) -> None:
         if self.scope == "nm":
             raise ValueError(f"scope='nm' is not allowed here; allowed: {', '.join(SCOPES)} "
                              f"(N:M sparsity is the presets {', '.join(nm_presets())}, with nm='N:M').")
-        super().__post_init__()
 
     def engine_args(self) -> dict[str, Any]:
         return {"sparsity": self.sparsity, **super().engine_args()}
@@ -104,14 +97,10 @@ class UnstructuredOptions(_PresetOptions):
 
 @dataclass(frozen=True)
 class NMOptions(_PresetOptions):
-    """Options of the N:M presets: the pattern ``nm`` ("N:M", (n, m) or an NMPattern, kept as an
-    :class:`~sparsetrain.nm.NMPattern`) and the shared ones."""
+    """Options of the N:M presets: the pattern ``nm`` and the shared ones."""
 
-    nm: NMPattern | str = "2:4"  # the default is listed as given: "2:4"
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "nm", as_pattern(self.nm))
-        super().__post_init__()
+    nm: NMPattern | str = option("2:4", "the N:M pattern: N of every M consecutive input weights kept", kind=object,
+                                 parse=as_pattern, plain=str, axis=Axis("nm", "nm", ("2:4",)))
 
     def pattern(self) -> NMPattern:
         return self.nm
