@@ -43,7 +43,7 @@ def trained(out: Path, method: str, epochs: int, flops_target: float, channels_p
     }
     name = f"{method}-c{channels_per_step}" if "channels_per_step" in takes else method
     options = TrainOptions(model="resnet56", method=method, epochs=epochs, seed=seed, device="cpu", out=str(out),
-                           name=name, **flags)
+                           name=name, method_flags={key: value for key, value in flags.items() if value is not None})
     folder = RunFolder(options.run_dir)
     if not folder.is_finished():
         train(options, resume=folder.has_checkpoint(), log=lambda line: print(f"  {method}: {line}"))

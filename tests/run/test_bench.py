@@ -13,7 +13,7 @@ BASE = {"epochs": 1, "limit": 128, "batch_size": 64, "model_args": {"width": 0.2
 @pytest.fixture(scope="module")
 def finished_grid(tmp_path_factory):
     out = tmp_path_factory.mktemp("grid")
-    cells = grid_cells(["feather", "gmp"], [0.9], [0])
+    cells = grid_cells(["feather", "gmp"], [0], {"sparsities": [0.9]})
     lines = []
     records = run_grid(BASE, cells, out, log=lines.append)
     return out, cells, records, lines
@@ -65,7 +65,7 @@ def test_a_cell_killed_before_its_first_checkpoint_restarts(tmp_path):
     from sparsetrain.run import prepare
     from sparsetrain.run.options import options_from_dict
 
-    cells = grid_cells(["ste"], [0.5], [0])[:1]  # just the dense cell
+    cells = grid_cells(["ste"], [0], {"sparsities": [0.5]})[:1]  # just the dense cell
     options = options_from_dict({**cells[0].training_options(BASE), "out": str(tmp_path / "runs"), "name": cells[0].name})
     prepare(options).folder.unlock()  # its folder and config.json written, then killed before training
     stale = tmp_path / "runs" / cells[0].name
@@ -109,7 +109,7 @@ def test_bench_cli_usage_errors(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_channel_pruning_cells_land_in_their_own_table(tmp_path):
-    cells = grid_cells(["gdp", "frs"], [0.9], [0], flops_targets=[0.5])
+    cells = grid_cells(["gdp", "frs"], [0], {"sparsities": [0.9], "flops-targets": [0.5]})
     assert [c.name for c in cells] == ["dense-seed0", "gdp-f0.5-seed0", "frs-seed0"]
     records = run_grid({**BASE, "epochs": 2}, cells, tmp_path, log=lambda line: None)
     gdp, frs = records[1], records[2]
@@ -124,7 +124,7 @@ def test_channel_pruning_cells_land_in_their_own_table(tmp_path):
 def test_shared_method_options_go_to_the_methods_that_take_them(tmp_path):
     from sparsetrain.run.bench import check_grid
 
-    cells = grid_cells(["feather", "gdp"], [0.9], [0])
+    cells = grid_cells(["feather", "gdp"], [0], {"sparsities": [0.9]})
     base = {**BASE, "pthres": 100, "method_args": {"theta": 0.5}}
     check_grid(base, cells, tmp_path)  # dense and gdp take neither: no error
     by_method = {c.method: c.training_options(base) for c in cells}
@@ -139,7 +139,7 @@ def test_shared_method_options_go_to_the_methods_that_take_them(tmp_path):
 
 @pytest.mark.slow  # trains a grid of cells
 def test_nm_cells_vary_the_pattern_and_land_in_a_table_by_pattern(tmp_path, capsys):
-    cells = grid_cells(["sr-ste", "feather"], [0.9], [0], nm_patterns=["2:4", "1:4"])
+    cells = grid_cells(["sr-ste", "feather"], [0], {"sparsities": [0.9], "nm": ["2:4", "1:4"]})
     assert [c.name for c in cells] == ["dense-seed0", "sr-ste-nm2-4-seed0", "sr-ste-nm1-4-seed0", "feather-s0.9-seed0"]
     assert main(["bench", "--methods", "sr-ste", "--nm", "2:4,1:4", "--sparsities", "0.9", "--seeds", "0",
                  "--out", str(tmp_path), "--epochs", "1", "--limit", "128", "--batch-size", "64",

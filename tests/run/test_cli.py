@@ -146,10 +146,11 @@ def test_eval_of_a_missing_run(tmp_path, cli):
 
 
 def test_method_args_and_flags_reach_the_method(tmp_path):
-    from sparsetrain.run import TrainOptions, prepare
+    from sparsetrain.run import options_from_dict, prepare
 
-    options = TrainOptions(method="feather", sparsity=0.8, t1=1.0, pthres=100, method_args={"theta": 0.25},
-                           limit=256, batch_size=64, epochs=3, device="cpu", out=str(tmp_path), name="r")
+    options = options_from_dict({"method": "feather", "sparsity": 0.8, "t1": 1.0, "pthres": 100,
+                                 "method_args": {"theta": 0.25}, "limit": 256, "batch_size": 64, "epochs": 3,
+                                 "device": "cpu", "out": str(tmp_path), "name": "r"})
     setup = prepare(options)
     method = setup.method
     assert (method.config.theta, method.schedule.final, method.schedule.start) == (0.25, 0.8, 4)  # t1: 1 epoch = 4 steps
@@ -184,3 +185,16 @@ def test_an_nm_run_reports_its_pattern_per_layer_and_exports_packed(tmp_path, cl
         layouts = json.loads(f.metadata()["sparsetrain.sparse"])
     assert layouts["layer1.0.conv1.weight"]["layout"] == "nm" and layouts["conv1.weight"]["layout"] == "dense"
     assert pattern_holds(weights["layer3.2.conv2.weight"], 1, 4)
+
+
+def test_options_saved_by_earlier_versions_read_the_same():
+    """config.json before the method flags were declared held all eight flag keys, None where not given."""
+    from sparsetrain.run import options_from_dict
+
+    new = options_from_dict({"method": "feather", "sparsity": 0.8, "t1": 1.0, "epochs": 3, "name": "r"})
+    old = {**new.record(), "nm": None, "pthres": None, "flops_target": None, "prune_every": None,
+           "channels_per_step": None, "stop_at": None}
+    assert options_from_dict(old) == new and new.method_flags == {"sparsity": 0.8, "t1": 1.0}
+    assert options_from_dict({**new.record(), "ptarget": 0.8, "sparsity": None}) == new  # an alias
+    with pytest.raises(ValueError, match="option 'sparsity' is given twice"):
+        options_from_dict({**new.record(), "ptarget": 0.7})

@@ -17,12 +17,13 @@ RANK_SCRIPT = textwrap.dedent(
     """
     import json, os, sys
     from safetensors.torch import save_file
-    from sparsetrain.run import TrainOptions, fit, prepare
+    from sparsetrain.run import fit, options_from_dict, prepare
 
     out, method = sys.argv[1], sys.argv[2]
     extra = json.loads(sys.argv[3])
-    options = TrainOptions(method=method, epochs=2, limit=512, batch_size=64, model_args={"width": 0.25},
-                           device="cpu", out=out, name="run", workers=1, **extra)
+    options = options_from_dict({"method": method, "epochs": 2, "limit": 512, "batch_size": 64,
+                                 "model_args": {"width": 0.25}, "device": "cpu", "out": out, "name": "run",
+                                 "workers": 1, **extra})
     setup = prepare(options)
     fit(setup, log=lambda line: None)
     rank = setup.ranks.rank

@@ -23,7 +23,7 @@ def test_recipes_resolve_to_the_papers_numbers():
     frs = options_from_dict({"recipe": "frs", "method": "frs"})
     assert (frs.epochs, frs.lr, frs.lr_schedule, frs.milestones) == (200, 0.1, "multistep", [100, 150])
     assert (frs.batch_size, frs.momentum, frs.wd) == (256, 0.9, 5e-4)  # the public prune_resnet.py
-    assert (frs.prune_every, frs.channels_per_step, frs.stop_at) == (21, 120, 150)
+    assert frs.method_flags == {"prune_every": 21, "channels_per_step": 120, "stop_at": 150}
     assert frs.method_options(steps_per_epoch=10) == {"prune_every": 210, "channels_per_step": 120, "stop_at": 1500}
     feather = options_from_dict({"recipe": "feather"})
     assert (feather.epochs, feather.wd, feather.lr_schedule, feather.clip) == (160, 5e-4, "cosine", 3.0)
@@ -34,7 +34,7 @@ def test_given_options_win_and_epoch_valued_settings_scale():
     scaled = options_from_dict({"recipe": "st3", "method": "st3", "epochs": 17})
     assert (scaled.epochs, scaled.milestones) == (17, [8, 12])
     frs = options_from_dict({"recipe": "frs", "method": "frs", "epochs": 20})
-    assert (frs.prune_every, frs.stop_at, frs.milestones, frs.channels_per_step) == (2, 15, [10, 15], 120)
+    assert (frs.method_flags, frs.milestones) == ({"prune_every": 2, "channels_per_step": 120, "stop_at": 15}, [10, 15])
     with pytest.raises(ValueError, match="unknown recipe 'st4'; known recipes: feather, frs, st3"):
         options_from_dict({"recipe": "st4"})
     with pytest.raises(ValueError, match="--prune-every does not apply to method 'feather'"):
@@ -71,11 +71,11 @@ def test_a_run_records_its_recipe_and_trains_with_it(tmp_path):
 
 
 def test_bench_paper_recipe_gives_each_method_its_own():
-    cells = grid_cells(["feather", "st3", "frs"], [0.9], [0])
+    cells = grid_cells(["feather", "st3", "frs"], [0], {"sparsities": [0.9]})
     base = {"epochs": 17, "recipe": "paper", **SMALL}
     recipes = {c.method: options_from_dict({**c.training_options(base), "name": "x"}) for c in cells}
     assert {m: o.recipe for m, o in recipes.items()} == {"dense": "feather", "feather": "feather", "st3": "st3", "frs": "frs"}
     assert recipes["st3"].milestones == [8, 12] and recipes["feather"].lr_schedule == "cosine"
-    assert (recipes["frs"].prune_every, recipes["frs"].epochs) == (2, 17)
+    assert (recipes["frs"].method_flags["prune_every"], recipes["frs"].epochs) == (2, 17)
     shared = {c.method: c.training_options({"epochs": 17, **SMALL}) for c in cells}
     assert all("recipe" not in o for o in shared.values())

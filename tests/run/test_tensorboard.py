@@ -9,7 +9,7 @@ event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.ev
 
 @pytest.mark.slow
 def test_run_writes_scalars_per_epoch(tmp_path):
-    options = TrainOptions(method="feather", sparsity=0.9, epochs=2, limit=256, batch_size=64,
+    options = TrainOptions(method="feather", method_flags={"sparsity": 0.9}, epochs=2, limit=256, batch_size=64,
                            model_args={"width": 0.25}, device="cpu", out=str(tmp_path), name="run", workers=1)
     train(options, log=lambda line: None)
     events = event_accumulator.EventAccumulator(str(tmp_path / "run" / "tensorboard"))

@@ -53,7 +53,7 @@ def test_structured_usage_errors(tmp_path, cli, argv, message):
 def test_frs_scores_augmented_training_batches_fresh_each_epoch(tmp_path):
     from sparsetrain.run import TrainOptions, fit, prepare
 
-    options = TrainOptions(method="frs", epochs=2, prune_every=1, channels_per_step=4, limit=64, batch_size=64,
+    options = TrainOptions(method="frs", epochs=2, method_flags={"prune_every": 1, "channels_per_step": 4}, limit=64, batch_size=64,
                            model_args={"width": 0.25}, device="cpu", workers=1, out=str(tmp_path), name="r")
     setup = prepare(options)
     assert setup.method.data is setup.scoring and setup.scoring.augment

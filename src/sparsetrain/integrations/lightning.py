@@ -144,7 +144,7 @@ class Sparsify(MethodHolder, pl.Callback):
                 pl_module.log_dict({f"sparsify/{k}": float(v) for k, v in method.metrics().items()}, on_step=True)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if "flops_ratio" not in self._method().metrics():  # unstructured: FLOPs of the non-zero weights
+        if not self._method().removes_channels:  # the FLOPs of the non-zero weights (channel pruning reports its own)
             flops = count_flops(pl_module, self._example, skip_zeros=True)
             pl_module.log("sparsify/flops_ratio", flops / self._dense_flops, on_epoch=True)
 

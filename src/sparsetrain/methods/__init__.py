@@ -6,7 +6,17 @@ st3-sigma, gmp, ste), gdp and frs. A new method is one module that calls
 """
 
 from .protocol import Method
-from .registry import Context, MethodSpec, create, list_methods, method_options, method_spec, register_method
+from .registry import (
+    Context,
+    MethodSpec,
+    create,
+    list_methods,
+    method_options,
+    method_spec,
+    reference_method,
+    register_method,
+    unregister_method,
+)
 from .dense import Dense, DenseOptions
 from .unstructured import MethodConfig, Sparsifier, UnstructuredOptions, method_config, register_preset
 from .gdp import GDP, GDPOptions
@@ -30,6 +40,8 @@ __all__ = [
     "method_config",
     "method_options",
     "method_spec",
+    "reference_method",
     "register_method",
     "register_preset",
+    "unregister_method",
 ]

@@ -45,4 +45,5 @@ def _build(model: nn.Module, options: DenseOptions, context: Context) -> Dense:
     return Dense(model)
 
 
-register_method(MethodSpec("dense", DenseOptions, _build, "the unpruned reference: trains the model as it is"))
+register_method(MethodSpec("dense", DenseOptions, _build, "the unpruned reference: trains the model as it is",
+                           reference=True))

@@ -627,5 +627,4 @@ def _build(model: nn.Module, options: GDPOptions, context: Context) -> GDP:
 register_method(MethodSpec(
     "gdp", GDPOptions, _build,
     "channel gates with differentiable polarization and a FLOPs penalty; zero gates removed (ICCV 2021)",
-    target="flops_target",
 ))

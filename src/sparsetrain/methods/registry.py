@@ -15,6 +15,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from ..declare import declared
 from ..schedules import validate_total_steps
 from ..messages import shown
 from .protocol import Method
@@ -43,17 +44,23 @@ class Context:
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """A registered method: its options dataclass, a builder, a one-line summary, the option
-    its grid varies (``target``: e.g. "sparsity"; None for none), the training recipe of its paper
-    (``recipe``, a name of :func:`sparsetrain.run.options.list_recipes`) and defaults to show in listings."""
+    """A registered method: its options dataclass (its fields declared with
+    :func:`sparsetrain.declare.option`), a builder, a one-line summary, the training recipe of its
+    paper (``recipe``, a name of :func:`sparsetrain.run.options.list_recipes`), defaults to show in
+    listings, and whether it is the unpruned reference every comparison starts from."""
 
     name: str
     options: type
     build: Callable[[nn.Module, Any, Context], Method]
     summary: str
-    target: str | None = None
     recipe: str = "feather"
     shown_defaults: dict[str, Any] = field(default_factory=dict)
+    reference: bool = False
+
+    @property
+    def target(self) -> str | None:
+        """The option ``bench`` varies for this method: the one declared with an axis (None: none)."""
+        return next((name for name, spec, _ in declared(self.options) if spec.axis is not None), None)
 
     def option_names(self) -> list[str]:
         return [f.name for f in dataclasses.fields(self.options)]
@@ -83,6 +90,17 @@ def register_method(spec: MethodSpec) -> MethodSpec:
         raise ValueError(f"method {spec.name!r}: options={spec.options!r} is not allowed; allowed: a dataclass type.")
     _REGISTRY[spec.name] = spec
     return spec
+
+
+def reference_method() -> str:
+    """The registered unpruned reference (``dense``)."""
+    return next(name for name, spec in _REGISTRY.items() if spec.reference)
+
+
+def unregister_method(name: str) -> None:
+    """Remove method ``name`` from the registry (a method registered for a while, e.g. in a test)."""
+    method_spec(name)
+    del _REGISTRY[name]
 
 
 def method_spec(name: str) -> MethodSpec:

@@ -20,29 +20,39 @@ from __future__ import annotations
 import json
 import os
 import statistics
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..methods import method_options, method_spec
+from ..methods import method_options, method_spec, reference_method
 from .checkpoint import atomic_write, write_json
 from .folder import RunFolder
-from .options import METHOD_FLAGS, options_from_dict
+from .flags import MethodFlag, method_flags
+from .options import options_from_dict
 from .loop import train
 from .plots import method_colors, plot_accuracy_vs_flops, plot_accuracy_vs_sparsity
 
 RESULTS, GRID, TABLE = "results.jsonl", "grid.json", "results.md"
-REFERENCE = "dense"  # trained once per seed: the row every method is compared with
 PAPER = "paper"  # as --recipe: each method on its own paper's recipe
 DEFAULT_METHODS = ("feather", "st3", "st3-sigma", "gmp", "ste")
-TARGET_SHORT = {"sparsity": "s", "flops_target": "f"}  # in cell names: feather-s0.9-seed0, gdp-f0.5-seed0, sr-ste-nm2-4-seed0
+
+
+def grid_axes() -> dict[str, MethodFlag]:
+    """The options a grid varies, by their list flag (``sparsities``, ``flops-targets``, ``nm``): the
+    method flags whose option is declared with an :class:`~sparsetrain.declare.Axis`."""
+    return {flag.axis.flag: flag for flag in method_flags().values() if flag.axis is not None}
+
+
+def axis_values(flag: MethodFlag) -> tuple[Any, ...]:
+    """The values a grid takes on an axis when none are given."""
+    return flag.axis.default
 
 
 @dataclass(frozen=True)
 class Cell:
     """One training run of the grid: a method, the value of the option the grid varies for it
-    (``target``: its "sparsity", "flops_target" or N:M pattern "nm"; None for a method without one), a seed."""
+    (``target``: e.g. its sparsity, FLOPs target or N:M pattern; None for a method without one), a seed."""
 
     method: str
     target: float | str | None
@@ -53,24 +63,30 @@ class Cell:
         return method_spec(self.method).target
 
     @property
+    def _flag(self) -> MethodFlag:
+        """The method flag of the target option."""
+        return next(f for f in method_flags().values() if f.takes.get(self.method) == self.target_option)
+
+    @property
     def name(self) -> str:
         if self.target is None:
             return f"{self.method}-seed{self.seed}"
         value = self.target.replace(":", "-") if isinstance(self.target, str) else f"{self.target:g}"
-        return f"{self.method}-{TARGET_SHORT.get(self.target_option, self.target_option)}{value}-seed{self.seed}"
+        return f"{self.method}-{self._flag.axis.short}{value}-seed{self.seed}"
 
     def options(self) -> dict[str, Any]:
         """The training options that make this cell different from the others."""
         options: dict[str, Any] = {"method": self.method, "seed": self.seed}
         if self.target is not None:
-            options[self.target_option] = self.target
+            options[self._flag.key] = self.target
         return options
 
     def training_options(self, base: dict[str, Any]) -> dict[str, Any]:
         """The shared options, less the method flags and ``method_args`` this cell's method does
-        not take (the dense reference takes none), with the cell's own on top."""
+        not take (the reference takes none), with the cell's own on top."""
         takes = set(method_spec(self.method).option_names())
-        shared = {k: v for k, v in base.items() if k not in METHOD_FLAGS or METHOD_FLAGS[k][0] in takes}
+        flags = method_flags()
+        shared = {k: v for k, v in base.items() if k not in flags or self.method in flags[k].takes}
         if "method_args" in base:
             shared["method_args"] = {k: v for k, v in base["method_args"].items() if k in takes}
         if base.get("recipe") == PAPER:
@@ -78,24 +94,25 @@ class Cell:
         return {**shared, **self.options()}
 
 
-def grid_cells(
-    methods: Sequence[str],
-    sparsities: Sequence[float],
-    seeds: Sequence[int],
-    flops_targets: Sequence[float] = (0.5,),
-    nm_patterns: Sequence[str] = ("2:4",),
-) -> list[Cell]:
-    """Seed by seed: the dense reference, then every method at each value of the option its grid
-    varies (so a partial grid covers every method)."""
-    values = {"sparsity": sparsities, "flops_target": flops_targets, "nm": nm_patterns}
+def grid_cells(methods: Sequence[str], seeds: Sequence[int], values: Mapping[str, Sequence[Any]] | None = None) -> list[Cell]:
+    """Seed by seed: the reference, then every method at each value of the option its grid varies
+    (``values``: by the axis's list flag, e.g. {"sparsities": [0.9]}; an axis not given takes its
+    defaults), so a partial grid covers every method."""
+    values = values or {}
+    axes = {flag.key: (axis, flag) for axis, flag in grid_axes().items()}
+    reference = reference_method()
 
-    def targets(method: str) -> Sequence[float | str | None]:
-        return values.get(method_spec(method).target, (None,))  # another target: the method's default
+    def targets(method: str) -> Sequence[Any]:
+        found = [(axis, flag) for axis, flag in axes.values() if method in flag.takes]
+        if not found:
+            return (None,)
+        axis, flag = found[0]
+        return values.get(axis, axis_values(flag))
 
     return [
         cell
         for seed in seeds
-        for cell in [Cell(REFERENCE, None, seed)] + [Cell(m, t, seed) for m in methods if m != REFERENCE for t in targets(m)]
+        for cell in [Cell(reference, None, seed)] + [Cell(m, t, seed) for m in methods if m != reference for t in targets(m)]
     ]
 
 
@@ -145,9 +162,9 @@ def check_grid(base: dict[str, Any], cells: Sequence[Cell], out: str | Path) -> 
     if not cells:
         raise ValueError("the grid has no cell; allowed: at least one seed.")
     taken = {name for cell in cells for name in method_spec(cell.method).option_names()}
-    for flag, (option, _) in METHOD_FLAGS.items():
-        if flag in base and option not in taken:
-            raise ValueError(f"--{flag.replace('_', '-')} applies to none of the grid's methods; allowed: a flag one of them takes.")
+    for key, flag in method_flags().items():
+        if key in base and not any(cell.method in flag.takes for cell in cells):
+            raise ValueError(f"--{key.replace('_', '-')} applies to none of the grid's methods; allowed: a flag one of them takes.")
     unknown = sorted(set(base.get("method_args", {})) - taken)
     if unknown:
         raise ValueError(f"method option {unknown[0]!r} applies to none of the grid's methods; allowed: {', '.join(sorted(taken))}.")
@@ -184,12 +201,17 @@ def run_grid(
         # a cell killed before its first checkpoint starts over through resume (which keeps what it did not write)
         train(options, resume=folder.has_config(), log=lambda line: log(f"  {line}"))
         record = {"cell": cell.name, "method": cell.method, "target": cell.target_option,
-                  "sparsity": _target_sparsity(cell), "flops_target": cell.options().get("flops_target"),
-                  "nm": cell.options().get("nm"), "seed": cell.seed, **_measure(folder)}
+                  "sparsity": _target_sparsity(cell), **_axis_values(cell), "seed": cell.seed, **_measure(folder)}
         append_record(results_path, record)
         records.append(record)
     write_outputs(records, out)
     return records
+
+
+def _axis_values(cell: Cell) -> dict[str, Any]:
+    """The cell's value of every axis option but sparsity (None where the cell's method has another)."""
+    names = {flag.takes[m] for flag in grid_axes().values() for m in flag.takes} - {"sparsity"}
+    return {name: cell.target if name == cell.target_option else None for name in sorted(names)}
 
 
 def _target_sparsity(cell: Cell) -> float:
@@ -216,7 +238,7 @@ def results_table(records: Sequence[dict[str, Any]]) -> str:
     """Markdown: mean ± std test accuracy (%) per method (rows) and target sparsity (columns);
     N:M runs in a table by pattern, channel-pruning runs in one by FLOPs reached. The reference
     alone has a table by sparsity only in a grid of nothing else."""
-    reference = [r for r in records if r["method"] == REFERENCE]
+    reference = [r for r in records if r["method"] == reference_method()]
     unstructured = [r for r in records if _by_sparsity(r)]
     nm = [r for r in records if r.get("target") == "nm"]
     structured = [r for r in records if not _by_sparsity(r) and r.get("target") != "nm"]
@@ -231,13 +253,13 @@ def results_table(records: Sequence[dict[str, Any]]) -> str:
 
 def _beside_reference(records: Sequence[dict[str, Any]]) -> bool:
     """Whether ``records`` hold a run of a method other than the reference."""
-    return any(r["method"] != REFERENCE for r in records)
+    return any(r["method"] != reference_method() for r in records)
 
 
 def _by_sparsity(record: dict[str, Any]) -> bool:
     """Whether a record belongs in the accuracy-by-sparsity table: the reference, and the methods
     whose grid varies their sparsity (the others are compared by pattern or by FLOPs)."""
-    return record["method"] == REFERENCE or record.get("target", "sparsity") == "sparsity"
+    return record["method"] == reference_method() or record.get("target", "sparsity") == "sparsity"
 
 
 def _flops_table(records: Sequence[dict[str, Any]]) -> str:
@@ -258,24 +280,24 @@ def _sparsity_table(records: Sequence[dict[str, Any]], column: str = "sparsity")
     densest first); the reference fills every column."""
     summary = summarise(records, column)
     if column == "nm":  # densest first: by the sparsity the records hold (1 - N/M)
-        sparsity = {r["nm"]: r["sparsity"] for r in records if r["method"] != REFERENCE}
-        values = sorted({v for m, v in summary if m != REFERENCE}, key=lambda v: sparsity[v])
+        sparsity = {r["nm"]: r["sparsity"] for r in records if r["method"] != reference_method()}
+        values = sorted({v for m, v in summary if m != reference_method()}, key=lambda v: sparsity[v])
         headings = values
     else:
-        values = sorted({v for m, v in summary if m != REFERENCE})
+        values = sorted({v for m, v in summary if m != reference_method()})
         headings = [f"{v:.0%}" for v in values]
-    methods = sorted({m for m, _ in summary}, key=lambda m: (m != REFERENCE, m))
+    methods = sorted({m for m, _ in summary}, key=lambda m: (m != reference_method(), m))
     rows = ["| method | " + " | ".join(headings) + " |", "|---" + "|---:" * len(values) + "|"]
     for method in methods:
         cells = []
         for value in values:
-            key = (method, value) if method != REFERENCE else (method, 0.0 if column == "sparsity" else None)
+            key = (method, value) if method != reference_method() else (method, 0.0 if column == "sparsity" else None)
             if key in summary:
                 mean, std, n = summary[key]
                 cells.append(f"{100 * mean:.2f} ± {100 * std:.2f} (n={n})")
             else:
                 cells.append("—")
-        label = f"{REFERENCE} (reference, unpruned)" if method == REFERENCE else method
+        label = f"{method} (reference, unpruned)" if method == reference_method() else method
         rows.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
@@ -289,6 +311,6 @@ def write_outputs(records: Sequence[dict[str, Any]], out: Path) -> None:
     by_sparsity = [r for r in records if _by_sparsity(r) or r.get("target") == "nm"]  # N:M: 1 - N/M
     colors = method_colors(r["method"] for r in records)  # one colour per method across both plots
     if _beside_reference(by_sparsity):
-        plot_accuracy_vs_sparsity(summarise(by_sparsity), out / "accuracy_vs_sparsity.png", REFERENCE, colors)
+        plot_accuracy_vs_sparsity(summarise(by_sparsity), out / "accuracy_vs_sparsity.png", reference_method(), colors)
     plot_accuracy_vs_flops(records, out / "accuracy_vs_flops.png", colors)
 

@@ -21,9 +21,10 @@ from ..data import DATASET_NAMES, BatchLoader, load_dataset
 from ..methods import list_methods, method_spec
 from ..models import create_model, input_size, list_models
 from ..report import size_report, sparsity_report
-from .bench import DEFAULT_METHODS, check_grid, grid_cells, run_grid
+from .bench import DEFAULT_METHODS, axis_values, check_grid, grid_axes, grid_cells, run_grid
 from .checkpoint import load_weights
 from .export import save_sparse
+from .flags import MethodFlag, method_flags
 from .onnx import export_onnx, onnxruntime_difference
 from .folder import CONFIG, MODEL, RUN_FILES, RunFolder, final_weights, load_run, nm_pattern
 from .loop import EVAL_BATCH_SIZE, evaluate, fit, method_title, prepare
@@ -75,10 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     grid = bench.add_argument_group("grid")
     grid.add_argument("--methods", type=_name_list, default=list(DEFAULT_METHODS),
                       help="comma-separated methods; the dense reference always runs")
-    grid.add_argument("--sparsities", type=_float_list, default=[0.9, 0.95, 0.98, 0.99], help="comma-separated")
-    grid.add_argument("--flops-targets", type=_float_list, default=[0.5], help="gdp's FLOPs targets, comma-separated")
-    grid.add_argument("--nm", dest="nm_patterns", type=_name_list, default=["2:4"],
-                      help="the N:M presets' patterns, comma-separated; default 2:4")
+    for axis, flag in grid_axes().items():
+        grid.add_argument(f"--{axis}", dest=_dest(axis), type=_float_list if flag.option.kind is float else _name_list,
+                          default=list(axis_values(flag)), help=f"{flag.help}: comma-separated values, one "
+                          f"grid column each; default {','.join(map(str, axis_values(flag)))}".replace("%", "%%"))
     grid.add_argument("--seeds", type=_int_list, default=[0, 1], help="comma-separated")
     grid.add_argument("--out", default="bench", help="grid folder; re-running it skips finished cells")
     _add_training_options(bench, single_run=False)
@@ -107,6 +108,27 @@ def _list_of(kind: type, what: str):
 _name_list, _float_list, _int_list = _list_of(str, "names"), _list_of(float, "numbers"), _list_of(int, "integers")
 
 
+def _bool(text: str) -> bool:
+    if text.lower() not in ("true", "false"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not true or false")
+    return text.lower() == "true"
+
+
+_FLAG_TYPES: dict[type, Callable[[str], Any]] = {int: int, float: float, str: str, bool: _bool}
+
+
+def _flag_help(flag: MethodFlag) -> str:
+    """What a method flag sets, in which units, for which methods."""
+    methods = list(flag.takes)
+    who = ", ".join(methods) if len(methods) <= 3 else f"{len(methods)} methods: {methods[0]}, {methods[1]}, ..."
+    units = " (epochs)" if flag.epochs else ""
+    return f"{flag.help}{units} [{who}]".replace("%", "%%")
+
+
+def _dest(axis: str) -> str:
+    return "axis_" + axis.replace("-", "_")
+
+
 def _add_training_options(parser: argparse.ArgumentParser, single_run: bool) -> None:
     """The recipe options; a single run also chooses its method, sparsity and seed."""
     s = argparse.SUPPRESS  # options not given stay absent, so a config file or the defaults supply them
@@ -120,19 +142,14 @@ def _add_training_options(parser: argparse.ArgumentParser, single_run: bool) -> 
     how = parser.add_argument_group("sparsification")
     if single_run:
         how.add_argument("--method", default=s, help=f"{', '.join(list_methods())}; default feather")
-        how.add_argument("--sparsity", "--ptarget", dest="sparsity", type=float, default=s,
-                         help="final sparsity in [0, 1); default 0.9")
-        how.add_argument("--nm", default=s, help="the N:M presets' pattern N:M (feather-nm, st3-nm, sr-ste); default 2:4")
     how.add_argument("--method-arg", dest="method_args", type=_key_value, action="append", default=s,
                      metavar="KEY=VALUE", help="any option of the method (sparsetrain list), e.g. theta=0.5 (repeatable)")
-    how.add_argument("--t1", type=float, default=s, help="epoch at which pruning starts (default: the method's)")
-    how.add_argument("--pthres", type=int, default=s, help="leave layers with at most this many weights dense")
-    how.add_argument("--flops-target", type=float, default=s, help="gdp: FLOPs of the compact model, fraction of dense; default 0.5")
-    how.add_argument("--prune-every", type=int, default=s, help="frs: epochs between pruning steps (default: 21/200 of training)")
-    how.add_argument("--channels-per-step", type=int, default=s,
-                     help="frs: channel entries picked per step, a stream channel one per block output "
-                          "(default: 30 %% of the prunable entries over the schedule)")
-    how.add_argument("--stop-at", type=int, default=s, help="frs: last epoch that prunes (default: 150/200 of training)")
+    flags = parser.add_argument_group("method options", "set the option of every method that takes it (sparsetrain list)")
+    for key, flag in method_flags().items():
+        if single_run or flag.axis is None:  # bench varies an axis through its list (--sparsities, ...)
+            names = [f"--{name.replace('_', '-')}" for name in (key, *flag.aliases)]
+            flags.add_argument(*names, dest=key, type=_FLAG_TYPES.get(flag.kind, text_value), default=s,
+                               help=_flag_help(flag))
     recipe = parser.add_argument_group("recipe")
     recipe.add_argument("--epochs", type=int, default=s, help="default 12 on the bundled sample, 160 on CIFAR")
     recipe.add_argument("--batch-size", type=int, default=s, help="per process; default 128")
@@ -304,9 +321,10 @@ def _checked_command(args: dict[str, Any]) -> Callable[[], None]:
         setup = prepare(options, resume)
         return lambda: fit(setup)
     if command == "bench":
-        grid = {key: args.pop(key) for key in ("methods", "sparsities", "flops_targets", "nm_patterns", "seeds", "out")}
+        grid = {key: args.pop(key) for key in ("methods", "seeds", "out")}
+        values = {axis: args.pop(_dest(axis)) for axis in grid_axes()}
         _pairs_to_dicts(args)
-        cells = grid_cells(grid["methods"], grid["sparsities"], grid["seeds"], grid["flops_targets"], grid["nm_patterns"])
+        cells = grid_cells(grid["methods"], grid["seeds"], values)
         check_grid(args, cells, grid["out"])
         return lambda: run_grid(args, cells, grid["out"])
     if command == "eval":

@@ -13,7 +13,6 @@ shapes, and only rank 0 writes files.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import sys
@@ -172,7 +171,7 @@ def _prepare(options: TrainOptions, folder: RunFolder, device: torch.device, ran
             folder.start_over()
             setup.notice = f"{folder.path} has no checkpoint yet (stopped before its first epoch ended): starting the run over"
         folder.create({
-            "options": dataclasses.asdict(options),
+            "options": options.record(),
             "model": record,
             "method": {"name": options.method, "options": method_options},
             "total_steps": total_steps,
@@ -221,7 +220,9 @@ def _check_resumable(options: TrainOptions, folder: RunFolder) -> None:
     if not folder.has_config():
         raise ValueError(f"cannot resume {folder.path}: it has no {CONFIG}; allowed: a run folder.")
     saved = folder.saved_options()
-    for key, value in dataclasses.asdict(options).items():
+    given = options.record()
+    for key in {**given, **saved}:  # a key absent on one side reads as None there
+        value = given.get(key)
         if key not in ("device", "workers", "out", "name") and saved.get(key) != value:
             raise ValueError(
                 f"option {key}={value!r} differs from the run's saved {saved.get(key)!r}; "

@@ -28,24 +28,12 @@ from ..data import DATASET_NAMES
 from ..messages import shown
 from ..methods import list_methods, method_options, method_spec
 from ..models import list_models
+from .flags import flag_names, method_flags
 
 DEFAULT_EPOCHS = {"cifar10-sample": 12, "cifar10": 160, "cifar100": 160}
 LR_SCHEDULES = ("cosine", "multistep")
 RECIPES = Path(__file__).parent / "recipes"
-EPOCH_VALUED = ("milestones", "warmup", "prune_every", "stop_at")  # scaled with the run's epochs
-
-# Command-line flags that set a method option: flag -> (option, unit). Epoch-valued flags become
-# steps; pthres (layers with at most this many weights stay dense) becomes min_size = pthres + 1.
-METHOD_FLAGS: dict[str, tuple[str, str]] = {
-    "sparsity": ("sparsity", "value"),
-    "nm": ("nm", "value"),
-    "t1": ("start", "epochs"),
-    "pthres": ("min_size", "pthres"),
-    "flops_target": ("flops_target", "value"),
-    "prune_every": ("prune_every", "epochs"),
-    "channels_per_step": ("channels_per_step", "value"),
-    "stop_at": ("stop_at", "epochs"),
-}
+EPOCH_VALUED = ("milestones", "warmup")  # scaled with the run's epochs, beside the method flags in epochs
 
 
 def text_value(text: str) -> Any:
@@ -58,8 +46,10 @@ def text_value(text: str) -> Any:
 
 @dataclass(frozen=True)
 class TrainOptions:
-    """Every option of a training run; the defaults are the seeds' recipe. Method flags left at
-    None take the method's own defaults; ``method_args`` sets any other option of the method."""
+    """Every option of a training run; the defaults are the seeds' recipe. ``method_flags``: the
+    method's options given by flag (:mod:`.flags`, in the flags' units: epochs where a flag counts
+    them); ``method_args``: any option of the method, in its own units. What is not given takes the
+    method's default."""
 
     model: str = "resnet20"
     model_args: dict[str, Any] = field(default_factory=dict)
@@ -67,14 +57,7 @@ class TrainOptions:
     data_dir: str | None = None
     method: str = "feather"
     method_args: dict[str, Any] = field(default_factory=dict)
-    sparsity: float | None = None
-    nm: str | None = None
-    t1: float | None = None
-    pthres: int | None = None
-    flops_target: float | None = None
-    prune_every: int | None = None
-    channels_per_step: int | None = None
-    stop_at: int | None = None
+    method_flags: dict[str, Any] = field(default_factory=dict)
     epochs: int | None = None
     batch_size: int = 128
     lr: float = 0.1
@@ -111,7 +94,7 @@ class TrainOptions:
             raise ValueError(f"unknown model {shown(self.model)}; known models: {', '.join(list_models())}.")
         if self.dataset not in DATASET_NAMES:
             raise ValueError(f"unknown dataset {shown(self.dataset)}; known datasets: {', '.join(DATASET_NAMES)}.")
-        for name in ("model_args", "method_args"):
+        for name in ("model_args", "method_args", "method_flags"):
             if not isinstance(getattr(self, name), dict):
                 raise ValueError(f"{name}={shown(getattr(self, name))} is not allowed; allowed: a mapping of names to values.")
         _check_number("epochs", self.epochs, int, minimum=1, optional=True, maximum=MAX_EPOCHS)
@@ -131,10 +114,6 @@ class TrainOptions:
         _check_number("label_smoothing", self.label_smoothing, float, minimum=0.0)
         if self.label_smoothing >= 1.0:
             raise ValueError(f"label_smoothing={self.label_smoothing!r} is not allowed; allowed: a number in [0, 1).")
-        _check_number("t1", self.t1, float, minimum=0.0, optional=True)
-        _check_number("pthres", self.pthres, int, minimum=0, optional=True)
-        _check_number("prune_every", self.prune_every, int, minimum=1, optional=True)
-        _check_number("stop_at", self.stop_at, int, minimum=1, optional=True)
         _check_number("seed", self.seed, int, minimum=0)
         _check_number("workers", self.workers, int, minimum=0, maximum=MAX_WORKERS)
         if not isinstance(self.fsdp, bool):
@@ -142,10 +121,17 @@ class TrainOptions:
         _check_number("limit", self.limit, int, minimum=1, optional=True)
         if self.epochs is None:
             object.__setattr__(self, "epochs", DEFAULT_EPOCHS[self.dataset])
-        for flag in ("t1", "prune_every", "stop_at", "warmup"):  # epoch-valued flags: inside the run
-            value = getattr(self, flag)
-            if value is not None and value > self.epochs:
-                raise ValueError(f"--{flag.replace('_', '-')} {value:g} is beyond the run's {self.epochs} epochs; "
+        flags = method_flags()
+        unknown = sorted(set(self.method_flags) - set(flags))
+        if unknown:
+            raise ValueError(f"unknown method flag {shown(unknown[0])}; known flags: {', '.join(flags)}.")
+        for key, value in self.method_flags.items():  # a flag converted to the option's units: a number first
+            if flags[key].epochs or flags[key].offset:
+                _check_number(key, value, float if flags[key].epochs else int, minimum=0.0)
+        epoch_valued = {"warmup": self.warmup, **{k: v for k, v in self.method_flags.items() if flags[k].epochs}}
+        for key, value in epoch_valued.items():
+            if value > self.epochs:
+                raise ValueError(f"--{key.replace('_', '-')} {value:g} is beyond the run's {self.epochs} epochs; "
                                  f"allowed: at most {self.epochs}.")
         self.method_options(steps_per_epoch=1)  # the method exists and takes every option given
         if self.name is None:
@@ -158,26 +144,27 @@ class TrainOptions:
         return Path(self.out) / str(self.name)
 
     def method_options(self, steps_per_epoch: int) -> dict[str, Any]:
-        """The options given to the method: ``method_args`` and the method flags that were set,
-        epochs turned into steps; validated by the method (a flag it does not take is an error)."""
+        """The options given to the method: ``method_args`` and the method flags given, in the
+        method's units; validated by the method (a flag it does not take is an error)."""
         spec = method_spec(self.method)
+        flags = method_flags()
         values = dict(self.method_args)
-        for flag, (option, unit) in METHOD_FLAGS.items():
-            value = getattr(self, flag)
-            if value is None:
-                continue
-            if option not in spec.option_names():
+        for key, value in self.method_flags.items():
+            flag = flags[key]
+            if self.method not in flag.takes:
                 raise ValueError(
-                    f"--{flag.replace('_', '-')} does not apply to method {self.method!r}; "
+                    f"--{key.replace('_', '-')} does not apply to method {self.method!r}; "
                     f"its options: {', '.join(spec.option_names()) or 'none'}."
                 )
-            if unit == "epochs":
-                value = round(value * steps_per_epoch)
-            elif unit == "pthres":
-                value = value + 1
-            values[option] = value
+            values[flag.takes[self.method]] = flag.to_option(value, steps_per_epoch)
         method_options(self.method, **values)
         return values
+
+    def record(self) -> dict[str, Any]:
+        """The options as config.json keeps them: one flat mapping, the method flags beside the others."""
+        values = dataclasses.asdict(self)
+        flags = values.pop("method_flags")
+        return {**values, **flags}
 
 
 def method_names() -> list[str]:
@@ -252,19 +239,29 @@ def recipe_values(name: str, epochs: int | None = None) -> dict[str, Any]:
     if epochs is None or epochs == values["epochs"]:
         return values
     scale = epochs / values["epochs"]
+    epoch_valued = (*EPOCH_VALUED, *(key for key, flag in method_flags().items() if flag.epochs))
     scaled = {key: [max(1, round(v * scale)) for v in value] if isinstance(value, list) else max(1, round(value * scale))
-              for key, value in values.items() if key in EPOCH_VALUED}
+              for key, value in values.items() if key in epoch_valued}
     return {**values, **scaled, "epochs": epochs}
 
 
 def options_from_dict(values: dict[str, Any]) -> TrainOptions:
-    """Build options from a mapping (a config file): a named ``recipe`` first, then the values
-    given; unknown keys are an error that lists the known ones."""
-    known = [f.name for f in dataclasses.fields(TrainOptions)]
+    """Build options from a flat mapping (a config file, a saved config.json): a named ``recipe``
+    first, then the values given; a method flag's key or alias goes to ``method_flags`` (None: not
+    given); unknown keys are an error that lists the known ones."""
+    fields = [f.name for f in dataclasses.fields(TrainOptions) if f.name != "method_flags"]
+    names = flag_names(method_flags())
     normalised = {key.replace("-", "_"): value for key, value in values.items()}
-    unknown = sorted(set(normalised) - set(known))
+    unknown = sorted(set(normalised) - set(fields) - set(names) - {"method_flags"})
     if unknown:
-        raise ValueError(f"unknown option {shown(unknown[0])}; known options: {', '.join(known)}.")
+        raise ValueError(f"unknown option {shown(unknown[0])}; known options: {', '.join(fields + list(names))}.")
     if normalised.get("recipe") is not None:
         normalised = {**recipe_values(normalised["recipe"], normalised.get("epochs")), **normalised}
-    return TrainOptions(**normalised)
+    flags = dict(normalised.pop("method_flags", {}))
+    for name in [k for k in normalised if k in names]:
+        value = normalised.pop(name)
+        if value is not None:
+            if names[name] in flags:
+                raise ValueError(f"option {names[name]!r} is given twice (as {name!r}); allowed: one of its names.")
+            flags[names[name]] = value
+    return TrainOptions(**normalised, method_flags=flags)

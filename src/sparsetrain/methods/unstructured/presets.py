@@ -126,7 +126,7 @@ def register_preset(
         # the preset's knobs, less those its options set otherwise (the N:M presets' nm sets the pattern and scope)
         shown = {k: getattr(config, k) for k in KNOBS if k not in (NM_KNOBS if nm else ("nm",))}
         register_method(MethodSpec(name, NMOptions if nm else UnstructuredOptions, build, summary,
-                                   target="nm" if nm else "sparsity", recipe=recipe, shown_defaults=shown))
+                                   recipe=recipe, shown_defaults=shown))
         PRESETS[name] = preset
         return preset
 
