@@ -30,6 +30,7 @@ import warnings
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
+from steal import StolenShare  # benchmarks/steal.py
 from torch.utils.data import DataLoader, TensorDataset
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
@@ -37,8 +38,6 @@ from sparsetrain.data import load_dataset, normalize
 from sparsetrain.integrations.hf import SparsifyCallback
 from sparsetrain.integrations.lightning import Sparsify
 from sparsetrain.models import create_model
-
-from steal import StolenShare  # benchmarks/steal.py
 
 MODELS = "resnet20,vit-micro"
 QUIET = 0.01  # a round is quiet when under 1 % of the CPU time was stolen during both fits of a pair

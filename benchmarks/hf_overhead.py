@@ -53,7 +53,7 @@ def main() -> None:
             attached.bind(optimizer)
             runs[method] = (model, attached, optimizer)
 
-        def step(method: str) -> float:
+        def step(method: str, runs: dict = runs) -> float:
             model, attached, optimizer = runs[method]
             start = time.perf_counter()
             loss = model(input_ids=ids, labels=ids).loss

@@ -27,11 +27,10 @@ import time
 
 import torch
 import torch.nn.functional as F
+from steal import StolenShare  # benchmarks/steal.py
 
 import sparsetrain as st
 from sparsetrain.models import create_model
-
-from steal import StolenShare  # benchmarks/steal.py
 
 
 def sync(device: torch.device) -> None:

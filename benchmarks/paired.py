@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from sparsetrain.run.paired import parse_variant, paired_table, run_paired
+from sparsetrain.run.paired import paired_table, parse_variant, run_paired
 
 
 def main() -> None:

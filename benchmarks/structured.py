@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 
 import sparsetrain as st
-from sparsetrain.models import create_model
 from sparsetrain.measure import count_flops_params
+from sparsetrain.models import create_model
 from sparsetrain.run import RunFolder, TrainOptions, load_run, train
 from sparsetrain.run.folder import final_weights
 

@@ -3,8 +3,8 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from user_models import train_steps
 from torch import nn
+from user_models import train_steps
 
 
 class TinyNet(nn.Module):

@@ -79,7 +79,7 @@ def test_the_published_loop_gives_the_published_numbers(case, capsys):
             got, expected = got.double() ** 3, expected.double() ** 3
         # The same drift, relative to the tensor's largest entry: 1e-5 seen.
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()),
-                                   msg=lambda message: f"{key}: {message}")
+                                   msg=lambda message, key=key: f"{key}: {message}")
     lines = [line for line in out.splitlines() if "| sparsity:" in line]
     assert len(lines) == case["epochs"] * len({"0", "3", "6", "11"} - ({"3", "11"} if case["pthres"] > 60 else set()))
 

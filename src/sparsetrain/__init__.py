@@ -1,5 +1,6 @@
 """sparsetrain: make neural networks sparse during ordinary training."""
 
+from .inference import load_compact, load_finalized
 from .methods import (
     FRS,
     GDP,
@@ -14,10 +15,9 @@ from .methods import (
     register_method,
     register_preset,
 )
-from .inference import load_compact, load_finalized
 from .onnx import export_onnx
-from .prunable import find_prunable
 from .operators import sparsify_ste, threshold_operator
+from .prunable import find_prunable
 from .report import LayerReport, SparsityReport, sparsity_report
 from .schedules import Constant, Cubic, Linear, make_schedule
 from .selection import Selection, kth_smallest, select

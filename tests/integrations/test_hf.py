@@ -7,6 +7,7 @@ its initial weights, with or without sparsetrain.)"""
 
 import pytest
 import torch
+from hf_trainer import StopAt
 from transformers import (
     BertConfig,
     BertForSequenceClassification,
@@ -20,7 +21,6 @@ from transformers import (
 from sparsetrain.data import load_dataset
 from sparsetrain.data.augment import normalize
 from sparsetrain.integrations.hf import STATE_FILE, SparsifyCallback
-from hf_trainer import StopAt
 
 EXCLUDE = ["vit.embeddings.*", "classifier"]  # attention and MLP Linear layers only
 

@@ -15,8 +15,8 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 from sparsetrain.data import load_dataset
 from sparsetrain.data.augment import normalize
 from sparsetrain.integrations.lightning import Sparsify
-from sparsetrain.models import create_model
 from sparsetrain.measure import count_flops
+from sparsetrain.models import create_model
 
 
 class Classifier(pl.LightningModule):

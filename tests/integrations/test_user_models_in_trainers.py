@@ -13,6 +13,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
+from hf_trainer import StopAt
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from transformers import (
@@ -28,13 +29,12 @@ from transformers import (
     ViTConfig,
     ViTForImageClassification,
 )
+from user_models import PlainCNN, ResidualCNN
 
 import sparsetrain as st
 from sparsetrain.calls import call_model, logits_of
 from sparsetrain.integrations.hf import STATE_FILE, SparsifyCallback
 from sparsetrain.integrations.lightning import Sparsify
-from hf_trainer import StopAt
-from user_models import PlainCNN, ResidualCNN
 
 VOCAB, CLASSES, LENGTH, SPARSITY = 64, 3, 8, 0.8
 STEPS, STOP = 4, 2  # the Trainer's schedule, and the step whose checkpoint it stops at

@@ -9,7 +9,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sparsetrain.models import create_model, rebuild
 from sparsetrain.methods.frs import (
     FRS,
     FRSOptions,
@@ -20,6 +19,7 @@ from sparsetrain.methods.frs import (
     layer_scores,
     select,
 )
+from sparsetrain.models import create_model, rebuild
 from sparsetrain.structured.relevance import channel_relevance
 from sparsetrain.structured.surgery import channel_groups, layer_shapes
 

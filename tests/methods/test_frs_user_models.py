@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import sparsetrain as st
-from sparsetrain.methods.frs import candidates
 from sparsetrain.calls import logits_of
+from sparsetrain.methods.frs import candidates
 from sparsetrain.structured.relevance import post_relu_activations
 from sparsetrain.structured.surgery import channel_groups
 

@@ -10,9 +10,9 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from sparsetrain.data import BatchLoader, load_dataset
-from sparsetrain.models import create_model
-from sparsetrain.methods import GDP
 from sparsetrain.measure import count_flops_params
+from sparsetrain.methods import GDP
+from sparsetrain.models import create_model
 
 CASES = {
     "resnet20": {"width": 0.25},

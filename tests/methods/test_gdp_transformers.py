@@ -17,13 +17,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
+from user_models import ResidualCNN, bare_loop, logits
 
 import sparsetrain as st
 from sparsetrain.calls import call_model
-from sparsetrain.methods import GDP
 from sparsetrain.measure import output_width
+from sparsetrain.methods import GDP
 from sparsetrain.structured.surgery import ChannelGroup, layer_shapes, resize_
-from user_models import ResidualCNN, bare_loop, logits
 
 transformers = pytest.importorskip("transformers")
 

@@ -12,6 +12,7 @@ import sparsetrain as st
 from sparsetrain.nm import from_groups, pack, parse_nm, pattern_holds, select_groups, to_groups, to_semi_structured, unpack
 from sparsetrain.run.export import _layout_sizes, load_sparse, save_sparse
 
+
 def one(magnitude, k, m):
     """select_groups on one layer: its (threshold, ties)."""
     selection = select_groups([magnitude], k, m)

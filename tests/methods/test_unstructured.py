@@ -150,7 +150,7 @@ def test_erk_scope_prunes_each_layer_to_its_erk_count(tiny_net):
 
 def test_sigma_scope_thresholds_normalised_magnitudes(tiny_net):
     sp = st.Sparsifier(tiny_net, "st3-sigma", 0.9, total_steps=1, schedule="constant")
-    for w, (name, size, zeros) in zip(sp.dense_weights(), sp.layer_stats()):
+    for w, (name, _, zeros) in zip(sp.dense_weights(), sp.layer_stats()):
         layer_threshold = sp.threshold * layer_sigma(w.shape)
         assert abs(zeros - int((w.detach().abs() <= layer_threshold).sum())) <= 1, name
     assert sp.sparsity() == round(0.9 * sp.numel()) / sp.numel()
@@ -185,7 +185,7 @@ def test_every_conv_and_linear_kind_is_sparsified(layer, x):
     model(x).sum().backward()
     assert sp.sparsity() == round(0.5 * sp.numel()) / sp.numel()
     assert layer.parametrizations.weight.original.grad is not None
-    assert not hasattr(layer, "bias") or not hasattr(getattr(layer, "parametrizations"), "bias")
+    assert not hasattr(layer, "bias") or not hasattr(layer.parametrizations, "bias")
 
 
 def test_other_modules_are_left_alone(tiny_net):
@@ -194,7 +194,7 @@ def test_other_modules_are_left_alone(tiny_net):
     assert not hasattr(tiny_net.bn, "parametrizations")
     for key, value in tiny_net.bn.state_dict().items():
         assert torch.equal(value, bn_state[key])
-    assert not hasattr(getattr(tiny_net.conv, "parametrizations"), "bias")
+    assert not hasattr(tiny_net.conv.parametrizations, "bias")
 
 
 def test_layer_filters(tiny_net):
@@ -413,7 +413,7 @@ def test_a_conv1d_layer_is_pruned_as_the_linear_layer_of_its_transposed_weight(m
     options = {} if method in nm_presets() else {"sparsity": 0.6}
     methods = [st.create(model, method, total_steps=4, **options) for model in (linear, conv1d)]
     x = torch.randn(3, 16, dtype=torch.float64)
-    for step in range(4):  # the same updates, as training would make them
+    for _ in range(4):  # the same updates, as training would make them
         torch.testing.assert_close(conv1d[0].weight, linear[0].weight.t())
         torch.testing.assert_close(conv1d(x), linear(x))
         assert methods[1].sparsity() == methods[0].sparsity()

@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from user_models import InplaceCNN, PlainCNN, ResidualCNN, bare_loop, logits
 
 import sparsetrain as st
 from sparsetrain.methods import method_spec
@@ -19,7 +20,6 @@ from sparsetrain.methods.unstructured import NMOptions, UnstructuredOptions, nm_
 from sparsetrain.models import create_model
 from sparsetrain.nm import to_groups
 from sparsetrain.prunable import EMBEDDING, out_in, stores_transposed
-from user_models import InplaceCNN, PlainCNN, ResidualCNN, bare_loop, logits
 
 transformers = pytest.importorskip("transformers")
 

@@ -8,7 +8,6 @@ import sys
 import pytest
 import torch
 
-
 SMALL = ["--model-arg", "width=0.25", "--limit", "512", "--batch-size", "64"]
 
 

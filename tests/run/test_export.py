@@ -3,9 +3,9 @@
 import torch
 
 import sparsetrain as st
-from sparsetrain.run.export import load_sparse, save_sparse
-from sparsetrain.models import create_model
 from sparsetrain.measure import count_flops
+from sparsetrain.models import create_model
+from sparsetrain.run.export import load_sparse, save_sparse
 
 
 def sparse_resnet(sparsity):

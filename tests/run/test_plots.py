@@ -6,8 +6,8 @@ from pathlib import Path
 import matplotlib.image
 import pytest
 
-from sparsetrain.run.plots import method_colors, plot_layer_sparsity, plot_training
 from sparsetrain.report import LayerReport, SparsityReport
+from sparsetrain.run.plots import method_colors, plot_layer_sparsity, plot_training
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

@@ -12,8 +12,6 @@ from sparsetrain.models import create_model
 from sparsetrain.structured.relevance import Activation, channel_relevance, input_relevance, post_relu_activations
 
 
-
-
 def _set(layer: nn.Module, weight, bias=None) -> nn.Module:
     with torch.no_grad():
         layer.weight.copy_(torch.tensor(weight, dtype=torch.float32).view_as(layer.weight))

@@ -67,12 +67,12 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..calls import logits_of
+from ..declare import Declared, Flag, option
 from ..measure import count_flops, output_width
 from ..modes import eval_mode
 from ..schedules import resolve_step, validate_total_steps
 from ..structured.relevance import post_relu_activations, relevance_and_logits
 from ..structured.surgery import ChannelGroup, channel_groups, layer_shapes, remove_channels_, resize_
-from ..declare import Declared, Flag, option
 from .protocol import Method, check_finite
 from .registry import Context, MethodSpec, register_method
 

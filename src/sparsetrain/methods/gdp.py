@@ -126,6 +126,7 @@ from torch.nn.utils import parametrize
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..calls import ExampleInputs, call_model, logits_of, map_inputs
+from ..declare import Axis, Declared, option
 from ..measure import input_width, output_width
 from ..messages import shown
 from ..modes import eval_mode
@@ -140,7 +141,6 @@ from ..structured.surgery import (
     remove_channels_,
     trace_couplings,
 )
-from ..declare import Axis, Declared, option
 from .protocol import Method, check_finite
 from .registry import Context, MethodSpec, register_method
 

@@ -26,8 +26,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-from torch.distributed.tensor import DTensor
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 
 from ..measure import prunable_sparsity
 from ..messages import shown

@@ -16,8 +16,8 @@ from typing import Any
 from torch import Tensor, nn
 
 from ..declare import declared
-from ..schedules import validate_total_steps
 from ..messages import shown
+from ..schedules import validate_total_steps
 from .protocol import Method
 
 

@@ -27,10 +27,10 @@ from typing import Any
 
 from ..methods import method_options, method_spec, reference_method
 from .checkpoint import atomic_write, write_json
-from .folder import RunFolder
 from .flags import MethodFlag, method_flags
-from .options import options_from_dict
+from .folder import RunFolder
 from .loop import train
+from .options import options_from_dict
 from .plots import method_colors, plot_accuracy_vs_flops, plot_accuracy_vs_sparsity
 
 RESULTS, GRID, TABLE = "results.jsonl", "grid.json", "results.md"
@@ -129,7 +129,7 @@ def read_results(path: Path) -> list[dict[str, Any]]:
             if number != len(lines) - 1:
                 raise ValueError(f"{path} line {number + 1} is not JSON; only a truncated last line is repaired.") from None
             text = "".join(json.dumps(r) + "\n" for r in records)
-            atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+            atomic_write(path, lambda tmp, text=text: Path(tmp).write_text(text))
     return records
 
 

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tomllib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+import tomllib
 import torch
 import torch.distributed as dist
 import yaml
@@ -25,9 +25,9 @@ from .bench import DEFAULT_METHODS, axis_values, check_grid, grid_axes, grid_cel
 from .checkpoint import load_weights
 from .export import save_sparse
 from .flags import MethodFlag, method_flags
-from .onnx import export_onnx, onnxruntime_difference
 from .folder import CONFIG, MODEL, RUN_FILES, RunFolder, final_weights, load_run, nm_pattern
 from .loop import EVAL_BATCH_SIZE, evaluate, fit, method_title, prepare
+from .onnx import export_onnx, onnxruntime_difference
 from .options import TrainOptions, check_path_length, list_recipes, options_from_dict, resolve_device, text_value
 
 USAGE_ERROR = 2

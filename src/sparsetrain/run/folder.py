@@ -33,11 +33,17 @@ from torch import nn
 
 from ..inference import load_model_state
 from ..methods import Method, create, method_options
-from ..nm import NMPattern
 from ..models import create_model, input_size, rebuild
+from ..nm import NMPattern
 from ..structured import layer_shapes
 from .checkpoint import (
-    TMP_SUFFIX, atomic_write, first_non_finite, load_checkpoint, load_weights, save_checkpoint, write_json,
+    TMP_SUFFIX,
+    atomic_write,
+    first_non_finite,
+    load_checkpoint,
+    load_weights,
+    save_checkpoint,
+    write_json,
     writing,
 )
 

@@ -11,8 +11,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator, PercentFormatter
 
-from .checkpoint import atomic_write
 from ..report import SparsityReport
+from .checkpoint import atomic_write
 
 
 def plot_training(metrics: Sequence[Mapping[str, float]], path: str | Path, title: str | None = None) -> Path:

@@ -42,6 +42,7 @@ import inspect
 import operator
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -311,7 +312,7 @@ def remove_channels_(
     for name, old in params.items():
         new = model.get_parameter(name)
         if new is not old:
-            _repoint(optimizer, old, new, lambda value: _gather(value, old.shape, survivors[name], new.shape))
+            _repoint(optimizer, old, new, partial(_gather, shape=old.shape, survivors=survivors[name], new_shape=new.shape))
     return model
 
 
@@ -378,7 +379,7 @@ def _cut(model: nn.Module, drop: Mapping[str, Sequence[int]], example_inputs: Ex
                 f"removing {len(chosen)} of the {coupling.channels} channels of layer {root!r} (with its coupled layers "
                 f"{', '.join(coupling.outputs)}) would leave none; allowed: at most {coupling.channels - 1}."
             )
-    for root, (coupling, chosen) in plan.items():
+    for root, (_, chosen) in plan.items():
         if chosen:
             module = modules[root]
             graph.get_pruning_group(module, _out_fn(graph, module), sorted(chosen)).prune(record_history=False)

@@ -58,10 +58,10 @@ from ...prunable import PRUNABLE_TYPES, LayerType, choose_layers, out_in, stores
 from ...schedules import Schedule, make_schedule, resolve_step, validate_total_steps
 from ...selection import Selection, layer_sigma, prune_count, select
 from ..protocol import Method, check_finite
-from .config import KNOBS, LEGACY_NM_KNOBS, unsaved_knobs, resolve_config
-from .distributed import ShardedEngine, span_mask, span_of, same_on_every_rank
+from .config import KNOBS, LEGACY_NM_KNOBS, resolve_config, unsaved_knobs
+from .distributed import ShardedEngine, same_on_every_rank, span_mask, span_of
 from .sharding import is_sharded, local_shard, shard_group, total, unparametrize
-from .weight import SparseWeight, copy_threshold, stored, weight_of, st3_rescale
+from .weight import SparseWeight, copy_threshold, st3_rescale, stored, weight_of
 
 
 class Sparsifier(ShardedEngine, Method):

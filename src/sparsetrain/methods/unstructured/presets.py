@@ -28,13 +28,14 @@ from typing import Any
 
 from torch import nn
 
+from ...declare import Axis, Declared, Flag, option, overriding
 from ...nm import NMPattern, as_pattern
 from ...prunable import LayerType, validate_types
 from ...selection import SCOPES
 from ..registry import Context, MethodSpec, register_method
-from ...declare import Axis, Declared, Flag, option, overriding
-from .config import ENGINE_SCOPES, NM_KNOBS, PRESETS, DEFAULT_SPARSITY, KNOBS, SR_STE_DECAY, MethodConfig, nm_presets
+from .config import DEFAULT_SPARSITY, ENGINE_SCOPES, KNOBS, NM_KNOBS, PRESETS, SR_STE_DECAY, MethodConfig, nm_presets
 from .engine import Sparsifier
+
 
 @dataclass(frozen=True)
 class _PresetOptions(Declared):
