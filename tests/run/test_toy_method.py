@@ -47,6 +47,9 @@ def toy():
 def test_list_and_help_show_the_option(cli, capsys):
     code, out, _ = cli("list")
     assert code == 0 and "toy        a toy method of this test" in out and "my_option=7" in out
+    code, out, _ = cli("list", "toy")
+    assert code == 0 and out.split() == ["toy:", "a", "toy", "method", "of", "this", "test", "my_option", "--my-option",
+                                         "default", "7;", "allowed:", "an", "int", ">=", "1", "how", "many", "toy", "things"]
     with pytest.raises(SystemExit) as done:
         main(["train", "--help"])
     help_text = " ".join(capsys.readouterr().out.split())

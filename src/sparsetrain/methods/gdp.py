@@ -57,9 +57,8 @@ unchanged):
 
 so every layer presses on its channels alike. Without the division a residual stream channel,
 read and written by every block of its stage, is pushed n_c / 2 times harder than a block's
-inner channel: the streams are emptied first and no inner convolution is ever thinned (on
-ResNet-56 at 50 % FLOPs: streams at a quarter, inner convolutions whole, thin convolutions
-that run no faster). Call ``step()`` right after
+inner channel: the streams are emptied first and no inner convolution is ever thinned (thin
+convolutions that run no faster). Call ``step()`` right after
 ``optimizer.step()``. It works towards a reference of the hard FLOPs ratio that falls like
 the cubic sparsity schedule over the pruning window [0, t_end], t_end = prune_end * T:
 

@@ -8,16 +8,17 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tomllib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-import tomllib
 import torch
 import torch.distributed as dist
 import yaml
 
 from ..data import DATASET_NAMES, BatchLoader, load_dataset
+from ..declare import declared
 from ..methods import list_methods, method_spec
 from ..models import create_model, input_size, list_models
 from ..report import size_report, sparsity_report
@@ -91,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", help="output file (default: RUN_DIR/model.sparse.safetensors or RUN_DIR/model.onnx)")
     export.add_argument("--force", action="store_true", help="replace the output file if it exists")
 
-    commands.add_parser("list", help="list models, methods and datasets")
+    listing = commands.add_parser("list", help="list models, methods and datasets; with a method, its options")
+    listing.add_argument("method", nargs="?", help="a method: each of its options with its flag, default, allowed values and meaning")
     return parser
 
 
@@ -302,7 +304,10 @@ def command_report(path: str) -> None:
         print(size_report(create_model(name, **run.config["model"]["kwargs"]), run.model, example))
 
 
-def command_list() -> None:
+def command_list(method: str | None = None) -> None:
+    if method is not None:
+        command_list_method(method)
+        return
     print("models:   " + ", ".join(list_models()))
     print("datasets: " + ", ".join(DATASET_NAMES))
     print("recipes:  " + ", ".join(list_recipes()))
@@ -311,6 +316,19 @@ def command_list() -> None:
         print(f"  {name:<10} {method_spec(name).summary}")
         if defaults:
             print("  " + " " * 10 + " options: " + ", ".join(f"{key}={value!r}" for key, value in defaults.items()))
+
+
+def command_list_method(method: str) -> None:
+    """Each declared option of ``method``: its name, the flag that sets it, its default, what it allows, what it means."""
+    spec = method_spec(method)
+    flags = {flag.takes[method]: flag for flag in method_flags().values() if method in flag.takes}
+    defaults = spec.defaults()
+    print(f"{method}: {spec.summary}")
+    for name, option, _ in declared(spec.options):
+        flag = flags.get(name)
+        how = f"--{flag.key.replace('_', '-')}" + (" (epochs)" if flag.epochs else "") if flag else f"--method-arg {name}=..."
+        print(f"  {name:<18} {how:<26} default {option.shown_value(defaults[name])!r}; allowed: {option.allowed_text()}")
+        print(f"  {'':<18} {option.help}")
 
 
 def _checked_command(args: dict[str, Any]) -> Callable[[], None]:
@@ -334,7 +352,7 @@ def _checked_command(args: dict[str, Any]) -> Callable[[], None]:
     elif command == "report":
         command_report(args["path"])
     else:
-        command_list()
+        command_list(args.get("method"))
     return lambda: None
 
 
