@@ -54,6 +54,7 @@ _CHUNK = 1 << 20
 _SPLIT = 1 << 16  # entries per piece of a chunk in the bracket's pass: the piece and its masks stay in cache
 _SAMPLE = 1 << 16  # entries in the union of the ranks' samples
 _SPARE = 1 << 16  # entries the bracket may hold beyond 4 margins before the radix path takes over
+_BUCKETS_IN_BRACKET = 1 << 12  # the bracket's buckets: only the one holding position k is gathered
 _MARGIN = (4.0, 8.0)  # the bracket's margin beyond k: standard deviations of the estimate, and sampled entries
 _DIGITS = 16
 _BUCKETS = 1 << _DIGITS
@@ -94,21 +95,35 @@ def _gather(values: np.ndarray, device: torch.device, group: dist.ProcessGroup |
     if world == 1:
         return values[None]
     local = torch.from_numpy(values).to(device)
-    table = local.new_empty((world, *local.shape))
-    dist.all_gather(list(table.unbind(0)), local, group=group)  # into the rows: no stacked copy
-    return table.cpu().numpy()
+    table = [torch.empty_like(local) for _ in range(world)]
+    dist.all_gather(table, local, group=group)
+    return torch.stack(table).cpu().numpy()
 
 
 # -- bracket first ------------------------------------------------------------------------
 
 
+class _Buckets(NamedTuple):
+    """The bracket cut into ``count`` buckets of equal width: x goes to floor((x - start) * scale),
+    clipped to [0, count - 1]. Every rank computes the same float64 expression, monotone in x, so
+    the buckets follow the order of the entries and agree across ranks."""
+
+    start: float
+    scale: float
+    count: int
+
+    def index(self, values: np.ndarray) -> np.ndarray:
+        where = (values.astype(np.float64) - self.start) * self.scale
+        return np.clip(where, 0, self.count - 1).astype(np.int64)
+
+
 class _Split(NamedTuple):
-    """One pass over the local shards against a bracket [lo, hi] cut into buckets by ``edges``."""
+    """One pass over the local shards against a bracket [lo, hi] cut into :class:`_Buckets`."""
 
     below: int  # entries < lo
     counts: list[int]  # entries in [lo, hi], per layer
-    histogram: np.ndarray  # entries in [lo, hi] per bucket: bucket j holds edges[j - 1] < x <= edges[j]
-    parts: list[tuple[int, np.ndarray]]  # (layer, entries in [lo, hi]), in layer then flat order, kept while at most a budget
+    histogram: np.ndarray  # entries in [lo, hi] per bucket
+    parts: list[tuple[int, np.ndarray]]  # (layer, its entries in [lo, hi] in flat order), kept while at most a budget
     valid: bool  # no negative or NaN entry
 
 
@@ -121,10 +136,11 @@ def _bracketed(magnitudes: Sequence[Tensor], sparsity: float, dtype: torch.dtype
     k = prune_count(sparsity, n)
     if k == 0:
         return _unpruned(layers)
-    lo, hi, margin, edges = _bracket(samples, size, k)
+    lo, hi, margin, sampled = _bracket(samples, size, k)
+    buckets = _buckets(lo, hi, sampled)
     del samples  # O(2^16) entries: freed before the pass
     budget = _budget(margin)
-    split = _split(magnitudes, torch.promote_types(dtype, torch.float32), lo, hi, budget, edges)
+    split = _split(magnitudes, torch.promote_types(dtype, torch.float32), lo, hi, budget, buckets)
     layout = np.array([split.below, split.valid, *split.counts, *split.histogram], dtype=np.float64)
     counts = _gather(layout, device, group, world)  # round 2
     below, inside = int(counts[:, 0].sum()), counts[:, 2 : 2 + layers].astype(np.int64)
@@ -135,7 +151,7 @@ def _bracketed(magnitudes: Sequence[Tensor], sparsity: float, dtype: torch.dtype
     before = below + int(histogram[:, :bucket].sum())
     held = histogram[:, bucket]
     row = np.full(1 + layers + held.max(), np.inf)
-    previous, layer_counts, values = _in_bucket(split.parts, edges, bucket, layers)
+    previous, layer_counts, values = _in_bucket(split.parts, buckets, bucket, layers)
     row[0], row[1 : 1 + layers], row[1 + layers : 1 + layers + len(values)] = previous, layer_counts, values
     table = _gather(row, device, group, world)  # round 3
     found = _select_inside([entries[1 + layers : 1 + layers + h] for entries, h in zip(table, held)],
@@ -182,12 +198,12 @@ def _sample(magnitudes: Sequence[Tensor], size: int) -> np.ndarray:
 
 
 def _bracket(samples: np.ndarray, size: int, k: int) -> tuple[float, float, float, np.ndarray]:
-    """(lo, hi, margin, edges): a bracket around the k-th smallest of all entries from the gathered ``samples``
+    """(lo, hi, margin, sampled): a bracket around the k-th smallest of all entries from the gathered ``samples``
     (a row per rank, as :func:`_sample` makes it), ``margin`` entries beyond k on either side by the
     samples' estimate of #(m <= x): 4 standard deviations + 8 sampled entries (``_MARGIN``). hi is the
     first sampled value whose estimate reaches k + margin; lo the largest sampled value below the
-    first one whose estimate exceeds k - margin, so that v > lo unless the bracket misses; the edges of
-    its buckets are the distinct sampled values strictly between lo and hi."""
+    first one whose estimate exceeds k - margin, so that v > lo unless the bracket misses; ``sampled``: the
+    smallest and largest sampled values inside [lo, hi] (None: none)."""
     counts = samples[:, 0]
     taken = np.minimum(counts, size).astype(np.int64)
     rows = [row[1 : 1 + t] for row, t in zip(samples, taken) if t]
@@ -206,7 +222,8 @@ def _bracket(samples: np.ndarray, size: int, k: int) -> tuple[float, float, floa
     last = _first(values, lambda x: through(x) >= k + margin)
     lo = float(values[start - 1]) if start else -math.inf
     hi = float(values[last]) if last < len(values) else math.inf
-    return lo, hi, margin, np.unique(values[(values > lo) & (values < hi)])
+    inside = values[(values >= lo) & (values <= hi)]
+    return lo, hi, margin, (float(inside[0]), float(inside[-1])) if len(inside) else None
 
 
 def _first(values: np.ndarray, holds: Callable[[float], bool]) -> int:
@@ -224,18 +241,25 @@ def _budget(margin: float) -> int:
     return 4 * math.ceil(margin) + _SPARE
 
 
+def _buckets(lo: float, hi: float, sampled: tuple[float, float] | None) -> _Buckets:
+    """_BUCKETS buckets over [lo, hi], or over the sampled values inside it where an end is infinite."""
+    start = lo if math.isfinite(lo) else sampled[0] if sampled else 0.0
+    end = hi if math.isfinite(hi) else sampled[1] if sampled else start
+    return _Buckets(start, _BUCKETS_IN_BRACKET / (end - start) if end > start else 0.0, _BUCKETS_IN_BRACKET)
+
+
 def _split(magnitudes: Sequence[Tensor], wide: torch.dtype, lo: float, hi: float, budget: int,
-           edges: np.ndarray) -> _Split:
+           buckets: _Buckets) -> _Split:
     """Count the entries below lo, and those in [lo, hi] per layer and per bucket, keeping these (in
     ``wide``) while they number at most ``budget`` in all; on the CPU compare, count and gather each
     cache-sized piece (``_SPLIT`` entries) of a chunk in numpy while it is in cache, into reused masks
     (see ``_split_numpy`` in :mod:`.selection`)."""
     cpu = magnitudes[0].device.type == "cpu"
     low, mid = np.empty(_SPLIT, dtype=bool), np.empty(_SPLIT, dtype=bool)
-    histogram = np.zeros(len(edges) + 1, dtype=np.int64)
+    histogram = np.zeros(buckets.count, dtype=np.int64)
     below, counts, parts, valid, total = 0, [], [], True, 0
     for layer, m in enumerate(magnitudes):
-        count = 0
+        count, kept = 0, []
         for _, chunk in _chunks(m):
             entries = chunk.to(wide).numpy() if cpu else chunk.to(wide)
             for start in range(0, len(entries), _SPLIT if cpu else len(entries)):
@@ -244,25 +268,26 @@ def _split(magnitudes: Sequence[Tensor], wide: torch.dtype, lo: float, hi: float
                 part = piece[mask]
                 below, count, total, valid = below + under, count + len(part), total + len(part), valid and least >= 0.0
                 if total <= budget and len(part):
-                    part = part if cpu else part.cpu().numpy()
-                    histogram += np.bincount(np.searchsorted(edges, part), minlength=len(histogram))
-                    parts.append((layer, part))
+                    kept.append(part if cpu else part.cpu().numpy())
+        if kept:  # the layer's entries in the bracket, bucketed at once
+            values = np.concatenate(kept) if len(kept) > 1 else kept[0]
+            histogram += np.bincount(buckets.index(values), minlength=buckets.count)
+            parts.append((layer, values))
         counts.append(count)
     return _Split(below, counts, histogram, parts, valid)
 
 
-def _in_bucket(parts: Sequence[tuple[int, np.ndarray]], edges: np.ndarray, bucket: int, layers: int
+def _in_bucket(parts: Sequence[tuple[int, np.ndarray]], buckets: _Buckets, bucket: int, layers: int
                ) -> tuple[float, np.ndarray, np.ndarray]:
     """(the largest kept entry below the bucket, -inf if none; the bucket's entries per layer; those
     entries in layer then flat order)."""
-    low = edges[bucket - 1] if bucket else -math.inf
-    high = edges[bucket] if bucket < len(edges) else math.inf
     previous, counts, values = -math.inf, np.zeros(layers, dtype=np.int64), []
     for layer, part in parts:
-        under = part[part <= low]
+        index = buckets.index(part)
+        under = part[index < bucket]
         if len(under):
             previous = max(previous, float(under.max()))
-        inside = part[(part > low) & (part <= high)]
+        inside = part[index == bucket]
         counts[layer] += len(inside)
         values.append(inside)
     return previous, counts, np.concatenate(values) if values else np.empty(0)
