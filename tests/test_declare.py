@@ -57,8 +57,8 @@ def test_choices_name_the_known_values():
 def test_values_are_parsed_once_and_shown_plainly():
     toy = Toy(p=math.inf, every=4, start=0.5, names=["a*", "b"], pair="2:4")
     assert (toy.p, toy.every, toy.start, toy.names, toy.pair) == (math.inf, 4, 0.5, ("a*", "b"), (2, 4))
-    assert toy.record()["pair"] == "2:4" and toy.values()["pair"] == (2, 4)
-    assert Toy().record()["pair"] is None
+    pair = dict((n, s) for n, s, _ in declared(Toy))["pair"]
+    assert pair.shown_value(toy.pair) == "2:4" and toy.values()["pair"] == (2, 4) and pair.shown_value(None) is None
 
 
 def test_rules_between_options_run_after_each_option():

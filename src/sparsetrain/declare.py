@@ -204,8 +204,3 @@ class Declared:
     def values(self) -> dict[str, Any]:
         """{name: value} of every field, as held (no copy)."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-
-    def record(self) -> dict[str, Any]:
-        """{name: value} as JSON shows it."""
-        specs = {name: spec for name, spec, _ in declared(type(self))}
-        return {name: specs[name].shown_value(v) if name in specs else v for name, v in self.values().items()}

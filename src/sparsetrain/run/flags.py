@@ -13,28 +13,38 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..declare import Axis, Option, declared
+from ..declare import Axis, Flag, Option, declared
 from ..methods import list_methods, method_spec
 
 
 @dataclass(frozen=True)
 class MethodFlag:
-    """One flag: its key (``--key-with-dashes`` on the command line) and aliases, the options it sets
-    (method -> option name), its units and what it says in ``--help``."""
+    """One flag: its key (``--key-with-dashes`` on the command line), the declaration it comes from
+    (the option and its :class:`~sparsetrain.declare.Flag`: aliases, units), what it says in ``--help``,
+    and the options it sets (method -> option name)."""
 
     key: str
-    aliases: tuple[str, ...]
     option: Option
+    flag: Flag
     help: str
-    epochs: bool
-    offset: int
     takes: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def aliases(self) -> tuple[str, ...]:
+        return self.flag.aliases
+
+    @property
+    def epochs(self) -> bool:
+        """Whether the flag counts epochs (the option: steps)."""
+        return self.flag.epochs
+
+    @property
+    def offset(self) -> int:
+        return self.flag.offset
 
     def to_option(self, value: Any, steps_per_epoch: int) -> Any:
         """The option's value for the flag's ``value``."""
-        if self.epochs:
-            value = round(value * steps_per_epoch)
-        return value + self.offset if self.offset else value
+        return self.flag.to_option(value, steps_per_epoch)
 
     @property
     def axis(self) -> Axis | None:
@@ -58,8 +68,7 @@ def method_flags() -> dict[str, MethodFlag]:
             if spec.flag is None:
                 continue
             key = spec.flag.name or name
-            flag = flags.setdefault(key, MethodFlag(key, spec.flag.aliases, spec, spec.flag.help or spec.help,
-                                                    spec.flag.epochs, spec.flag.offset))
+            flag = flags.setdefault(key, MethodFlag(key, spec, spec.flag, spec.flag.help or spec.help))
             if (flag.epochs, flag.offset, flag.aliases) != (spec.flag.epochs, spec.flag.offset, spec.flag.aliases):
                 first = next(iter(flag.takes))
                 raise ValueError(f"flag --{key.replace('_', '-')} of method {method!r} differs from that of {first!r} "
