@@ -268,24 +268,20 @@ def test_a_sampled_bracket_selects_exactly_in_one_pass(dtype, monkeypatch):
     assert tied == [False, dtype == torch.bfloat16, dtype == torch.bfloat16, False]
 
 
-def test_ties_at_lo_below_which_entries_lie_take_the_radix_path(monkeypatch):
-    """v = lo, the largest magnitude below v lies below lo: the values gathered cannot tell it, and
-    the radix path decides (after the 3 rounds; the real bracket makes it as unlikely as a miss)."""
-    _, fallbacks = counting(monkeypatch)
-    monkeypatch.setattr(ss, "_bracket", lambda samples, size, k: (2.0, 3.0, 1.0, (2.0, 3.0)))
+@pytest.mark.parametrize(("bracket", "fallbacks"), [
+    # v = lo, the largest magnitude below v lies below lo: the values gathered cannot tell it, and the radix
+    # path decides (after the 3 rounds; the real bracket makes it as unlikely as a miss)
+    ((2.0, 3.0, 1.0, (2.0, 3.0)), 1),
+    # the bracket [0.5, 3] in 4096 buckets: position k = 3 lies in the bucket of the three 2.0s, which holds
+    # nothing else; the largest magnitude below v = 2, 1.5, is the largest entry of an earlier bucket
+    ((0.5, 3.0, 1.0, (1.0, 3.0)), 0),
+], ids=["ties-at-lo-take-the-radix-path", "the-value-below-v-from-an-earlier-bucket"])
+def test_the_largest_magnitude_below_tied_values(monkeypatch, bracket, fallbacks):
+    _, taken = counting(monkeypatch)
+    monkeypatch.setattr(ss, "_bracket", lambda samples, size, k: bracket)
     layers = [torch.tensor([1.0, 2.0, 2.0]), torch.tensor([[3.0, 2.0, 1.5]])]
     same(select_sharded(layers, 0.5), select(layers, 0.5, "global"))
-    assert fallbacks[0] == 1 and select_sharded(layers, 0.5).thresholds == [1.5, 1.5]
-
-
-def test_the_value_below_v_comes_from_an_earlier_bucket_of_the_bracket(monkeypatch):
-    """The bracket [0.5, 3] in 4096 buckets: position k = 3 lies in the bucket of the three 2.0s, which holds
-    nothing else; the largest magnitude below v = 2, 1.5, is the largest entry of an earlier bucket."""
-    _, fallbacks = counting(monkeypatch)
-    monkeypatch.setattr(ss, "_bracket", lambda samples, size, k: (0.5, 3.0, 1.0, (1.0, 3.0)))
-    layers = [torch.tensor([1.0, 2.0, 2.0]), torch.tensor([[3.0, 2.0, 1.5]])]
-    same(select_sharded(layers, 0.5), select(layers, 0.5, "global"))
-    assert fallbacks[0] == 0 and select_sharded(layers, 0.5).thresholds == [1.5, 1.5]
+    assert taken[0] == fallbacks and select_sharded(layers, 0.5).thresholds == [1.5, 1.5]
 
 
 def test_many_equal_magnitudes_take_the_radix_path_without_gathering_them(monkeypatch):
