@@ -79,3 +79,17 @@ def test_p3_in_16_bits_keeps_every_weight_above_threshold_nonzero(dtype):
     out = threshold_operator(w, threshold, 3.0)
     assert out.dtype == dtype
     assert int((out == 0).sum()) == int((w.abs() <= threshold).sum())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_p3_with_one_threshold_agrees_with_a_threshold_per_entry(dtype):
+    # one T takes the signed soft threshold and the odd cube root; T per entry, |w| and then the sign
+    w = torch.randn(10_000, generator=torch.Generator().manual_seed(0), dtype=dtype) * 0.1
+    w[:4] = torch.tensor([0.08, -0.08, 0.0, -0.0], dtype=dtype)
+    threshold = 0.08
+    above = torch.nextafter(torch.full((4,), threshold, dtype=dtype), torch.tensor(1.0, dtype=dtype))
+    w[4:8], w[8:12] = above, -above
+    one, each = threshold_operator(w, threshold, 3.0), threshold_operator(w, torch.full_like(w, threshold), 3.0)
+    assert torch.equal(one == 0, w.abs() <= threshold)
+    assert torch.equal(one.sign(), torch.where(w.abs() > threshold, w.sign(), 0))
+    torch.testing.assert_close(one, each, rtol=4 * torch.finfo(dtype).eps, atol=0)

@@ -103,12 +103,14 @@ def select_groups(magnitudes: Sequence[Tensor], k: int, m: int) -> Selection:
 
 
 class GroupSelector:
-    """Selects k of every m grouped magnitudes, keeping its working buffer from call to call (a
-    fresh one as large as the weights at every training step costs more than the selection)."""
+    """Selects k of every m grouped magnitudes, keeping its working buffer and the threshold tensors
+    it returns from call to call (fresh ones as large as the weights at every training step cost more
+    than the selection): a call overwrites the thresholds the previous call returned."""
 
     def __init__(self, m: int) -> None:
         self.m = m
         self._buffer: Tensor | None = None  # (m + 1, G): the groups as columns, and one spare row
+        self._thresholds: dict[int, Tensor] = {}  # by layer index: the threshold tensor last returned
 
     def select(self, magnitudes: Sequence[Tensor], k: int) -> Selection:
         """Per layer a threshold tensor and a tie mask shaped like it (see the module docstring);
@@ -152,7 +154,8 @@ class GroupSelector:
         for i, begin, stop in spans:
             magnitude = magnitudes[i]
             per_group = _columns_of(threshold[begin:stop].unsqueeze(0), magnitude, m)
-            thresholds[i] = _laid_out_like(magnitude, per_group.expand(m, *per_group.shape[1:]), m)
+            thresholds[i] = self._thresholds[i] = _laid_out_like(
+                magnitude, per_group.expand(m, *per_group.shape[1:]), m, self._thresholds.get(i))
             if tied is not None and bool(tied[:, begin:stop].any()):
                 ties[i] = _laid_out_like(magnitude, _columns_of(tied[:, begin:stop], magnitude, m), m)
         return Selection(thresholds, ties)
@@ -183,9 +186,11 @@ def _columns_of(columns: Tensor, x: Tensor, m: int) -> Tensor:
     return columns.reshape(columns.shape[0], *(grid[d] for d in _grid_order(x, m)))
 
 
-def _laid_out_like(x: Tensor, grouped: Tensor, m: int) -> Tensor:
-    """A tensor shaped and strided like ``x`` holding ``grouped``, an (m, *grid in memory order) tensor."""
-    out = torch.empty_like(x, dtype=grouped.dtype)
+def _laid_out_like(x: Tensor, grouped: Tensor, m: int, out: Tensor | None = None) -> Tensor:
+    """A tensor shaped and strided like ``x`` holding ``grouped``, an (m, *grid in memory order) tensor:
+    ``out`` if it is one such (dtype and device included), else a new one."""
+    if out is None or out.shape != x.shape or out.stride() != x.stride() or (out.dtype, out.device) != (grouped.dtype, x.device):
+        out = torch.empty_like(x, dtype=grouped.dtype)
     _groups_in_memory_order(out, m).copy_(grouped)
     return out
 

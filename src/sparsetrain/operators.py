@@ -56,7 +56,8 @@ def threshold_operator(w: Tensor, threshold: Threshold, p: float, magnitude: Ten
     as (|w| - T) * sum_i |w|^i T^(p-1-i) (Feather's p = 3: (|w| - T)(|w|(|w| + T) + T^2), one
     root in all), for any other finite p > 1 as T^p * expm1(p * log1p((|w| - T) / T)).
     Float16 and bfloat16 weights are shrunk in float32 (in 16 bits the product underflows to 0
-    just above T) and the result rounded back.
+    just above T) and the result rounded back. For p = 3 on the CPU with one T the sign costs no
+    pass: the cube root is odd, so P_3(w; T) = cbrt((w - clamp(w, -T, T)) * ((|w| + T)|w| + T^2)).
     """
     if prunes_nothing(threshold):
         return w
@@ -70,6 +71,11 @@ def threshold_operator(w: Tensor, threshold: Threshold, p: float, magnitude: Ten
         return w * (magnitude > threshold)
     if p == 1.0:  # the result must be a fresh tensor
         return (magnitude.sub_(threshold) if fresh else magnitude - threshold).relu_().copysign_(w)
+    if _odd_cbrt(magnitude, p) and not isinstance(threshold, Tensor):
+        shrunk = magnitude + threshold  # then (|w| + T)|w| + T^2 in one pass
+        torch.addcmul(torch.full((), threshold**2, dtype=w.dtype), shrunk, magnitude, out=shrunk)
+        soft = torch.sub(w, torch.clamp(w, -threshold, threshold, out=magnitude), out=magnitude)
+        return root_(shrunk.mul_(soft), 3)
     if p.is_integer():
         shrunk = _power_sum(magnitude, threshold, int(p))  # fresh
         shrunk = root_(shrunk.mul_(magnitude.sub_(threshold).relu_()), int(p))
@@ -80,12 +86,19 @@ def threshold_operator(w: Tensor, threshold: Threshold, p: float, magnitude: Ten
     return torch.where(threshold > 0, out, w) if isinstance(threshold, Tensor) else out
 
 
-def root_(x: Tensor, p: int) -> Tensor:
-    """x^(1/p) in place, for x >= 0: the cube root of a CPU float32/float64 tensor through numpy's
-    ``cbrt`` (within an ulp, about four times faster than ``pow``), any other root (and any root of
-    a tensor subclass such as a DTensor, or while torch.compile traces) through ``pow_``."""
+def _odd_cbrt(x: Tensor, p: float) -> bool:
+    """Whether :func:`root_` takes x's p-th root through numpy's ``cbrt``, which is odd (cbrt(-x) =
+    -cbrt(x)): p = 3 on a plain CPU float32/float64 tensor, outside torch.compile's tracing."""
     cpu_float = type(x) is Tensor and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
-    if p == 3 and cpu_float and not torch.compiler.is_compiling():
+    return p == 3 and cpu_float and not torch.compiler.is_compiling()
+
+
+def root_(x: Tensor, p: int) -> Tensor:
+    """x^(1/p) in place, for x >= 0 (any x for :func:`_odd_cbrt`'s cube root): the cube root of a
+    CPU float32/float64 tensor through numpy's ``cbrt`` (within an ulp, about four times faster than
+    ``pow``), any other root (and any root of a tensor subclass such as a DTensor, or while
+    torch.compile traces) through ``pow_``."""
+    if _odd_cbrt(x, p):
         array = x.numpy()
         np.cbrt(array, out=array)
         return x

@@ -169,7 +169,7 @@ class _Ops(NamedTuple):
     """The three primitives the selection needs, for numpy arrays or for tensors."""
 
     concat: Callable[[Sequence[Any]], Any]
-    kth: Callable[[Any, int], float]
+    kth: Callable[[Any, Sequence[int]], list[float]]  # the k-th smallest (1-based) for each k given
     split: Callable[[Sequence[Any], float, float], tuple[int, Any]]
 
 
@@ -200,7 +200,7 @@ def _locate(arrays: Sequence[Any], ops: _Ops, k: int) -> _Rank:
 
 
 def _rank(values: Any, k: int, ops: _Ops) -> _Rank:
-    value = ops.kth(values, k)
+    (value,) = ops.kth(values, [k])
     smaller = values[values < value]
     previous = float(smaller.max()) if len(smaller) else None
     return _Rank(value, len(smaller), int((values <= value).sum()), previous)
@@ -221,8 +221,9 @@ def _bracketed(arrays: Sequence[Any], k: int, n: int, ops: _Ops) -> _Rank | None
     q = k / n
     margin = 4.0 * math.sqrt(m * q * (1.0 - q)) + 8.0
     lo_rank, hi_rank = math.floor(q * m - margin) + 1, math.ceil(q * m + margin) + 1
-    lo = ops.kth(sample, lo_rank) if lo_rank >= 1 else -math.inf
-    hi = ops.kth(sample, hi_rank) if hi_rank <= m else math.inf
+    ranks = [r for r in (lo_rank, hi_rank) if 1 <= r <= m]
+    found = dict(zip(ranks, ops.kth(sample, ranks)))  # both ends of the bracket from one partition
+    lo, hi = found.get(lo_rank, -math.inf), found.get(hi_rank, math.inf)
     below, inside = ops.split(arrays, lo, hi)
     if not 1 <= k - below <= len(inside):
         return None
@@ -230,8 +231,11 @@ def _bracketed(arrays: Sequence[Any], k: int, n: int, ops: _Ops) -> _Rank | None
     return _Rank(rank.value, below + rank.below, below + rank.through, rank.previous)
 
 
-def _kth_numpy(values: np.ndarray, k: int) -> float:
-    return float(np.partition(values, k - 1)[k - 1])
+def _kth_numpy(values: np.ndarray, ks: Sequence[int]) -> list[float]:
+    if not ks:
+        return []
+    parted = np.partition(values, [k - 1 for k in ks])
+    return [float(parted[k - 1]) for k in ks]
 
 
 def _split_numpy(arrays: Sequence[np.ndarray], lo: float, hi: float) -> tuple[int, np.ndarray]:
@@ -253,10 +257,10 @@ def _split_numpy(arrays: Sequence[np.ndarray], lo: float, hi: float) -> tuple[in
     return below, np.concatenate(parts)
 
 
-def _kth_torch(values: Tensor, k: int) -> float:
+def _kth_torch(values: Tensor, ks: Sequence[int]) -> list[float]:
     # kthvalue lacks bfloat16 on CUDA before torch 2.3; float32 holds 16-bit floats exactly.
     wide = values.float() if values.dtype in (torch.float16, torch.bfloat16) else values
-    return wide.kthvalue(k).values.item()
+    return [wide.kthvalue(k).values.item() for k in ks]
 
 
 def _split_torch(flat: Sequence[Tensor], lo: float, hi: float) -> tuple[int, Tensor]:

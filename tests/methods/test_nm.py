@@ -290,7 +290,23 @@ def test_a_selector_reuses_its_buffer_and_selects_as_a_fresh_one():
         for mine, theirs in zip(kept.thresholds + kept.ties, fresh.thresholds + fresh.ties):
             assert (mine is None and theirs is None) or torch.equal(mine, theirs), step
         assert kept.ties[0] is not None and int(kept.ties[0].sum()) == 1
+        if step == 0:
+            thresholds = kept.thresholds
     assert selector._buffer is buffer
+    assert all(mine is first for mine, first in zip(kept.thresholds, thresholds))  # rewritten in place
+
+
+def test_the_thresholds_read_from_an_nm_engine_stay_as_they_were_read():
+    torch.manual_seed(0)
+    layer = nn.Linear(16, 8, bias=False)
+    sparsifier = st.create(nn.Sequential(layer), "sr-ste", total_steps=10)
+    read = sparsifier.thresholds["0"]
+    before = read.clone()
+    with torch.no_grad():
+        layer.parametrizations.weight.original.mul_(-3.0).add_(0.1)
+    sparsifier.step()
+    assert torch.equal(read, before)
+    assert not torch.equal(sparsifier.thresholds["0"], before)
 
 
 @pytest.mark.parametrize("m", [4, 8, 16, 32])

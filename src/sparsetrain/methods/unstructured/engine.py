@@ -190,8 +190,9 @@ class Sparsifier(ShardedEngine, Method):
     @property
     def thresholds(self) -> dict[str, Threshold]:
         """Each prunable weight's threshold, by the name of the first layer holding it (for
-        scope "nm" a tensor shaped like the weight: its group's threshold at every entry)."""
-        return {name: param.threshold for name, param in zip(self.names, self._params)}
+        scope "nm" a tensor shaped like the weight: its group's threshold at every entry; a copy, as
+        the engine rewrites its own at every update)."""
+        return {name: copy_threshold(param.threshold) for name, param in zip(self.names, self._params)}
 
     @property
     def dense_layers(self) -> list[str]:
