@@ -1,7 +1,10 @@
 """Step overhead of sparsifying under FSDP2 (``fully_shard``), CPU gloo processes: dense against each
 method on a zoo model, every prunable layer and the root sharded (create(), fully_shard, optimizer,
-bind()), the set-ups taking turns step by step (one interleaved run); each rank its own batch. The
-schedules span the timed steps. Reported: the slowest rank's median step and the overhead over dense.
+bind()), the set-ups taking turns step by step (one interleaved run, the order reversed at every other
+step); each rank its own batch. The schedules span the timed steps. Reported: the slowest rank's
+median step and the overhead over dense, and from each step as the slowest rank timed it the mean
+step and the mean paired difference to dense with its 95 % interval: on few cores the steps of
+processes that wait on each other spread by a quarter, which a median of 30 steps does not tame.
 
     python benchmarks/fsdp_overhead.py [--ranks 2] [--model vit-micro] [--methods dense,feather] [--steps 30]
 """
@@ -58,7 +61,7 @@ def rank_main(args: argparse.Namespace) -> None:
     x, y = torch.randn(args.batch_size, 3, 32, 32, generator=gen), torch.randint(0, 10, (args.batch_size,), generator=gen)
     times = {method: [] for method in methods}
     for index in range(WARMUP + args.steps):
-        for method in methods:
+        for method in methods if index % 2 == 0 else methods[::-1]:
             model, created, optimizer = runs[method]
             dist.barrier()
             start = time.perf_counter()
@@ -72,6 +75,8 @@ def rank_main(args: argparse.Namespace) -> None:
                 times[method].append(time.perf_counter() - start)
     medians = torch.tensor([statistics.median(times[method]) for method in methods], dtype=torch.float64)
     dist.all_reduce(medians, op=dist.ReduceOp.MAX)
+    slowest = torch.tensor([times[method] for method in methods], dtype=torch.float64)
+    dist.all_reduce(slowest, op=dist.ReduceOp.MAX)  # each step as the slowest rank timed it
     if rank == 0:
         print(f"{args.ranks} gloo ranks, torch {torch.__version__}, {torch.get_num_threads()} thread(s) each, "
               f"{args.model}, batch {args.batch_size} per rank, {args.steps} interleaved steps")
@@ -79,6 +84,15 @@ def rank_main(args: argparse.Namespace) -> None:
         print("|---|---:|---:|")
         for method, median in zip(methods, medians.tolist()):
             print(f"| {method} | {1e3 * median:.1f} | {100 * (median / medians[0].item() - 1):+.1f} % |")
+        dense = slowest[0].mean().item()
+        print("| method | mean step (ms) | mean paired difference to dense (ms, 95 % interval) | over dense |")
+        print("|---|---:|---:|---:|")
+        for method, steps in zip(methods, slowest):
+            difference = steps - slowest[0]
+            half = 1.96 * difference.std().item() / len(difference) ** 0.5 if len(difference) > 1 else 0.0
+            mean = difference.mean().item()
+            print(f"| {method} | {1e3 * steps.mean().item():.1f} | {1e3 * mean:+.2f} ± {1e3 * half:.2f} | "
+                  f"{100 * mean / dense:+.1f} % [{100 * (mean - half) / dense:+.1f}, {100 * (mean + half) / dense:+.1f}] |")
     dist.barrier()
     dist.destroy_process_group()
     sys.stdout.flush()

@@ -115,7 +115,15 @@ for mode in MODES:
             calls[0] = fallbacks[0] = 0
             got = ss.select_sharded(shards, s)
             results[name, s, mode] = (got.thresholds, got.ties, calls[0], fallbacks[0])
-for name, bad in (("nan", float("nan")), ("negative", -1.0)):  # on one rank only: every rank raises alike
+for name, value in defaults.items():
+    setattr(ss, name, value)
+for name, layers in cases().items():  # one selector through the sparsities: its sample is reused
+    selector, shards = ss.ShardedSelector(), [shard(layer, world)[rank] for layer in layers]
+    for s in SPARSITIES:
+        calls[0] = fallbacks[0] = 0
+        got = selector.select(shards, s)
+        results["kept", name, s] = (got.thresholds, got.ties, calls[0], fallbacks[0], got.straddles)
+for name, bad in (("nan", float("nan")), ("negative", -1.0), ("infinite", float("inf"))):  # on one rank only: every rank raises alike
     layer = shard(torch.ones(6, 4), world)[rank]
     layer[:1, :1] = bad if rank == world - 1 - (name == "negative") else 1.0
     try:
@@ -183,8 +191,23 @@ def test_every_rank_gets_select_on_the_concatenated_shards(tmp_path, world):
     assert paths["bracket"] == paths["tiny-chunks"] == {"s = 0", "k = 0", "bracket"}  # whole samples: never a miss
     assert paths["radix"] == {"s = 0", "k = 0", "radix"}
     assert paths["sampled"] - {"late radix"} == {"s = 0", "k = 0", "bracket", "radix"}  # late radix: seen on 2 ranks only
-    for name in ("nan", "negative"):
-        assert [results[name] for results in ranks] == ["magnitudes hold 1 negative or NaN entries; allowed: non-negative numbers."] * world
+    warm = 0
+    for name, layers in cases().items():
+        for s in SPARSITIES:
+            want = select(layers, s, "global")
+            for rank, results in enumerate(ranks):
+                thresholds, ties, calls, fallback, straddles = results["kept", name, s]
+                assert bits(thresholds) == bits(want.thresholds), (name, s, rank)
+                assert (calls, fallback) == ranks[0]["kept", name, s][2:4], (name, s, rank)
+                assert straddles == any(t is not None for t in want.ties), (name, s, rank)
+                for layer, mask, full in zip(layers, ties, want.ties):
+                    part = shard(full if full is not None else torch.zeros(layer.shape, dtype=torch.bool), world)[rank]
+                    assert mask is None and not part.any() or torch.equal(mask, part), (name, s, rank)
+            warm += ranks[0]["kept", name, s][2:4] == (2, 0)  # the kept sample bracketed k: no sampling round
+    assert warm >= len(cases()) * 3
+    for name in ("nan", "negative", "infinite"):
+        assert [results[name] for results in ranks] == [
+            "magnitudes hold 1 negative, infinite or NaN entries; allowed: finite non-negative numbers."] * world
 
 
 # -- one process ----------------------------------------------------------------------------
@@ -278,7 +301,7 @@ def test_a_sampled_bracket_selects_exactly_in_one_pass(dtype, monkeypatch):
 ], ids=["ties-at-lo-take-the-radix-path", "the-value-below-v-from-an-earlier-bucket"])
 def test_the_largest_magnitude_below_tied_values(monkeypatch, bracket, fallbacks):
     _, taken = counting(monkeypatch)
-    monkeypatch.setattr(ss, "_bracket", lambda samples, size, k: bracket)
+    monkeypatch.setattr(ss, "_bracket", lambda sample, k: bracket)
     layers = [torch.tensor([1.0, 2.0, 2.0]), torch.tensor([[3.0, 2.0, 1.5]])]
     same(select_sharded(layers, 0.5), select(layers, 0.5, "global"))
     assert taken[0] == fallbacks and select_sharded(layers, 0.5).thresholds == [1.5, 1.5]
@@ -304,7 +327,7 @@ def test_the_bracket_from_unequal_shards_holds_the_kth_value():
     values = torch.cat([m[0] for m in shards]).numpy()
     for s in (1e-3, 0.3, 0.47, 0.5, 0.9, 1.0):
         k = prune_count(s, len(values))
-        lo, hi, margin, sampled = ss._bracket(samples, 1024, k)
+        lo, hi, margin, sampled = ss._bracket(ss._gathered(samples, 1024), k)
         v = np.partition(values, k - 1)[k - 1]
         assert lo < v <= hi and ((values >= lo) & (values <= hi)).sum() <= ss._budget(margin), s
         inside = [x for x in samples[:, 1:].flat if lo <= x <= hi and x != math.inf]  # not the padding
@@ -312,15 +335,16 @@ def test_the_bracket_from_unequal_shards_holds_the_kth_value():
 
 
 def test_the_torch_pass_marks_like_the_numpy_pass():
-    """The pass's primitive off the CPU (run here on CPU tensors): #(a < lo), lo <= a <= hi, min(a)."""
+    """The pass's primitive off the CPU (run here on CPU tensors): #(a < lo), lo <= a <= hi, and
+    whether every entry is finite and >= 0."""
     buffers = np.empty(16, dtype=bool), np.empty(16, dtype=bool)
-    for values in ([0.5, 2.0, 1.0, 0.0, 3.0, 1.5], [1.0, -1.0, 2.0], [1.0, math.nan, 0.5]):
+    cases = [([0.5, 2.0, 1.0, 0.0, 3.0, 1.5], True), ([1.0, -1.0, 2.0], False), ([1.0, math.nan, 0.5], False),
+             ([1.0, math.inf], False), ([], True)]
+    for values, valid in cases:
         a = torch.tensor(values)
         for lo, hi in ((1.0, 2.0), (-math.inf, 0.5), (3.0, math.inf)):
-            below, mask, least = ss._marks_torch(a, lo, hi)
-            want = ss._marks_numpy(a.numpy(), lo, hi, *buffers)
-            assert (below, mask.tolist()) == (want[0], want[1].tolist())
-            assert least == want[2] or math.isnan(least) and math.isnan(want[2])
+            got, want = ss._marks_torch(a, lo, hi), ss._marks_numpy(a.numpy(), lo, hi, *buffers)
+            assert (got[0], got[1].tolist(), got[2]) == (want[0], want[1].tolist(), want[2]) == (want[0], want[1].tolist(), valid)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -352,11 +376,30 @@ def test_empty_input_and_empty_layers():
     [
         ([torch.ones(3)], 1.5, "sparsity=1.5 is out of range"),
         ([torch.ones(3)], math.nan, "sparsity=nan is out of range"),
-        ([torch.tensor([1.0, -2.0, 3.0])], 0.5, "1 negative or NaN entries"),
-        ([torch.tensor([1.0, math.nan])], 0.5, "1 negative or NaN entries"),
+        ([torch.tensor([1.0, -2.0, 3.0])], 0.5, "1 negative, infinite or NaN entries"),
+        ([torch.tensor([1.0, math.nan])], 0.5, "1 negative, infinite or NaN entries"),
+        ([torch.tensor([math.inf, 1.0, math.inf])], 0.5, "2 negative, infinite or NaN entries"),
         ([torch.ones(3, dtype=torch.int32)], 0.5, "dtype torch.int32 are not supported"),
     ],
 )
 def test_invalid_input_is_refused(layers, sparsity, message):
     with pytest.raises(ValueError, match=message):
         select_sharded(layers, sparsity)
+
+
+def test_a_selector_keeps_its_sample_while_it_brackets_k_and_stays_exact(monkeypatch):
+    """Magnitudes that drift a little at each step, a ramp of sparsities, then a jump that moves every
+    magnitude: one sample until the jump, one more after it, and select()'s result at every call."""
+    sampled = []
+    monkeypatch.setattr(ss, "_sample", lambda m, size, _sample=ss._sample: sampled.append(size) or _sample(m, size))
+    gen = torch.Generator().manual_seed(4)
+    weights = [torch.randn(n, 300, generator=gen) for n in (200, 500)]
+    selector = ss.ShardedSelector()
+    for step in range(12):
+        weights = [w + 1e-3 * torch.randn(w.shape, generator=gen) for w in weights]
+        if step == 8:
+            weights = [w * 10.0 + 5.0 for w in weights]
+        magnitudes = [w.abs() for w in weights]
+        s = min(0.9, 0.1 * (step + 1))
+        same(selector.select(magnitudes, s), select(magnitudes, s, "global"))
+        assert len(sampled) == (1 if step < 8 else 2), step

@@ -19,8 +19,8 @@ rank holds in each layer. Each rank then marks its own share of the first r = k 
 equal to v. As in ``select``, 16-bit floats are compared widened to float32 (exactly).
 
 Radix fallback, exact: when the bracket misses k, holds more entries than its budget (4 margins and
-2^16: many equal magnitudes, which no sample narrows), a rank holds negative or NaN magnitudes (the
-pass takes each piece's minimum), or, as unlikely as a miss, ties straddle k at the smallest value
+2^16: many equal magnitudes, which no sample narrows), a rank holds negative, infinite or NaN
+magnitudes (the pass takes each piece's minimum and maximum), or, as unlikely as a miss, ties straddle k at the smallest value
 inside while entries lie below lo, every rank takes the same decision from the gathered data, and
 selects again on the IEEE bits: for x >= 0 the bit pattern read as
 an integer (the key) grows with x. Each round histograms the next 16 bits of the local keys that
@@ -31,6 +31,11 @@ per-layer counts of keys equal to v (and of its largest key below v, unless the 
 the largest magnitude below v) tells every rank how many of its own tied entries fall among the
 first r, and one more pass marks them.
 
+A :class:`ShardedSelector` keeps the gathered sample for its next call: during training the
+magnitudes move little from one step to the next, so the old sample still brackets position k and
+the call skips round 1 and the sampling; the counts' round tells every rank alike when it no longer
+does, and the call then gathers a new sample.
+
 Every rank decides from the same gathered data, so all take the same path and raise the same errors.
 Shards are read in chunks, so the temporaries stay O(sample + bracket + chunk + 2^16) beside the
 output masks.
@@ -40,6 +45,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from functools import reduce
 from typing import NamedTuple
 
@@ -61,33 +67,66 @@ _BUCKETS = 1 << _DIGITS
 _KEYS = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32, torch.float64: torch.int64}
 
 
-def select_sharded(magnitudes: Sequence[Tensor], sparsity: float, group: dist.ProcessGroup | None = None) -> Selection:
+def select_sharded(magnitudes: Sequence[Tensor], sparsity: float, group: dist.ProcessGroup | None = None
+                   ) -> ShardedSelection:
     """``select(magnitudes, sparsity, "global")`` over the shards of all ranks in ``group``.
 
     ``magnitudes`` holds this rank's shard (possibly empty) of every layer, in the same layer order
     on every rank. The thresholds are equal on every rank; ``ties[i]`` is shaped like this rank's
-    shard of layer i, None where the rank prunes none of its entries equal to v. Without an
-    initialised torch.distributed, or in a world of one, it selects over the local tensors alone.
+    shard of layer i, None where the rank prunes none of its entries equal to v; ``straddles`` tells
+    every rank alike whether some rank prunes tied entries. Without an initialised torch.distributed,
+    or in a world of one, it selects over the local tensors alone.
     Collectives, on the tensors' device: none when s = 0; 1 ``all_gather`` when k = 0; 3 when the
     bracket holds position k. Otherwise 2 (rarely 3), then the radix path's: one ``all_reduce`` per
     16 bits of the dtype (float32: 2) and one ``all_gather`` more when ties straddle k. Passes over
     the local shards: 1, +1 over the layers holding tied entries to prune when ties straddle k; on the
-    radix path 1 + one per radix round, +2 when ties straddle k (float32: at most 5).
+    radix path 1 + one per radix round, +2 when ties straddle k (float32: at most 5). Negative,
+    infinite and NaN magnitudes raise ValueError on every rank alike.
     """
-    if not 0.0 <= sparsity <= 1.0:
-        raise ValueError(f"sparsity={sparsity!r} is out of range; allowed: a number in [0, 1].")
-    if sparsity == 0.0 or not magnitudes:
-        return _unpruned(len(magnitudes))
-    dtype = reduce(torch.promote_types, [m.dtype for m in magnitudes])
-    if dtype not in _KEYS:
-        raise ValueError(f"magnitudes of dtype {dtype} are not supported; allowed: float16, bfloat16, float32, float64.")
-    world = dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
-    found = _bracketed(magnitudes, sparsity, dtype, group, world)
-    return found if found is not None else _radix(magnitudes, sparsity, dtype, group, world)
+    return ShardedSelector().select(magnitudes, sparsity, group)
 
 
-def _unpruned(layers: int) -> Selection:
-    return Selection([0.0] * layers, [None] * layers)
+@dataclass(frozen=True)
+class ShardedSelection(Selection):
+    """A :class:`~sparsetrain.selection.Selection` over shards, and whether ties at v straddle position k
+    (the same on every rank, even on those that prune none of the tied entries)."""
+
+    straddles: bool = False
+
+
+class ShardedSelector:
+    """:func:`select_sharded`, keeping the last gathered sample from call to call: while it still
+    brackets position k (the magnitudes move little between training steps), a selection takes 2
+    collective rounds and no sampling pass. Whether it does is decided from the counts' round, by
+    every rank alike; when it misses, a new sample is gathered and the selection runs again (5
+    rounds for that call). Every call must pass the same layers' shards (their values may change)."""
+
+    def __init__(self) -> None:
+        self._sample: _Sample | None = None
+
+    def select(self, magnitudes: Sequence[Tensor], sparsity: float, group: dist.ProcessGroup | None = None
+               ) -> ShardedSelection:
+        """:func:`select_sharded` of ``magnitudes`` at ``sparsity`` over the ranks of ``group``."""
+        if not 0.0 <= sparsity <= 1.0:
+            raise ValueError(f"sparsity={sparsity!r} is out of range; allowed: a number in [0, 1].")
+        if sparsity == 0.0 or not magnitudes:
+            return _unpruned(len(magnitudes))
+        dtype = reduce(torch.promote_types, [m.dtype for m in magnitudes])
+        if dtype not in _KEYS:
+            raise ValueError(f"magnitudes of dtype {dtype} are not supported; allowed: float16, bfloat16, float32, float64.")
+        world = dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
+        if self._sample is not None:
+            found = _bracketed(magnitudes, sparsity, dtype, group, world, self._sample)
+            if found is not None:
+                return found
+        size = max(1, _SAMPLE // world)
+        self._sample = _gathered(_gather(_sample(magnitudes, size), magnitudes[0].device, group, world), size)  # round 1
+        found = _bracketed(magnitudes, sparsity, dtype, group, world, self._sample)
+        return found if found is not None else _radix(magnitudes, sparsity, dtype, group, world)
+
+
+def _unpruned(layers: int) -> ShardedSelection:
+    return ShardedSelection([0.0] * layers, [None] * layers)
 
 
 def _gather(values: np.ndarray, device: torch.device, group: dist.ProcessGroup | None, world: int) -> np.ndarray:
@@ -124,24 +163,24 @@ class _Split(NamedTuple):
     counts: list[int]  # entries in [lo, hi], per layer
     histogram: np.ndarray  # entries in [lo, hi] per bucket
     parts: list[tuple[int, np.ndarray]]  # (layer, its entries in [lo, hi] in flat order), kept while at most a budget
-    valid: bool  # no negative or NaN entry
+    valid: bool  # no negative, infinite or NaN entry
 
 
-def _bracketed(magnitudes: Sequence[Tensor], sparsity: float, dtype: torch.dtype, group: dist.ProcessGroup | None, world: int) -> Selection | None:
-    """The selection through a bracket from a gathered sample, or None where the radix path must decide."""
+def _bracketed(magnitudes: Sequence[Tensor], sparsity: float, dtype: torch.dtype, group: dist.ProcessGroup | None,
+               world: int, sample: _Sample) -> ShardedSelection | None:
+    """The selection through a bracket from a gathered sample, or None where it misses (a sample of
+    other shards, or of magnitudes that have moved since) or the radix path must decide."""
     device, layers = magnitudes[0].device, len(magnitudes)
-    size = max(1, _SAMPLE // world)
-    samples = _gather(_sample(magnitudes, size), device, group, world)  # round 1
-    n = int(samples[:, 0].sum())
+    n = int(sample.rows[:, 0].sum())
     k = prune_count(sparsity, n)
     if k == 0:
         return _unpruned(layers)
-    lo, hi, margin, sampled = _bracket(samples, size, k)
+    lo, hi, margin, sampled = _bracket(sample, k)
     buckets = _buckets(lo, hi, sampled)
-    del samples  # O(2^16) entries: freed before the pass
     budget = _budget(margin)
     split = _split(magnitudes, torch.promote_types(dtype, torch.float32), lo, hi, budget, buckets)
-    layout = np.array([split.below, split.valid, *split.counts, *split.histogram], dtype=np.float64)
+    fits = sum(m.numel() for m in magnitudes) == sample.rows[_rank(group, world), 0]  # the sample is of these shards
+    layout = np.concatenate([[split.below, split.valid and fits], split.counts, split.histogram]).astype(np.float64)
     counts = _gather(layout, device, group, world)  # round 2
     below, inside = int(counts[:, 0].sum()), counts[:, 2 : 2 + layers].astype(np.int64)
     if not counts[:, 1].all() or inside.sum() > budget or not 1 <= k - below <= inside.sum():
@@ -160,12 +199,12 @@ def _bracketed(magnitudes: Sequence[Tensor], sparsity: float, dtype: torch.dtype
         return None
     value, threshold, tied, count = found
     if tied is None:
-        return Selection([value] * layers, [None] * layers)
+        return ShardedSelection([value] * layers, [None] * layers)
     keys = _KEYS[dtype]
     key = _key(value, dtype, keys)
     takes = _takes(torch.from_numpy(tied), _rank(group, world), count)
     ties = [_tie_mask(m, dtype, keys, key, take) if take else None for m, take in zip(magnitudes, takes)]
-    return Selection([threshold] * layers, ties)
+    return ShardedSelection([threshold] * layers, ties, straddles=True)
 
 
 def _rank(group: dist.ProcessGroup | None, world: int) -> int:
@@ -197,16 +236,32 @@ def _sample(magnitudes: Sequence[Tensor], size: int) -> np.ndarray:
     return row
 
 
-def _bracket(samples: np.ndarray, size: int, k: int) -> tuple[float, float, float, np.ndarray]:
-    """(lo, hi, margin, sampled): a bracket around the k-th smallest of all entries from the gathered ``samples``
-    (a row per rank, as :func:`_sample` makes it), ``margin`` entries beyond k on either side by the
-    samples' estimate of #(m <= x): 4 standard deviations + 8 sampled entries (``_MARGIN``). hi is the
-    first sampled value whose estimate reaches k + margin; lo the largest sampled value below the
-    first one whose estimate exceeds k - margin, so that v > lo unless the bracket misses; ``sampled``: the
-    smallest and largest sampled values inside [lo, hi] (None: none)."""
-    counts = samples[:, 0]
-    taken = np.minimum(counts, size).astype(np.int64)
-    rows = [row[1 : 1 + t] for row, t in zip(samples, taken) if t]
+class _Sample(NamedTuple):
+    """A gathered sample: a row per rank as :func:`_sample` makes it, the entries each rank sampled
+    at most, and every sampled value (not the padding) sorted."""
+
+    rows: np.ndarray
+    size: int
+    values: np.ndarray
+
+
+def _gathered(rows: np.ndarray, size: int) -> _Sample:
+    taken = np.minimum(rows[:, 0], size).astype(np.int64)
+    values = np.concatenate([row[1 : 1 + t] for row, t in zip(rows, taken)])
+    values.sort()
+    return _Sample(rows, size, values)
+
+
+def _bracket(sample: _Sample, k: int) -> tuple[float, float, float, tuple[float, float] | None]:
+    """(lo, hi, margin, sampled): a bracket around the k-th smallest of all entries from a gathered
+    ``sample``, ``margin`` entries beyond k on either side by the sample's estimate of #(m <= x): 4
+    standard deviations + 8 sampled entries (``_MARGIN``). hi is the first sampled value whose
+    estimate reaches k + margin; lo the largest sampled value below the first one whose estimate
+    exceeds k - margin, so that v > lo unless the bracket misses; ``sampled``: the smallest and
+    largest sampled values inside [lo, hi] (None: none)."""
+    counts = sample.rows[:, 0]
+    taken = np.minimum(counts, sample.size).astype(np.int64)
+    rows = [row[1 : 1 + t] for row, t in zip(sample.rows, taken) if t]
     weight = counts[taken > 0] / taken[taken > 0]  # entries per sampled entry, per rank
 
     def through(x: float) -> float:  # the estimate of #(m <= x)
@@ -215,15 +270,14 @@ def _bracket(samples: np.ndarray, size: int, k: int) -> tuple[float, float, floa
     q = k / counts.sum()
     spread = q * (1.0 - q) * float(np.sum(counts[taken > 0] * (weight - 1.0)))  # variance of a count, without replacement
     margin = _MARGIN[0] * math.sqrt(spread) + _MARGIN[1] * float(weight.max())
-    values = np.concatenate(rows)
-    values.sort()
+    values = sample.values
     first = min(_first(values, lambda x: through(x) > k - margin), len(values) - 1)
     start = int(np.searchsorted(values, values[first], side="left"))
     last = _first(values, lambda x: through(x) >= k + margin)
     lo = float(values[start - 1]) if start else -math.inf
     hi = float(values[last]) if last < len(values) else math.inf
-    inside = values[(values >= lo) & (values <= hi)]
-    return lo, hi, margin, (float(inside[0]), float(inside[-1])) if len(inside) else None
+    first, end = np.searchsorted(values, lo, side="left"), np.searchsorted(values, hi, side="right")
+    return lo, hi, margin, (float(values[first]), float(values[end - 1])) if end > first else None
 
 
 def _first(values: np.ndarray, holds: Callable[[float], bool]) -> int:
@@ -264,12 +318,12 @@ def _split(magnitudes: Sequence[Tensor], wide: torch.dtype, lo: float, hi: float
             entries = chunk.to(wide).numpy() if cpu else chunk.to(wide)
             for start in range(0, len(entries), _SPLIT if cpu else len(entries)):
                 piece = entries[start : start + _SPLIT] if cpu else entries
-                under, mask, least = _marks_numpy(piece, lo, hi, low, mid) if cpu else _marks_torch(piece, lo, hi)
+                under, mask, finite = _marks_numpy(piece, lo, hi, low, mid) if cpu else _marks_torch(piece, lo, hi)
                 part = piece[mask]
-                below, count, total, valid = below + under, count + len(part), total + len(part), valid and least >= 0.0
+                below, count, total, valid = below + under, count + len(part), total + len(part), valid and finite
                 if total <= budget and len(part):
                     kept.append(part if cpu else part.cpu().numpy())
-        if kept:  # the layer's entries in the bracket, bucketed at once
+        if kept and valid:  # the layer's entries in the bracket, bucketed at once (an invalid pass is discarded)
             values = np.concatenate(kept) if len(kept) > 1 else kept[0]
             histogram += np.bincount(buckets.index(values), minlength=buckets.count)
             parts.append((layer, values))
@@ -293,17 +347,18 @@ def _in_bucket(parts: Sequence[tuple[int, np.ndarray]], buckets: _Buckets, bucke
     return previous, counts, np.concatenate(values) if values else np.empty(0)
 
 
-def _marks_numpy(a: np.ndarray, lo: float, hi: float, low: np.ndarray, mid: np.ndarray) -> tuple[int, np.ndarray, float]:
-    """(#(a < lo), the mask of lo <= a <= hi, min(a): NaN if any is NaN), into the buffers ``low`` and ``mid``."""
+def _marks_numpy(a: np.ndarray, lo: float, hi: float, low: np.ndarray, mid: np.ndarray) -> tuple[int, np.ndarray, bool]:
+    """(#(a < lo), the mask of lo <= a <= hi, whether every entry is finite and >= 0), into the buffers
+    ``low`` and ``mid``."""
     lt, inside = low[: a.size], mid[: a.size]
     np.less(a, lo, out=lt)
     np.less_equal(a, hi, out=inside)
     np.not_equal(lt, inside, out=inside)  # lo <= hi: a < lo implies a <= hi
-    return int(np.count_nonzero(lt)), inside, float(a.min())
+    return int(np.count_nonzero(lt)), inside, not a.size or bool(a.min() >= 0.0 and a.max() < math.inf)  # NaN: False
 
 
-def _marks_torch(a: Tensor, lo: float, hi: float) -> tuple[int, Tensor, float]:
-    return int((a < lo).sum()), (a >= lo) & (a <= hi), float(a.min())
+def _marks_torch(a: Tensor, lo: float, hi: float) -> tuple[int, Tensor, bool]:
+    return int((a < lo).sum()), (a >= lo) & (a <= hi), not a.numel() or bool(a.min() >= 0.0 and a.max() < math.inf)
 
 
 def _select_inside(values: list[np.ndarray], inside: np.ndarray, r: int, previous: float, lower: bool
@@ -429,11 +484,11 @@ def _histogram(magnitudes: Sequence[Tensor], dtype: torch.dtype, keys: torch.dty
 
 
 def _check_keys(counts: Tensor, dtype: torch.dtype, keys: torch.dtype, width: int) -> None:
-    """Raise, on every rank alike, if the top-digit histogram holds negative numbers or NaN."""
+    """Raise, on every rank alike, if the top-digit histogram holds negative numbers, infinities or NaN."""
     infinity = int(torch.tensor(float("inf"), dtype=dtype).view(keys)) >> (width - _DIGITS)
-    invalid = int(counts[infinity + 1 :].sum())
+    invalid = int(counts[infinity:].sum())
     if invalid:
-        raise ValueError(f"magnitudes hold {invalid} negative or NaN entries; allowed: non-negative numbers.")
+        raise ValueError(f"magnitudes hold {invalid} negative, infinite or NaN entries; allowed: finite non-negative numbers.")
 
 
 def _value(key: int, dtype: torch.dtype, keys: torch.dtype) -> float:

@@ -134,12 +134,35 @@ def run(name: str, model_name: str, method: str, options: dict, tied: bool, rank
             "classes": sorted({type(m).__name__ for m in finalized.modules()})}
 
 
+def non_finite(bad: float, rank: int, world: int) -> str:
+    """The error of step() when the last rank's shard of the second layer holds ``bad``."""
+    torch.manual_seed(0)
+    model = mlp()
+    method_object = st.create(model, "feather", total_steps=STEPS, sparsity=0.5)
+    for module in model:
+        if isinstance(module, nn.Linear):
+            fully_shard(module)
+    fully_shard(model)
+    method_object.bind(torch.optim.SGD(model.parameters(), lr=0.0))
+    if rank == world - 1:
+        with torch.no_grad():
+            method_object.dense_weights()[1].to_local()[0, 0] = bad
+    try:
+        method_object.step()
+    except FloatingPointError as error:
+        return str(error)
+    return "no error"
+
+
 def main() -> None:
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     report = {name: run(name, *case, rank) for name, *case in CASES}
     with open(f"{sys.argv[1]}/report-rank{rank}.json", "w") as f:
         json.dump(report, f)
+    errors = [non_finite(bad, rank, dist.get_world_size()) for bad in (float("inf"), float("nan"))]
+    with open(f"{sys.argv[1]}/non-finite-rank{rank}.json", "w") as f:
+        json.dump(errors, f)
     dist.destroy_process_group()
     sys.stdout.flush()
     os._exit(0)  # skip interpreter teardown: torch 2.13's FSDP2 on gloo aborts in it about 1 run in 10

@@ -22,7 +22,7 @@ RUN = Path(__file__).with_name("fsdp_run.py")
 
 @pytest.fixture(scope="module", params=[2, 3])
 def ranks(request, tmp_path_factory):
-    """Every case of fsdp_run.py on ``request.param`` ranks: (reports, weights) per rank."""
+    """Every case of fsdp_run.py on ``request.param`` ranks: (reports, weights, non-finite errors) per rank."""
     out = tmp_path_factory.mktemp(f"fsdp{request.param}")
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                            f"--nproc_per_node={request.param}", str(RUN), str(out)],
@@ -30,12 +30,13 @@ def ranks(request, tmp_path_factory):
     assert done.returncode == 0, done.stderr[-3000:]
     reports = [json.loads((out / f"report-rank{r}.json").read_text()) for r in range(request.param)]
     weights = [{name: torch.load(out / f"{name}-rank{r}.pt") for name in reports[0]} for r in range(request.param)]
-    return reports, weights
+    errors = [json.loads((out / f"non-finite-rank{r}.json").read_text()) for r in range(request.param)]
+    return reports, weights, errors
 
 
 @pytest.mark.slow
 def test_every_threshold_is_the_kth_magnitude_of_the_gathered_weights(ranks):
-    reports, _ = ranks
+    reports, _, _ = ranks
     for report in reports:
         for name, case in report.items():
             if "nm" in name or "sr-ste" in name:
@@ -48,7 +49,7 @@ def test_every_threshold_is_the_kth_magnitude_of_the_gathered_weights(ranks):
 
 @pytest.mark.slow
 def test_finalized_weights_are_identical_on_every_rank_and_exactly_sparse(ranks):
-    reports, weights = ranks
+    reports, weights, _ = ranks
     for name, case in reports[0].items():
         for other in weights[1:]:
             assert all(torch.equal(other[name][key], value) for key, value in weights[0][name].items()), name
@@ -61,6 +62,13 @@ def test_finalized_weights_are_identical_on_every_rank_and_exactly_sparse(ranks)
             assert sum(int((w == 0).sum()) for w in layers) == round(case["target"] * case["n"]), name
         assert case["trains"], name
         assert not any("Parametrized" in cls for cls in case["classes"]) and any("FSDP" in c for c in case["classes"])
+
+
+@pytest.mark.slow
+def test_an_infinite_or_nan_weight_on_one_rank_is_named_on_every_rank(ranks):
+    _, _, errors = ranks
+    message = "layer '2' has a NaN or infinite weight at step 1; allowed: finite weights (lower the learning rate or clip gradients)."
+    assert errors == [[message, message]] * len(errors)
 
 
 def test_the_wrong_order_is_refused_in_one_sentence(tmp_path):

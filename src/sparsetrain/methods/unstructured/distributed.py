@@ -14,7 +14,7 @@ from ...nm import has_groups, select_groups
 from ...operators import Threshold, kept_mask, threshold_operator
 from ...prunable import out_in
 from ...selection import Selection, layer_sparsities, prune_count
-from ...sharded_selection import select_sharded
+from ...sharded_selection import ShardedSelection, ShardedSelector
 from .config import PER_LAYER, RESCALE_EPS
 from .sharding import any_rank, channel_sums, first_row, global_ties, local_shard
 from .weight import SparseWeight, stored
@@ -52,8 +52,7 @@ class ShardedEngine:
             raise ValueError(f"update_every={config.update_every} with {self.name!r} under FSDP is not supported; "
                              "allowed: update_every=1 (its N:M groups and rescale are computed in every forward).")
         shards = [local_shard(w) for w in weights]
-        for param, transposed in zip(self._params, self._transposed):
-            param.sharded, param.transposed, param.rescaled = True, transposed, config.rescale
+        self._mark_sharded()
         if config.nm is not None:
             m = config.nm.m
             for name, w, transposed in zip(self.names, weights, self._transposed):
@@ -68,22 +67,36 @@ class ShardedEngine:
                 param.choose(0.0, None, shard)  # no threshold tensor as large as the weight kept
             return
         magnitudes = [param.normalised(shard).abs() for param, shard in zip(self._params, shards)]
-        broken = [not bool(torch.isfinite(m).all()) for m in magnitudes]
         try:
-            if config.scope in PER_LAYER:
-                shares = layer_sparsities([tuple(w.shape) for w in weights], sparsity, config.scope)
-                parts = [select_sharded([m], share, group) for m, share in zip(magnitudes, shares)]
-                chosen = Selection([p.thresholds[0] for p in parts], [p.ties[0] for p in parts])
-            else:
-                chosen = select_sharded(magnitudes, sparsity, group)
-        except ValueError:  # a NaN on some rank: every rank is here
-            self._check_finite_shards(any_rank(broken, group))
+            chosen = self._select_shards(magnitudes, sparsity, weights, group)
+        except ValueError:  # an infinite or NaN magnitude on some rank: every rank is here
+            self._check_finite_shards(any_rank([not bool(torch.isfinite(m).all()) for m in magnitudes], group))
             raise
-        spans, broken = self._spans(magnitudes, chosen.ties, weights, group, broken)
-        self._check_finite_shards(broken)
+        spans = self._spans(magnitudes, chosen.ties, weights, group) if chosen.straddles else [(0.0, 0)] * len(weights)
         for param, shard, threshold, ties, span in zip(self._params, shards, chosen.thresholds, chosen.ties, spans):
             param.choose(threshold, ties, shard, span)
 
+    def _select_shards(self, magnitudes: Sequence[Tensor], sparsity: float, weights: Sequence[Tensor],
+                       group: dist.ProcessGroup) -> ShardedSelection:
+        """The selection of the scope over every rank's shards, by selectors kept from step to step
+        (one per layer for the scopes "layer" and "erk"), whose samples of the magnitudes save a
+        collective round at most steps."""
+        if not self._shard_selectors:
+            count = len(magnitudes) if self.config.scope in PER_LAYER else 1
+            self._shard_selectors = [ShardedSelector() for _ in range(count)]
+        if self.config.scope not in PER_LAYER:
+            return self._shard_selectors[0].select(magnitudes, sparsity, group)
+        shares = layer_sparsities([tuple(w.shape) for w in weights], sparsity, self.config.scope)
+        parts = [selector.select([m], share, group) for selector, m, share in zip(self._shard_selectors, magnitudes, shares)]
+        return ShardedSelection([p.thresholds[0] for p in parts], [p.ties[0] for p in parts],
+                                straddles=any(p.straddles for p in parts))
+
+
+    def _mark_sharded(self) -> None:
+        """Tell each weight's parametrization that it computes on the unsharded weight in its layer's forward."""
+        if not self._params[0].sharded:
+            for param, transposed in zip(self._params, self._transposed):
+                param.sharded, param.transposed, param.rescaled = True, transposed, self.config.rescale
 
     def _check_finite_shards(self, broken: Sequence[bool]) -> None:
         """FloatingPointError naming the first layer with a NaN or infinite weight on some rank."""
@@ -93,15 +106,14 @@ class ShardedEngine:
 
 
     def _spans(self, magnitudes: Sequence[Tensor], ties: Sequence[Tensor | None], weights: Sequence[Tensor],
-               group: dist.ProcessGroup, flags: Sequence[bool] = ()) -> tuple[list[tuple[float, int]], list[bool]]:
+               group: dist.ProcessGroup) -> list[tuple[float, int]]:
         """Each weight's (tie value, end of its pruned ties in the full weight) from the local tie masks
-        (one tie value for a shared threshold, one per layer for scopes "layer" and "erk"), and each of
-        ``flags`` set on some rank, in the same collective."""
+        (one tie value for a shared threshold, one per layer for scopes "layer" and "erk")."""
         if self.config.scope in PER_LAYER:
             spans = [global_ties([m], [t], [w], group) for m, t, w in zip(magnitudes, ties, weights)]
-            return [(value, ends[0]) for value, ends, _ in spans], any_rank(flags, group) if flags else []
-        value, ends, flags = global_ties(magnitudes, ties, weights, group, flags)
-        return [(value, end) for end in ends], flags
+            return [(value, ends[0]) for value, ends in spans]
+        value, ends = global_ties(magnitudes, ties, weights, group)
+        return [(value, end) for end in ends]
 
 
     def _local_groups(self, param: SparseWeight, shard: Tensor, transposed: bool) -> tuple[Threshold, Tensor | None]:
@@ -149,8 +161,7 @@ class ShardedEngine:
         """:meth:`load_state_dict` on sharded weights (from a state saved under FSDP on any number of
         ranks, or without FSDP)."""
         shards = [local_shard(w) for w in weights]
-        for param, transposed in zip(self._params, self._transposed):
-            param.sharded, param.transposed, param.rescaled = True, transposed, self.config.rescale
+        self._mark_sharded()
         if self.fix_step is not None and self._step >= self.fix_step:
             for param, shard in zip(self._params, shards):
                 param.frozen, param.shard_mask = True, shard != 0
@@ -170,7 +181,7 @@ class ShardedEngine:
                 local.append(None)
         magnitudes = [param.normalised(shard).abs() for param, shard in zip(self._params, shards)]
         for param, shard, threshold, mask, span in zip(self._params, shards, thresholds, local,
-                                                       self._spans(magnitudes, local, weights, group)[0]):
+                                                       self._spans(magnitudes, local, weights, group)):
             param.choose(threshold, mask, shard, span)
 
 

@@ -48,6 +48,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
@@ -57,6 +58,7 @@ from ...operators import Threshold, kept_mask
 from ...prunable import PRUNABLE_TYPES, LayerType, choose_layers, out_in, stores_transposed, validate_types
 from ...schedules import Schedule, make_schedule, resolve_step, validate_total_steps
 from ...selection import Selection, layer_sigma, prune_count, select
+from ...sharded_selection import ShardedSelector
 from ..protocol import Method, check_finite
 from .config import KNOBS, LEGACY_NM_KNOBS, resolve_config, unsaved_knobs
 from .distributed import ShardedEngine, same_on_every_rank, span_mask, span_of
@@ -100,6 +102,7 @@ class Sparsifier(ShardedEngine, Method):
             raise ValueError(f"unknown option {unknown[0]!r}; allowed options: {', '.join(KNOBS)}.")
         self.config, sparsity = resolve_config(method, sparsity, knobs)
         self._groups = None if self.config.nm is None else GroupSelector(self.config.nm.m)
+        self._shard_selectors: list[ShardedSelector] = []  # under FSDP2: kept from step to step
         self.name = method
         self.total_steps = total_steps
         self.schedule: Schedule = schedule or make_schedule(
@@ -146,6 +149,7 @@ class Sparsifier(ShardedEngine, Method):
             self._owner.append(first[key])
         # each distinct weight as its layer holds it; read again at bind(), as fully_shard replaces them
         self._weights: list[Tensor] = [module.weight for module in self._holders]
+        self._group: dist.ProcessGroup | None = None  # the group FSDP2 shards the weights over, seen at bind()
         self._params: list[SparseWeight] = []
         for w in self._weights:
             norm = 1.0 / layer_sigma(w.shape) if self.config.scope == "sigma" else 1.0
@@ -219,7 +223,7 @@ class Sparsifier(ShardedEngine, Method):
         """(name, size, zeros in the forward weight) of each distinct prunable weight; after
         ``finalize()``, the zeros of the baked weight."""
         weights = self._weights
-        group = shard_group(weights, self.names)
+        group = self._group
         with torch.no_grad():
             if group is not None:
                 zeros = total([self._local_zeros(p, local_shard(w), t) for p, w, t in
@@ -266,7 +270,7 @@ class Sparsifier(ShardedEngine, Method):
         the sharded weights: thresholds selected again across the shards (the same values)."""
         super().bind(optimizer)
         self._weights = weights = [weight_of(module) for module in self._holders]
-        group = shard_group(weights, self.names)
+        self._group = group = shard_group(weights, self.names)
         if group is not None and not self.fixed:
             self._reselect_sharded(self.target, weights, group)
 
@@ -294,7 +298,7 @@ class Sparsifier(ShardedEngine, Method):
 
     def _fix(self) -> None:
         """w <- a * P_p(w; T) and M <- 1[w kept], for good."""
-        group = shard_group(self._weights, self.names)
+        group = self._group
         if group is not None:
             self._bake_shards(group)
             for param, w in zip(self._params, self._weights):
@@ -316,7 +320,7 @@ class Sparsifier(ShardedEngine, Method):
     def _reselect(self, sparsity: float) -> None:
         """Thresholds, ties and rescales that make the current weights exactly ``sparsity`` sparse."""
         weights = self._weights
-        group = shard_group(weights, self.names)
+        group = self._group
         if group is not None:
             self._reselect_sharded(sparsity, weights, group)
             return
@@ -359,7 +363,7 @@ class Sparsifier(ShardedEngine, Method):
             self._reselect(self.schedule.sparsity_at(self._step))
         for hook in self._hooks:
             hook.remove()
-        group = shard_group(self._weights, self.names)
+        group = self._group
         if group is not None:
             if not self.fixed:
                 self._bake_shards(group)
@@ -429,7 +433,7 @@ class Sparsifier(ShardedEngine, Method):
                                      f"allowed: the weight's {tuple(w.shape)}.")
         self._step = int(state["step"])
         weights = self._weights
-        group = shard_group(weights, self.names)
+        group = self._group
         if group is not None:
             self._load_sharded(thresholds, state["ties"], weights, group)
             return

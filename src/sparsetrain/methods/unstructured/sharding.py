@@ -57,21 +57,18 @@ def first_row(w: DTensor) -> int:
 
 
 def global_ties(magnitudes: Sequence[Tensor], ties: Sequence[Tensor | None], weights: Sequence[DTensor],
-                group: dist.ProcessGroup, flags: Sequence[bool] = ()) -> tuple[float, list[int], list[bool]]:
+                group: dist.ProcessGroup) -> tuple[float, list[int]]:
     """The tie value v and, per layer, how many leading entries of the full weight (flat order) the
-    pruned ties span (0: none), from each rank's local tie masks; and each of ``flags`` set on some
-    rank. One ``all_reduce`` (MAX) for all of it."""
-    local = torch.zeros(1 + len(ties) + len(flags), dtype=torch.float64)  # [v, ends, flags]
+    pruned ties span (0: none), from each rank's local tie masks. One ``all_reduce`` (MAX)."""
+    local = torch.zeros(1 + len(ties), dtype=torch.float64)  # [v, ends]
     for i, (mag, mask, w) in enumerate(zip(magnitudes, ties, weights)):
         if mask is not None:
             positions = mask.reshape(-1).nonzero()
             local[0] = float(mag.reshape(-1)[positions[0, 0]])
             row = w.numel() // max(w.shape[0], 1)
             local[1 + i] = first_row(w) * row + int(positions[-1, 0]) + 1
-    local[1 + len(ties) :] = torch.tensor([float(flag) for flag in flags], dtype=torch.float64)
     dist.all_reduce(local, op=dist.ReduceOp.MAX, group=group)
-    ends = [int(end) for end in local[1 : 1 + len(ties)].tolist()]
-    return float(local[0]), ends, [bool(flag) for flag in local[1 + len(ties) :].tolist()]
+    return float(local[0]), [int(end) for end in local[1:].tolist()]
 
 
 def total(counts: Sequence[int], group: dist.ProcessGroup) -> list[int]:
