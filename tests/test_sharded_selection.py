@@ -26,14 +26,18 @@ from sparsetrain.sharded_selection import select_sharded
 SPARSITIES = (0.0, 1e-4, 0.1, 0.37, 0.5, 0.9, 1.0)
 ROUNDS = {torch.float16: 1, torch.bfloat16: 1, torch.float32: 2, torch.float64: 4}  # of the radix fallback
 TINY_CHUNK = 5
-MODES = ("bracket", "tiny-chunks", "radix", "sampled")
+MODES = ("bracket", "buckets", "tiny-chunks", "radix", "sampled")
 
 
 def set_mode(mode: str, world: int, patch=setattr) -> None:
-    """bracket: the defaults (the tests' shards are smaller than a sample: the bracket is exact);
-    tiny-chunks: chunks of TINY_CHUNK entries; radix: a bracket budget of 0 entries, so the radix
-    fallback decides; sampled: 4 entries sampled per rank, a narrow margin and no spare budget."""
-    if mode == "tiny-chunks":
+    """bracket: the defaults (the tests' shards are smaller than a sample: the bracket is exact, and
+    small enough to come with the counts); buckets: no entries carried with the counts, so the bucket
+    holding position k is gathered in a round of its own; tiny-chunks: chunks of TINY_CHUNK entries;
+    radix: a bracket budget of 0 entries, so the radix fallback decides; sampled: 4 entries sampled per
+    rank, a narrow margin and no spare budget."""
+    if mode == "buckets":
+        patch(ss, "_CARRIED", 0)
+    elif mode == "tiny-chunks":
         patch(ss, "_CHUNK", TINY_CHUNK)
     elif mode == "radix":
         patch(ss, "_budget", lambda margin: 0)
@@ -103,7 +107,7 @@ def radix(*args, _radix=ss._radix):
     fallbacks[0] += 1
     return _radix(*args)
 ss._radix = radix
-defaults = {{name: getattr(ss, name) for name in ("_CHUNK", "_budget", "_SAMPLE", "_MARGIN", "_SPARE")}}
+defaults = {{name: getattr(ss, name) for name in ("_CHUNK", "_budget", "_SAMPLE", "_MARGIN", "_SPARE", "_CARRIED")}}
 results = {{}}
 for mode in MODES:
     for name, value in defaults.items():
@@ -150,16 +154,18 @@ def bits(values: list[float]) -> list[bytes]:
 
 
 def path(layers: list[torch.Tensor], s: float, tied: bool, calls: int, fallback: int) -> str:
-    """The path that made ``calls`` collective rounds: "s = 0" (none), "k = 0" (1), "bracket" (3),
-    "radix" (the bracket missed after the counts: 2 + the radix rounds), "late radix" (it missed
-    after the values, as only a narrow margin makes it: 3 + the radix rounds)."""
+    """The path that made ``calls`` collective rounds: "s = 0" (none), "k = 0" (1), "bracket" (2, the
+    bracket's entries with the counts), "bucket" (3, the bucket holding k in a round of its own),
+    "radix" (the bracket missed after the counts, or after the values that came with them: 2 + the
+    radix rounds), "late radix" (it missed after the bucket's values, as only a narrow margin makes it:
+    3 + the radix rounds)."""
     if s == 0.0:
         paths = {(0, 0): "s = 0"}
     elif prune_count(s, sum(m.numel() for m in layers)) == 0:
         paths = {(1, 0): "k = 0"}
     else:
         radix = ROUNDS[reduce(torch.promote_types, [m.dtype for m in layers])] + tied
-        paths = {(3, 0): "bracket", (2 + radix, 1): "radix", (3 + radix, 1): "late radix"}
+        paths = {(2, 0): "bracket", (3, 0): "bucket", (2 + radix, 1): "radix", (3 + radix, 1): "late radix"}
     assert (calls, fallback) in paths, (calls, fallback, paths)
     return paths[calls, fallback]
 
@@ -189,8 +195,9 @@ def test_every_rank_gets_select_on_the_concatenated_shards(tmp_path, world):
     assert checked == len(cases()) * len(SPARSITIES) * len(MODES) * world
     assert spread >= 10  # through the bracket: ties pruned on 2+ ranks and 2+ layers
     assert paths["bracket"] == paths["tiny-chunks"] == {"s = 0", "k = 0", "bracket"}  # whole samples: never a miss
+    assert paths["buckets"] == {"s = 0", "k = 0", "bucket"}
     assert paths["radix"] == {"s = 0", "k = 0", "radix"}
-    assert paths["sampled"] - {"late radix"} == {"s = 0", "k = 0", "bracket", "radix"}  # late radix: seen on 2 ranks only
+    assert paths["sampled"] == {"s = 0", "k = 0", "bracket", "radix"}
     warm = 0
     for name, layers in cases().items():
         for s in SPARSITIES:
@@ -203,7 +210,7 @@ def test_every_rank_gets_select_on_the_concatenated_shards(tmp_path, world):
                 for layer, mask, full in zip(layers, ties, want.ties):
                     part = shard(full if full is not None else torch.zeros(layer.shape, dtype=torch.bool), world)[rank]
                     assert mask is None and not part.any() or torch.equal(mask, part), (name, s, rank)
-            warm += ranks[0]["kept", name, s][2:4] == (2, 0)  # the kept sample bracketed k: no sampling round
+            warm += ranks[0]["kept", name, s][2:4] == (1, 0)  # the kept sample bracketed k: the counts' round alone
     assert warm >= len(cases()) * 3
     for name in ("nan", "negative", "infinite"):
         assert [results[name] for results in ranks] == [
@@ -291,15 +298,18 @@ def test_a_sampled_bracket_selects_exactly_in_one_pass(dtype, monkeypatch):
     assert tied == [False, dtype == torch.bfloat16, dtype == torch.bfloat16, False]
 
 
+@pytest.mark.parametrize("carried", [ss._CARRIED, 0], ids=["with-the-counts", "in-buckets"])
 @pytest.mark.parametrize(("bracket", "fallbacks"), [
     # v = lo, the largest magnitude below v lies below lo: the values gathered cannot tell it, and the radix
-    # path decides (after the 3 rounds; the real bracket makes it as unlikely as a miss)
+    # path decides (after the values; the real bracket makes it as unlikely as a miss)
     ((2.0, 3.0, 1.0, (2.0, 3.0)), 1),
-    # the bracket [0.5, 3] in 4096 buckets: position k = 3 lies in the bucket of the three 2.0s, which holds
-    # nothing else; the largest magnitude below v = 2, 1.5, is the largest entry of an earlier bucket
+    # the bracket [0.5, 3]: the largest magnitude below v = 2, 1.5, among the bracket's values that came with
+    # the counts; or, in 4096 buckets, position k = 3 lies in the bucket of the three 2.0s, which holds
+    # nothing else, and 1.5 is the largest entry of an earlier bucket
     ((0.5, 3.0, 1.0, (1.0, 3.0)), 0),
 ], ids=["ties-at-lo-take-the-radix-path", "the-value-below-v-from-an-earlier-bucket"])
-def test_the_largest_magnitude_below_tied_values(monkeypatch, bracket, fallbacks):
+def test_the_largest_magnitude_below_tied_values(monkeypatch, bracket, fallbacks, carried):
+    monkeypatch.setattr(ss, "_CARRIED", carried)
     _, taken = counting(monkeypatch)
     monkeypatch.setattr(ss, "_bracket", lambda sample, k: bracket)
     layers = [torch.tensor([1.0, 2.0, 2.0]), torch.tensor([[3.0, 2.0, 1.5]])]

@@ -61,6 +61,7 @@ _SPLIT = 1 << 16  # entries per piece of a chunk in the bracket's pass: the piec
 _SAMPLE = 1 << 16  # entries in the union of the ranks' samples
 _SPARE = 1 << 16  # entries the bracket may hold beyond 4 margins before the radix path takes over
 _BUCKETS_IN_BRACKET = 1 << 12  # the bracket's buckets: only the one holding position k is gathered
+_CARRIED = 1 << 12  # entries per rank the counts' round carries when the whole bracket is expected to fit
 _MARGIN = (4.0, 8.0)  # the bracket's margin beyond k: standard deviations of the estimate, and sampled entries
 _DIGITS = 16
 _BUCKETS = 1 << _DIGITS
@@ -180,21 +181,23 @@ def _bracketed(magnitudes: Sequence[Tensor], sparsity: float, dtype: torch.dtype
     budget = _budget(margin)
     split = _split(magnitudes, torch.promote_types(dtype, torch.float32), lo, hi, budget, buckets)
     fits = sum(m.numel() for m in magnitudes) == sample.rows[_rank(group, world), 0]  # the sample is of these shards
-    layout = np.concatenate([[split.below, split.valid and fits], split.counts, split.histogram]).astype(np.float64)
-    counts = _gather(layout, device, group, world)  # round 2
+    carried = np.full(_CARRIED if 2 * margin <= _CARRIED * world / 2 else 0, np.inf)  # the same size on every rank
+    if len(carried) and sum(split.counts) <= len(carried) and split.parts:
+        mine = np.concatenate([part for _, part in split.parts])
+        carried[: len(mine)] = mine
+    layout = np.concatenate([[split.below, split.valid and fits], split.counts, split.histogram, carried])
+    counts = _gather(layout.astype(np.float64), device, group, world)  # round 2
     below, inside = int(counts[:, 0].sum()), counts[:, 2 : 2 + layers].astype(np.int64)
     if not counts[:, 1].all() or inside.sum() > budget or not 1 <= k - below <= inside.sum():
         return None
-    histogram = counts[:, 2 + layers :].astype(np.int64)
-    bucket = int(np.searchsorted(histogram.sum(0).cumsum(), k - below))  # the bucket holding position k
-    before = below + int(histogram[:, :bucket].sum())
-    held = histogram[:, bucket]
-    row = np.full(1 + layers + held.max(), np.inf)
-    previous, layer_counts, values = _in_bucket(split.parts, buckets, bucket, layers)
-    row[0], row[1 : 1 + layers], row[1 + layers : 1 + layers + len(values)] = previous, layer_counts, values
-    table = _gather(row, device, group, world)  # round 3
-    found = _select_inside([entries[1 + layers : 1 + layers + h] for entries, h in zip(table, held)],
-                           table[:, 1 : 1 + layers].astype(np.int64), k - before, float(table[:, 0].max()), before > 0)
+    held = inside.sum(1)
+    if len(carried) and held.max() <= len(carried):  # every rank's whole bracket came with the counts
+        start = 2 + layers + buckets.count
+        found = _select_inside([row[start : start + h] for row, h in zip(counts, held)], inside, k - below, -math.inf,
+                               below > 0)
+    else:
+        found = _from_bucket(counts[:, 2 + layers : 2 + layers + buckets.count].astype(np.int64), split, buckets,
+                             k - below, below, device, group, world)
     if found is None:
         return None
     value, threshold, tied, count = found
@@ -205,6 +208,23 @@ def _bracketed(magnitudes: Sequence[Tensor], sparsity: float, dtype: torch.dtype
     takes = _takes(torch.from_numpy(tied), _rank(group, world), count)
     ties = [_tie_mask(m, dtype, keys, key, take) if take else None for m, take in zip(magnitudes, takes)]
     return ShardedSelection([threshold] * layers, ties, straddles=True)
+
+
+def _from_bucket(histogram: np.ndarray, split: _Split, buckets: _Buckets, r: int, below: int, device: torch.device,
+                 group: dist.ProcessGroup | None, world: int) -> tuple[float, float, np.ndarray | None, int] | None:
+    """:func:`_select_inside` over the entries of the bucket holding the r-th entry of the bracket
+    (``histogram``: every rank's counts per bucket), gathered from every rank: round 3."""
+    layers = len(split.counts)
+    bucket = int(np.searchsorted(histogram.sum(0).cumsum(), r))
+    before = below + int(histogram[:, :bucket].sum())
+    held = histogram[:, bucket]
+    row = np.full(1 + layers + held.max(), np.inf)
+    previous, layer_counts, values = _in_bucket(split.parts, buckets, bucket, layers)
+    row[0], row[1 : 1 + layers], row[1 + layers : 1 + layers + len(values)] = previous, layer_counts, values
+    table = _gather(row, device, group, world)  # round 3
+    return _select_inside([entries[1 + layers : 1 + layers + h] for entries, h in zip(table, held)],
+                          table[:, 1 : 1 + layers].astype(np.int64), r - (before - below), float(table[:, 0].max()),
+                          before > 0)
 
 
 def _rank(group: dist.ProcessGroup | None, world: int) -> int:
