@@ -5,17 +5,19 @@ concatenation of all ranks' shards: the same thresholds, and the tie masks cut t
 The global order is layer, then rank, then flat index: the flat order of the unsharded weights when,
 as with FSDP2, every rank holds a contiguous block of dim-0 rows, in rank order.
 
-Bracket first (3 collective rounds; 1 pass over the local shards, and 1 more over the layers holding
-tied entries to prune when ties at v straddle k). Every rank takes the same number S of its entries
+Bracket first (2 or 3 collective rounds; 1 pass over the local shards, and 1 more over the layers
+holding tied entries to prune when ties at v straddle k). Every rank takes the same number S of its entries
 (S = 2^16 / ranks) at a fixed stride (all of them when it holds fewer) and one ``all_gather`` shares
 them with the ranks' entry counts n_r: every rank now knows N, k = round(s * N) and a sample in which
 each of rank r's sampled entries stands for n_r / S_r entries, and derives from it the same bracket
 [lo, hi] around v, the k-th smallest magnitude, 4 standard deviations of the estimate wide on either
 side. One pass counts the local entries below lo and gathers those inside (numpy on the CPU, a
 cache-sized piece at a time, like ``select``); a second ``all_gather`` of the counts tells every rank
-whether position k lies inside, and a third of the values inside lets every rank select v among them,
-with the largest magnitude below v and, when ties at v straddle k, how many entries equal to v each
-rank holds in each layer. Each rank then marks its own share of the first r = k - #(m < v) entries
+whether position k lies inside. Where the bracket is expected to hold at most 2^12 entries per rank
+(small models), the same round carries them all; otherwise the bracket is cut into 2^12 buckets of
+equal width, the counts carry each rank's histogram over them, and a third ``all_gather`` the entries
+of the bucket holding position k. Every rank then selects v among these, with the largest magnitude
+below v and, when ties at v straddle k, how many entries equal to v each rank holds in each layer. Each rank then marks its own share of the first r = k - #(m < v) entries
 equal to v. As in ``select``, 16-bit floats are compared widened to float32 (exactly).
 
 Radix fallback, exact: when the bracket misses k, holds more entries than its budget (4 margins and
@@ -77,9 +79,11 @@ def select_sharded(magnitudes: Sequence[Tensor], sparsity: float, group: dist.Pr
     shard of layer i, None where the rank prunes none of its entries equal to v; ``straddles`` tells
     every rank alike whether some rank prunes tied entries. Without an initialised torch.distributed,
     or in a world of one, it selects over the local tensors alone.
-    Collectives, on the tensors' device: none when s = 0; 1 ``all_gather`` when k = 0; 3 when the
-    bracket holds position k. Otherwise 2 (rarely 3), then the radix path's: one ``all_reduce`` per
-    16 bits of the dtype (float32: 2) and one ``all_gather`` more when ties straddle k. Passes over
+    Collectives, on the tensors' device: none when s = 0; 1 ``all_gather`` when k = 0; 2 when the
+    bracket holds position k and its entries come with the counts, 3 when they are gathered by bucket
+    (:class:`ShardedSelector`: one fewer while its sample still brackets k). Otherwise 2 (rarely 3),
+    then the radix path's: one ``all_reduce`` per 16 bits of the dtype (float32: 2) and one
+    ``all_gather`` more when ties straddle k. Passes over
     the local shards: 1, +1 over the layers holding tied entries to prune when ties straddle k; on the
     radix path 1 + one per radix round, +2 when ties straddle k (float32: at most 5). Negative,
     infinite and NaN magnitudes raise ValueError on every rank alike.
@@ -97,10 +101,11 @@ class ShardedSelection(Selection):
 
 class ShardedSelector:
     """:func:`select_sharded`, keeping the last gathered sample from call to call: while it still
-    brackets position k (the magnitudes move little between training steps), a selection takes 2
-    collective rounds and no sampling pass. Whether it does is decided from the counts' round, by
-    every rank alike; when it misses, a new sample is gathered and the selection runs again (5
-    rounds for that call). Every call must pass the same layers' shards (their values may change)."""
+    brackets position k (the magnitudes move little between training steps), a selection takes one
+    collective round fewer (1 or 2) and no sampling pass. Whether it does is decided from the counts'
+    round, by every rank alike; when it misses, a new sample is gathered and the selection runs again
+    (the counts' round is then spent twice). Every call must pass the same layers' shards (their
+    values may change)."""
 
     def __init__(self) -> None:
         self._sample: _Sample | None = None
