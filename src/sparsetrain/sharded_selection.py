@@ -61,6 +61,7 @@ from .selection import Selection, prune_count
 _CHUNK = 1 << 20
 _SPLIT = 1 << 16  # entries per piece of a chunk in the bracket's pass: the piece and its masks stay in cache
 _SAMPLE = 1 << 16  # entries in the union of the ranks' samples
+_HEAD = 2  # a sample row's first entries: the rank's entry count
 _SPARE = 1 << 16  # entries the bracket may hold beyond 4 margins before the radix path takes over
 _BUCKETS_IN_BRACKET = 1 << 12  # the bracket's buckets: only the one holding position k is gathered
 _CARRIED = 1 << 12  # entries per rank the counts' round carries when the whole bracket is expected to fit
@@ -126,7 +127,8 @@ class ShardedSelector:
             if found is not None:
                 return found
         size = max(1, _SAMPLE // world)
-        self._sample = _gathered(_gather(_sample(magnitudes, size), magnitudes[0].device, group, world), size)  # round 1
+        wide = np.float32 if torch.promote_types(dtype, torch.float32) == torch.float32 else np.float64
+        self._sample = _gathered(_gather(_sample(magnitudes, size, wide), magnitudes[0].device, group, world), size)  # round 1
         found = _bracketed(magnitudes, sparsity, dtype, group, world, self._sample)
         return found if found is not None else _radix(magnitudes, sparsity, dtype, group, world)
 
@@ -177,7 +179,7 @@ def _bracketed(magnitudes: Sequence[Tensor], sparsity: float, dtype: torch.dtype
     """The selection through a bracket from a gathered sample, or None where it misses (a sample of
     other shards, or of magnitudes that have moved since) or the radix path must decide."""
     device, layers = magnitudes[0].device, len(magnitudes)
-    n = int(sample.rows[:, 0].sum())
+    n = int(_counts(sample.rows).sum())
     k = prune_count(sparsity, n)
     if k == 0:
         return _unpruned(layers)
@@ -185,7 +187,7 @@ def _bracketed(magnitudes: Sequence[Tensor], sparsity: float, dtype: torch.dtype
     buckets = _buckets(lo, hi, sampled)
     budget = _budget(margin)
     split = _split(magnitudes, torch.promote_types(dtype, torch.float32), lo, hi, budget, buckets)
-    fits = sum(m.numel() for m in magnitudes) == sample.rows[_rank(group, world), 0]  # the sample is of these shards
+    fits = sum(m.numel() for m in magnitudes) == _counts(sample.rows)[_rank(group, world)]  # the sample is of these shards
     carried = np.full(_CARRIED if 2 * margin <= _CARRIED * world / 2 else 0, np.inf)  # the same size on every rank
     if len(carried) and sum(split.counts) <= len(carried) and split.parts:
         mine = np.concatenate([part for _, part in split.parts])
@@ -236,9 +238,10 @@ def _rank(group: dist.ProcessGroup | None, world: int) -> int:
     return dist.get_rank(group) if world > 1 else 0
 
 
-def _sample(magnitudes: Sequence[Tensor], size: int) -> np.ndarray:
-    """[n, the sorted entries at positions stride // 2 + j * stride of the n local entries (layers
-    concatenated), j < min(n, size), stride = max(1, n // size), then +inf up to ``size``], float64."""
+def _sample(magnitudes: Sequence[Tensor], size: int, dtype: type = np.float64) -> np.ndarray:
+    """[n // 2^24, n % 2^24 (n, exact in float32), the sorted entries at positions stride // 2 + j * stride
+    of the n local entries (layers concatenated), j < min(n, size), stride = max(1, n // size), then +inf
+    up to ``size``], in ``dtype`` (float32 holds float32 and 16-bit magnitudes exactly, in half the bytes)."""
     n = sum(m.numel() for m in magnitudes)
     stride = max(1, n // size)
     first, end = stride // 2, min(n, stride // 2 + size * stride)
@@ -252,13 +255,18 @@ def _sample(magnitudes: Sequence[Tensor], size: int) -> np.ndarray:
             else:
                 parts.append(m[torch.unravel_index(torch.arange(start, stop, stride, device=m.device), m.shape)])
         offset += m.numel()
-    row = np.full(1 + size, np.inf)
-    row[0] = n
+    row = np.full(_HEAD + size, np.inf, dtype=dtype)
+    row[:_HEAD] = divmod(n, 1 << 24)
     if parts:
-        taken = row[1 : 1 + sum(len(part) for part in parts)]
-        torch.from_numpy(taken).copy_(torch.cat(parts))  # widened to float64 as it is copied
+        taken = row[_HEAD : _HEAD + sum(len(part) for part in parts)]
+        torch.from_numpy(taken).copy_(torch.cat(parts))  # widened as it is copied
         taken.sort()
     return row
+
+
+def _counts(rows: np.ndarray) -> np.ndarray:
+    """Each rank's entry count n from the head of its sample row."""
+    return rows[:, 0].astype(np.float64) * (1 << 24) + rows[:, 1]
 
 
 class _Sample(NamedTuple):
@@ -271,8 +279,8 @@ class _Sample(NamedTuple):
 
 
 def _gathered(rows: np.ndarray, size: int) -> _Sample:
-    taken = np.minimum(rows[:, 0], size).astype(np.int64)
-    values = np.concatenate([row[1 : 1 + t] for row, t in zip(rows, taken)])
+    taken = np.minimum(_counts(rows), size).astype(np.int64)
+    values = np.concatenate([row[_HEAD : _HEAD + t] for row, t in zip(rows, taken)])
     values.sort()
     return _Sample(rows, size, values)
 
@@ -284,9 +292,9 @@ def _bracket(sample: _Sample, k: int) -> tuple[float, float, float, tuple[float,
     estimate reaches k + margin; lo the largest sampled value below the first one whose estimate
     exceeds k - margin, so that v > lo unless the bracket misses; ``sampled``: the smallest and
     largest sampled values inside [lo, hi] (None: none)."""
-    counts = sample.rows[:, 0]
+    counts = _counts(sample.rows)
     taken = np.minimum(counts, sample.size).astype(np.int64)
-    rows = [row[1 : 1 + t] for row, t in zip(sample.rows, taken) if t]
+    rows = [row[_HEAD : _HEAD + t] for row, t in zip(sample.rows, taken) if t]
     weight = counts[taken > 0] / taken[taken > 0]  # entries per sampled entry, per rank
 
     def through(x: float) -> float:  # the estimate of #(m <= x)
