@@ -298,6 +298,7 @@ def _bracket(sample: _Sample, k: int) -> tuple[float, float, float, tuple[float,
     weight = counts[taken > 0] / taken[taken > 0]  # entries per sampled entry, per rank
 
     def through(x: float) -> float:  # the estimate of #(m <= x)
+        x = values.dtype.type(x)  # a sampled value, in the sample's own dtype: no row is converted to search it
         return sum(w * int(np.searchsorted(row, x, side="right")) for w, row in zip(weight, rows))
 
     q = k / counts.sum()
@@ -309,7 +310,7 @@ def _bracket(sample: _Sample, k: int) -> tuple[float, float, float, tuple[float,
     last = _first(values, lambda x: through(x) >= k + margin)
     lo = float(values[start - 1]) if start else -math.inf
     hi = float(values[last]) if last < len(values) else math.inf
-    first, end = np.searchsorted(values, lo, side="left"), np.searchsorted(values, hi, side="right")
+    first, end = (np.searchsorted(values, values.dtype.type(x), side=side) for x, side in ((lo, "left"), (hi, "right")))
     return lo, hi, margin, (float(values[first]), float(values[end - 1])) if end > first else None
 
 
