@@ -4,7 +4,8 @@ single-process ``select`` over one rank's share of the weights, CPU, one torch t
 The script launches itself under ``torch.distributed.run`` with ``--ranks`` ranks. Every rank builds
 the same ``--layers`` float32 layers of |N(0, 1)| magnitudes (about ``--weights`` in all, from one
 seed) and keeps its FSDP2 shard of each (``torch.chunk`` along dim 0). Reported, over ``--repeats``
-timed calls after one warm-up: the median time of ``select_sharded`` (the slowest rank's median),
+timed calls after one warm-up: the median time of ``select_sharded`` (the slowest rank's median), of a
+``ShardedSelector``'s call with the sample it kept from the warm-up (as the engine calls it at each step),
 the median time of ``select(shards, s, "global")`` on rank 0's shards alone (the same local work
 without communication), the collective rounds of one call (``torch.distributed.all_reduce`` and
 ``all_gather`` wrapped to count their calls), the passes over the local shards (entries read, counted
@@ -139,6 +140,9 @@ def worker(args: argparse.Namespace) -> None:
     check(sharded_selection.select_sharded(shards, args.sparsity), select(layers, args.sparsity, "global"), rank, world)
     del layers
     sharded = timed(lambda: sharded_selection.select_sharded(shards, args.sparsity), args.repeats, barrier=True)
+    selector = sharded_selection.ShardedSelector()  # as the engine keeps one: its sample from the warm-up call on
+    kept = torch.tensor(timed(lambda: selector.select(shards, args.sparsity), args.repeats, barrier=True))
+    dist.all_reduce(kept, op=dist.ReduceOp.MAX)
     alone = timed(lambda: select(shards, args.sparsity, "global"), args.repeats, barrier=False) if rank == 0 else 0.0
     slowest = torch.tensor(sharded)
     dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
@@ -146,13 +150,17 @@ def worker(args: argparse.Namespace) -> None:
     dist.all_reduce(extra, op=dist.ReduceOp.MAX)
     calls, read, fallbacks = counting()
     sharded_selection.select_sharded(shards, args.sparsity)
+    fresh_calls = calls[0]
+    selector.select(shards, args.sparsity)
     if rank == 0:
         print(f"{world} ranks, {total:,} float32 magnitudes in {args.layers} layers, {local:,} on rank 0, s = {args.sparsity}")
         print("result equals select on the concatenated shards: yes (every rank)")
         print(f"select_sharded                 median {slowest.item() * 1e3:8.1f} ms (slowest rank)")
+        print(f"ShardedSelector, sample kept   median {kept.item() * 1e3:8.1f} ms (slowest rank)")
         print(f"select on rank 0's shards only median {alone * 1e3:8.1f} ms")
         path = "radix fallback (the bracket missed)" if fallbacks[0] else "bracket from the gathered sample"
-        print(f"collective rounds per call: {calls[0]}; passes over rank 0's shards: {read[0] / local:.2f}; path: {path}")
+        print(f"collective rounds per call: {fresh_calls} (a kept sample: {calls[0] - fresh_calls}); passes over rank 0's "
+              f"shards: {read[0] / local / 2:.2f}; path: {path}")
         shard_bytes = local * 4
         print(f"peak memory of one call beyond the shards: {extra.item() / 2**20:.2f} MiB (largest rank) = "
               f"{100 * extra.item() / shard_bytes:.2f} % of rank 0's shards ({shard_bytes / 2**20:.1f} MiB)")
