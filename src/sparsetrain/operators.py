@@ -72,8 +72,7 @@ def threshold_operator(w: Tensor, threshold: Threshold, p: float, magnitude: Ten
     if p == 1.0:  # the result must be a fresh tensor
         return (magnitude.sub_(threshold) if fresh else magnitude - threshold).relu_().copysign_(w)
     if _odd_cbrt(magnitude, p) and not isinstance(threshold, Tensor):
-        shrunk = magnitude + threshold  # then (|w| + T)|w| + T^2 in one pass
-        torch.addcmul(torch.full((), threshold**2, dtype=w.dtype), shrunk, magnitude, out=shrunk)
+        shrunk = _power_sum(magnitude, threshold, 3)  # fresh
         soft = torch.sub(w, torch.clamp(w, -threshold, threshold, out=magnitude), out=magnitude)
         return root_(shrunk.mul_(soft), 3)
     if p.is_integer():
