@@ -71,6 +71,24 @@ def test_an_infinite_or_nan_weight_on_one_rank_is_named_on_every_rank(ranks):
     assert errors == [[message, message]] * len(errors)
 
 
+@pytest.mark.parametrize("method", ["feather", "gdp"])
+def test_a_model_wrapped_by_fsdp1_is_refused_naming_fully_shard(method):
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        wrapped = FullyShardedDataParallel(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2)),
+                                           device_id=torch.device("cpu"), use_orig_params=True)
+        with pytest.raises(ValueError) as refused:
+            st.create(wrapped, method, total_steps=4, example_inputs=torch.randn(2, 8))
+    finally:
+        dist.destroy_process_group()
+    assert str(refused.value) == (
+        "the model is wrapped by FullyShardedDataParallel (FSDP1, flat parameters); allowed: "
+        "create() on the plain model, then FSDP2's fully_shard (in Lightning: ModelParallelStrategy), or DDP.")
+    assert not any("Parametrized" in type(m).__name__ for m in wrapped.modules())
+
+
 def test_the_wrong_order_is_refused_in_one_sentence(tmp_path):
     from torch.distributed.fsdp import fully_shard
 

@@ -144,7 +144,19 @@ def create(
     if not isinstance(model, nn.Module):
         raise TypeError(f"model={shown(model)} is not allowed; allowed: a torch.nn.Module, e.g. "
                         "sparsetrain.models.create_model('resnet20').")
+    wrapped = next((name for name, module in model.named_modules() if _is_fsdp1(module)), None)
+    if wrapped is not None:
+        what = f"module {wrapped!r}" if wrapped else "the model"
+        raise ValueError(f"{what} is wrapped by FullyShardedDataParallel (FSDP1, "
+                         "flat parameters); allowed: create() on the plain model, then FSDP2's fully_shard (in "
+                         "Lightning: ModelParallelStrategy), or DDP.")
     spec = method_spec(method)
     validated = method_options(method, **options)
     context = Context(validate_total_steps(total_steps), example_inputs, data)
     return spec.build(model, validated, context)
+
+
+def _is_fsdp1(module: nn.Module) -> bool:
+    """Whether ``module`` is torch's FullyShardedDataParallel wrapper (known by its class, so that
+    torch.distributed need not be imported)."""
+    return type(module).__name__ == "FullyShardedDataParallel" and type(module).__module__.startswith("torch.distributed.fsdp")
