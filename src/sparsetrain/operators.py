@@ -120,6 +120,14 @@ def kept_mask(
     return kept & ~ties if ties is not None else kept
 
 
+def _kept_numbers(w: Tensor, threshold: Threshold, ties: Tensor | None, magnitude: Tensor | None) -> Tensor:
+    """E as the numbers 1 (kept) and 0 in w's dtype, written over ``magnitude`` (|w|, whose values are
+    spent) when given: products with it stay in one dtype, several times faster on the CPU than with a
+    bool mask."""
+    kept = (w.abs() if magnitude is None else magnitude).gt_(threshold)
+    return kept if ties is None else kept.mul_(~ties)
+
+
 class _ScaledStraightThrough(torch.autograd.Function):
     """Forward: P_p(w; T), zero at ``ties``, optionally rescaled per output channel.
     Backward: m * grad + decay * (1 - E) * w, with E kept from the forward pass."""
@@ -128,15 +136,17 @@ class _ScaledStraightThrough(torch.autograd.Function):
     def forward(ctx, w: Tensor, threshold: Threshold, p: float, theta: float, rescale: Tensor | None,
                 ties: Tensor | None, decay: float, magnitude: Tensor | None) -> Tensor:
         prunes = not prunes_nothing(threshold) or ties is not None
-        kept = kept_mask(w, threshold, ties, magnitude) if prunes and (theta != 1.0 or decay) else None
+        needed = prunes and (theta != 1.0 or decay)  # the backward needs E
         ctx.theta, ctx.decay = theta, decay
-        ctx.save_for_backward(w if kept is not None and decay else None, kept)
-        if math.isinf(p) and kept is not None:
-            out = w * kept  # the hard threshold is the mask E itself
+        if math.isinf(p) and prunes:  # the hard threshold is w * E: E as numbers serves both passes
+            kept = _kept_numbers(w, threshold, ties, magnitude)
+            out = w * kept
         else:
+            kept = kept_mask(w, threshold, ties, magnitude) if needed else None
             out = threshold_operator(w, threshold, p, magnitude)
             if ties is not None:
                 out = out * ~ties  # faster than masked_fill on CPU
+        ctx.save_for_backward(w if needed and decay else None, kept if needed else None)
         return out if rescale is None else out * rescale
 
     @staticmethod
@@ -146,7 +156,7 @@ class _ScaledStraightThrough(torch.autograd.Function):
         if kept is None:
             return grad, *none
         # products with the 0/1 masks rather than torch.where or masked_fill: several times faster on CPU
-        pruned = ~kept
+        pruned = ~kept if kept.dtype == torch.bool else 1.0 - kept
         if ctx.theta == 1.0:
             scaled = grad
         else:
