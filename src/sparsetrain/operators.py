@@ -68,7 +68,7 @@ def threshold_operator(w: Tensor, threshold: Threshold, p: float, magnitude: Ten
     if fresh:
         magnitude = w.abs()  # every later step may work in place on it
     if math.isinf(p):
-        return w * magnitude.gt_(threshold)  # E as numbers (see _kept_numbers)
+        return w * _kept_numbers(w, threshold, None, magnitude)
     if p == 1.0:  # the result must be a fresh tensor
         return (magnitude.sub_(threshold) if fresh else magnitude - threshold).relu_().copysign_(w)
     if _odd_cbrt(magnitude, p) and not isinstance(threshold, Tensor):

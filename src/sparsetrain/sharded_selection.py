@@ -6,8 +6,8 @@ The global order is layer, then rank, then flat index: the flat order of the uns
 as with FSDP2, every rank holds a contiguous block of dim-0 rows, in rank order.
 
 Bracket first (2 or 3 collective rounds; 1 pass over the local shards, and 1 more over the layers
-holding tied entries to prune when ties at v straddle k). Every rank takes the same number S of its entries
-(S = 2^16 / ranks) at a fixed stride (all of them when it holds fewer) and one ``all_gather`` shares
+holding tied entries to prune when ties at v straddle k). Every rank takes the same number S of its
+entries (S = 2^16 / ranks) at a fixed stride (all of them when it holds fewer) and one ``all_gather`` shares
 them with the ranks' entry counts n_r: every rank now knows N, k = round(s * N) and a sample in which
 each of rank r's sampled entries stands for n_r / S_r entries, and derives from it the same bracket
 [lo, hi] around v, the k-th smallest magnitude, 4 standard deviations of the estimate wide on either
@@ -17,13 +17,13 @@ whether position k lies inside. Where the bracket is expected to hold at most 2^
 (small models), the same round carries them all; otherwise the bracket is cut into 2^12 buckets of
 equal width, the counts carry each rank's histogram over them, and a third ``all_gather`` the entries
 of the bucket holding position k. Every rank then selects v among these, with the largest magnitude
-below v and, when ties at v straddle k, how many entries equal to v each rank holds in each layer. Each rank then marks its own share of the first r = k - #(m < v) entries
-equal to v. As in ``select``, 16-bit floats are compared widened to float32 (exactly).
+below v and, when ties at v straddle k, how many entries equal to v each rank holds in each layer.
+Each rank then marks its own share of the first r = k - #(m < v) entries equal to v. As in ``select``, 16-bit floats are compared widened to float32 (exactly).
 
 Radix fallback, exact: when the bracket misses k, holds more entries than its budget (4 margins and
 2^16: many equal magnitudes, which no sample narrows), a rank holds negative, infinite or NaN
-magnitudes (the pass takes each piece's minimum and maximum), or, as unlikely as a miss, ties straddle k at the smallest value
-inside while entries lie below lo, every rank takes the same decision from the gathered data, and
+magnitudes (the pass takes each piece's minimum and maximum), or, as unlikely as a miss, ties
+straddle k at the smallest value inside while entries lie below lo, every rank takes the same decision from the gathered data, and
 selects again on the IEEE bits: for x >= 0 the bit pattern read as
 an integer (the key) grows with x. Each round histograms the next 16 bits of the local keys that
 share the prefix found so far, sums the histograms across ranks (``all_reduce``) and extends the
@@ -179,7 +179,7 @@ def _bracketed(magnitudes: Sequence[Tensor], sparsity: float, dtype: torch.dtype
     """The selection through a bracket from a gathered sample, or None where it misses (a sample of
     other shards, or of magnitudes that have moved since) or the radix path must decide."""
     device, layers = magnitudes[0].device, len(magnitudes)
-    n = int(_counts(sample.rows).sum())
+    n = int(sample.counts.sum())
     k = prune_count(sparsity, n)
     if k == 0:
         return _unpruned(layers)
@@ -187,7 +187,7 @@ def _bracketed(magnitudes: Sequence[Tensor], sparsity: float, dtype: torch.dtype
     buckets = _buckets(lo, hi, sampled)
     budget = _budget(margin)
     split = _split(magnitudes, torch.promote_types(dtype, torch.float32), lo, hi, budget, buckets)
-    fits = sum(m.numel() for m in magnitudes) == _counts(sample.rows)[_rank(group, world)]  # the sample is of these shards
+    fits = sum(m.numel() for m in magnitudes) == sample.counts[_rank(group, world)]  # the sample is of these shards
     carried = np.full(_CARRIED if 2 * margin <= _CARRIED * world / 2 else 0, np.inf)  # the same size on every rank
     if len(carried) and sum(split.counts) <= len(carried) and split.parts:
         mine = np.concatenate([part for _, part in split.parts])
@@ -271,18 +271,20 @@ def _counts(rows: np.ndarray) -> np.ndarray:
 
 class _Sample(NamedTuple):
     """A gathered sample: a row per rank as :func:`_sample` makes it, the entries each rank sampled
-    at most, and every sampled value (not the padding) sorted."""
+    at most, every sampled value (not the padding) sorted, and each rank's entry count."""
 
     rows: np.ndarray
     size: int
     values: np.ndarray
+    counts: np.ndarray
 
 
 def _gathered(rows: np.ndarray, size: int) -> _Sample:
-    taken = np.minimum(_counts(rows), size).astype(np.int64)
+    counts = _counts(rows)
+    taken = np.minimum(counts, size).astype(np.int64)
     values = np.concatenate([row[_HEAD : _HEAD + t] for row, t in zip(rows, taken)])
     values.sort()
-    return _Sample(rows, size, values)
+    return _Sample(rows, size, values, counts)
 
 
 def _bracket(sample: _Sample, k: int) -> tuple[float, float, float, tuple[float, float] | None]:
@@ -292,7 +294,7 @@ def _bracket(sample: _Sample, k: int) -> tuple[float, float, float, tuple[float,
     estimate reaches k + margin; lo the largest sampled value below the first one whose estimate
     exceeds k - margin, so that v > lo unless the bracket misses; ``sampled``: the smallest and
     largest sampled values inside [lo, hi] (None: none)."""
-    counts = _counts(sample.rows)
+    counts = sample.counts
     taken = np.minimum(counts, sample.size).astype(np.int64)
     rows = [row[_HEAD : _HEAD + t] for row, t in zip(sample.rows, taken) if t]
     weight = counts[taken > 0] / taken[taken > 0]  # entries per sampled entry, per rank
