@@ -251,6 +251,33 @@ def test_non_finite_weight_names_the_layer(tiny_net, value):
         sp.step()
 
 
+class WideNet(nn.Module):
+    """fc2 holds 51,200 weights (past the direct selection); fc1's 6 inputs make no groups of 4."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = nn.Linear(6, 256), nn.Linear(256, 200), nn.Linear(200, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc3(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf])
+@pytest.mark.parametrize("layer", ["fc1", "fc2"])
+@pytest.mark.parametrize("method, knobs", [("feather", {}), ("feather", {"scope": "layer"}), ("feather", {"scope": "erk"}),
+                                           ("st3-sigma", {}), ("gmp", {"start": 2}), ("sr-ste", {}), ("feather-nm", {})])
+def test_non_finite_weight_names_the_layer_in_every_scope(method, knobs, layer, value):
+    """The check rides on the selection's pass (off the sample's stride, in a layer left dense by N:M,
+    and at a step where nothing is pruned: gmp's start, feather-nm's k = 0)."""
+    torch.manual_seed(0)
+    model = WideNet()
+    sp = st.create(model, method, total_steps=10, **knobs)
+    with torch.no_grad():
+        getattr(model, layer).parametrizations.weight.original[3, 5] = value
+    with pytest.raises(FloatingPointError, match=f"layer '{layer}' has a NaN or infinite weight at step 1"):
+        sp.step()
+
+
 def test_load_state_of_another_method_is_rejected(tiny_net):
     sp = st.Sparsifier(tiny_net, "feather", 0.5, total_steps=10)
     state = sp.state_dict() | {"method": "gmp"}
