@@ -102,15 +102,30 @@ def select_groups(magnitudes: Sequence[Tensor], k: int, m: int) -> Selection:
     return GroupSelector(m).select(magnitudes, k)
 
 
+class _Layer(NamedTuple):
+    """Where one layer's groups go in a :class:`GroupSelector`'s buffer, and its threshold tensor."""
+
+    index: int  # the layer's position in the magnitudes
+    begin: int  # its groups are the buffer's columns begin..stop-1
+    stop: int
+    grid: tuple[int, ...]  # its group grid, in its memory order
+    source: Tensor  # (m, *grid): its magnitudes, grouped
+    columns: Tensor  # (m, *grid): its columns of the buffer
+    threshold: Tensor  # shaped and strided like the layer, rewritten at every call
+    written: Tensor  # (m, *grid): the threshold tensor, grouped
+
+
 class GroupSelector:
-    """Selects k of every m grouped magnitudes, keeping its working buffer and the threshold tensors
-    it returns from call to call (fresh ones as large as the weights at every training step cost more
-    than the selection): a call overwrites the thresholds the previous call returned."""
+    """Selects k of every m grouped magnitudes, keeping its working buffer, the threshold tensors it
+    returns and the views between them from call to call (fresh ones as large as the weights at every
+    training step, and the views, cost more than the selection): a call overwrites the thresholds
+    the previous call returned."""
 
     def __init__(self, m: int) -> None:
         self.m = m
         self._buffer: Tensor | None = None  # (m + 1, G): the groups as columns, and one spare row
-        self._thresholds: dict[int, Tensor] = {}  # by layer index: the threshold tensor last returned
+        self._layers: list[_Layer] = []
+        self._key: tuple | None = None  # the magnitudes the layers were laid out for
 
     def select(self, magnitudes: Sequence[Tensor], k: int) -> Selection:
         """Per layer a threshold tensor and a tie mask shaped like it (see the module docstring);
@@ -123,22 +138,16 @@ class GroupSelector:
             raise ValueError(f"k={k} is out of range; allowed: 0 <= k <= m = {m}.")
         thresholds: list[float | Tensor] = [0.0] * len(magnitudes)
         ties: list[Tensor | None] = [None] * len(magnitudes)
-        grouped = [i for i, magnitude in enumerate(magnitudes) if k and has_groups(magnitude.shape, m)]
-        if not grouped:
+        layers = self._laid_out(magnitudes) if k else []
+        if not layers:
             return Selection(thresholds, ties)
-        spans, start = [], 0
-        for i in grouped:
-            spans.append((i, start, start + magnitudes[i].numel() // m))
-            start = spans[-1][2]
-        dtype = functools.reduce(torch.promote_types, (magnitudes[i].dtype for i in grouped))
-        buffer = self._reserve(start, dtype, magnitudes[grouped[0]].device)
 
         def fill() -> Tensor:
-            for i, begin, stop in spans:
-                _columns_of(buffer[:m, begin:stop], magnitudes[i], m).copy_(_groups_in_memory_order(magnitudes[i], m))
-            return buffer[:m]
+            for layer in layers:
+                layer.columns.copy_(layer.source)
+            return self._buffer[:m]
 
-        ordered = sort_rows_(fill(), buffer[m])
+        ordered = sort_rows_(fill(), self._buffer[m])
         v = ordered[k - 1]  # each group's k-th smallest
         tied = None
         if k == m or bool((ordered[k] > v).all()):  # no group has a tie across its k-th position
@@ -151,21 +160,47 @@ class GroupSelector:
             below = (columns * (columns < v)).amax(0)  # magnitudes are >= 0
             threshold = torch.where(exact, v, below)
             tied = pruned & (columns > threshold)
-        for i, begin, stop in spans:
-            magnitude = magnitudes[i]
-            per_group = _columns_of(threshold[begin:stop].unsqueeze(0), magnitude, m)
-            thresholds[i] = self._thresholds[i] = _laid_out_like(
-                magnitude, per_group.expand(m, *per_group.shape[1:]), m, self._thresholds.get(i))
-            if tied is not None and bool(tied[:, begin:stop].any()):
-                ties[i] = _laid_out_like(magnitude, _columns_of(tied[:, begin:stop], magnitude, m), m)
+        for layer in layers:
+            layer.written.copy_(threshold[layer.begin : layer.stop].view(1, *layer.grid).expand(m, *layer.grid))
+            thresholds[layer.index] = layer.threshold
+            if tied is not None and bool(tied[:, layer.begin : layer.stop].any()):
+                magnitude = magnitudes[layer.index]
+                ties[layer.index] = _laid_out_like(magnitude, _columns_of(tied[:, layer.begin : layer.stop], magnitude, m), m)
         return Selection(thresholds, ties)
 
-    def _reserve(self, groups: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-        """The (m + 1, groups) buffer, reused when it fits."""
-        buffer = self._buffer
-        if buffer is None or buffer.shape[1] != groups or buffer.dtype != dtype or buffer.device != device:
-            buffer = self._buffer = torch.empty(self.m + 1, groups, dtype=dtype, device=device)
-        return buffer
+    def _laid_out(self, magnitudes: Sequence[Tensor]) -> list[_Layer]:
+        """The layers with groups, their columns in the (m + 1, G) buffer and their threshold tensors:
+        kept while the magnitudes are the same tensors (storage, shape, strides, dtype)."""
+        key = tuple((x.data_ptr(), x.shape, x.stride(), x.dtype, x.device) for x in magnitudes)
+        if key == self._key:
+            return self._layers
+        m = self.m
+        grouped = [i for i, x in enumerate(magnitudes) if has_groups(x.shape, m)]
+        earlier = {layer.index: layer.threshold for layer in self._layers}
+        self._key, self._layers = key, []
+        if not grouped:
+            return self._layers
+        dtype = functools.reduce(torch.promote_types, (magnitudes[i].dtype for i in grouped))
+        device = magnitudes[grouped[0]].device
+        spans, start = [], 0
+        for i in grouped:
+            spans.append((i, start, start + magnitudes[i].numel() // m))
+            start = spans[-1][2]
+        if not _fits(self._buffer, (m + 1, start), dtype, device):
+            self._buffer = torch.empty(m + 1, start, dtype=dtype, device=device)
+        for i, begin, stop in spans:
+            x = magnitudes[i]
+            columns = _columns_of(self._buffer[:m, begin:stop], x, m)
+            threshold = earlier.get(i)
+            if not _fits(threshold, x.shape, dtype, x.device) or threshold.stride() != x.stride():
+                threshold = torch.empty_like(x, dtype=dtype)
+            self._layers.append(_Layer(i, begin, stop, tuple(columns.shape[1:]), _groups_in_memory_order(x, m), columns,
+                                       threshold, _groups_in_memory_order(threshold, m)))
+        return self._layers
+
+
+def _fits(x: Tensor | None, shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> bool:
+    return x is not None and x.shape == tuple(shape) and x.dtype == dtype and x.device == device
 
 
 def _grid_order(x: Tensor, m: int) -> list[int]:
@@ -186,11 +221,9 @@ def _columns_of(columns: Tensor, x: Tensor, m: int) -> Tensor:
     return columns.reshape(columns.shape[0], *(grid[d] for d in _grid_order(x, m)))
 
 
-def _laid_out_like(x: Tensor, grouped: Tensor, m: int, out: Tensor | None = None) -> Tensor:
-    """A tensor shaped and strided like ``x`` holding ``grouped``, an (m, *grid in memory order) tensor:
-    ``out`` if it is one such (dtype and device included), else a new one."""
-    if out is None or out.shape != x.shape or out.stride() != x.stride() or (out.dtype, out.device) != (grouped.dtype, x.device):
-        out = torch.empty_like(x, dtype=grouped.dtype)
+def _laid_out_like(x: Tensor, grouped: Tensor, m: int) -> Tensor:
+    """A new tensor shaped and strided like ``x`` holding ``grouped``, an (m, *grid in memory order) tensor."""
+    out = torch.empty_like(x, dtype=grouped.dtype)
     _groups_in_memory_order(out, m).copy_(grouped)
     return out
 
