@@ -138,8 +138,9 @@ def _tie_masks(arrays: Sequence[Any], value: float, count: int) -> list[Tensor |
             break
         tied = a == value
         size = int(tied.sum())
-        if size > count:
-            tied &= tied.cumsum(0) <= count
+        if size > count:  # cut after the count-th tied entry (a cumulative sum would read the whole layer again)
+            where = tied.nonzero()
+            tied[int(where[0][count] if isinstance(where, tuple) else where[count, 0]) :] = False
             size = count
         if size:
             masks[i] = torch.as_tensor(tied)

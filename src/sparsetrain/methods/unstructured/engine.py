@@ -150,6 +150,7 @@ class Sparsifier(ShardedEngine, Method):
         # each distinct weight as its layer holds it; read again at bind(), as fully_shard replaces them
         self._weights: list[Tensor] = [module.weight for module in self._holders]
         self._group: dist.ProcessGroup | None = None  # the group FSDP2 shards the weights over, seen at bind()
+        self._flat: Tensor | None = None  # one shared threshold: every |w * n| buffer is a piece of it
         self._params: list[SparseWeight] = []
         for w in self._weights:
             norm = 1.0 / layer_sigma(w.shape) if self.config.scope == "sigma" else 1.0
@@ -325,9 +326,12 @@ class Sparsifier(ShardedEngine, Method):
             self._reselect_sharded(sparsity, weights, group)
             return
         with torch.no_grad():
+            flat = self._lay_flat() if self._shared_threshold else None
             magnitudes = [param.magnitude(w) for param, w in zip(self._params, self._weights)]
-            check_finite(magnitudes, self.names, "layer", "weight", self._step)
-            selection = same_on_every_rank(self._select(magnitudes, sparsity), magnitudes)
+            if flat is None or not bool(torch.isfinite(flat.max())):
+                check_finite(magnitudes, self.names, "layer", "weight", self._step)
+            selection = self._select(magnitudes, sparsity) if flat is None else self._select_flat(flat, magnitudes, sparsity)
+            selection = same_on_every_rank(selection, magnitudes)
             for param, w, mag, threshold, ties, transposed in zip(
                 self._params, self._weights, magnitudes, selection.thresholds, selection.ties, self._transposed
             ):
@@ -338,6 +342,34 @@ class Sparsifier(ShardedEngine, Method):
                     rescale = st3_rescale(out_in(magnitude, transposed), out_in(kept, transposed))
                     param.rescale = out_in(rescale, transposed)  # per output channel, in w's layout
 
+
+    def _lay_flat(self) -> Tensor | None:
+        """For one shared threshold, every |w * n| buffer a consecutive piece of one flat tensor, in
+        layer order (None when the weights differ in dtype or device): the selection and the finite
+        check then read one array instead of one per layer."""
+        weights = self._weights
+        dtype, device = weights[0].dtype, weights[0].device
+        if any(w.dtype != dtype or w.device != device for w in weights):
+            return None
+        flat = self._flat
+        if flat is None or flat.dtype != dtype or flat.device != device:
+            flat = self._flat = torch.empty(self.numel(), dtype=dtype, device=device)
+            offset = 0
+            for param, w in zip(self._params, weights):
+                # on flat's memory, but not a view of it: a version counter of its own, so that a forward
+                # spending one layer's piece (and saving it for the backward) leaves the others' intact
+                param.scratch_in(torch.empty(0, dtype=dtype, device=device).set_(flat.untyped_storage(), offset, w.shape))
+                offset += w.numel()
+        return flat
+
+    def _select_flat(self, flat: Tensor, magnitudes: Sequence[Tensor], sparsity: float) -> Selection:
+        """:meth:`_select` of a shared threshold, over the flat tensor the magnitudes are pieces of."""
+        chosen = select([flat], sparsity, self.config.scope)
+        tied, ties = chosen.ties[0], [None] * len(magnitudes)
+        if tied is not None:
+            for i, (piece, magnitude) in enumerate(zip(tied.split([m.numel() for m in magnitudes]), magnitudes)):
+                ties[i] = piece.view(magnitude.shape) if bool(piece.any()) else None
+        return Selection([chosen.thresholds[0]] * len(magnitudes), ties)
 
     def _select(self, magnitudes: Sequence[Tensor], sparsity: float) -> Selection:
         """Thresholds and tie masks for ``sparsity``: one selection over the scope, or one per N:M group

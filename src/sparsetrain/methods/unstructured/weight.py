@@ -88,6 +88,10 @@ class SparseWeight(nn.Module):
         self._scratch_version = w._version
         return self._scratch
 
+    def scratch_in(self, piece: Tensor) -> None:
+        """Keep :meth:`magnitude`'s buffer in ``piece``, a tensor shaped like w (a view of a larger one)."""
+        self._scratch, self._scratch_version = piece, None
+
     def _spend_magnitude(self, w: Tensor) -> Tensor | None:
         """The buffer of :meth:`magnitude` if it holds this version of w (it may then be overwritten)."""
         fresh = self._scratch_version == w._version and fits(self._scratch, w)
