@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .selection import Selection
+from .selection import NonFiniteMagnitudes, Selection
 
 _PATTERN = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 MAX_M = 256  # a position fits in one byte
@@ -132,7 +132,8 @@ class GroupSelector:
         0.0 and None for a layer without groups, and for every layer when k = 0. All layers' groups
         are selected at once, as the columns of one (m, G) tensor written in one pass, so the work is
         a few passes over contiguous rows whatever the number of layers; each layer's thresholds and
-        ties are written back in its own layout in one pass."""
+        ties are written back in its own layout in one pass. A NaN or an infinity in a layer with groups
+        raises :class:`~sparsetrain.selection.NonFiniteMagnitudes` (when k > 0: the sort reads them)."""
         m = self.m
         if not 0 <= k <= m:
             raise ValueError(f"k={k} is out of range; allowed: 0 <= k <= m = {m}.")
@@ -148,6 +149,8 @@ class GroupSelector:
             return self._buffer[:m]
 
         ordered = sort_rows_(fill(), self._buffer[m])
+        if not bool(torch.isfinite(ordered[-1]).all()):  # each group's largest, NaN where the group holds a NaN
+            raise NonFiniteMagnitudes()
         v = ordered[k - 1]  # each group's k-th smallest
         tied = None
         if k == m or bool((ordered[k] > v).all()):  # no group has a tie across its k-th position

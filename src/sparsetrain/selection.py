@@ -34,6 +34,13 @@ _CHUNK = 1 << 18
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+class NonFiniteMagnitudes(ValueError):
+    """A selection found a NaN or an infinity among its magnitudes."""
+
+    def __init__(self) -> None:
+        super().__init__("the magnitudes hold a NaN or an infinity; allowed: finite numbers.")
+
+
 @dataclass(frozen=True)
 class Selection:
     """Per layer: prune |m| <= thresholds[i], plus the entries where ties[i] is True (None: none).

@@ -331,3 +331,18 @@ def test_layers_selected_together_get_what_each_gets_alone():
         assert type(threshold) is type(alone_threshold) and torch.equal(torch.as_tensor(threshold), torch.as_tensor(alone_threshold))
         assert (ties is None and alone_ties is None) or torch.equal(ties, alone_ties)
     assert together.thresholds[1] == 0.0 and together.ties[0] is not None  # 6 inputs: dense; ties in small integers
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf])
+@pytest.mark.parametrize("m", [4, 8, 32])
+def test_a_nan_or_infinity_at_any_place_in_a_group_is_refused(m, value):
+    """The sort carries a NaN into its group's largest value whichever comparator it meets first."""
+    from sparsetrain.nm import GroupSelector
+    from sparsetrain.selection import NonFiniteMagnitudes
+
+    for place in range(m):
+        magnitudes = [torch.rand(3, 2 * m, generator=torch.Generator().manual_seed(place))]
+        magnitudes[0][1, m + place] = value
+        for k in (1, m // 2, m - 1):
+            with pytest.raises(NonFiniteMagnitudes, match="the magnitudes hold a NaN or an infinity"):
+                GroupSelector(m).select(magnitudes, k)

@@ -57,7 +57,7 @@ from ...nm import GroupSelector, has_groups
 from ...operators import Threshold, kept_mask
 from ...prunable import PRUNABLE_TYPES, LayerType, choose_layers, out_in, stores_transposed, validate_types
 from ...schedules import Schedule, make_schedule, resolve_step, validate_total_steps
-from ...selection import Selection, layer_sigma, prune_count, select
+from ...selection import NonFiniteMagnitudes, Selection, layer_sigma, prune_count, select
 from ...sharded_selection import ShardedSelector
 from ..protocol import Method, check_finite
 from .config import KNOBS, LEGACY_NM_KNOBS, resolve_config, unsaved_knobs
@@ -328,9 +328,11 @@ class Sparsifier(ShardedEngine, Method):
         with torch.no_grad():
             flat = self._lay_flat() if self._shared_threshold else None
             magnitudes = [param.magnitude(w) for param, w in zip(self._params, self._weights)]
-            if flat is None or not bool(torch.isfinite(flat.max())):
-                check_finite(magnitudes, self.names, "layer", "weight", self._step)
-            selection = self._select(magnitudes, sparsity) if flat is None else self._select_flat(flat, magnitudes, sparsity)
+            try:  # a NaN or an infinity is seen where the selection reads the magnitudes anyway
+                selection = self._select(magnitudes, sparsity) if flat is None else self._select_flat(flat, magnitudes, sparsity)
+            except NonFiniteMagnitudes:
+                check_finite(magnitudes, self.names, "layer", "weight", self._step)  # names the layer
+                raise
             selection = same_on_every_rank(selection, magnitudes)
             for param, w, mag, threshold, ties, transposed in zip(
                 self._params, self._weights, magnitudes, selection.thresholds, selection.ties, self._transposed
@@ -364,6 +366,8 @@ class Sparsifier(ShardedEngine, Method):
 
     def _select_flat(self, flat: Tensor, magnitudes: Sequence[Tensor], sparsity: float) -> Selection:
         """:meth:`_select` of a shared threshold, over the flat tensor the magnitudes are pieces of."""
+        if not bool(torch.isfinite(flat.max())):
+            raise NonFiniteMagnitudes()
         chosen = select([flat], sparsity, self.config.scope)
         tied, ties = chosen.ties[0], [None] * len(magnitudes)
         if tied is not None:
@@ -374,11 +378,18 @@ class Sparsifier(ShardedEngine, Method):
     def _select(self, magnitudes: Sequence[Tensor], sparsity: float) -> Selection:
         """Thresholds and tie masks for ``sparsity``: one selection over the scope, or one per N:M group
         (groups along the input dimension: a weight stored (in, out) is selected in its (out, in)
-        view, and its thresholds and ties are stored back in its own layout)."""
+        view, and its thresholds and ties are stored back in its own layout). A NaN or an infinity
+        raises FloatingPointError naming the layer, or, in a layer the group selection sorts,
+        NonFiniteMagnitudes."""
         if self.config.scope != "nm":
+            check_finite(magnitudes, self.names, "layer", "weight", self._step)
             return select(magnitudes, sparsity, self.config.scope)
         views = [out_in(mag, transposed) for mag, transposed in zip(magnitudes, self._transposed)]
-        selection = self._groups.select(views, prune_count(sparsity, self._groups.m))
+        k = prune_count(sparsity, self._groups.m)
+        unread = [i for i, view in enumerate(views) if not k or not has_groups(view.shape, self._groups.m)]
+        if unread:  # the layers the group selection does not sort (left dense, or k = 0) are checked here
+            check_finite([magnitudes[i] for i in unread], [self.names[i] for i in unread], "layer", "weight", self._step)
+        selection = self._groups.select(views, k)
         return Selection(
             [stored(t, transposed) for t, transposed in zip(selection.thresholds, self._transposed)],
             [stored(t, transposed) for t, transposed in zip(selection.ties, self._transposed)],
