@@ -149,7 +149,7 @@ class GroupSelector:
             return self._buffer[:m]
 
         ordered = sort_rows_(fill(), self._buffer[m])
-        if not bool(torch.isfinite(ordered[-1]).all()):  # each group's largest, NaN where the group holds a NaN
+        if not math.isfinite(ordered[-1].max()):  # the largest of the groups' largest values, NaN if a group holds one
             raise NonFiniteMagnitudes()
         v = ordered[k - 1]  # each group's k-th smallest
         tied = None

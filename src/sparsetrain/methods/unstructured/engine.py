@@ -366,7 +366,7 @@ class Sparsifier(ShardedEngine, Method):
 
     def _select_flat(self, flat: Tensor, magnitudes: Sequence[Tensor], sparsity: float) -> Selection:
         """:meth:`_select` of a shared threshold, over the flat tensor the magnitudes are pieces of."""
-        if not bool(torch.isfinite(flat.max())):
+        if not math.isfinite(flat.max()):  # NaN if any entry is
             raise NonFiniteMagnitudes()
         chosen = select([flat], sparsity, self.config.scope)
         tied, ties = chosen.ties[0], [None] * len(magnitudes)
