@@ -35,6 +35,7 @@ class SparseWeight(nn.Module):
         self.limit = torch.zeros(())  # T as a tensor; not a buffer, which DDP would broadcast at every forward
         self.register_buffer("tie_value", torch.zeros(()), persistent=False)
         self.register_buffer("tie_count", torch.zeros((), dtype=torch.long), persistent=False)
+        self._tie_end = 0  # tie_count's value, read without a sync
         # Under FSDP2 (see :mod:`.sharding`), set by the Sparsifier: the forward works on the unsharded weight.
         self.sharded = False
         self.groups: tuple[int, int] | None = None  # N:M: (k, m), the groups selected inside the forward
@@ -53,27 +54,36 @@ class SparseWeight(nn.Module):
     @torch.no_grad()
     def choose(self, threshold: Threshold, ties: Tensor | None, w: Tensor, span: tuple[float, int] | None = None) -> None:
         """Set T and the pruned ties for weight ``w``, with their tensor forms for compiled graphs
-        (``span``: the tie value and count of a sharded weight, which its local ties cannot tell)."""
-        self.threshold, self.ties = threshold, ties
+        (``span``: the tie value and count of a sharded weight, which its local ties cannot tell).
+        Called for every weight at every step: the tensor forms are rewritten only where they change."""
+        self.threshold = threshold
+        if ties is not None or self.ties is not None:  # a registered buffer: set only when it changes
+            self.ties = ties
+        limit = self.limit
         if isinstance(threshold, Tensor):
             self.limit = threshold
+        elif limit.dim() == 0 and limit.dtype == w.dtype and limit.device == w.device:
+            limit.fill_(threshold)
         else:
-            if self.limit.shape != () or self.limit.dtype != w.dtype or self.limit.device != w.device:
-                self.limit = torch.zeros((), dtype=w.dtype, device=w.device)
-            self.limit.fill_(threshold)
-        if self.tie_value.dtype != w.dtype or self.tie_value.device != w.device:
-            self.tie_value = torch.zeros((), dtype=w.dtype, device=w.device)
-            self.tie_count = torch.zeros((), dtype=torch.long, device=w.device)
+            self.limit = torch.full((), threshold, dtype=w.dtype, device=w.device)
+        value, count = self.tie_value, self.tie_count
+        if value.dtype != w.dtype or value.device != w.device:
+            self.tie_value = value = torch.zeros((), dtype=w.dtype, device=w.device)
+            self.tie_count = count = torch.zeros((), dtype=torch.long, device=w.device)
+            self._tie_end = 0
         if span is not None:
-            self.tie_value.fill_(span[0])
-            self.tie_count.fill_(span[1])
-            return
-        if ties is None:
-            self.tie_count.zero_()
-            return
-        positions = ties.reshape(-1).nonzero()  # the first entries equal to the tie value, in flat order
-        self.tie_value.copy_(self.normalised(w).abs().reshape(-1)[positions[0, 0]])
-        self.tie_count.fill_(int(positions[-1, 0]) + 1)
+            value.fill_(span[0])
+            end = span[1]
+        elif ties is None:
+            end = 0
+        else:  # the first entries equal to the tie value, in flat order
+            positions = ties.reshape(-1).nonzero()
+            first = int(positions[0, 0])
+            value.copy_(self.normalised(w.reshape(-1)[first]).abs())  # |w * n| of that entry alone
+            end = int(positions[-1, 0]) + 1
+        if end != self._tie_end:
+            count.fill_(end)
+            self._tie_end = end
 
     @torch.no_grad()
     def magnitude(self, w: Tensor) -> Tensor:
