@@ -346,3 +346,44 @@ def test_a_nan_or_infinity_at_any_place_in_a_group_is_refused(m, value):
         for k in (1, m // 2, m - 1):
             with pytest.raises(NonFiniteMagnitudes, match="the magnitudes hold a NaN or an infinity"):
                 GroupSelector(m).select(magnitudes, k)
+
+
+@pytest.mark.parametrize("method, p, rescaled", [("sr-ste", math.inf, False), ("feather-nm", 3.0, False),
+                                                 ("st3-nm", 1.0, True)])
+def test_group_thresholds_of_linear_conv_and_conv1d_layers_act_entry_by_entry(method, p, rescaled):
+    """Linear, Conv2d and a Conv1D stored (in, out) selected together: the thresholds read are each
+    group's at every entry, the forward weights the operator's with them (and ST-3's rescale), and a
+    resumed state gives the same forward weights."""
+    transformers = pytest.importorskip("transformers")
+    from sparsetrain.methods.unstructured.weight import st3_rescale
+    from sparsetrain.operators import threshold_operator
+    from sparsetrain.prunable import out_in
+
+    class Mixed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(8, 4, 3, bias=False)
+            self.fc = nn.Linear(16, 12, bias=False)
+            self.c1d = transformers.pytorch_utils.Conv1D(8, 12)  # weight (12 inputs, 8 outputs)
+
+        def forward(self, x):
+            return self.c1d(self.fc(self.conv(x).flatten(1)[:, :16]))
+
+    torch.manual_seed(0)
+    model = Mixed()
+    sparsifier = st.create(model, method, total_steps=10, schedule="constant", start=0, end=0, fix_at=None)
+    for name, layer, transposed in (("conv", model.conv, False), ("fc", model.fc, False), ("c1d", model.c1d, True)):
+        w = layer.parametrizations.weight.original.detach()
+        magnitude = out_in(w.abs(), transposed)
+        expected = out_in(select_groups([magnitude], 2, 4).thresholds[0], transposed)
+        assert torch.equal(sparsifier.thresholds[name], expected), name
+        forward = threshold_operator(w, expected, p)
+        if rescaled:
+            kept = out_in(w.abs() > expected, transposed)
+            forward = forward * out_in(st3_rescale(magnitude, kept), transposed)
+        torch.testing.assert_close(layer.weight, forward, rtol=1e-6, atol=0.0, msg=name)
+    resumed = st.create(Mixed(), method, total_steps=10, schedule="constant", start=0, end=0, fix_at=None)
+    resumed.model.load_state_dict(model.state_dict())
+    resumed.load_state_dict(sparsifier.state_dict())
+    for name in ("conv", "fc", "c1d"):
+        assert torch.equal(getattr(resumed.model, name).weight, getattr(model, name).weight), name
