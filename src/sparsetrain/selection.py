@@ -230,7 +230,7 @@ def _bracketed(arrays: Sequence[Any], k: int, n: int, ops: _Ops) -> _Rank | None
     margin = 4.0 * math.sqrt(m * q * (1.0 - q)) + 8.0
     lo_rank, hi_rank = math.floor(q * m - margin) + 1, math.ceil(q * m + margin) + 1
     ranks = [r for r in (lo_rank, hi_rank) if 1 <= r <= m]
-    found = dict(zip(ranks, ops.kth(sample, ranks)))  # both ends of the bracket from one partition
+    found = dict(zip(ranks, ops.kth(sample, ranks)))  # both ends of the bracket
     lo, hi = found.get(lo_rank, -math.inf), found.get(hi_rank, math.inf)
     below, inside = ops.split(arrays, lo, hi)
     if not 1 <= k - below <= len(inside):

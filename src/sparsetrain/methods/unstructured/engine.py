@@ -460,6 +460,7 @@ class Sparsifier(ShardedEngine, Method):
                 "start": self.schedule.start if hasattr(self.schedule, "start") else None,
                 "end": self.schedule.end if hasattr(self.schedule, "end") else None}
 
+    @torch.no_grad()
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore a state saved by :meth:`state_dict` on the same model and method; a state that
         does not fit (not a mapping: TypeError; other method, layers, settings, shapes, a missing

@@ -51,11 +51,11 @@ class SparseWeight(nn.Module):
         """w * n, the magnitudes the threshold is compared against (w itself when n = 1)."""
         return w if self.norm == 1.0 else w * self.norm
 
-    @torch.no_grad()
     def choose(self, threshold: Threshold, ties: Tensor | None, w: Tensor, span: tuple[float, int] | None = None) -> None:
         """Set T and the pruned ties for weight ``w``, with their tensor forms for compiled graphs
         (``span``: the tie value and count of a sharded weight, which its local ties cannot tell).
-        Called for every weight at every step: the tensor forms are rewritten only where they change."""
+        Called under ``torch.no_grad()`` for every weight at every step: the tensor forms are rewritten
+        only where they change."""
         self.threshold = threshold
         if ties is not None or self.ties is not None:  # a registered buffer: set only when it changes
             self.ties = ties
@@ -85,10 +85,10 @@ class SparseWeight(nn.Module):
             count.fill_(end)
             self._tie_end = end
 
-    @torch.no_grad()
     def magnitude(self, w: Tensor) -> Tensor:
         """|w * n|, written into a buffer kept from step to step (no fresh tensor as large as w at
-        every step); the next forward weight computed from this version of w reuses it as scratch."""
+        every step); the next forward weight computed from this version of w reuses it as scratch.
+        Called under ``torch.no_grad()``."""
         if not fits(self._scratch, w):
             self._scratch = torch.empty_like(w)
         if self.norm == 1.0:
