@@ -18,6 +18,7 @@ import statistics
 import time
 
 import torch
+from timing import paired_overhead
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 import sparsetrain as st
@@ -78,12 +79,8 @@ def main() -> None:
         for method in methods:
             median = statistics.median(times[method])
             paired = statistics.median(t / d for t, d in zip(times[method], times["dense"]))
-            differences = [t - d for t, d in zip(times[method], times["dense"])]
-            mean = statistics.fmean(differences)
-            half = 1.96 * statistics.stdev(differences) / len(differences) ** 0.5 if len(differences) > 1 else 0.0
-            dense_mean = statistics.fmean(times["dense"])
             print(f"| {name} | {method} | {1e3 * median:.1f} | {100 * (median / dense - 1):+.1f} % | {100 * (paired - 1):+.1f} % | "
-                  f"{100 * mean / dense_mean:+.1f} % [{100 * (mean - half) / dense_mean:+.1f}, {100 * (mean + half) / dense_mean:+.1f}] |")
+                  f"{paired_overhead(times[method], times['dense'])} |")
 
 
 if __name__ == "__main__":
