@@ -164,3 +164,55 @@ def test_a_run_killed_and_resumed_through_distributed_checkpoint(tmp_path):
         else:
             n = sum(w.numel() for w in layers)
             assert sum(int((w == 0).sum()) for w in layers) == round(0.8 * n), method
+
+
+def _sharded_in_a_world_of_one(tmp_path, method: str, **options):
+    """A small MLP, created, then sharded by fully_shard in a one-process gloo world, bound to SGD."""
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+    created = st.create(model, method, total_steps=12, **options)
+    for layer in (model[0], model[2], model):
+        fully_shard(layer)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    return model, created, optimizer
+
+
+@pytest.mark.parametrize("method", ["st3", "sr-ste"])
+def test_update_every_with_groups_or_rescale_under_fsdp_is_refused_in_one_sentence(tmp_path, method):
+    try:
+        _, created, optimizer = _sharded_in_a_world_of_one(tmp_path, method, update_every=4)
+        with pytest.raises(ValueError) as refused:
+            created.bind(optimizer)
+    finally:
+        dist.destroy_process_group()
+    assert str(refused.value) == (f"update_every=4 with {method!r} under FSDP is not supported; allowed: update_every=1 "
+                                  "(its N:M groups and rescale are computed in every forward).")
+
+
+def test_update_every_under_fsdp_moves_the_threshold_only_at_multiples_of_it(tmp_path):
+    """The sharded path (DTensor weights, the sharded selection) in a world of one: with update_every=4 the
+    threshold changes at steps 4 and 8 only, and there it is the k-th magnitude of the weights."""
+    try:
+        model, created, optimizer = _sharded_in_a_world_of_one(tmp_path, "feather", sparsity=0.5, update_every=4)
+        created.bind(optimizer)
+        x, y = torch.randn(8, 16, generator=torch.Generator().manual_seed(1)), torch.randn(8, 4)
+        thresholds = [created.threshold]
+        for _ in range(9):
+            loss = nn.functional.mse_loss(model(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            created.before_optimizer_step()
+            optimizer.step()
+            created.step()
+            thresholds.append(created.threshold)
+            if created.step_count % 4 == 0:
+                magnitudes = torch.cat([w.full_tensor().abs().reshape(-1) for w in created.dense_weights()])
+                k = round(created.target * magnitudes.numel())
+                assert created.threshold == magnitudes.sort().values[k - 1].item()
+    finally:
+        dist.destroy_process_group()
+    moved = [t for t in range(1, 10) if thresholds[t] != thresholds[t - 1]]
+    assert moved == [4, 8]
