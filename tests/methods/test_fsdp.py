@@ -180,8 +180,8 @@ def _sharded_in_a_world_of_one(tmp_path, method: str, **options):
     return model, created, optimizer
 
 
-@pytest.mark.parametrize("method", ["st3", "sr-ste"])
-def test_update_every_with_groups_or_rescale_under_fsdp_is_refused_in_one_sentence(tmp_path, method):
+@pytest.mark.parametrize("method", ["sr-ste", "st3-nm"])
+def test_update_every_with_groups_under_fsdp_is_refused_in_one_sentence(tmp_path, method):
     try:
         _, created, optimizer = _sharded_in_a_world_of_one(tmp_path, method, update_every=4)
         with pytest.raises(ValueError) as refused:
@@ -189,7 +189,80 @@ def test_update_every_with_groups_or_rescale_under_fsdp_is_refused_in_one_senten
     finally:
         dist.destroy_process_group()
     assert str(refused.value) == (f"update_every=4 with {method!r} under FSDP is not supported; allowed: update_every=1 "
-                                  "(its N:M groups and rescale are computed in every forward).")
+                                  "(its N:M groups are computed in every forward).")
+
+
+def _train(model, created, optimizer, steps: int) -> None:
+    generator = torch.Generator().manual_seed(1)
+    x, y = torch.randn(8, 16, generator=generator), torch.randn(8, 4, generator=generator)
+    for _ in range(steps):
+        loss = nn.functional.mse_loss(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        created.before_optimizer_step()
+        optimizer.step()
+        created.step()
+
+
+def test_st3_rescale_is_held_between_updates_under_fsdp_and_resumes(tmp_path):
+    """ST-3 sigma with update_every=4 under fully_shard (a world of one): each layer's rescale is computed
+    over the full weight at steps 4 and 8 only (ST-3's a_c of the gathered weight then) and held in
+    between; a state saved inside an interval resumes to the same weights as a run never interrupted."""
+    from sparsetrain.methods.unstructured.weight import st3_rescale
+    from sparsetrain.operators import threshold_operator
+
+    options = {"update_every": 4, "start": 0, "end": 10, "fix_at": None}
+    try:
+        model, created, optimizer = _sharded_in_a_world_of_one(tmp_path, "st3-sigma", **options)
+        created.bind(optimizer)
+        params = [module.parametrizations.weight[0] for module in (model[0], model[2])]
+        held = [[p.rescale.clone() for p in params]]
+        for step in range(1, 10):
+            _train(model, created, optimizer, 1)
+            held.append([p.rescale.clone() for p in params])
+            changed = any(not torch.equal(a, b) for a, b in zip(held[-1], held[-2]))
+            assert changed == (step % 4 == 0), step
+            if step % 4 == 0:
+                for param, w in zip(params, created.dense_weights()):
+                    full = w.full_tensor().detach()
+                    kept = full.abs() * param.norm > created.threshold
+                    torch.testing.assert_close(param.rescale, st3_rescale(full.abs(), kept), rtol=1e-5, atol=0.0)
+            if step == 5:  # inside an interval the forward scales by the held rescale
+                x = torch.randn(3, 16, generator=torch.Generator().manual_seed(2))
+                expected = x
+                for i, (param, w) in enumerate(zip(params, created.dense_weights())):
+                    full, bias = w.full_tensor().detach(), model[2 * i].bias.full_tensor().detach()
+                    forward = threshold_operator(full * param.norm, created.threshold, 1.0) / param.norm * param.rescale
+                    expected = nn.functional.linear(expected if i == 0 else expected.relu(), forward, bias)
+                torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-6)
+                state, weights = created.state_dict(), {k: v.full_tensor().clone() for k, v in model.state_dict().items()}
+                moments = {k: v.clone() for k, v in optimizer.state_dict()["state"].items()} if optimizer.state else {}
+        final = [w.full_tensor().clone() for w in created.dense_weights()]
+        resumed, again, sgd = _rebuilt(weights, state)
+        _train(resumed, again, sgd, 4)
+        assert not moments  # plain SGD: no optimizer state to carry
+        assert all(torch.equal(a.full_tensor(), b) for a, b in zip(again.dense_weights(), final))
+    finally:
+        dist.destroy_process_group()
+
+
+def _rebuilt(weights, state):
+    """The world-of-one model again, sharded, its weights and the method's state loaded."""
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import distribute_tensor
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+    created = st.create(model, "st3-sigma", total_steps=12, update_every=4, start=0, end=10, fix_at=None)
+    for layer in (model[0], model[2], model):
+        fully_shard(layer)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    created.bind(optimizer)
+    with torch.no_grad():
+        for key, value in model.state_dict().items():
+            value.copy_(distribute_tensor(weights[key], value.device_mesh, value.placements))
+    created.load_state_dict(state)
+    return model, created, optimizer
 
 
 def test_update_every_under_fsdp_moves_the_threshold_only_at_multiples_of_it(tmp_path):

@@ -46,11 +46,12 @@ class ShardedEngine:
     @torch.no_grad()
     def _reselect_sharded(self, sparsity: float, weights: Sequence[Tensor], group: dist.ProcessGroup) -> None:
         """:meth:`_reselect` for weights sharded by FSDP2: the threshold of the scope selected over every
-        rank's shards, equal on every rank; N:M groups and ST-3's rescale are left to the forward."""
+        rank's shards, equal on every rank; N:M groups are left to the forward, and so is ST-3's rescale
+        unless held between updates (``update_every`` > 1)."""
         config = self.config
-        if config.update_every > 1 and (config.scope == "nm" or config.rescale):
+        if config.update_every > 1 and config.scope == "nm":
             raise ValueError(f"update_every={config.update_every} with {self.name!r} under FSDP is not supported; "
-                             "allowed: update_every=1 (its N:M groups and rescale are computed in every forward).")
+                             "allowed: update_every=1 (its N:M groups are computed in every forward).")
         shards = [local_shard(w) for w in weights]
         self._mark_sharded()
         if config.nm is not None:
@@ -65,6 +66,7 @@ class ShardedEngine:
             for param, shard in zip(self._params, shards):
                 param.groups = groups
                 param.choose(0.0, None, shard)  # no threshold tensor as large as the weight kept
+            self._hold_rescales(weights, group)
             return
         magnitudes = [param.normalised(shard).abs() for param, shard in zip(self._params, shards)]
         try:
@@ -75,6 +77,20 @@ class ShardedEngine:
         spans = self._spans(magnitudes, chosen.ties, weights, group) if chosen.straddles else [(0.0, 0)] * len(weights)
         for param, shard, threshold, ties, span in zip(self._params, shards, chosen.thresholds, chosen.ties, spans):
             param.choose(threshold, ties, shard, span)
+        self._hold_rescales(weights, group)
+
+    def _hold_rescales(self, weights: Sequence[Tensor], group: dist.ProcessGroup) -> None:
+        """With ``update_every`` > 1, ST-3's rescale of every full weight, kept until the next update (the
+        same on every rank); otherwise none is kept (the forward computes it from the unsharded weight)."""
+        held = self.config.rescale and self.config.update_every > 1
+        for param, w, transposed in zip(self._params, weights, self._transposed):
+            if not held:
+                param.rescale = None
+                continue
+            shard = local_shard(w)
+            kept = kept_mask(param.normalised(shard), param.threshold, param.ties)
+            rescale = self._channel_rescale(w, shard, kept, transposed, group)
+            param.rescale = rescale.view(1, -1) if transposed else rescale.view(-1, *([1] * (w.dim() - 1)))
 
     def _select_shards(self, magnitudes: Sequence[Tensor], sparsity: float, weights: Sequence[Tensor],
                        group: dist.ProcessGroup) -> ShardedSelection:
@@ -141,14 +157,19 @@ class ShardedEngine:
 
 
     @staticmethod
-    def _shard_rescale(w: Tensor, shard: Tensor, kept: Tensor, transposed: bool, group: dist.ProcessGroup) -> Tensor:
-        """ST-3's a_c (:func:`st3_rescale`) of the full weight's output channels, shaped to broadcast
-        over this rank's shard."""
+    def _channel_rescale(w: Tensor, shard: Tensor, kept: Tensor, transposed: bool, group: dist.ProcessGroup) -> Tensor:
+        """ST-3's a_c (:func:`st3_rescale`) of each of the full weight's output channels, from every rank's
+        shard and its kept entries."""
         magnitude = shard.abs()
         per_channel = w.numel() // (w.shape[1] if transposed else w.shape[0])
         kept_sum = channel_sums(magnitude * kept, w, transposed, group) / per_channel
         all_sum = channel_sums(magnitude, w, transposed, group) / per_channel
-        rescale = 1.01 / ((kept_sum + RESCALE_EPS) / (all_sum + RESCALE_EPS) + 0.01)
+        return 1.01 / ((kept_sum + RESCALE_EPS) / (all_sum + RESCALE_EPS) + 0.01)
+
+    @classmethod
+    def _shard_rescale(cls, w: Tensor, shard: Tensor, kept: Tensor, transposed: bool, group: dist.ProcessGroup) -> Tensor:
+        """:meth:`_channel_rescale`, shaped to broadcast over this rank's shard."""
+        rescale = cls._channel_rescale(w, shard, kept, transposed, group)
         if transposed:
             return rescale.view(1, -1)
         start = first_row(w)
@@ -156,10 +177,10 @@ class ShardedEngine:
 
 
     @torch.no_grad()
-    def _load_sharded(self, thresholds: Sequence[Threshold], ties: Sequence[Any], weights: Sequence[Tensor],
-                      group: dist.ProcessGroup) -> None:
+    def _load_sharded(self, thresholds: Sequence[Threshold], ties: Sequence[Any], rescales: Sequence[Tensor | None],
+                      weights: Sequence[Tensor], group: dist.ProcessGroup) -> None:
         """:meth:`load_state_dict` on sharded weights (from a state saved under FSDP on any number of
-        ranks, or without FSDP)."""
+        ranks, or without FSDP; the rescales held between updates as saved, or computed again)."""
         shards = [local_shard(w) for w in weights]
         self._mark_sharded()
         if self.fix_step is not None and self._step >= self.fix_step:
@@ -183,6 +204,11 @@ class ShardedEngine:
         for param, shard, threshold, mask, span in zip(self._params, shards, thresholds, local,
                                                        self._spans(magnitudes, local, weights, group)):
             param.choose(threshold, mask, shard, span)
+        if all(r is not None for r in rescales) and self.config.rescale and self.config.update_every > 1:
+            for param, w, rescale in zip(self._params, weights, rescales):
+                param.rescale = rescale.to(local_shard(w).device)
+        else:
+            self._hold_rescales(weights, group)
 
 
 def span_of(param: SparseWeight) -> dict[str, float | int] | None:

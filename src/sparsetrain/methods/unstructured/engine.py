@@ -428,8 +428,9 @@ class Sparsifier(ShardedEngine, Method):
         """Step, thresholds, tie masks, rescales and fixed masks: everything needed to resume
         mid-schedule, with the settings they belong to. Under FSDP the same on every rank, whatever
         their number (for ``torch.distributed.checkpoint``): the ties as ``{"value", "end"}`` (the
-        tie value and the end of the pruned ties in the full weight's flat order), no rescales or
-        masks (the forward computes the rescale; the fixed phase keeps the pruned weights at 0)."""
+        tie value and the end of the pruned ties in the full weight's flat order), the rescales only
+        where held between updates (``update_every`` > 1; otherwise the forward computes them), no masks
+        (the fixed phase keeps the pruned weights at 0)."""
         sharded = self._params[0].sharded
         return {
             "method": self.name,
@@ -439,7 +440,7 @@ class Sparsifier(ShardedEngine, Method):
             "thresholds": [copy_threshold(param.threshold) for param in self._params],
             "ties": [span_of(param) if sharded else None if param.ties is None else param.ties.clone()
                      for param in self._params],
-            "rescale": [None if sharded or param.rescale is None else param.rescale.clone() for param in self._params],
+            "rescale": [None if param.rescale is None else param.rescale.clone() for param in self._params],
             "masks": [None if sharded or param.mask is None else param.mask.clone() for param in self._params],
         }
 
@@ -479,7 +480,7 @@ class Sparsifier(ShardedEngine, Method):
         weights = self._weights
         group = self._group
         if group is not None:
-            self._load_sharded(thresholds, state["ties"], weights, group)
+            self._load_sharded(thresholds, state["ties"], state["rescale"], weights, group)
             return
         fixed = self.fix_step is not None and self._step >= self.fix_step
         for param, w, threshold, ties, rescale, mask in zip(

@@ -139,7 +139,8 @@ class SparseWeight(nn.Module):
 
     def _forward_unsharded(self, w: Tensor, decay: float) -> Tensor:
         """The forward of an FSDP2-sharded weight, on its unsharded value inside the layer's forward:
-        the N:M groups, the pruned ties and ST-3's rescale are computed here from w itself."""
+        the N:M groups, the pruned ties and ST-3's rescale (unless held between updates) are computed
+        here from w itself."""
         if self.frozen:
             return w * (w != 0)
         scaled = self.normalised(w)
@@ -154,8 +155,8 @@ class SparseWeight(nn.Module):
                 if int(self.tie_count):
                     index = torch.arange(w.numel(), device=w.device).view(w.shape)
                     ties = (magnitude == self.tie_value) & (index < self.tie_count)
-            rescale = None
-            if self.rescaled:
+            rescale = self.rescale  # held between updates (update_every > 1), else computed here
+            if self.rescaled and rescale is None:
                 kept = kept_mask(scaled, threshold, ties, magnitude)
                 plain = magnitude if self.norm == 1.0 else w.abs()
                 rescale = out_in(st3_rescale(out_in(plain, self.transposed), out_in(kept, self.transposed)), self.transposed)
