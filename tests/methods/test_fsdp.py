@@ -167,17 +167,21 @@ def test_a_run_killed_and_resumed_through_distributed_checkpoint(tmp_path):
 
 
 def _sharded_in_a_world_of_one(tmp_path, method: str, **options):
-    """A small MLP, created, then sharded by fully_shard in a one-process gloo world, bound to SGD."""
+    """:func:`_sharded_mlp` in a one-process gloo world."""
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    return _sharded_mlp(method, **options)
+
+
+def _sharded_mlp(method: str, **options):
+    """A small MLP, created, then sharded by fully_shard (each layer, then the root), and SGD over it."""
     from torch.distributed.fsdp import fully_shard
 
-    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
     created = st.create(model, method, total_steps=12, **options)
     for layer in (model[0], model[2], model):
         fully_shard(layer)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    return model, created, optimizer
+    return model, created, torch.optim.SGD(model.parameters(), lr=0.1)
 
 
 @pytest.mark.parametrize("method", ["sr-ste", "st3-nm"])
@@ -236,27 +240,19 @@ def test_st3_rescale_is_held_between_updates_under_fsdp_and_resumes(tmp_path):
                     expected = nn.functional.linear(expected if i == 0 else expected.relu(), forward, bias)
                 torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-6)
                 state, weights = created.state_dict(), {k: v.full_tensor().clone() for k, v in model.state_dict().items()}
-                moments = {k: v.clone() for k, v in optimizer.state_dict()["state"].items()} if optimizer.state else {}
         final = [w.full_tensor().clone() for w in created.dense_weights()]
-        resumed, again, sgd = _rebuilt(weights, state)
+        resumed, again, sgd = _rebuilt(weights, state, **options)  # plain SGD: no optimizer state to carry
         _train(resumed, again, sgd, 4)
-        assert not moments  # plain SGD: no optimizer state to carry
         assert all(torch.equal(a.full_tensor(), b) for a, b in zip(again.dense_weights(), final))
     finally:
         dist.destroy_process_group()
 
 
-def _rebuilt(weights, state):
-    """The world-of-one model again, sharded, its weights and the method's state loaded."""
-    from torch.distributed.fsdp import fully_shard
+def _rebuilt(weights, state, **options):
+    """The world-of-one st3-sigma model again, sharded and bound, its weights and the method's state loaded."""
     from torch.distributed.tensor import distribute_tensor
 
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
-    created = st.create(model, "st3-sigma", total_steps=12, update_every=4, start=0, end=10, fix_at=None)
-    for layer in (model[0], model[2], model):
-        fully_shard(layer)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    model, created, optimizer = _sharded_mlp("st3-sigma", **options)
     created.bind(optimizer)
     with torch.no_grad():
         for key, value in model.state_dict().items():
@@ -271,15 +267,9 @@ def test_update_every_under_fsdp_moves_the_threshold_only_at_multiples_of_it(tmp
     try:
         model, created, optimizer = _sharded_in_a_world_of_one(tmp_path, "feather", sparsity=0.5, update_every=4)
         created.bind(optimizer)
-        x, y = torch.randn(8, 16, generator=torch.Generator().manual_seed(1)), torch.randn(8, 4)
         thresholds = [created.threshold]
         for _ in range(9):
-            loss = nn.functional.mse_loss(model(x), y)
-            optimizer.zero_grad()
-            loss.backward()
-            created.before_optimizer_step()
-            optimizer.step()
-            created.step()
+            _train(model, created, optimizer, 1)
             thresholds.append(created.threshold)
             if created.step_count % 4 == 0:
                 magnitudes = torch.cat([w.full_tensor().abs().reshape(-1) for w in created.dense_weights()])

@@ -79,13 +79,16 @@ class ShardedEngine:
             param.choose(threshold, ties, shard, span)
         self._hold_rescales(weights, group)
 
-    def _hold_rescales(self, weights: Sequence[Tensor], group: dist.ProcessGroup) -> None:
+    def _hold_rescales(self, weights: Sequence[Tensor], group: dist.ProcessGroup,
+                       saved: Sequence[Tensor | None] = ()) -> None:
         """With ``update_every`` > 1, ST-3's rescale of every full weight, kept until the next update (the
-        same on every rank); otherwise none is kept (the forward computes it from the unsharded weight)."""
+        same on every rank; ``saved``, a state's rescales, where it holds one for every weight); otherwise
+        none is kept (the forward computes it from the unsharded weight)."""
         held = self.config.rescale and self.config.update_every > 1
-        for param, w, transposed in zip(self._params, weights, self._transposed):
-            if not held:
-                param.rescale = None
+        restored = held and len(saved) == len(weights) and all(r is not None for r in saved)
+        for i, (param, w, transposed) in enumerate(zip(self._params, weights, self._transposed)):
+            if not held or restored:
+                param.rescale = saved[i].to(local_shard(w).device) if restored else None
                 continue
             shard = local_shard(w)
             kept = kept_mask(param.normalised(shard), param.threshold, param.ties)
@@ -204,11 +207,7 @@ class ShardedEngine:
         for param, shard, threshold, mask, span in zip(self._params, shards, thresholds, local,
                                                        self._spans(magnitudes, local, weights, group)):
             param.choose(threshold, mask, shard, span)
-        if all(r is not None for r in rescales) and self.config.rescale and self.config.update_every > 1:
-            for param, w, rescale in zip(self._params, weights, rescales):
-                param.rescale = rescale.to(local_shard(w).device)
-        else:
-            self._hold_rescales(weights, group)
+        self._hold_rescales(weights, group, rescales)
 
 
 def span_of(param: SparseWeight) -> dict[str, float | int] | None:
