@@ -5,8 +5,8 @@ one never killed.
     python -m torch.distributed.run --standalone --nproc_per_node=N tests/methods/fsdp_resume.py OUT PHASE METHODS
 
 PHASE is ``whole`` (all STEPS steps), ``first`` (FIRST steps, then a checkpoint) or ``rest`` (load it,
-then the other steps), for each of the comma-separated METHODS (files under OUT/METHOD). The batch of
-a step depends on the step and the rank only.
+then the other steps), for each of the comma-separated METHODS (files under OUT/METHOD; ``NAME@K``:
+with ``update_every=K``). The batch of a step depends on the step and the rank only.
 """
 
 import json
@@ -29,7 +29,9 @@ STEPS, FIRST = 8, 4
 def build(method: str):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(32, 52), nn.ReLU(), nn.Linear(52, 48), nn.ReLU(), nn.Linear(48, 12))
-    created = st.create(model, method, total_steps=STEPS, **({} if method == "sr-ste" else {"sparsity": 0.8}))
+    name, _, every = method.partition("@")
+    options = {} if name == "sr-ste" else {"sparsity": 0.8}
+    created = st.create(model, name, total_steps=STEPS, update_every=int(every or 1), **options)
     for layer in model:
         if isinstance(layer, nn.Linear):
             fully_shard(layer)

@@ -19,7 +19,11 @@ from torch import nn
 from torch.distributed.fsdp import fully_shard
 
 import sparsetrain as st
-from sparsetrain.selection import layer_sigma, select
+from sparsetrain.methods.unstructured.weight import stored
+from sparsetrain.nm import select_groups
+from sparsetrain.operators import kept_mask
+from sparsetrain.prunable import out_in
+from sparsetrain.selection import layer_sigma, prune_count, select
 
 STEPS = 8
 CASES = [  # (name, model, method, options, tied)
@@ -37,6 +41,10 @@ CASES = [  # (name, model, method, options, tied)
     ("tied-st3-sigma", "mlp", "st3-sigma", {"sparsity": 0.6, "start": 2}, True),
     ("cnn-erk", "cnn", "feather", {"sparsity": 0.9, "scope": "erk"}, False),
     ("tied-erk", "mlp", "feather", {"sparsity": 0.6, "start": 2, "scope": "erk"}, True),
+    ("mlp-sr-ste-every4", "mlp", "sr-ste", {"update_every": 4}, False),
+    ("conv1d-sr-ste-every4", "conv1d", "sr-ste", {"update_every": 4}, False),
+    ("tied-sr-ste-every4", "mlp", "sr-ste", {"update_every": 4}, True),
+    ("mlp-st3-nm-every3", "mlp", "st3-nm", {"update_every": 3}, False),
 ]
 
 
@@ -105,15 +113,26 @@ def run(name: str, model_name: str, method: str, options: dict, tied: bool, rank
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0 if tied else 0.05, momentum=0.9)
     method_object.bind(optimizer)
     gen = torch.Generator().manual_seed(100 + rank)  # each rank its own data, as in data-parallel training
-    thresholds, tie_steps = [], 0
+    thresholds, tie_steps, held_forwards, held_ties = [], 0, [], False
+    every = options.get("update_every", 1)
+    held = held_groups(method_object, model_name) if method == "sr-ste" and every > 1 else None
     for _ in range(STEPS):
         x, y = batch(model_name, gen)
-        loss = loss_of(model, x, y)
+        if held is not None:  # N:M held between updates: the training forward against a plain copy's
+            expected = pruned_by_held(method_object, model, model_name, held)(x)
+            output = model(x)
+            held_forwards.append(torch.allclose(output, expected, rtol=1e-5, atol=1e-6))
+            held_ties |= any(ties is not None for _, ties in held)
+            loss = F.cross_entropy(output, y)
+        else:
+            loss = loss_of(model, x, y)
         optimizer.zero_grad()
         loss.backward()
         method_object.before_optimizer_step()
         optimizer.step()
         method_object.step()
+        if held is not None and method_object.step_count % every == 0:
+            held = held_groups(method_object, model_name)
         scope = method_object.config.scope
         if scope != "nm" and not method_object.fixed:
             full = [w.full_tensor() for w in method_object.dense_weights()]
@@ -128,10 +147,31 @@ def run(name: str, model_name: str, method: str, options: dict, tied: bool, rank
     x, y = batch(model_name, gen)  # the finalized model is an ordinary FSDP model: it still trains
     loss = loss_of(finalized, x, y)
     loss.backward()
-    return {"thresholds": thresholds, "tie_steps": tie_steps, "sparsity": sparsity, "target": method_object.schedule.final,
+    return {"thresholds": thresholds, "tie_steps": tie_steps, "held_forwards": held_forwards, "held_ties": held_ties, "sparsity": sparsity, "target": method_object.schedule.final,
             "n": method_object.numel(), "layers": [n for n, _, _ in method_object.layer_stats()],
             "trains": bool(torch.isfinite(loss)) and all(p.grad is not None for p in finalized.parameters()),
             "classes": sorted({type(m).__name__ for m in finalized.modules()})}
+
+
+def held_groups(method_object, model_name: str) -> list:
+    """The 2:4 thresholds and ties of the gathered weights now, as a single process selects them."""
+    transposed = model_name == "conv1d"
+    k = prune_count(method_object.target, 4)
+    full = [out_in(w.full_tensor().detach().abs(), transposed) for w in method_object.dense_weights()]
+    chosen = select_groups(full, k, 4)
+    return [(stored(t, transposed), stored(ties, transposed)) for t, ties in zip(chosen.thresholds, chosen.ties)]
+
+
+def pruned_by_held(method_object, model: nn.Module, model_name: str, held: list) -> nn.Module:
+    """A plain copy of the sharded model whose weights are the gathered weights pruned by ``held``
+    (sr-ste's forward: w where kept, else 0)."""
+    plain = {"mlp": mlp, "conv1d": conv1d}[model_name]()
+    with torch.no_grad():
+        for name, w, (threshold, ties) in zip(method_object.names, method_object.dense_weights(), held):
+            full = w.full_tensor()
+            plain.get_submodule(name).weight.copy_(full * kept_mask(full, threshold, ties))
+            plain.get_submodule(name).bias.copy_(model.get_submodule(name).bias.full_tensor())
+    return plain
 
 
 def non_finite(bad: float, rank: int, world: int) -> str:

@@ -11,6 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from sparsetrain.run.checkpoint import load_checkpoint
+
 pytestmark = pytest.mark.slow
 
 RANK_SCRIPT = textwrap.dedent(
@@ -137,6 +139,16 @@ def assert_exactly_sparse_plain_run(run):
     assert abs(config["metrics"]["sparsity"] - 0.9) < 1e-4  # round(0.9 N) / N
 
 
+def assert_nm_plain_run(run):
+    """A finished --fsdp N:M run folder: fsdp recorded, a plain model's weights, 2:4 in every layer with groups."""
+    from sparsetrain.nm import has_groups, pattern_holds
+
+    assert json.loads((run / "config.json").read_text())["options"]["fsdp"] is True
+    weights = load_file(str(run / "model.safetensors"))
+    grouped = [v for k, v in weights.items() if k.endswith("weight") and v.dim() > 1 and has_groups(v.shape, 4)]
+    assert len(grouped) == 21 and all(pattern_holds(w, 2, 4) for w in grouped)  # every layer but conv1
+
+
 def test_fsdp_from_the_command_line_trains_a_vit(tmp_path):
     done = torchrun("-m", "sparsetrain", "train", *FSDP, "--model", "vit-micro", "--out", tmp_path, "--name", "run")
     assert done.returncode == 0, done.stderr[-3000:]
@@ -145,14 +157,18 @@ def test_fsdp_from_the_command_line_trains_a_vit(tmp_path):
 
 
 def test_an_fsdp_run_killed_after_its_first_epoch_resumes_to_the_same_end(tmp_path):
-    args = ["--model-arg", "width=0.25", "--out", tmp_path]
-    straight = torchrun("-m", "sparsetrain", "train", *FSDP, *args, "--name", "straight")  # a ResNet-20
+    """sr-ste on a ResNet-20 with its 2:4 groups held between updates (every 3 steps; 2 steps an epoch): the
+    checkpoint falls inside an interval and holds them, gathered whole from the ranks' DTensors."""
+    args = ["--method", "sr-ste", "--update-every", 3, "--model-arg", "width=0.25", "--out", tmp_path]
+    straight = torchrun("-m", "sparsetrain", "train", *FSDP, *args, "--name", "straight")
     assert straight.returncode == 0, straight.stderr[-3000:]
-    assert_exactly_sparse_plain_run(tmp_path / "straight")
+    assert_nm_plain_run(tmp_path / "straight")
     dying = tmp_path / "dying.py"
     dying.write_text(DIE_AFTER_FIRST_CHECKPOINT)
     killed = torchrun(dying, "train", *FSDP, *args, "--name", "killed")
     assert killed.returncode != 0 and (tmp_path / "killed" / "checkpoint.safetensors").is_file()
+    method = load_checkpoint(tmp_path / "killed" / "checkpoint.safetensors")["method"]
+    assert method["step"] == 2 and [tuple(t.shape) for t in method["thresholds"] if isinstance(t, torch.Tensor)][:1] == [(4, 4, 3, 3)]
     resumed = torchrun("-m", "sparsetrain", "train", "--resume", tmp_path / "killed", "--workers", 1)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     a, b = load_file(str(tmp_path / "straight" / "model.safetensors")), load_file(str(tmp_path / "killed" / "model.safetensors"))

@@ -291,6 +291,19 @@ def _set_whole_states(setup: Setup, model_state: dict[str, Any], optimizer_state
                    options=StateDictOptions(full_state_dict=True))
 
 
+def _whole_tensors(tree: Any) -> Any:
+    """``tree`` (dicts and lists) with every DTensor gathered whole (every rank calls)."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(tree, DTensor):
+        return tree.full_tensor()
+    if isinstance(tree, dict):
+        return {key: _whole_tensors(value) for key, value in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_whole_tensors(value) for value in tree)
+    return tree
+
+
 def _checkpoint_state(setup: Setup, epoch: int) -> dict[str, Any]:
     model, optimizer = _whole_states(setup)
     return {
@@ -298,7 +311,7 @@ def _checkpoint_state(setup: Setup, epoch: int) -> dict[str, Any]:
         "model": model,
         "optimizer": optimizer,
         "scheduler": setup.scheduler.state_dict(),
-        "method": setup.method.state_dict(),
+        "method": _whole_tensors(setup.method.state_dict()) if setup.options.fsdp else setup.method.state_dict(),
         "rng": torch.get_rng_state(),
         "history": setup.history,
     }

@@ -16,7 +16,7 @@ from ...prunable import out_in
 from ...selection import Selection, layer_sparsities, prune_count
 from ...sharded_selection import ShardedSelection, ShardedSelector
 from .config import PER_LAYER, RESCALE_EPS
-from .sharding import any_rank, channel_sums, first_row, global_ties, local_shard
+from .sharding import any_rank, channel_sums, first_row, global_ties, local_shard, rows_of, sharded_like
 from .weight import SparseWeight, stored
 
 
@@ -24,12 +24,13 @@ class ShardedEngine:
     """The :class:`~.engine.Sparsifier`'s work on weights sharded by FSDP2: selection over the shards,
     the pruned ties as spans of the full weight, baking and loading each rank's shard."""
 
-    def _local_zeros(self, param: SparseWeight, shard: Tensor, transposed: bool) -> int:
-        """Entries of this rank's shard that the forward prunes (sharded weights)."""
+    def _local_zeros(self, param: SparseWeight, w: Tensor, transposed: bool) -> int:
+        """Entries of this rank's shard of ``w`` that the forward prunes (sharded weights)."""
+        shard = local_shard(w)
         if self._finalized or param.frozen:
             return int((shard == 0).sum())
         if param.groups is not None:
-            threshold, ties = self._local_groups(param, shard, transposed)
+            threshold, ties = self._local_groups(param, w, transposed)
             return int((~kept_mask(shard, threshold, ties)).sum())
         return int((~kept_mask(param.normalised(shard), param.threshold, param.ties)).sum())
 
@@ -46,12 +47,10 @@ class ShardedEngine:
     @torch.no_grad()
     def _reselect_sharded(self, sparsity: float, weights: Sequence[Tensor], group: dist.ProcessGroup) -> None:
         """:meth:`_reselect` for weights sharded by FSDP2: the threshold of the scope selected over every
-        rank's shards, equal on every rank; N:M groups are left to the forward, and so is ST-3's rescale
-        unless held between updates (``update_every`` > 1)."""
+        rank's shards, equal on every rank. N:M groups (which lie within a shard) and ST-3's rescale are
+        left to the forward, unless held between updates (``update_every`` > 1): then each rank selects
+        the groups of its rows, and the forward gathers them."""
         config = self.config
-        if config.update_every > 1 and config.scope == "nm":
-            raise ValueError(f"update_every={config.update_every} with {self.name!r} under FSDP is not supported; "
-                             "allowed: update_every=1 (its N:M groups are computed in every forward).")
         shards = [local_shard(w) for w in weights]
         self._mark_sharded()
         if config.nm is not None:
@@ -62,10 +61,15 @@ class ShardedEngine:
                     raise ValueError(f"layer {name!r} (stored (in, out)) has {rows} input rows per shard, so groups of "
                                      f"{m} straddle the shards; allowed: a rank count that splits its "
                                      f"{w.shape[0]} rows into multiples of {m}.")
-            groups = (prune_count(sparsity, m), m)
-            for param, shard in zip(self._params, shards):
-                param.groups = groups
-                param.choose(0.0, None, shard)  # no threshold tensor as large as the weight kept
+            held = config.update_every > 1
+            for param, w, shard, transposed in zip(self._params, weights, shards, self._transposed):
+                param.groups = (prune_count(sparsity, m), m)
+                if held:
+                    param.choose(*self._groups_of(param, w, transposed), shard)
+                else:
+                    param.choose(0.0, None, shard)  # no threshold tensor as large as the weight kept
+            if held:
+                self._hold_groups([param.ties for param in self._params], group)
             self._hold_rescales(weights, group)
             return
         magnitudes = [param.normalised(shard).abs() for param, shard in zip(self._params, shards)]
@@ -78,6 +82,12 @@ class ShardedEngine:
         for param, shard, threshold, ties, span in zip(self._params, shards, chosen.thresholds, chosen.ties, spans):
             param.choose(threshold, ties, shard, span)
         self._hold_rescales(weights, group)
+
+    def _hold_groups(self, ties: Sequence[Tensor | None], group: dist.ProcessGroup) -> None:
+        """Mark the N:M thresholds and ties set on every weight as held until the next update (this rank's
+        rows of them); which layers have ties on some rank: one ``all_reduce``."""
+        for param, somewhere in zip(self._params, any_rank([t is not None for t in ties], group)):
+            param.held_over, param.ties_somewhere = group, somewhere
 
     def _hold_rescales(self, weights: Sequence[Tensor], group: dist.ProcessGroup,
                        saved: Sequence[Tensor | None] = ()) -> None:
@@ -135,9 +145,23 @@ class ShardedEngine:
         return [(value, end) for end in ends]
 
 
-    def _local_groups(self, param: SparseWeight, shard: Tensor, transposed: bool) -> tuple[Threshold, Tensor | None]:
-        """The N:M thresholds and ties of this rank's shard (its groups lie within it)."""
-        chosen = select_groups([out_in(shard.abs(), transposed)], *param.groups)
+    def _local_groups(self, param: SparseWeight, w: Tensor, transposed: bool) -> tuple[Threshold, Tensor | None]:
+        """The N:M thresholds and ties of this rank's shard of ``w``: held, or selected from it now."""
+        if param.held_over is not None:
+            return param.threshold, param.ties
+        return self._groups_of(param, w, transposed)
+
+    @staticmethod
+    def _groups_of(param: SparseWeight, w: Tensor, transposed: bool) -> tuple[Threshold, Tensor | None]:
+        """The N:M thresholds and ties selected from this rank's shard of ``w`` (the groups lie within
+        it); 0 and None where the full weight has no groups or nothing is pruned (on every rank alike)."""
+        shard = local_shard(w)
+        k, m = param.groups
+        if not k or not has_groups(out_in(w, transposed).shape, m):
+            return 0.0, None
+        if not shard.numel():  # a rank past the last row
+            return torch.zeros_like(shard), None
+        chosen = select_groups([out_in(shard.abs(), transposed)], k, m)
         return stored(chosen.thresholds[0], transposed), stored(chosen.ties[0], transposed)
 
 
@@ -147,7 +171,7 @@ class ShardedEngine:
         for param, w, transposed in zip(self._params, self._weights, self._transposed):
             shard = local_shard(w)
             if param.groups is not None:
-                threshold, ties = self._local_groups(param, shard, transposed)
+                threshold, ties = self._local_groups(param, w, transposed)
             else:
                 threshold, ties = param.threshold, param.ties
             scaled = param.normalised(shard)
@@ -191,7 +215,10 @@ class ShardedEngine:
                 param.frozen, param.shard_mask = True, shard != 0
             return
         if self.config.scope == "nm":
-            self._reselect_sharded(self.target, weights, group)  # the groups follow the weights
+            self._reselect_sharded(self.target, weights, group)  # the groups follow the weights, unless held:
+            if self.config.update_every > 1:
+                self._load_groups(thresholds, ties, weights, group)
+                self._hold_rescales(weights, group, rescales)
             return
         local: list[Tensor | None] = []
         for param, w, shard, saved in zip(self._params, weights, shards, ties):
@@ -208,6 +235,32 @@ class ShardedEngine:
                                                        self._spans(magnitudes, local, weights, group)):
             param.choose(threshold, mask, shard, span)
         self._hold_rescales(weights, group, rescales)
+
+
+    def _load_groups(self, thresholds: Sequence[Threshold], ties: Sequence[Tensor | None], weights: Sequence[Tensor],
+                     group: dist.ProcessGroup) -> None:
+        """Held N:M thresholds and ties as a state saved them (blocks of DTensors, or full tensors)."""
+        local = [None if t is None else rows_of(t, w).to(local_shard(w).device).bool() for t, w in zip(ties, weights)]
+        for param, w, threshold, mask in zip(self._params, weights, thresholds, local):
+            shard = local_shard(w)
+            param.choose(rows_of(threshold, w).to(shard.device, shard.dtype) if isinstance(threshold, Tensor) else threshold,
+                         mask if mask is not None and bool(mask.any()) else None, shard)
+        self._hold_groups([param.ties for param in self._params], group)
+
+    def held_groups(self) -> tuple[list[Threshold], list[Tensor | None]]:
+        """The N:M thresholds and ties held between updates under FSDP, as DTensors placed like the weights
+        (a state's entries: ``torch.distributed.checkpoint`` loads them on any number of ranks)."""
+        thresholds: list[Threshold] = []
+        ties: list[Tensor | None] = []
+        for param, w in zip(self._params, self._weights):
+            threshold = param.threshold
+            thresholds.append(sharded_like(threshold.clone(), w) if isinstance(threshold, Tensor) else threshold)
+            if param.ties_somewhere:
+                mask = param.ties if param.ties is not None else torch.zeros_like(local_shard(w), dtype=torch.bool)
+                ties.append(sharded_like(mask.clone(), w))
+            else:
+                ties.append(None)
+        return thresholds, ties
 
 
 def span_of(param: SparseWeight) -> dict[str, float | int] | None:

@@ -62,7 +62,7 @@ from ...sharded_selection import ShardedSelector
 from ..protocol import Method, check_finite
 from .config import KNOBS, LEGACY_NM_KNOBS, resolve_config, unsaved_knobs
 from .distributed import ShardedEngine, same_on_every_rank, span_mask, span_of
-from .sharding import is_sharded, local_shard, shard_group, total, unparametrize
+from .sharding import any_rank, is_sharded, local_shard, shard_group, total, unparametrize
 from .weight import SparseWeight, copy_threshold, st3_rescale, stored, weight_of
 
 
@@ -227,7 +227,7 @@ class Sparsifier(ShardedEngine, Method):
         group = self._group
         with torch.no_grad():
             if group is not None:
-                zeros = total([self._local_zeros(p, local_shard(w), t) for p, w, t in
+                zeros = total([self._local_zeros(p, w, t) for p, w, t in
                                zip(self._params, weights, self._transposed)], group)
                 return [(n, w.numel(), z) for n, w, z in zip(self.names, weights, zeros)]
             if self._finalized:
@@ -430,16 +430,20 @@ class Sparsifier(ShardedEngine, Method):
         their number (for ``torch.distributed.checkpoint``): the ties as ``{"value", "end"}`` (the
         tie value and the end of the pruned ties in the full weight's flat order), the rescales only
         where held between updates (``update_every`` > 1; otherwise the forward computes them), no masks
-        (the fixed phase keeps the pruned weights at 0)."""
+        (the fixed phase keeps the pruned weights at 0); N:M thresholds and ties held between updates
+        are DTensors placed like the weights."""
         sharded = self._params[0].sharded
+        thresholds = [copy_threshold(param.threshold) for param in self._params]
+        ties = [span_of(param) if sharded else None if param.ties is None else param.ties.clone() for param in self._params]
+        if self._params[0].held_over is not None:
+            thresholds, ties = self.held_groups()
         return {
             "method": self.name,
             "settings": self._settings(),
             "step": self._step,
             "layers": list(self.names),
-            "thresholds": [copy_threshold(param.threshold) for param in self._params],
-            "ties": [span_of(param) if sharded else None if param.ties is None else param.ties.clone()
-                     for param in self._params],
+            "thresholds": thresholds,
+            "ties": ties,
             "rescale": [None if param.rescale is None else param.rescale.clone() for param in self._params],
             "masks": [None if sharded or param.mask is None else param.mask.clone() for param in self._params],
         }
@@ -469,7 +473,10 @@ class Sparsifier(ShardedEngine, Method):
         self._check_attached()
         self._check_state(state)
         thresholds = [t if isinstance(t, Tensor) else float(t) for t in state["thresholds"]]
-        if not all(bool(torch.isfinite(torch.as_tensor(t)).all()) for t in thresholds):
+        broken = not all(bool(torch.isfinite(torch.as_tensor(local_shard(t))).all()) for t in thresholds)  # this rank's rows
+        if self._group is not None:  # under FSDP every rank refuses alike
+            broken = any_rank([broken], self._group)[0]
+        if broken:
             raise ValueError("the saved state holds a NaN or infinite threshold; allowed: finite thresholds.")
         for key in ("thresholds", "ties", "rescale", "masks"):
             for name, w, value in zip(self.names, self._weights, state[key]):

@@ -5,7 +5,10 @@ rows split as ``torch.chunk`` splits them (ranks past the last row hold none). T
 selected over the local shards by :func:`~sparsetrain.sharded_selection.select_sharded`, equal on
 every rank; the pruned ties travel as, per layer, the tie value and the count of leading entries
 (flat order of the full weight) they cover. A forward sees the unsharded weight, so what else it
-needs (ST-3's rescale, N:M groups) it computes from that weight. Finalizing bakes each rank's shard
+needs (ST-3's rescale, N:M groups) it computes from that weight, unless held between updates
+(``update_every`` > 1): then a rescale is computed over the shards at each update, and N:M thresholds
+and ties (the groups lie within a rank's rows) are kept as each rank's rows and gathered by the
+forward. Finalizing bakes each rank's shard
 in place and gives the layers back their plain ``weight``, the FSDP2 wrapping kept (torch 2.13's
 FSDP2 records each parameter's module, which is updated here).
 """
@@ -54,6 +57,35 @@ def first_row(w: DTensor) -> int:
     rows = w.shape[0]
     per_rank = -(-rows // w.device_mesh.size())
     return min(w.device_mesh.get_local_rank() * per_rank, rows)
+
+
+def gather_rows(local: Tensor, rows: int, group: dist.ProcessGroup) -> Tensor:
+    """The full tensor of ``rows`` rows whose dim-0 block on each rank is ``local`` (split as
+    ``torch.chunk`` splits a weight's rows): one ``all_gather`` of blocks padded to equal size."""
+    world = dist.get_world_size(group)
+    per_rank = -(-rows // world)
+    carried = local.to(torch.uint8) if local.dtype == torch.bool else local  # gloo gathers no bool
+    padded = carried.new_zeros((per_rank, *local.shape[1:]))
+    padded[: local.shape[0]] = carried
+    blocks = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(blocks, padded, group=group)
+    full = torch.cat(blocks)[:rows]
+    return full.bool() if local.dtype == torch.bool else full
+
+
+def sharded_like(local: Tensor, w: DTensor) -> DTensor:
+    """``local``, this rank's rows of a tensor shaped like ``w``, as a DTensor placed like ``w``
+    (``torch.distributed.checkpoint`` saves it in blocks and loads it on any number of ranks)."""
+    return DTensor.from_local(local, w.device_mesh, w.placements, run_check=False, shape=w.shape, stride=w.stride())
+
+
+def rows_of(value: Tensor, w: DTensor) -> Tensor:
+    """This rank's rows of ``value``, a tensor shaped like ``w``: a DTensor's local block, or the
+    rows of a full tensor (a state saved without FSDP)."""
+    if is_sharded(value):
+        return value.to_local()
+    start = first_row(w)
+    return value[start : start + local_shard(w).shape[0]]
 
 
 def global_ties(magnitudes: Sequence[Tensor], ties: Sequence[Tensor | None], weights: Sequence[DTensor],

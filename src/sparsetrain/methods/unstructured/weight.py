@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
@@ -13,6 +14,7 @@ from ...nm import select_groups
 from ...operators import Threshold, kept_mask, sparsify_ste
 from ...prunable import out_in
 from .config import RESCALE_EPS
+from .sharding import gather_rows
 
 
 class SparseWeight(nn.Module):
@@ -39,6 +41,10 @@ class SparseWeight(nn.Module):
         # Under FSDP2 (see :mod:`.sharding`), set by the Sparsifier: the forward works on the unsharded weight.
         self.sharded = False
         self.groups: tuple[int, int] | None = None  # N:M: (k, m), the groups selected inside the forward
+        # N:M held between updates (update_every > 1): T and the ties are this rank's rows, gathered over
+        # this group in the forward (the ties only where some rank has any)
+        self.held_over: dist.ProcessGroup | None = None
+        self.ties_somewhere = False
         self.transposed = False  # the weight is stored (in, out)
         self.rescaled = False  # ST-3's rescale, computed inside the forward
         self.frozen = False  # the fixed-mask phase: the pruned weights are kept at exact zeros
@@ -139,14 +145,16 @@ class SparseWeight(nn.Module):
 
     def _forward_unsharded(self, w: Tensor, decay: float) -> Tensor:
         """The forward of an FSDP2-sharded weight, on its unsharded value inside the layer's forward:
-        the N:M groups, the pruned ties and ST-3's rescale (unless held between updates) are computed
-        here from w itself."""
+        the N:M groups, the pruned ties and ST-3's rescale are computed here from w itself, unless held
+        between updates (then the N:M thresholds and ties are gathered from every rank's rows)."""
         if self.frozen:
             return w * (w != 0)
         scaled = self.normalised(w)
         with torch.no_grad():
             magnitude = scaled.abs()
-            if self.groups is not None:
+            if self.held_over is not None:
+                threshold, ties = self._gathered(w.shape[0])
+            elif self.groups is not None:
                 k, m = self.groups
                 chosen = select_groups([out_in(magnitude, self.transposed)], k, m)
                 threshold, ties = (stored(value[0], self.transposed) for value in (chosen.thresholds, chosen.ties))
@@ -162,6 +170,16 @@ class SparseWeight(nn.Module):
                 rescale = out_in(st3_rescale(out_in(plain, self.transposed), out_in(kept, self.transposed)), self.transposed)
         out = sparsify_ste(scaled, threshold, self.p, self.theta, rescale, ties, decay, magnitude)
         return out if self.norm == 1.0 else out / self.norm
+
+    def _gathered(self, rows: int) -> tuple[Threshold, Tensor | None]:
+        """The held N:M thresholds and ties of the full weight, from every rank's rows of them."""
+        threshold, ties = self.threshold, None
+        if isinstance(threshold, Tensor):
+            threshold = gather_rows(threshold, rows, self.held_over)
+        if self.ties_somewhere:
+            local = self.ties if self.ties is not None else torch.zeros_like(self.threshold, dtype=torch.bool)
+            ties = gather_rows(local, rows, self.held_over)
+        return threshold, ties
 
     def zeros(self, w: Tensor) -> int:
         """How many entries of the forward weight are pruned: |w * n| <= T, or a pruned tie; once
