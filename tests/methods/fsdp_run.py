@@ -64,10 +64,11 @@ class CNN(nn.Module):
 
 
 def conv1d() -> nn.Module:
-    """Layers stored (in, out) like GPT-2's: rows (input features) per shard a multiple of 4 on 2 and 3 ranks."""
+    """Layers stored (in, out) like GPT-2's: rows (input features) per shard a multiple of 4 on 2 and 3 ranks,
+    but for the last layer's 10 rows, which form no groups of 4 (on 3 ranks its first two shards hold 4 each)."""
     from transformers.pytorch_utils import Conv1D
 
-    return nn.Sequential(Conv1D(96, 48), nn.ReLU(), Conv1D(12, 96))
+    return nn.Sequential(Conv1D(96, 48), nn.ReLU(), Conv1D(10, 96), nn.ReLU(), Conv1D(12, 10))
 
 
 def gpt2() -> nn.Module:
