@@ -93,3 +93,25 @@ def test_p3_with_one_threshold_agrees_with_a_threshold_per_entry(dtype):
     assert torch.equal(one == 0, w.abs() <= threshold)
     assert torch.equal(one.sign(), torch.where(w.abs() > threshold, w.sign(), 0))
     torch.testing.assert_close(one, each, rtol=4 * torch.finfo(dtype).eps, atol=0)
+
+
+@pytest.mark.parametrize("numpy_cbrt", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_p3_is_the_same_through_either_cube_root(monkeypatch, numpy_cbrt, dtype):
+    # numpy's cbrt (where it is vectorized) or torch's pow: the same zeros and signs, values within a few ulps
+    import sparsetrain.operators as operators
+
+    monkeypatch.setattr(operators, "NUMPY_CBRT_VECTORIZED", numpy_cbrt)
+    w = torch.randn(10_000, generator=torch.Generator().manual_seed(1), dtype=dtype) * 0.1
+    threshold = 0.08
+    w[:4] = torch.nextafter(torch.full((4,), threshold, dtype=dtype), torch.tensor(1.0, dtype=dtype)) * torch.tensor(
+        [1.0, -1.0, 1.0, -1.0], dtype=dtype)
+    out = threshold_operator(w, threshold, 3.0)
+    wide = w.double()
+    expected = wide.sign() * (wide.abs() ** 3 - threshold**3).clamp_min(0) ** (1 / 3)  # in float64
+    assert torch.equal(out == 0, w.abs() <= threshold) and torch.equal(out.sign(), expected.sign().to(dtype))
+    if dtype == torch.float32:  # against float64, away from T (where |w|^3 - T^3 loses digits)
+        kept = w.abs() > 1.5 * threshold
+        torch.testing.assert_close(out[kept], expected[kept].float(), rtol=4 * torch.finfo(dtype).eps, atol=0)
+    torch.testing.assert_close(threshold_operator(W.to(dtype), T, 3.0), torch.tensor(EXPECTED[3.0], dtype=dtype),
+                               rtol=4 * torch.finfo(dtype).eps, atol=0)
