@@ -14,28 +14,17 @@ from __future__ import annotations
 
 import argparse
 import platform
-import statistics
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from timing import median_ms  # benchmarks/timing.py
 
 import sparsetrain as st
 from sparsetrain.methods.protocol import check_finite
 from sparsetrain.models import create_model
 from sparsetrain.run.folder import RunFolder
-
-
-def median_ms(work: Callable[[], object], repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        work()
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
 
 
 def main() -> None:

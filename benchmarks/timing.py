@@ -4,7 +4,8 @@ reference, as a percentage of the reference's mean step, with its 95 % interval 
 from __future__ import annotations
 
 import statistics
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 
 
 def paired_overhead(times: Sequence[float], reference: Sequence[float]) -> str:
@@ -14,3 +15,13 @@ def paired_overhead(times: Sequence[float], reference: Sequence[float]) -> str:
     half = 1.96 * statistics.stdev(differences) / len(differences) ** 0.5 if len(differences) > 1 else 0.0
     base = statistics.fmean(reference)
     return f"{100 * mean / base:+.1f} % [{100 * (mean - half) / base:+.1f}, {100 * (mean + half) / base:+.1f}]"
+
+
+def median_ms(work: Callable[[], object], repeats: int) -> float:
+    """The median wall time of ``work()`` over ``repeats`` calls, in milliseconds."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        work()
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
