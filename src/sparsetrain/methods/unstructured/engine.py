@@ -433,10 +433,11 @@ class Sparsifier(ShardedEngine, Method):
         (the fixed phase keeps the pruned weights at 0); N:M thresholds and ties held between updates
         are DTensors placed like the weights."""
         sharded = self._params[0].sharded
-        thresholds = [copy_threshold(param.threshold) for param in self._params]
-        ties = [span_of(param) if sharded else None if param.ties is None else param.ties.clone() for param in self._params]
         if self._params[0].held_over is not None:
             thresholds, ties = self.held_groups()
+        else:
+            thresholds = [copy_threshold(param.threshold) for param in self._params]
+            ties = [span_of(param) if sharded else None if param.ties is None else param.ties.clone() for param in self._params]
         return {
             "method": self.name,
             "settings": self._settings(),
