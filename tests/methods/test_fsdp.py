@@ -321,3 +321,21 @@ def test_update_every_under_fsdp_moves_the_threshold_only_at_multiples_of_it(tmp
         dist.destroy_process_group()
     moved = [t for t in range(1, 10) if thresholds[t] != thresholds[t - 1]]
     assert moved == [4, 8]
+
+
+def test_a_held_state_with_a_nan_threshold_is_refused_under_fsdp(tmp_path):
+    """The held N:M thresholds of a state are each rank's rows (DTensors): a NaN among them is refused, the
+    held thresholds kept as they were."""
+    try:
+        _, created, optimizer = _sharded_in_a_world_of_one(tmp_path, "sr-ste", update_every=4)
+        created.bind(optimizer)
+        state = created.state_dict()
+        before = [t.to_local().clone() for t in state["thresholds"]]
+        state["thresholds"][1].to_local()[0, 0] = float("nan")
+        with pytest.raises(ValueError) as refused:
+            created.load_state_dict(state)
+        params = [module.parametrizations.weight[0] for module in created._modules]
+    finally:
+        dist.destroy_process_group()
+    assert str(refused.value) == "the saved state holds a NaN or infinite threshold; allowed: finite thresholds."
+    assert all(torch.equal(p.threshold, t) for p, t in zip(params, before))
