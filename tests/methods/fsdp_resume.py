@@ -30,7 +30,7 @@ def build(method: str):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(32, 52), nn.ReLU(), nn.Linear(52, 48), nn.ReLU(), nn.Linear(48, 12))
     name, _, every = method.partition("@")
-    options = {} if name == "sr-ste" else {"sparsity": 0.8}
+    options = {} if name in ("sr-ste", "feather-nm") else {"sparsity": 0.8}
     created = st.create(model, name, total_steps=STEPS, update_every=int(every or 1), **options)
     for layer in model:
         if isinstance(layer, nn.Linear):

@@ -175,11 +175,12 @@ def pruned_by_held(method_object, model: nn.Module, model_name: str, held: list)
     return plain
 
 
-def non_finite(bad: float, rank: int, world: int) -> str:
-    """The error of step() when the last rank's shard of the second layer holds ``bad``."""
+def non_finite(bad: float, rank: int, world: int, method: str, options: dict) -> str:
+    """The error of step() (sr-ste with update_every=4: of refresh(), each rank selecting its rows' groups)
+    when the last rank's shard of the second layer holds ``bad``."""
     torch.manual_seed(0)
     model = mlp()
-    method_object = st.create(model, "feather", total_steps=STEPS, sparsity=0.5)
+    method_object = st.create(model, method, total_steps=STEPS, **options)
     for module in model:
         if isinstance(module, nn.Linear):
             fully_shard(module)
@@ -189,7 +190,10 @@ def non_finite(bad: float, rank: int, world: int) -> str:
         with torch.no_grad():
             method_object.dense_weights()[1].to_local()[0, 0] = bad
     try:
-        method_object.step()
+        if method == "sr-ste":
+            method_object.refresh()
+        else:
+            method_object.step()
     except FloatingPointError as error:
         return str(error)
     return "no error"
@@ -201,7 +205,8 @@ def main() -> None:
     report = {name: run(name, *case, rank) for name, *case in CASES}
     with open(f"{sys.argv[1]}/report-rank{rank}.json", "w") as f:
         json.dump(report, f)
-    errors = [non_finite(bad, rank, dist.get_world_size()) for bad in (float("inf"), float("nan"))]
+    errors = [non_finite(bad, rank, dist.get_world_size(), method, options) for method, options in
+              (("feather", {"sparsity": 0.5}), ("sr-ste", {"update_every": 4})) for bad in (float("inf"), float("nan"))]
     with open(f"{sys.argv[1]}/non-finite-rank{rank}.json", "w") as f:
         json.dump(errors, f)
     dist.destroy_process_group()

@@ -81,8 +81,9 @@ def test_finalized_weights_are_identical_on_every_rank_and_exactly_sparse(ranks)
 @pytest.mark.slow
 def test_an_infinite_or_nan_weight_on_one_rank_is_named_on_every_rank(ranks):
     _, _, errors = ranks
-    message = "layer '2' has a NaN or infinite weight at step 1; allowed: finite weights (lower the learning rate or clip gradients)."
-    assert errors == [[message, message]] * len(errors)
+    message = "layer '2' has a NaN or infinite weight at step {}; allowed: finite weights (lower the learning rate or clip gradients)."
+    feather, held = message.format(1), message.format(0)  # sr-ste's N:M groups held (update_every=4): refresh() at step 0
+    assert errors == [[feather, feather, held, held]] * len(errors)
 
 
 @pytest.mark.parametrize("method", ["feather", "gdp"])
@@ -143,7 +144,10 @@ def test_channel_pruning_under_fsdp_is_refused_naming_ddp(tmp_path, method):
 
 
 RESUME = Path(__file__).with_name("fsdp_resume.py")
-RESUMED = ["feather", "st3-sigma", "sr-ste", "sr-ste@3"]  # @3: update_every=3, the checkpoint inside an interval
+# feather-nm@3: update_every=3, the checkpoint inside an interval; its groups held from step 3, and at bind
+# (k = 0, dense at first) none: a state laid out as the saved one all the same
+RESUMED = ["feather", "st3-sigma", "sr-ste", "feather-nm@3"]
+NM = ("sr-ste", "feather-nm@3")
 
 
 def launch(ranks, out, phase):
@@ -170,10 +174,10 @@ def test_a_run_killed_and_resumed_through_distributed_checkpoint(tmp_path):
         saved = json.loads((wider / "first-rank0.json").read_text())["saved"]
         for rank in range(3):
             assert json.loads((wider / f"rest-rank{rank}.json").read_text())["loaded"] == saved, method
-        assert saved["step"] == 4 and (saved["thresholds"] or method.startswith("sr-ste"))
+        assert saved["step"] == 4 and (saved["thresholds"] or method in NM)
         final = torch.load(wider / "rest-rank2.pt")
         layers = [final[f"{i}.weight"] for i in (0, 2, 4)]
-        if method.startswith("sr-ste"):
+        if method in NM:
             assert all(bool(((to_groups(w, 4) == 0).sum(-1) == 2).all()) for w in layers)
         else:
             n = sum(w.numel() for w in layers)

@@ -62,6 +62,8 @@ class ShardedEngine:
                                      f"{m} straddle the shards; allowed: a rank count that splits its "
                                      f"{w.shape[0]} rows into multiples of {m}.")
             held = config.update_every > 1
+            if held:  # each rank selects from its own rows: a NaN or an infinity on one rank stops every rank
+                self._check_finite_shards(any_rank([not bool(torch.isfinite(shard).all()) for shard in shards], group))
             for param, w, shard, transposed in zip(self._params, weights, shards, self._transposed):
                 param.groups = (prune_count(sparsity, m), m)
                 if held:
@@ -156,12 +158,11 @@ class ShardedEngine:
         """The N:M thresholds and ties selected from this rank's shard of ``w`` (the groups lie within
         it); 0 and None where the full weight has no groups or nothing is pruned (on every rank alike)."""
         shard = local_shard(w)
-        k, m = param.groups
-        if not k or not has_groups(out_in(w, transposed).shape, m):
+        if not prunes_groups(param, w, transposed):
             return 0.0, None
         if not shard.numel():  # a rank past the last row
             return torch.zeros_like(shard), None
-        chosen = select_groups([out_in(shard.abs(), transposed)], k, m)
+        chosen = select_groups([out_in(shard.abs(), transposed)], *param.groups)
         return stored(chosen.thresholds[0], transposed), stored(chosen.ties[0], transposed)
 
 
@@ -239,28 +240,37 @@ class ShardedEngine:
 
     def _load_groups(self, thresholds: Sequence[Threshold], ties: Sequence[Tensor | None], weights: Sequence[Tensor],
                      group: dist.ProcessGroup) -> None:
-        """Held N:M thresholds and ties as a state saved them (blocks of DTensors, or full tensors)."""
-        local = [None if t is None else rows_of(t, w).to(local_shard(w).device).bool() for t, w in zip(ties, weights)]
-        for param, w, threshold, mask in zip(self._params, weights, thresholds, local):
+        """Held N:M thresholds and ties as a state saved them (blocks of DTensors, or full tensors); a
+        layer without groups, or with none pruned at this step, keeps T = 0 (a number, as selected)."""
+        for param, w, threshold, saved, transposed in zip(self._params, weights, thresholds, ties, self._transposed):
             shard = local_shard(w)
+            if not prunes_groups(param, w, transposed):
+                param.choose(0.0, None, shard)
+                continue
+            mask = None if saved is None else rows_of(saved, w).to(shard.device).bool()
             param.choose(rows_of(threshold, w).to(shard.device, shard.dtype) if isinstance(threshold, Tensor) else threshold,
                          mask if mask is not None and bool(mask.any()) else None, shard)
         self._hold_groups([param.ties for param in self._params], group)
 
-    def held_groups(self) -> tuple[list[Threshold], list[Tensor | None]]:
-        """The N:M thresholds and ties held between updates under FSDP, as DTensors placed like the weights
-        (a state's entries: ``torch.distributed.checkpoint`` loads them on any number of ranks)."""
-        thresholds: list[Threshold] = []
-        ties: list[Tensor | None] = []
+    def held_groups(self) -> tuple[list[Tensor], list[Tensor]]:
+        """The N:M thresholds and ties held between updates under FSDP, as DTensors placed like the weights,
+        one of each for every weight whatever it holds (zeros for T = 0 and for no ties), so that a state's
+        layout does not change from step to step (``torch.distributed.checkpoint`` loads a state into one
+        laid out like it, on any number of ranks)."""
+        thresholds: list[Tensor] = []
+        ties: list[Tensor] = []
         for param, w in zip(self._params, self._weights):
+            shard = local_shard(w)
             threshold = param.threshold
-            thresholds.append(sharded_like(threshold.clone(), w) if isinstance(threshold, Tensor) else threshold)
-            if param.ties_somewhere:
-                mask = param.ties if param.ties is not None else torch.zeros_like(local_shard(w), dtype=torch.bool)
-                ties.append(sharded_like(mask.clone(), w))
-            else:
-                ties.append(None)
+            thresholds.append(sharded_like(threshold.clone() if isinstance(threshold, Tensor) else torch.zeros_like(shard), w))
+            ties.append(sharded_like(param.ties.clone() if param.ties is not None else torch.zeros_like(shard, dtype=torch.bool), w))
         return thresholds, ties
+
+
+def prunes_groups(param: SparseWeight, w: Tensor, transposed: bool) -> bool:
+    """Whether the N:M selection prunes in ``w`` now: the full weight has groups and k > 0 (alike on every rank)."""
+    k, m = param.groups
+    return bool(k) and has_groups(out_in(w, transposed).shape, m)
 
 
 def span_of(param: SparseWeight) -> dict[str, float | int] | None:
