@@ -343,3 +343,35 @@ def test_a_held_state_with_a_nan_threshold_is_refused_under_fsdp(tmp_path):
         dist.destroy_process_group()
     assert str(refused.value) == "the saved state holds a NaN or infinite threshold; allowed: finite thresholds."
     assert all(torch.equal(p.threshold, t) for p, t in zip(params, before))
+
+
+@pytest.mark.parametrize("trainer", ["lightning", "hf"])
+@pytest.mark.parametrize("update_every", [4, 1])
+def test_trainer_callbacks_refuse_nm_groups_held_under_fsdp(tmp_path, trainer, update_every):
+    """The trainers write a callback's state from rank 0 alone: a method whose state each rank holds a part of
+    (sr-ste's groups held between updates under FSDP) is refused when the callback binds it; update_every=1 binds."""
+    from types import SimpleNamespace
+
+    if trainer == "lightning":
+        from sparsetrain.integrations.lightning import Sparsify as Callback
+    else:
+        from sparsetrain.integrations.hf import SparsifyCallback as Callback
+    callback = Callback("sr-ste", update_every=update_every)
+    try:
+        _, callback.method, optimizer = _sharded_in_a_world_of_one(tmp_path, "sr-ste", update_every=update_every)
+        if update_every == 1:
+            callback._bind(optimizer)
+            assert not callback.method.state_is_sharded and callback.method.optimizer is optimizer
+            return
+        with pytest.raises(ValueError) as refused:
+            if trainer == "lightning":
+                callback._restore_hook = SimpleNamespace(remove=lambda: None)  # as setup() leaves it
+                callback.on_fit_start(SimpleNamespace(optimizers=[optimizer]), None)
+            else:
+                callback.on_train_begin(None, SimpleNamespace(global_step=0), None, optimizer=optimizer)
+    finally:
+        dist.destroy_process_group()
+    assert str(refused.value) == (
+        "method 'sr-ste' with these options keeps each rank's part of its state under FSDP (N:M groups held between "
+        "updates), which the trainer's checkpoint, written by rank 0 alone, cannot hold; allowed: update_every=1 "
+        "under FSDP, or DDP.")

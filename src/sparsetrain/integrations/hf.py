@@ -54,8 +54,7 @@ class SparsifyCallback(MethodHolder, TrainerCallback):
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                        optimizer: torch.optim.Optimizer | None = None, **kwargs: Any) -> None:
-        method = self._method()
-        method.bind(optimizer)
+        method = self._bind(optimizer)
         if state.global_step > 0:  # resumed: the Trainer restored its state from the checkpoint
             method.load_state_dict(_saved_state(_checkpoint(args, state)))
 

@@ -123,7 +123,7 @@ class Sparsify(MethodHolder, pl.Callback):
         if len(trainer.optimizers) != 1:
             raise ValueError(f"configure_optimizers returned {len(trainer.optimizers)} optimizers; allowed: exactly one.")
         self._restore_hook.remove()
-        self._method().bind(trainer.optimizers[0])
+        self._bind(trainer.optimizers[0])
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._steps_seen = trainer.global_step  # restored by now when resuming

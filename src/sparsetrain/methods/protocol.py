@@ -91,6 +91,12 @@ class Method(ABC):
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume: tensors and plain Python values only."""
 
+    @property
+    def state_is_sharded(self) -> bool:
+        """Whether :meth:`state_dict` holds each rank's part of the state (DTensors placed like weights
+        sharded by FSDP): every rank must then save it (``torch.distributed.checkpoint``), not rank 0 alone."""
+        return False
+
     @abstractmethod
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore a state saved by :meth:`state_dict` of the same method on the same model, with

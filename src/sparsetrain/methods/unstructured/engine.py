@@ -449,6 +449,11 @@ class Sparsifier(ShardedEngine, Method):
             "masks": [None if sharded or param.mask is None else param.mask.clone() for param in self._params],
         }
 
+    @property
+    def state_is_sharded(self) -> bool:
+        """True for N:M groups held between updates under FSDP (their thresholds and ties are DTensors)."""
+        return self._params[0].held_over is not None
+
     def _check_model(self, state: Mapping[str, Any]) -> None:
         if list(state["layers"]) != self.names:
             raise ValueError(f"this state is for layers {list(state['layers'])[:3]}...; allowed: a state of "
