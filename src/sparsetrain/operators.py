@@ -17,7 +17,8 @@ with E the mask of kept weights and lambda the optional decay of pruned weights 
 "sparse-refined" term, Zhou et al., ICLR 2021; 0 by default).
 
 An optional boolean ``ties`` mask prunes more entries: where it is True the forward value is 0
-and the gradient is scaled by theta, as for |w| <= T (exact counts when magnitudes tie).
+and the gradient is scaled by theta, as for |w| <= T (exact counts when magnitudes tie; N:M groups
+held between updates: the entries pruned at the update, wherever their magnitudes have moved since).
 """
 
 from __future__ import annotations
@@ -138,7 +139,7 @@ def _pruned_numbers(w: Tensor, threshold: Threshold, ties: Tensor | None, magnit
     |w|, whose values are then spent) or a new tensor: products with it stay in one dtype, several
     times faster on the CPU than with a bool mask."""
     pruned = torch.le(w.abs() if magnitude is None else magnitude, threshold, out=torch.empty_like(w) if out is None else out)
-    return pruned if ties is None else pruned.add_(ties)  # the ties lie above T: 0 + 1
+    return pruned if ties is None else torch.maximum(pruned, ties, out=pruned)  # ties may also lie at or below T
 
 
 class _ScaledStraightThrough(torch.autograd.Function):

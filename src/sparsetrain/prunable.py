@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import fnmatch
 import glob
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -57,6 +58,13 @@ def out_in(tensor: Tensor, transposed: bool) -> Tensor:
     """A weight, or a tensor shaped like it, as (out, in, *kernel): the transposed view of one stored
     (in, out), else the tensor itself. Its own inverse: ``out_in(out_in(t, f), f)`` is ``t``'s layout."""
     return tensor.t() if transposed else tensor
+
+
+def is_sharded(w: Tensor) -> bool:
+    """Whether ``w`` is a DTensor (FSDP2 has sharded it). ``torch.distributed.tensor`` is not imported
+    for this (it takes most of a second): until something has imported it, no tensor is a DTensor."""
+    dtensor = sys.modules.get("torch.distributed.tensor")
+    return dtensor is not None and isinstance(w, dtensor.DTensor)
 
 
 def stored_weight(module: nn.Module) -> Tensor | None:

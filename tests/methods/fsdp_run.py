@@ -123,7 +123,7 @@ def run(name: str, model_name: str, method: str, options: dict, tied: bool, rank
             expected = pruned_by_held(method_object, model, model_name, held)(x)
             output = model(x)
             held_forwards.append(torch.allclose(output, expected, rtol=1e-5, atol=1e-6))
-            held_ties |= any(ties is not None for _, ties in held)
+            held_ties |= any(tied for _, _, tied in held)
             loss = F.cross_entropy(output, y)
         else:
             loss = loss_of(model, x, y)
@@ -155,12 +155,15 @@ def run(name: str, model_name: str, method: str, options: dict, tied: bool, rank
 
 
 def held_groups(method_object, model_name: str) -> list:
-    """The 2:4 thresholds and ties of the gathered weights now, as a single process selects them."""
+    """Per weight, the 2:4 thresholds of the gathered weights now, as a single process selects them, the
+    entries they prune (held with them until the next update: a group gains no non-zero in between), and
+    whether tied magnitudes decided some of those."""
     transposed = model_name == "conv1d"
     k = prune_count(method_object.target, 4)
     full = [out_in(w.full_tensor().detach().abs(), transposed) for w in method_object.dense_weights()]
     chosen = select_groups(full, k, 4)
-    return [(stored(t, transposed), stored(ties, transposed)) for t, ties in zip(chosen.thresholds, chosen.ties)]
+    return [(stored(t, transposed), stored(~kept_mask(m, t, ties), transposed) if isinstance(t, torch.Tensor) else None,
+             ties is not None) for m, t, ties in zip(full, chosen.thresholds, chosen.ties)]
 
 
 def pruned_by_held(method_object, model: nn.Module, model_name: str, held: list) -> nn.Module:
@@ -168,9 +171,9 @@ def pruned_by_held(method_object, model: nn.Module, model_name: str, held: list)
     (sr-ste's forward: w where kept, else 0)."""
     plain = {"mlp": mlp, "conv1d": conv1d}[model_name]()
     with torch.no_grad():
-        for name, w, (threshold, ties) in zip(method_object.names, method_object.dense_weights(), held):
+        for name, w, (threshold, pruned, _) in zip(method_object.names, method_object.dense_weights(), held):
             full = w.full_tensor()
-            plain.get_submodule(name).weight.copy_(full * kept_mask(full, threshold, ties))
+            plain.get_submodule(name).weight.copy_(full * kept_mask(full, threshold, pruned))
             plain.get_submodule(name).bias.copy_(model.get_submodule(name).bias.full_tensor())
     return plain
 

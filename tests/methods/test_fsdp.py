@@ -49,8 +49,9 @@ def test_every_threshold_is_the_kth_magnitude_of_the_gathered_weights(ranks):
 
 @pytest.mark.slow
 def test_nm_groups_held_between_updates_prune_the_forward_on_every_rank(ranks):
-    """sr-ste with update_every=4: at every step each rank's forward prunes by the 2:4 thresholds and ties
-    selected on the gathered weights at the last multiple of 4 (ties held on some ranks only included)."""
+    """sr-ste with update_every=4: at every step each rank's forward prunes by the 2:4 thresholds selected on
+    the gathered weights at the last multiple of 4, and the entries they pruned then (so a group gains no
+    non-zero between updates; ties, held on some ranks only, included)."""
     reports, _, _ = ranks
     for report in reports:
         for name in ("mlp-sr-ste-every4", "conv1d-sr-ste-every4", "tied-sr-ste-every4"):
@@ -190,16 +191,68 @@ def _sharded_in_a_world_of_one(tmp_path, method: str, **options):
     return _sharded_mlp(method, **options)
 
 
-def _sharded_mlp(method: str, **options):
-    """A small MLP, created, then sharded by fully_shard (each layer, then the root), and SGD over it."""
-    from torch.distributed.fsdp import fully_shard
+def _sharded_mlp(method: str, width: int = 32, mp_policy=None, **options):
+    """A small MLP, created, then sharded by fully_shard (each layer, then the root; ``mp_policy`` its
+    mixed precision), and SGD over it."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+    model = nn.Sequential(nn.Linear(16, width), nn.ReLU(), nn.Linear(width, 4))
     created = st.create(model, method, total_steps=12, **options)
     for layer in (model[0], model[2], model):
-        fully_shard(layer)
+        fully_shard(layer, mp_policy=mp_policy or MixedPrecisionPolicy())
     return model, created, torch.optim.SGD(model.parameters(), lr=0.1)
+
+
+@pytest.mark.parametrize("method, options", [("feather", {"sparsity": 0.8}), ("st3-sigma", {"sparsity": 0.8, "fix_at": None}),
+                                             ("sr-ste", {"update_every": 4}), ("feather-nm", {"update_every": 3})])
+def test_bf16_mixed_precision_prunes_the_training_forward_exactly(tmp_path, method, options):
+    """FSDP2 with bf16 parameters in the forward (MixedPrecisionPolicy), a world of one: the thresholds are
+    selected on the shards as the forward sees them (rounded to bf16), so that at every step the training
+    forward holds exactly round(s*N) zeros (s the sparsity they were selected for), or for N:M at most 2
+    non-zeros in every group of 4 and exactly 2 at each update, as sparsity() reports; the finalized float32
+    weights are exact too. Selected on the float32 shards, the forward missed by a few zeros, and half of
+    sr-ste's groups kept 3 weights."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    try:
+        model, created, optimizer = _sharded_in_a_world_of_one(tmp_path, method, width=256, mp_policy=policy, **options)
+        created.bind(optimizer)
+        seen: list[torch.Tensor] = []
+        for module in (model[0], model[2]):  # cloned: FSDP frees the unsharded weight after the forward
+            module.parametrizations.weight[0].register_forward_hook(lambda m, i, out: seen.append(out.detach().clone()))
+        generator = torch.Generator().manual_seed(1)
+        x, y = torch.randn(8, 16, generator=generator), torch.randn(8, 4, generator=generator)
+        n, every = created.numel(), options.get("update_every", 1)
+        for _ in range(10):
+            seen.clear()
+            target, updated, reported = created.target, created.step_count % every == 0, created.sparsity()
+            loss = nn.functional.mse_loss(model(x).float(), y)
+            assert all(out.dtype == torch.bfloat16 for out in seen)
+            zeros = sum(int((out == 0).sum()) for out in seen)
+            assert reported == zeros / n
+            if method in ("sr-ste", "feather-nm"):
+                k = round(target * 4)
+                nonzeros = [(to_groups(out, 4) != 0).sum(-1) for out in seen]
+                assert all(bool((z <= 4 - k).all()) for z in nonzeros), created.step_count
+                assert not updated or all(bool((z == 4 - k).all()) for z in nonzeros), created.step_count
+            else:
+                assert zeros == round(target * n), created.step_count
+            optimizer.zero_grad()
+            loss.backward()
+            created.before_optimizer_step()
+            optimizer.step()
+            created.step()
+        final, model = created.schedule.sparsity_at(created.step_count), created.finalize()
+        weights = [model[0].weight.full_tensor(), model[2].weight.full_tensor()]
+        assert all(w.dtype == torch.float32 for w in weights)
+        if method in ("sr-ste", "feather-nm"):
+            assert all(bool(((to_groups(w, 4) == 0).sum(-1) == round(final * 4)).all()) for w in weights)
+        else:
+            assert sum(int((w == 0).sum()) for w in weights) == round(final * n)
+    finally:
+        dist.destroy_process_group()
 
 
 def _train(model, created, optimizer, steps: int) -> None:
@@ -255,12 +308,14 @@ def test_st3_rescale_is_held_between_updates_under_fsdp_and_resumes(tmp_path):
 
 
 def test_nm_groups_are_held_between_updates_under_fsdp_and_resume(tmp_path):
-    """sr-ste with update_every=4 under fully_shard (a world of one): the 2:4 thresholds and ties are those
-    of the gathered weight at steps 4 and 8 only, held in between; inside an interval the forward prunes
-    by the held ones; the state holds them as DTensors and a resumed run ends as one never interrupted."""
+    """sr-ste with update_every=4 under fully_shard (a world of one): the 2:4 thresholds are those of the
+    gathered weight at steps 4 and 8 only, held in between; inside an interval the forward prunes by the
+    held ones and the entries pruned at the update; the state holds them as DTensors and a resumed run
+    ends as one never interrupted."""
     from torch.distributed.tensor import DTensor
 
     from sparsetrain.nm import select_groups
+    from sparsetrain.operators import kept_mask
 
     try:
         model, created, optimizer = _sharded_in_a_world_of_one(tmp_path, "sr-ste", update_every=4)
@@ -276,13 +331,14 @@ def test_nm_groups_are_held_between_updates_under_fsdp_and_resume(tmp_path):
                 full = [w.full_tensor().detach().abs() for w in created.dense_weights()]
                 chosen = select_groups(full, round(created.target * 4), 4)
                 assert all(torch.equal(p.threshold, t) for p, t in zip(params, chosen.thresholds))
-            if step == 5:  # inside an interval the forward prunes |w| <= the held thresholds
+                pruned = [~kept_mask(m, t, ties) for m, t, ties in zip(full, chosen.thresholds, chosen.ties)]
+            if step == 5:  # inside an interval the forward prunes |w| <= the held thresholds and what step 4 pruned
                 x = torch.randn(3, 16, generator=torch.Generator().manual_seed(2))
                 expected = x
                 for i, (param, w) in enumerate(zip(params, created.dense_weights())):
                     full, bias = w.full_tensor().detach(), model[2 * i].bias.full_tensor().detach()
-                    expected = nn.functional.linear(expected if i == 0 else expected.relu(),
-                                                    full * (full.abs() > param.threshold), bias)
+                    kept = (full.abs() > param.threshold) & ~pruned[i]
+                    expected = nn.functional.linear(expected if i == 0 else expected.relu(), full * kept, bias)
                 torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-6)
                 state, weights = created.state_dict(), {k: v.full_tensor().clone() for k, v in model.state_dict().items()}
                 assert all(isinstance(t, DTensor) for t in state["thresholds"])

@@ -666,6 +666,49 @@ def test_update_every_4_moves_thresholds_only_at_multiples_of_4(tiny_net, make_b
         assert sum(int((m.weight == 0).sum()) for _, m in st.find_prunable(model)) == round(final * n)
 
 
+@pytest.mark.parametrize("method", ["sr-ste", "feather-nm", "st3-nm"])
+def test_nm_groups_held_between_updates_gain_no_non_zero(tiny_net, make_batches, method):
+    """N:M with update_every=4: at an update every group has exactly N non-zeros; until the next one the
+    forward prunes by the thresholds and the entries pruned then, so no group gains a non-zero as its
+    magnitudes move (the forward is w * (|w| > T_u) * (1 - pruned_u), scaled for ST-3, with T_u and
+    pruned_u what :func:`select_groups` gives on the weights at the update u). Holding the thresholds
+    alone, half the groups had 3 non-zeros a step after an update."""
+    from sparsetrain.methods.unstructured.weight import weight_of
+    from sparsetrain.nm import select_groups, to_groups
+    from sparsetrain.operators import kept_mask
+
+    sp = st.create(tiny_net, method, total_steps=12, update_every=4, **({} if method == "sr-ste" else {"start": 0, "end": 1}))
+    opt = torch.optim.SGD(tiny_net.parameters(), lr=0.2, momentum=0.9)
+    sp.bind(opt)
+    layers = [tiny_net.conv2, tiny_net.fc]  # the layers with groups of 4 along their input
+    for t, (x, y) in enumerate(make_batches(11)):
+        if t % 4 == 0:  # the update that set the thresholds now in use
+            dense = [weight_of(layer).detach().abs() for layer in layers]
+            chosen = select_groups(dense, round(sp.target * 4), 4)
+            pruned = [~kept_mask(m, T, ties) for m, T, ties in zip(dense, chosen.thresholds, chosen.ties)]
+            k = round(sp.target * 4)
+        for layer, T, gone in zip(layers, chosen.thresholds, pruned):
+            w, forward = weight_of(layer).detach(), layer.weight.detach()
+            nonzero = (to_groups(forward, 4) != 0).sum(-1)
+            assert bool((nonzero <= 4 - k).all()) and (t % 4 or bool((nonzero == 4 - k).all())), (t, method)
+            assert torch.equal(forward != 0, (w.abs() > T) & ~gone), (t, method)
+        F.cross_entropy(tiny_net(x), y).backward()
+        sp.before_optimizer_step()
+        opt.step()
+        opt.zero_grad()
+        sp.step()
+
+
+def test_nm_held_between_updates_resumes_bit_identically_from_inside_an_interval(tiny_net, make_batches, train):
+    def build(seed):
+        torch.manual_seed(seed)
+        model = type(tiny_net)()
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        return model, opt, st.create(model, "sr-ste", total_steps=10, update_every=4)
+
+    assert_resume_is_bit_identical(build, make_batches(10), (4, 6), train)
+
+
 def _copy_thresholds(sp):
     return [t.clone() if isinstance(t, torch.Tensor) else t for t in sp.thresholds.values()]
 

@@ -27,10 +27,10 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.distributed.tensor import DTensor
 
 from ..measure import prunable_sparsity
 from ..messages import shown
+from ..prunable import is_sharded
 
 
 def check_finite(magnitudes: Sequence[Tensor], names: Sequence[str], kind: str, what: str, step: int) -> None:
@@ -111,7 +111,7 @@ class Method(ABC):
             raise TypeError(f"optimizer={shown(optimizer)} is not allowed; allowed: a torch.optim.Optimizer "
                             "over the model's parameters.")
         names = {id(p): name for name, p in self.model.named_parameters()}
-        if self.removes_channels and any(isinstance(p, DTensor) for p in self.model.parameters()):
+        if self.removes_channels and any(is_sharded(p) for p in self.model.parameters()):
             raise ValueError(f"{self.name} removes channels, which parameters sharded by FSDP (fully_shard) cannot "
                              "follow; allowed: DDP (torchrun, one model replica per process) or a single process.")
         seen: set[int] = set()

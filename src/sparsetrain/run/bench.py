@@ -31,7 +31,6 @@ from .flags import MethodFlag, method_flags
 from .folder import RunFolder
 from .loop import train
 from .options import options_from_dict
-from .plots import method_colors, plot_accuracy_vs_flops, plot_accuracy_vs_sparsity
 
 RESULTS, GRID, TABLE = "results.jsonl", "grid.json", "results.md"
 PAPER = "paper"  # as --recipe: each method on its own paper's recipe
@@ -307,6 +306,8 @@ def write_outputs(records: Sequence[dict[str, Any]], out: Path) -> None:
     when a method beside the reference has one."""
     if not records:
         return
+    from .plots import method_colors, plot_accuracy_vs_flops, plot_accuracy_vs_sparsity  # matplotlib: imported to draw
+
     atomic_write(out / TABLE, lambda tmp: Path(tmp).write_text(results_table(records) + "\n"))
     by_sparsity = [r for r in records if _by_sparsity(r) or r.get("target") == "nm"]  # N:M: 1 - N/M
     colors = method_colors(r["method"] for r in records)  # one colour per method across both plots

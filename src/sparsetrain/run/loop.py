@@ -38,7 +38,6 @@ from ..report import sparsity_report
 from .checkpoint import first_non_finite
 from .folder import CHECKPOINT, CONFIG, LAYERS_PLOT, REPORT, TRAINING_PLOT, RunFolder, changed_shapes
 from .options import TrainOptions, resolve_device
-from .plots import plot_layer_sparsity, plot_training
 
 EVAL_BATCH_SIZE = 256
 
@@ -475,6 +474,8 @@ def _finish(setup: Setup, dense: nn.Module, log: Callable[[str], None]) -> dict[
         title = f"# {options.model} · {method_title(options.method, options.method_options(len(setup.train_loader)))}"
         header = f"{title}\n\ntest accuracy {test_acc:.2%}, sparsity of prunable weights {report.sparsity:.2%}\n\n"
         folder.write_text(REPORT, header + report.to_markdown() + "\n")
+        from .plots import plot_layer_sparsity, plot_training  # matplotlib: half a second to import, at the end only
+
         plot_training(setup.history, folder.file(TRAINING_PLOT))
         plot_layer_sparsity(report, folder.file(LAYERS_PLOT))
         log(

@@ -29,10 +29,11 @@ class ShardedEngine:
         shard = local_shard(w)
         if self._finalized or param.frozen:
             return int((shard == 0).sum())
+        seen = param.as_forward(shard)
         if param.groups is not None:
-            threshold, ties = self._local_groups(param, w, transposed)
-            return int((~kept_mask(shard, threshold, ties)).sum())
-        return int((~kept_mask(param.normalised(shard), param.threshold, param.ties)).sum())
+            threshold, ties = self._local_groups(param, w, seen, transposed)
+            return int((~kept_mask(seen, threshold, ties)).sum())
+        return int((~kept_mask(param.normalised(seen), param.threshold, param.ties)).sum())
 
 
     @torch.no_grad()
@@ -45,13 +46,16 @@ class ShardedEngine:
 
 
     @torch.no_grad()
-    def _reselect_sharded(self, sparsity: float, weights: Sequence[Tensor], group: dist.ProcessGroup) -> None:
+    def _reselect_sharded(self, sparsity: float, weights: Sequence[Tensor], group: dist.ProcessGroup,
+                          exact: bool = False) -> None:
         """:meth:`_reselect` for weights sharded by FSDP2: the threshold of the scope selected over every
         rank's shards, equal on every rank. N:M groups (which lie within a shard) and ST-3's rescale are
         left to the forward, unless held between updates (``update_every`` > 1): then each rank selects
-        the groups of its rows, and the forward gathers them."""
+        the groups of its rows, and the forward gathers them. Selected on the shards as the forward sees
+        them (rounded under mixed precision), or, ``exact``, as they are (for baking them)."""
         config = self.config
         shards = [local_shard(w) for w in weights]
+        seen = shards if exact else [param.as_forward(shard) for param, shard in zip(self._params, shards)]
         self._mark_sharded()
         if config.nm is not None:
             m = config.nm.m
@@ -64,17 +68,17 @@ class ShardedEngine:
             held = config.update_every > 1
             if held:  # each rank selects from its own rows: a NaN or an infinity on one rank stops every rank
                 self._check_finite_shards(any_rank([not bool(torch.isfinite(shard).all()) for shard in shards], group))
-            for param, w, shard, transposed in zip(self._params, weights, shards, self._transposed):
+            for param, w, shard, rows, transposed in zip(self._params, weights, shards, seen, self._transposed):
                 param.groups = (prune_count(sparsity, m), m)
                 if held:
-                    param.choose(*self._groups_of(param, w, transposed), shard)
+                    param.choose(*self._groups_of(param, w, rows, transposed), shard)
                 else:
                     param.choose(0.0, None, shard)  # no threshold tensor as large as the weight kept
             if held:
                 self._hold_groups([param.ties for param in self._params], group)
             self._hold_rescales(weights, group)
             return
-        magnitudes = [param.normalised(shard).abs() for param, shard in zip(self._params, shards)]
+        magnitudes = [param.normalised(rows).abs() for param, rows in zip(self._params, seen)]
         try:
             chosen = self._select_shards(magnitudes, sparsity, weights, group)
         except ValueError:  # an infinite or NaN magnitude on some rank: every rank is here
@@ -103,7 +107,7 @@ class ShardedEngine:
                 param.rescale = saved[i].to(local_shard(w).device) if restored else None
                 continue
             shard = local_shard(w)
-            kept = kept_mask(param.normalised(shard), param.threshold, param.ties)
+            kept = kept_mask(param.normalised(param.as_forward(shard)), param.threshold, param.ties)
             rescale = self._channel_rescale(w, shard, kept, transposed, group)
             param.rescale = rescale.view(1, -1) if transposed else rescale.view(-1, *([1] * (w.dim() - 1)))
 
@@ -147,32 +151,42 @@ class ShardedEngine:
         return [(value, end) for end in ends]
 
 
-    def _local_groups(self, param: SparseWeight, w: Tensor, transposed: bool) -> tuple[Threshold, Tensor | None]:
-        """The N:M thresholds and ties of this rank's shard of ``w``: held, or selected from it now."""
+    def _local_groups(self, param: SparseWeight, w: Tensor, rows: Tensor, transposed: bool) -> tuple[Threshold, Tensor | None]:
+        """The N:M thresholds and ties of this rank's shard of ``w``: held, or selected now from ``rows``,
+        the shard's values (as the forward sees them, or as they are)."""
         if param.held_over is not None:
             return param.threshold, param.ties
-        return self._groups_of(param, w, transposed)
+        return self._groups_of(param, w, rows, transposed)
 
     @staticmethod
-    def _groups_of(param: SparseWeight, w: Tensor, transposed: bool) -> tuple[Threshold, Tensor | None]:
-        """The N:M thresholds and ties selected from this rank's shard of ``w`` (the groups lie within
-        it); 0 and None where the full weight has no groups or nothing is pruned (on every rank alike)."""
-        shard = local_shard(w)
+    def _groups_of(param: SparseWeight, w: Tensor, rows: Tensor, transposed: bool) -> tuple[Threshold, Tensor | None]:
+        """The N:M thresholds and ties selected from ``rows``, this rank's shard of ``w`` (the groups lie
+        within it), as the forward sees them or as they are; the thresholds in ``w``'s dtype (a rounded
+        value is exact in it); for a held pattern, every pruned entry as a tie. 0 and None where the full
+        weight has no groups or nothing is pruned (on every rank alike)."""
         if not prunes_groups(param, w, transposed):
             return 0.0, None
-        if not shard.numel():  # a rank past the last row
-            return torch.zeros_like(shard), None
-        chosen = select_groups([out_in(shard.abs(), transposed)], *param.groups)
-        return stored(chosen.thresholds[0], transposed), stored(chosen.ties[0], transposed)
+        if not rows.numel():  # a rank past the last row
+            return torch.zeros_like(rows, dtype=w.dtype), None
+        magnitude = out_in(rows.abs(), transposed)
+        chosen = select_groups([magnitude], *param.groups)
+        threshold, ties = chosen.thresholds[0], chosen.ties[0]
+        if param.holds_pattern:
+            ties = ~kept_mask(magnitude, threshold, ties)
+        return stored(threshold.to(w.dtype), transposed), stored(ties, transposed)
 
 
     @torch.no_grad()
     def _bake_shards(self, group: dist.ProcessGroup) -> None:
-        """Write a * P_p(w; T) into every rank's shard of every weight (sharded weights)."""
+        """Write a * P_p(w; T) into every rank's shard of every weight (sharded weights). Under mixed
+        precision the thresholds of s(t) are first selected again on the shards as they are, so that the
+        baked weights hold the exact count (the forward's were selected on the rounded ones)."""
+        if any(param.forward_dtype not in (None, w.dtype) for param, w in zip(self._params, self._weights)):
+            self._reselect_sharded(self.schedule.sparsity_at(self._step), self._weights, group, exact=True)
         for param, w, transposed in zip(self._params, self._weights, self._transposed):
             shard = local_shard(w)
             if param.groups is not None:
-                threshold, ties = self._local_groups(param, w, transposed)
+                threshold, ties = self._local_groups(param, w, shard, transposed)
             else:
                 threshold, ties = param.threshold, param.ties
             scaled = param.normalised(shard)
@@ -225,13 +239,13 @@ class ShardedEngine:
         for param, w, shard, saved in zip(self._params, weights, shards, ties):
             start = first_row(w) * (w.numel() // max(w.shape[0], 1))
             if isinstance(saved, Mapping):
-                local.append(span_mask(param.normalised(shard).abs(), saved["value"], saved["end"], start))
+                local.append(span_mask(param.normalised(param.as_forward(shard)).abs(), saved["value"], saved["end"], start))
             elif saved is not None:  # a full mask, saved without FSDP
                 rows = saved.reshape(-1)[start : start + shard.numel()].view(shard.shape).to(shard.device).bool()
                 local.append(rows if rows.any() else None)
             else:
                 local.append(None)
-        magnitudes = [param.normalised(shard).abs() for param, shard in zip(self._params, shards)]
+        magnitudes = [param.normalised(param.as_forward(shard)).abs() for param, shard in zip(self._params, shards)]
         for param, shard, threshold, mask, span in zip(self._params, shards, thresholds, local,
                                                        self._spans(magnitudes, local, weights, group)):
             param.choose(threshold, mask, shard, span)

@@ -62,7 +62,7 @@ from ...sharded_selection import ShardedSelector
 from ..protocol import Method, check_finite
 from .config import KNOBS, LEGACY_NM_KNOBS, resolve_config, unsaved_knobs
 from .distributed import ShardedEngine, same_on_every_rank, span_mask, span_of
-from .sharding import any_rank, is_sharded, local_shard, shard_group, total, unparametrize
+from .sharding import any_rank, forward_dtype, is_sharded, local_shard, shard_group, total, unparametrize
 from .weight import SparseWeight, copy_threshold, st3_rescale, stored, weight_of
 
 
@@ -154,7 +154,8 @@ class Sparsifier(ShardedEngine, Method):
         self._params: list[SparseWeight] = []
         for w in self._weights:
             norm = 1.0 / layer_sigma(w.shape) if self.config.scope == "sigma" else 1.0
-            self._params.append(SparseWeight(self.config.p, self.config.theta, norm, self.config.decay))
+            held = self.config.nm is not None and self.config.update_every > 1  # the N:M pattern held between updates
+            self._params.append(SparseWeight(self.config.p, self.config.theta, norm, self.config.decay, held))
         for module, owner in zip(self._modules, self._owner):
             parametrize.register_parametrization(module, "weight", self._params[owner])
         self._hooks = [model.register_forward_pre_hook(self._prepare),
@@ -272,6 +273,9 @@ class Sparsifier(ShardedEngine, Method):
         super().bind(optimizer)
         self._weights = weights = [weight_of(module) for module in self._holders]
         self._group = group = shard_group(weights, self.names)
+        if group is not None:
+            for param, name, w in zip(self._params, self.names, weights):
+                param.forward_dtype = forward_dtype(self.model, name, w)
         if group is not None and not self.fixed:
             self._reselect_sharded(self.target, weights, group)
 
@@ -337,6 +341,8 @@ class Sparsifier(ShardedEngine, Method):
             for param, w, mag, threshold, ties, transposed in zip(
                 self._params, self._weights, magnitudes, selection.thresholds, selection.ties, self._transposed
             ):
+                if param.holds_pattern and isinstance(threshold, Tensor):  # every entry pruned now, held
+                    ties = ~kept_mask(mag, threshold, ties)
                 param.choose(threshold, ties, w)
                 if self.config.rescale:  # on |w|: the sigma scale cancels in the ratio r_c
                     kept = kept_mask(mag, threshold, ties)

@@ -16,16 +16,16 @@ FSDP2 records each parameter's module, which is updated here).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.distributed.tensor import DTensor, Shard
 
+from ...prunable import is_sharded
 
-def is_sharded(w: Tensor) -> bool:
-    """Whether ``w`` is a DTensor (FSDP2 has sharded it)."""
-    return isinstance(w, DTensor)
+if TYPE_CHECKING:  # imported where used: loading it takes most of a second, and only sharded weights need it
+    from torch.distributed.tensor import DTensor
 
 
 def local_shard(w: Tensor) -> Tensor:
@@ -39,6 +39,8 @@ def shard_group(weights: Sequence[Tensor], names: Sequence[str]) -> dist.Process
     sharded = [is_sharded(w) for w in weights]
     if not any(sharded):
         return None
+    from torch.distributed.tensor import Shard
+
     meshes = set()
     for name, w, flag in zip(names, weights, sharded):
         if not flag or w.device_mesh.ndim != 1 or tuple(w.placements) != (Shard(0),):
@@ -50,6 +52,21 @@ def shard_group(weights: Sequence[Tensor], names: Sequence[str]) -> dist.Process
         raise ValueError(f"the prunable layers are sharded over different ranks {sorted(meshes)}; allowed: one set of "
                          "ranks for all of them.")
     return weights[0].device_mesh.get_group()
+
+
+def forward_dtype(model: nn.Module, name: str, w: Tensor) -> torch.dtype:
+    """The dtype of the unsharded weight ``w`` of layer ``name`` in the forward: the ``param_dtype`` of the
+    ``MixedPrecisionPolicy`` given to the ``fully_shard`` call that manages it (the layer's nearest module
+    sharded by ``fully_shard``, itself included), else ``w``'s own. FSDP2 keeps the policy in its module
+    state, for which it has no public accessor."""
+    from torch.distributed.fsdp import FSDPModule
+
+    parts = name.split(".")
+    for end in range(len(parts), -1, -1):
+        module = model.get_submodule(".".join(parts[:end]))
+        if isinstance(module, FSDPModule):
+            return module._get_fsdp_state()._mp_policy.param_dtype or w.dtype
+    return w.dtype
 
 
 def first_row(w: DTensor) -> int:
@@ -76,6 +93,8 @@ def gather_rows(local: Tensor, rows: int, group: dist.ProcessGroup) -> Tensor:
 def sharded_like(local: Tensor, w: DTensor) -> DTensor:
     """``local``, this rank's rows of a tensor shaped like ``w``, as a DTensor placed like ``w``
     (``torch.distributed.checkpoint`` saves it in blocks and loads it on any number of ranks)."""
+    from torch.distributed.tensor import DTensor
+
     return DTensor.from_local(local, w.device_mesh, w.placements, run_check=False, shape=w.shape, stride=w.stride())
 
 

@@ -27,14 +27,18 @@ class SparseWeight(nn.Module):
     (``ties``: extra entries pruned, see :mod:`sparsetrain.selection`; T a number, or a tensor
     shaped like w for N:M groups).
 
+    ``holds_pattern`` (N:M groups with ``update_every`` > 1): at each update ``ties`` becomes every
+    entry pruned then, so that between updates a group loses no zero, whatever its magnitudes do.
+
     Under ``torch.compile`` the forward reads only tensors that keep their shapes from step to
     step, so a new threshold, target or tie never recompiles the graph: T as a tensor (``limit``),
     and the pruned ties as the first ``tie_count`` entries (flat index) whose |w * n| equals
-    ``tie_value``."""
+    ``tie_value`` (a held pattern as its mask)."""
 
-    def __init__(self, p: float, theta: float, norm: float, decay: float = 0.0) -> None:
+    def __init__(self, p: float, theta: float, norm: float, decay: float = 0.0, holds_pattern: bool = False) -> None:
         super().__init__()
         self.p, self.theta, self.norm, self.decay = p, theta, norm, decay
+        self.holds_pattern = holds_pattern
         self.threshold: Threshold = 0.0
         self.register_buffer("rescale", None, persistent=False)
         self.register_buffer("ties", None, persistent=False)
@@ -45,6 +49,8 @@ class SparseWeight(nn.Module):
         self._tie_end = 0  # tie_count's value, read without a sync
         # Under FSDP2 (see :mod:`.sharding`), set by the Sparsifier: the forward works on the unsharded weight.
         self.sharded = False
+        # and the dtype FSDP2 casts the unsharded weight to (MixedPrecisionPolicy.param_dtype), if another
+        self.forward_dtype: torch.dtype | None = None
         self.groups: tuple[int, int] | None = None  # N:M: (k, m), the groups selected inside the forward
         # N:M held between updates (update_every > 1): T and the ties are this rank's rows, gathered over
         # this group in the forward (the ties only where some rank has any)
@@ -91,7 +97,7 @@ class SparseWeight(nn.Module):
         if span is not None:
             value.fill_(span[0])
             end = span[1]
-        elif ties is None:
+        elif ties is None or self.holds_pattern:  # a held pattern is read as its mask
             end = 0
         else:  # the first entries equal to the tie value, in flat order
             positions = ties.reshape(-1).nonzero()
@@ -125,6 +131,12 @@ class SparseWeight(nn.Module):
         self._scratch_version = None
         return self._scratch if fresh else None
 
+    def as_forward(self, shard: Tensor) -> Tensor:
+        """This rank's rows of a sharded weight as the forward sees them: rounded to FSDP2's parameter
+        dtype under mixed precision (the unsharded weight is the gathered rounded shards), so that a
+        threshold selected on them prunes the forward exactly."""
+        return shard if self.forward_dtype in (None, shard.dtype) else shard.to(self.forward_dtype)
+
     def prepare(self, w: Tensor) -> None:
         """Compute the forward weight of ``w`` now: :meth:`forward` returns it while ``w`` is not
         changed in place, until :meth:`release`."""
@@ -144,8 +156,11 @@ class SparseWeight(nn.Module):
             return self._forward_unsharded(w, decay)
         if torch.compiler.is_compiling():
             scaled = self.normalised(w)
-            index = torch.arange(scaled.numel(), device=scaled.device).view(scaled.shape)
-            ties = (scaled.abs() == self.tie_value) & (index < self.tie_count)
+            if self.holds_pattern:
+                ties = self.ties
+            else:
+                index = torch.arange(scaled.numel(), device=scaled.device).view(scaled.shape)
+                ties = (scaled.abs() == self.tie_value) & (index < self.tie_count)
             out = sparsify_ste(scaled, self.limit, self.p, self.theta, self.rescale, ties, decay)
         elif self._prepared is not None and self._prepared[0] == w._version:
             return self._prepared[1]
