@@ -3,7 +3,9 @@
 
 Each rank writes, per case, what the test checks: at every step the method's threshold and the one
 ``select`` gives on the gathered weights at the method's target, the gathered finalized weights, and
-whether the finalized model still trains.
+whether the finalized model still trains. The cases of MIXED run with bf16 parameters in the forward
+(FSDP's MixedPrecisionPolicy): there ``select`` reads the gathered weights rounded to bf16, and each step's
+forward weights are checked against what that selection prunes.
 
     python -m torch.distributed.run --standalone --nproc_per_node=N tests/methods/fsdp_run.py OUT
 """
@@ -16,7 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 import sparsetrain as st
 from sparsetrain.methods.unstructured.weight import stored
@@ -45,7 +47,10 @@ CASES = [  # (name, model, method, options, tied)
     ("conv1d-sr-ste-every4", "conv1d", "sr-ste", {"update_every": 4}, False),
     ("tied-sr-ste-every4", "mlp", "sr-ste", {"update_every": 4}, True),
     ("mlp-st3-nm-every3", "mlp", "st3-nm", {"update_every": 3}, False),
+    ("mlp-feather-bf16", "mlp", "feather", {"sparsity": 0.8}, False),
+    ("mlp-sr-ste-every4-bf16", "mlp", "sr-ste", {"update_every": 4}, False),
 ]
+MIXED = {"mlp-feather-bf16", "mlp-sr-ste-every4-bf16"}
 
 
 def mlp() -> nn.Module:
@@ -106,20 +111,34 @@ def run(name: str, model_name: str, method: str, options: dict, tied: bool, rank
             for p in model.parameters():
                 p.copy_((p * 32).round() / 32)
     method_object = st.create(model, method, total_steps=STEPS, **options)
+    dtype = torch.bfloat16 if name in MIXED else torch.float32  # the weights' dtype in the forward
+    policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
     for module in model.modules():
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         if (isinstance(module, (nn.Linear, nn.Conv2d)) or type(module).__name__ == "Conv1D") and module is not head:
-            fully_shard(module)  # a language model's head stays with the root, beside the embedding it may share
-    fully_shard(model)
+            fully_shard(module, mp_policy=policy)  # a language model's head stays with the root, beside the embedding it may share
+    fully_shard(model, mp_policy=policy)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0 if tied else 0.05, momentum=0.9)
     method_object.bind(optimizer)
     gen = torch.Generator().manual_seed(100 + rank)  # each rank its own data, as in data-parallel training
-    thresholds, tie_steps, held_forwards, held_ties = [], 0, [], False
+    thresholds, tie_steps, held_forwards, held_ties, exact_forwards = [], 0, [], False, []
     every = options.get("update_every", 1)
-    held = held_groups(method_object, model_name) if method == "sr-ste" and every > 1 else None
+    held = held_groups(method_object, model_name, dtype) if method == "sr-ste" and every > 1 else None
+    seen = forward_weights(method_object) if name in MIXED else None
     for _ in range(STEPS):
         x, y = batch(model_name, gen)
-        if held is not None:  # N:M held between updates: the training forward against a plain copy's
+        if seen is not None:  # the forward weights, bf16, against the selection on the rounded gathered weights
+            rounded = [w.full_tensor().detach().to(dtype) for w in method_object.dense_weights()]
+            target = method_object.target
+            seen.clear()
+            loss = loss_of(model, x, y)
+            if held is None:
+                zeros = sum(int((out == 0).sum()) for out in seen)
+                exact_forwards.append(zeros == round(target * method_object.numel()))
+            else:
+                exact_forwards.append(all(torch.equal(out != 0, kept_mask(w, threshold, pruned)) for out, w, (threshold, pruned, _)
+                                          in zip(seen, rounded, held)))
+        elif held is not None:  # N:M held between updates: the training forward against a plain copy's
             expected = pruned_by_held(method_object, model, model_name, held)(x)
             output = model(x)
             held_forwards.append(torch.allclose(output, expected, rtol=1e-5, atol=1e-6))
@@ -133,10 +152,10 @@ def run(name: str, model_name: str, method: str, options: dict, tied: bool, rank
         optimizer.step()
         method_object.step()
         if held is not None and method_object.step_count % every == 0:
-            held = held_groups(method_object, model_name)
+            held = held_groups(method_object, model_name, dtype)
         scope = method_object.config.scope
         if scope != "nm" and not method_object.fixed:
-            full = [w.full_tensor() for w in method_object.dense_weights()]
+            full = [w.full_tensor().to(dtype) for w in method_object.dense_weights()]
             norms = [1.0 / layer_sigma(w.shape) if scope == "sigma" else 1.0 for w in full]
             expected = select([w.abs() * n for w, n in zip(full, norms)], method_object.target, scope)
             thresholds.append([list(method_object.thresholds.values()), expected.thresholds])
@@ -148,22 +167,31 @@ def run(name: str, model_name: str, method: str, options: dict, tied: bool, rank
     x, y = batch(model_name, gen)  # the finalized model is an ordinary FSDP model: it still trains
     loss = loss_of(finalized, x, y)
     loss.backward()
-    return {"thresholds": thresholds, "tie_steps": tie_steps, "held_forwards": held_forwards, "held_ties": held_ties, "sparsity": sparsity, "target": method_object.schedule.final,
+    return {"thresholds": thresholds, "tie_steps": tie_steps, "held_forwards": held_forwards, "held_ties": held_ties,
+            "exact_forwards": exact_forwards, "sparsity": sparsity, "target": method_object.schedule.final,
             "n": method_object.numel(), "layers": [n for n, _, _ in method_object.layer_stats()],
             "trains": bool(torch.isfinite(loss)) and all(p.grad is not None for p in finalized.parameters()),
             "classes": sorted({type(m).__name__ for m in finalized.modules()})}
 
 
-def held_groups(method_object, model_name: str) -> list:
-    """Per weight, the 2:4 thresholds of the gathered weights now, as a single process selects them, the
-    entries they prune (held with them until the next update: a group gains no non-zero in between), and
-    whether tied magnitudes decided some of those."""
+def held_groups(method_object, model_name: str, dtype: torch.dtype) -> list:
+    """Per weight, the 2:4 thresholds of the gathered weights now (rounded to ``dtype``, as the forward sees
+    them), as a single process selects them, the entries they prune (held with them until the next update:
+    a group gains no non-zero in between), and whether tied magnitudes decided some of those."""
     transposed = model_name == "conv1d"
     k = prune_count(method_object.target, 4)
-    full = [out_in(w.full_tensor().detach().abs(), transposed) for w in method_object.dense_weights()]
+    full = [out_in(w.full_tensor().detach().to(dtype).abs(), transposed) for w in method_object.dense_weights()]
     chosen = select_groups(full, k, 4)
     return [(stored(t, transposed), stored(~kept_mask(m, t, ties), transposed) if isinstance(t, torch.Tensor) else None,
              ties is not None) for m, t, ties in zip(full, chosen.thresholds, chosen.ties)]
+
+
+def forward_weights(method_object) -> list:
+    """A list that every layer's forward weight (gathered, as the forward computes it) is appended to."""
+    seen: list = []
+    for module in method_object._holders:  # cloned: FSDP frees the unsharded weight after the forward
+        module.parametrizations.weight[0].register_forward_hook(lambda m, i, out: seen.append(out.detach().clone()))
+    return seen
 
 
 def pruned_by_held(method_object, model: nn.Module, model_name: str, held: list) -> nn.Module:

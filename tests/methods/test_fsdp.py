@@ -60,6 +60,18 @@ def test_nm_groups_held_between_updates_prune_the_forward_on_every_rank(ranks):
 
 
 @pytest.mark.slow
+def test_bf16_mixed_precision_forwards_prune_exactly_on_every_rank(ranks):
+    """bf16 parameters in the forward (MixedPrecisionPolicy): feather's threshold is the k-th magnitude of the
+    gathered weights rounded to bf16, and each step's forward holds exactly round(s*N) zeros; sr-ste with
+    update_every=4 prunes exactly what the 2:4 selection on the rounded weights at the last update prunes."""
+    reports, _, _ = ranks
+    for report in reports:
+        assert all(mine == expected for mine, expected in report["mlp-feather-bf16"]["thresholds"])
+        for name in ("mlp-feather-bf16", "mlp-sr-ste-every4-bf16"):
+            assert report[name]["exact_forwards"] == [True] * 8, name
+
+
+@pytest.mark.slow
 def test_finalized_weights_are_identical_on_every_rank_and_exactly_sparse(ranks):
     reports, weights, _ = ranks
     for name, case in reports[0].items():
