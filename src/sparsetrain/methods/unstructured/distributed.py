@@ -58,18 +58,11 @@ class ShardedEngine:
         seen = shards if exact else [param.as_forward(shard) for param, shard in zip(self._params, shards)]
         self._mark_sharded()
         if config.nm is not None:
-            m = config.nm.m
-            for name, w, transposed in zip(self.names, weights, self._transposed):
-                rows = -(-w.shape[0] // w.device_mesh.size())
-                if transposed and has_groups(out_in(w, True).shape, m) and rows % m:
-                    raise ValueError(f"layer {name!r} (stored (in, out)) has {rows} input rows per shard, so groups of "
-                                     f"{m} straddle the shards; allowed: a rank count that splits its "
-                                     f"{w.shape[0]} rows into multiples of {m}.")
+            self._set_groups(sparsity, weights)
             held = config.update_every > 1
             if held:  # each rank selects from its own rows: a NaN or an infinity on one rank stops every rank
                 self._check_finite_shards(any_rank([not bool(torch.isfinite(shard).all()) for shard in shards], group))
             for param, w, shard, rows, transposed in zip(self._params, weights, shards, seen, self._transposed):
-                param.groups = (prune_count(sparsity, m), m)
                 if held:
                     param.choose(*self._groups_of(param, w, rows, transposed), shard)
                 else:
@@ -88,6 +81,18 @@ class ShardedEngine:
         for param, shard, threshold, ties, span in zip(self._params, shards, chosen.thresholds, chosen.ties, spans):
             param.choose(threshold, ties, shard, span)
         self._hold_rescales(weights, group)
+
+    def _set_groups(self, sparsity: float, weights: Sequence[Tensor]) -> None:
+        """Tell each weight's parametrization its N:M groups' (k, m) for ``sparsity``, after checking that no
+        group straddles two ranks' rows (one sentence naming the layer)."""
+        m = self.config.nm.m
+        for name, param, w, transposed in zip(self.names, self._params, weights, self._transposed):
+            rows = -(-w.shape[0] // w.device_mesh.size())
+            if transposed and has_groups(out_in(w, True).shape, m) and rows % m:
+                raise ValueError(f"layer {name!r} (stored (in, out)) has {rows} input rows per shard, so groups of "
+                                 f"{m} straddle the shards; allowed: a rank count that splits its "
+                                 f"{w.shape[0]} rows into multiples of {m}.")
+            param.groups = (prune_count(sparsity, m), m)
 
     def _hold_groups(self, ties: Sequence[Tensor | None], group: dist.ProcessGroup) -> None:
         """Mark the N:M thresholds and ties set on every weight as held until the next update (this rank's
@@ -230,10 +235,12 @@ class ShardedEngine:
                 param.frozen, param.shard_mask = True, shard != 0
             return
         if self.config.scope == "nm":
-            self._reselect_sharded(self.target, weights, group)  # the groups follow the weights, unless held:
-            if self.config.update_every > 1:
+            if self.config.update_every > 1:  # held: as saved
+                self._set_groups(self.target, weights)
                 self._load_groups(thresholds, ties, weights, group)
                 self._hold_rescales(weights, group, rescales)
+            else:  # the groups follow the weights
+                self._reselect_sharded(self.target, weights, group)
             return
         local: list[Tensor | None] = []
         for param, w, shard, saved in zip(self._params, weights, shards, ties):
