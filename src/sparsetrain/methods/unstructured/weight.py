@@ -181,12 +181,10 @@ class SparseWeight(nn.Module):
             if self.held_over is not None:
                 threshold, ties = self._gathered(w.shape[0])
             elif self.groups is not None:
-                k, m = self.groups
-                chosen = select_groups([out_in(magnitude, self.transposed)], k, m)
-                threshold, ties = (stored(value[0], self.transposed) for value in (chosen.thresholds, chosen.ties))
+                threshold, ties = self._groups_now(magnitude)
             else:
                 threshold, ties = self.threshold, None
-                if int(self.tie_count):
+                if self._tie_end:  # a number: reading the tensor would break a compiled graph
                     index = torch.arange(w.numel(), device=w.device).view(w.shape)
                     ties = (magnitude == self.tie_value) & (index < self.tie_count)
             rescale = self.rescale  # held between updates (update_every > 1), else computed here
@@ -196,6 +194,12 @@ class SparseWeight(nn.Module):
                 rescale = out_in(st3_rescale(out_in(plain, self.transposed), out_in(kept, self.transposed)), self.transposed)
         out = sparsify_ste(scaled, threshold, self.p, self.theta, rescale, ties, decay, magnitude)
         return out if self.norm == 1.0 else out / self.norm
+
+    @torch.compiler.disable  # run eagerly inside a compiled forward: traced, the selection's views fail
+    def _groups_now(self, magnitude: Tensor) -> tuple[Threshold, Tensor | None]:
+        """The N:M thresholds and ties of the unsharded weight's magnitudes."""
+        chosen = select_groups([out_in(magnitude, self.transposed)], *self.groups)
+        return stored(chosen.thresholds[0], self.transposed), stored(chosen.ties[0], self.transposed)
 
     def _gathered(self, rows: int) -> tuple[Threshold, Tensor | None]:
         """The held N:M thresholds and ties of the full weight, from every rank's rows of them."""
