@@ -217,7 +217,9 @@ def _sharded_mlp(method: str, width: int = 32, mp_policy=None, **options):
 
 
 @pytest.mark.parametrize("method, options", [("feather", {"sparsity": 0.8}), ("st3-sigma", {"sparsity": 0.8, "fix_at": None}),
-                                             ("sr-ste", {"update_every": 4}), ("feather-nm", {"update_every": 3})])
+                                             ("st3-sigma", {"sparsity": 0.8, "fix_at": None, "update_every": 2}),
+                                             ("sr-ste", {"update_every": 4}), ("feather-nm", {"update_every": 3}),
+                                             ("st3-nm", {"update_every": 2, "fix_at": None})])
 def test_bf16_mixed_precision_prunes_the_training_forward_exactly(tmp_path, method, options):
     """FSDP2 with bf16 parameters in the forward (MixedPrecisionPolicy), a world of one: the thresholds are
     selected on the shards as the forward sees them (rounded to bf16), so that at every step the training
@@ -244,7 +246,7 @@ def test_bf16_mixed_precision_prunes_the_training_forward_exactly(tmp_path, meth
             assert all(out.dtype == torch.bfloat16 for out in seen)
             zeros = sum(int((out == 0).sum()) for out in seen)
             assert reported == zeros / n
-            if method in ("sr-ste", "feather-nm"):
+            if method in ("sr-ste", "feather-nm", "st3-nm"):
                 k = round(target * 4)
                 nonzeros = [(to_groups(out, 4) != 0).sum(-1) for out in seen]
                 assert all(bool((z <= 4 - k).all()) for z in nonzeros), created.step_count
@@ -259,7 +261,7 @@ def test_bf16_mixed_precision_prunes_the_training_forward_exactly(tmp_path, meth
         final, model = created.schedule.sparsity_at(created.step_count), created.finalize()
         weights = [model[0].weight.full_tensor(), model[2].weight.full_tensor()]
         assert all(w.dtype == torch.float32 for w in weights)
-        if method in ("sr-ste", "feather-nm"):
+        if method in ("sr-ste", "feather-nm", "st3-nm"):
             assert all(bool(((to_groups(w, 4) == 0).sum(-1) == round(final * 4)).all()) for w in weights)
         else:
             assert sum(int((w == 0).sum()) for w in weights) == round(final * n)
@@ -268,21 +270,30 @@ def test_bf16_mixed_precision_prunes_the_training_forward_exactly(tmp_path, meth
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method, options", [("feather", {"sparsity": 0.5}), ("sr-ste", {}), ("sr-ste", {"update_every": 4})])
-def test_a_compiled_fsdp_model_trains_as_the_eager_one(tmp_path, method, options):
+@pytest.mark.parametrize("method, options, tied", [("feather", {"sparsity": 0.5}, False), ("feather", {"sparsity": 0.5}, True),
+                                                   ("sr-ste", {}, False), ("sr-ste", {"update_every": 4}, False)])
+def test_a_compiled_fsdp_model_trains_as_the_eager_one(tmp_path, method, options, tied):
     """torch.compile over a model sharded by fully_shard (a world of one): each step's output and the finalized
-    weights equal those of the same model trained eagerly. The N:M groups selected inside the forward run
-    eagerly there (traced, they had failed in AOT autograd's view replay); the tie count is read as a number,
-    not from its tensor (which broke the graph at every layer)."""
+    weights equal those of the same model trained eagerly, and after the first steps nothing recompiles, even
+    as the threshold and the count of pruned ties move at every step (``tied``: weights on a grid of 1/32,
+    kept there by lr 0). The N:M groups selected inside the forward run eagerly there (traced, they had failed
+    in AOT autograd's view replay: sr-ste crashed at the first step); whether a layer has pruned ties is read
+    from a number (the tie count's item() broke the graph at every layer)."""
     torch._dynamo.reset()
     try:
         dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
         runs = [_sharded_mlp(method, **options) for _ in range(2)]
-        for _, created, optimizer in runs:
+        for model, created, optimizer in runs:
+            if tied:
+                with torch.no_grad():
+                    for w in model.parameters():
+                        w.copy_((w * 32).round() / 32)
+                optimizer.param_groups[0]["lr"] = 0.0
             created.bind(optimizer)
         compiled = torch.compile(runs[1][0])
         generator = torch.Generator().manual_seed(1)
-        for _ in range(6):
+        stats = torch._dynamo.utils.counters["stats"]
+        for step in range(8):
             x, y = torch.randn(8, 16, generator=generator), torch.randn(8, 4, generator=generator)
             outputs = []
             for model, (_, created, optimizer) in zip((runs[0][0], compiled), runs):
@@ -294,8 +305,12 @@ def test_a_compiled_fsdp_model_trains_as_the_eager_one(tmp_path, method, options
                 optimizer.step()
                 created.step()
             torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-4, atol=1e-5)
+            if step == 3:
+                graphs = stats["unique_graphs"]
+        assert stats["unique_graphs"] == graphs
         breaks = torch._dynamo.utils.counters["graph_break"]
         assert not any("item()" in reason for reason in breaks), list(breaks)  # FSDP's own hooks break it elsewhere
+        assert not tied or int(runs[0][1]._params[0].tie_count) or int(runs[0][1]._params[1].tie_count)
         eager, graph = (created.finalize() for _, created, _ in runs)
         for a, b in zip(eager.parameters(), graph.parameters()):
             torch.testing.assert_close(b.full_tensor(), a.full_tensor(), rtol=1e-4, atol=1e-5)

@@ -55,21 +55,23 @@ class ShardedEngine:
         them (rounded under mixed precision), or, ``exact``, as they are (for baking them)."""
         config = self.config
         shards = [local_shard(w) for w in weights]
-        seen = shards if exact else [param.as_forward(shard) for param, shard in zip(self._params, shards)]
         self._mark_sharded()
-        if config.nm is not None:
+        held = config.update_every > 1
+        if config.nm is not None and not held:  # the forward selects the groups
             self._set_groups(sparsity, weights)
-            held = config.update_every > 1
-            if held:  # each rank selects from its own rows: a NaN or an infinity on one rank stops every rank
-                self._check_finite_shards(any_rank([not bool(torch.isfinite(shard).all()) for shard in shards], group))
-            for param, w, shard, rows, transposed in zip(self._params, weights, shards, seen, self._transposed):
-                if held:
-                    param.choose(*self._groups_of(param, w, rows, transposed), shard)
-                else:
-                    param.choose(0.0, None, shard)  # no threshold tensor as large as the weight kept
-            if held:
-                self._hold_groups([param.ties for param in self._params], group)
+            for param, shard in zip(self._params, shards):
+                param.choose(0.0, None, shard)  # no threshold tensor as large as the weight kept
             self._hold_rescales(weights, group)
+            return
+        seen = shards if exact else [param.as_forward(shard) for param, shard in zip(self._params, shards)]
+        if config.nm is not None:  # each rank selects from its own rows: a NaN or an infinity on one rank stops every rank
+            self._set_groups(sparsity, weights)
+            self._check_finite_shards(any_rank([not bool(torch.isfinite(rows).all()) for rows in seen], group))
+            for param, w, shard, rows, transposed in zip(self._params, weights, shards, seen, self._transposed):
+                param.choose(*self._groups_of(param, w, rows, transposed), shard)
+            self._hold_groups([param.ties for param in self._params], group)
+            if not exact:  # baking computes the rescale it needs
+                self._hold_rescales(weights, group)
             return
         magnitudes = [param.normalised(rows).abs() for param, rows in zip(self._params, seen)]
         try:
@@ -80,7 +82,8 @@ class ShardedEngine:
         spans = self._spans(magnitudes, chosen.ties, weights, group) if chosen.straddles else [(0.0, 0)] * len(weights)
         for param, shard, threshold, ties, span in zip(self._params, shards, chosen.thresholds, chosen.ties, spans):
             param.choose(threshold, ties, shard, span)
-        self._hold_rescales(weights, group)
+        if not exact:  # baking computes the rescale it needs
+            self._hold_rescales(weights, group)
 
     def _set_groups(self, sparsity: float, weights: Sequence[Tensor]) -> None:
         """Tell each weight's parametrization its N:M groups' (k, m) for ``sparsity``, after checking that no

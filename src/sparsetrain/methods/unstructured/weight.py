@@ -179,7 +179,7 @@ class SparseWeight(nn.Module):
         with torch.no_grad():
             magnitude = scaled.abs()
             if self.held_over is not None:
-                threshold, ties = self._gathered(w.shape[0])
+                threshold, ties = self._gathered(w.shape[0], w.dtype)
             elif self.groups is not None:
                 threshold, ties = self._groups_now(magnitude)
             else:
@@ -188,6 +188,8 @@ class SparseWeight(nn.Module):
                     index = torch.arange(w.numel(), device=w.device).view(w.shape)
                     ties = (magnitude == self.tie_value) & (index < self.tie_count)
             rescale = self.rescale  # held between updates (update_every > 1), else computed here
+            if rescale is not None:  # in the forward's dtype under mixed precision
+                rescale = rescale.to(w.dtype)
             if self.rescaled and rescale is None:
                 kept = kept_mask(scaled, threshold, ties, magnitude)
                 plain = magnitude if self.norm == 1.0 else w.abs()
@@ -201,11 +203,12 @@ class SparseWeight(nn.Module):
         chosen = select_groups([out_in(magnitude, self.transposed)], *self.groups)
         return stored(chosen.thresholds[0], self.transposed), stored(chosen.ties[0], self.transposed)
 
-    def _gathered(self, rows: int) -> tuple[Threshold, Tensor | None]:
-        """The held N:M thresholds and ties of the full weight, from every rank's rows of them."""
+    def _gathered(self, rows: int, dtype: torch.dtype) -> tuple[Threshold, Tensor | None]:
+        """The held N:M thresholds (in ``dtype``, the forward's: selected on the weights rounded to it, they
+        are exact in it) and ties of the full weight, from every rank's rows of them."""
         threshold, ties = self.threshold, None
         if isinstance(threshold, Tensor):
-            threshold = gather_rows(threshold, rows, self.held_over)
+            threshold = gather_rows(threshold.to(dtype), rows, self.held_over)
         if self.ties_somewhere:
             local = self.ties if self.ties is not None else torch.zeros_like(self.threshold, dtype=torch.bool)
             ties = gather_rows(local, rows, self.held_over)
