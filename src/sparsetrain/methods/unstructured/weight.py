@@ -180,8 +180,9 @@ class SparseWeight(nn.Module):
             magnitude = scaled.abs()
             if self.held_over is not None:
                 threshold, ties = self._gathered(w.shape[0], w.dtype)
-            elif self.groups is not None:
-                threshold, ties = self._groups_now(magnitude)
+            elif self.groups is not None:  # traced, the selection's views fail: a compiled graph calls it eagerly
+                select_now = torch.compiler.disable(self._groups_now) if torch.compiler.is_compiling() else self._groups_now
+                threshold, ties = select_now(magnitude)
             else:
                 threshold, ties = self.threshold, None
                 if self._tie_end:  # a number: reading the tensor would break a compiled graph
@@ -197,7 +198,6 @@ class SparseWeight(nn.Module):
         out = sparsify_ste(scaled, threshold, self.p, self.theta, rescale, ties, decay, magnitude)
         return out if self.norm == 1.0 else out / self.norm
 
-    @torch.compiler.disable  # run eagerly inside a compiled forward: traced, the selection's views fail
     def _groups_now(self, magnitude: Tensor) -> tuple[Threshold, Tensor | None]:
         """The N:M thresholds and ties of the unsharded weight's magnitudes."""
         chosen = select_groups([out_in(magnitude, self.transposed)], *self.groups)
