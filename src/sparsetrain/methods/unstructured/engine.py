@@ -14,7 +14,8 @@ Threshold timing: the forward pass of step t uses the threshold that makes the w
 they stand before step t exactly s(t) sparse. ``step()``, called right after
 ``optimizer.step()``, advances t and recomputes T from the updated weights. With
 ``update_every=k`` it does so only when t is a multiple of k (for s(t)); in between T, the ties and
-the rescales stay as they are, and ``finalize()`` recomputes them from the final weights first.
+the rescales stay as they are (for N:M, the ties are every entry pruned at the update, so no group
+gains a non-zero), and ``finalize()`` recomputes them from the final weights first.
 When the model's forward starts, every forward weight is computed at once (the layers then find
 theirs ready); a layer called on its own computes its weight as it reads it.
 
