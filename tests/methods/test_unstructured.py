@@ -699,6 +699,32 @@ def test_nm_groups_held_between_updates_gain_no_non_zero(tiny_net, make_batches,
         sp.step()
 
 
+@pytest.mark.parametrize("method, options", [("sr-ste", {"update_every": 4}), ("st3", {"sparsity": 0.8, "fix_at": 2}),
+                                             ("st3", {"sparsity": 0.8, "fix_at": None})])
+def test_what_the_selection_derives_is_no_buffer_and_follows_the_model_to_another_dtype(tiny_net, make_batches, train, method, options):
+    """The held N:M pattern, ST-3's fixed mask and its rescale are as large as a weight or one per output channel,
+    and every rank computes them alike: they are no buffers (DDP broadcasts every buffer from rank 0 at each
+    forward), so the model's only buffers are its own and two numbers a weight. ``.double()`` after the steps
+    carries them and the thresholds with the weights: the forward weights are those of the float32 model."""
+    sp = st.create(tiny_net, method, total_steps=12, **options)
+    opt = torch.optim.SGD(tiny_net.parameters(), lr=0.1)
+    sp.bind(opt)
+    train(tiny_net, sp, opt, make_batches(3))
+    params = sp._params
+    assert any(p.ties is not None or p.mask is not None or p.rescale is not None for p in params)
+    derived = [name for name, b in tiny_net.named_buffers() if ".parametrizations." in name and b.dim() > 0]
+    assert derived == []
+    forward = [layer.weight.detach().clone() for _, layer in st.find_prunable(tiny_net)]
+    tiny_net.double()
+    for p in params:
+        for value in (p.threshold, p.rescale):
+            assert not isinstance(value, torch.Tensor) or value.dtype == torch.float64
+        assert all(t is None or t.dtype == torch.bool for t in (p.ties, p.mask))
+    again = [layer.weight.detach() for _, layer in st.find_prunable(tiny_net)]
+    assert all(b.dtype == torch.float64 and torch.equal(b == 0, a == 0) for a, b in zip(forward, again))
+    assert all(torch.allclose(b, a.double(), rtol=1e-6, atol=0) for a, b in zip(forward, again))
+
+
 def test_nm_held_between_updates_resumes_bit_identically_from_inside_an_interval(tiny_net, make_batches, train):
     def build(seed):
         torch.manual_seed(seed)

@@ -20,6 +20,10 @@ from .sharding import gather_rows
 # and step): plain values, never parameters, buffers or modules, so they are set past nn.Module.__setattr__
 # and its checks for those.
 _EVERY_STEP = frozenset({"threshold", "_scratch", "_scratch_version", "_prepared", "_tie_end"})
+# The tensors the selection derives from the weight, as large as it or per output channel: plain attributes, not
+# buffers, which DDP would broadcast from rank 0 at every forward (every rank computes the same); ``.to()`` and
+# the like carry them (:meth:`SparseWeight._apply`).
+_DERIVED = ("threshold", "limit", "rescale", "ties", "mask")
 
 
 class SparseWeight(nn.Module):
@@ -40,10 +44,10 @@ class SparseWeight(nn.Module):
         self.p, self.theta, self.norm, self.decay = p, theta, norm, decay
         self.holds_pattern = holds_pattern
         self.threshold: Threshold = 0.0
-        self.register_buffer("rescale", None, persistent=False)
-        self.register_buffer("ties", None, persistent=False)
-        self.register_buffer("mask", None, persistent=False)  # the kept weights, once fixed
-        self.limit = torch.zeros(())  # T as a tensor; not a buffer, which DDP would broadcast at every forward
+        self.rescale: Tensor | None = None
+        self.ties: Tensor | None = None
+        self.mask: Tensor | None = None  # the kept weights, once fixed
+        self.limit = torch.zeros(())  # T as a tensor
         self.register_buffer("tie_value", torch.zeros(()), persistent=False)
         self.register_buffer("tie_count", torch.zeros((), dtype=torch.long), persistent=False)
         self._tie_end = 0  # tie_count's value, read without a sync
@@ -70,6 +74,15 @@ class SparseWeight(nn.Module):
         else:
             super().__setattr__(name, value)
 
+    def _apply(self, fn: Any, recurse: bool = True) -> SparseWeight:
+        """``.to()``, ``.cuda()``, ``.double()`` and the like: the buffers, and the tensors of ``_DERIVED``."""
+        super()._apply(fn, recurse)
+        for name in _DERIVED:
+            value = getattr(self, name)
+            if isinstance(value, Tensor):
+                setattr(self, name, fn(value))
+        return self
+
     def normalised(self, w: Tensor) -> Tensor:
         """w * n, the magnitudes the threshold is compared against (w itself when n = 1)."""
         return w if self.norm == 1.0 else w * self.norm
@@ -80,8 +93,7 @@ class SparseWeight(nn.Module):
         Called under ``torch.no_grad()`` for every weight at every step: the tensor forms are rewritten
         only where they change."""
         self.threshold = threshold
-        if ties is not None or self.ties is not None:  # a registered buffer: set only when it changes
-            self.ties = ties
+        self.ties = ties
         limit = self.limit
         if isinstance(threshold, Tensor):
             self.limit = threshold
