@@ -34,6 +34,7 @@ from ..measure import count_flops, param_counts
 from ..methods import Method, create, method_options, method_spec
 from ..models import create_model
 from ..modes import eval_mode
+from ..prunable import is_sharded
 from ..report import sparsity_report
 from .checkpoint import first_non_finite
 from .folder import CHECKPOINT, CONFIG, LAYERS_PLOT, REPORT, TRAINING_PLOT, RunFolder, changed_shapes
@@ -292,9 +293,7 @@ def _set_whole_states(setup: Setup, model_state: dict[str, Any], optimizer_state
 
 def _whole_tensors(tree: Any) -> Any:
     """``tree`` (dicts and lists) with every DTensor gathered whole (every rank calls)."""
-    from torch.distributed.tensor import DTensor
-
-    if isinstance(tree, DTensor):
+    if is_sharded(tree):
         return tree.full_tensor()
     if isinstance(tree, dict):
         return {key: _whole_tensors(value) for key, value in tree.items()}

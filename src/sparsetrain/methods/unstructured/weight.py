@@ -16,10 +16,10 @@ from ...prunable import out_in
 from .config import RESCALE_EPS
 from .sharding import gather_rows
 
-# The attributes rewritten for every weight at every step, by step() and by the forward (six writes a weight
+# The attributes rewritten for every weight at every step, by step() and by the forward (seven writes a weight
 # and step): plain values, never parameters, buffers or modules, so they are set past nn.Module.__setattr__
 # and its checks for those.
-_EVERY_STEP = frozenset({"threshold", "_scratch", "_scratch_version", "_prepared", "_tie_end"})
+_EVERY_STEP = frozenset({"threshold", "ties", "_scratch", "_scratch_version", "_prepared", "_tie_end"})
 # The tensors the selection derives from the weight, as large as it or per output channel: plain attributes, not
 # buffers, which DDP would broadcast from rank 0 at every forward (every rank computes the same); ``.to()`` and
 # the like carry them (:meth:`SparseWeight._apply`).
