@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -95,13 +96,21 @@ def test_p3_with_one_threshold_agrees_with_a_threshold_per_entry(dtype):
     torch.testing.assert_close(one, each, rtol=4 * torch.finfo(dtype).eps, atol=0)
 
 
-@pytest.mark.parametrize("numpy_cbrt", [True, False])
+@pytest.mark.parametrize("root", ["numpy", "newton", "pow"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_p3_is_the_same_through_either_cube_root(monkeypatch, numpy_cbrt, dtype):
-    # numpy's cbrt (where it is vectorized) or torch's pow: the same zeros and signs, values within a few ulps
+def test_p3_is_the_same_through_every_cube_root(monkeypatch, root, dtype):
+    # numpy's cbrt (where it is vectorized), Newton's steps (float32 elsewhere) or torch's pow: the same
+    # zeros and signs, values within a few ulps
     import sparsetrain.operators as operators
 
-    monkeypatch.setattr(operators, "NUMPY_CBRT_VECTORIZED", numpy_cbrt)
+    monkeypatch.setattr(operators, "NUMPY_CBRT_VECTORIZED", root == "numpy")
+    if root == "pow":
+        monkeypatch.setattr(operators, "cube_root_", lambda *args: pytest.fail("cube_root_ taken where pow was asked"))
+        monkeypatch.setattr(operators, "_newton_cbrt", lambda x, p: False)
+    newton_calls = []
+    newton = operators.cube_root_
+    if root == "newton":
+        monkeypatch.setattr(operators, "cube_root_", lambda x, scratch=None: newton_calls.append(x.dtype) or newton(x, scratch))
     w = torch.randn(10_000, generator=torch.Generator().manual_seed(1), dtype=dtype) * 0.1
     threshold = 0.08
     w[:4] = torch.nextafter(torch.full((4,), threshold, dtype=dtype), torch.tensor(1.0, dtype=dtype)) * torch.tensor(
@@ -115,3 +124,18 @@ def test_p3_is_the_same_through_either_cube_root(monkeypatch, numpy_cbrt, dtype)
         torch.testing.assert_close(out[kept], expected[kept].float(), rtol=4 * torch.finfo(dtype).eps, atol=0)
     torch.testing.assert_close(threshold_operator(W.to(dtype), T, 3.0), torch.tensor(EXPECTED[3.0], dtype=dtype),
                                rtol=4 * torch.finfo(dtype).eps, atol=0)
+    assert bool(newton_calls) == (root == "newton" and dtype == torch.float32)  # Newton's steps take float32 only
+
+
+def test_the_cube_root_by_newton_steps_is_within_about_two_ulps_and_zero_only_at_zero():
+    from sparsetrain.operators import cube_root_
+
+    exponents = torch.rand(1_000_000, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 72 - 36
+    x = torch.cat([(10.0**exponents).float(), torch.tensor([0.0, 1.0, 8.0, 1e-36, 1e-40, 1e-45])])
+    out = cube_root_(x.clone())
+    exact = torch.from_numpy(np.cbrt(x.double().numpy()))
+    assert torch.equal(out == 0, x == 0) and bool(torch.isfinite(out).all())
+    normal = x >= 1e-36  # below, the first guess is taken of 1e-36: the root is too large, but not zero
+    errors = (out.double() - exact).abs()[normal & (x > 0)] / exact[normal & (x > 0)] / torch.finfo(torch.float32).eps
+    assert float(errors.max()) <= 2.2
+    assert out[-6:-3].tolist() == [0.0, 1.0, 2.0]  # exact cubes
