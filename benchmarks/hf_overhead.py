@@ -5,9 +5,10 @@ with its 95 % interval, over the mean dense step.
 
 A step: forward (causal LM loss on random token ids), backward, ``before_optimizer_step``, SGD step,
 ``step()``. The schedules run over ``--total-steps`` (default: the steps timed plus warm-up, so the timed
-steps cover the whole ramp and the final sparsity).
+steps cover the whole ramp and the final sparsity). ``--compile``: every model runs through
+``torch.compile`` (inductor), its first step, the compile, among the warm-up steps.
 
-    python benchmarks/hf_overhead.py [--models gpt2,llama] [--methods dense,feather,sr-ste] [--steps 30]
+    python benchmarks/hf_overhead.py [--models gpt2,llama] [--methods dense,feather,sr-ste] [--steps 30] [--compile]
 """
 
 from __future__ import annotations
@@ -40,11 +41,13 @@ def main() -> None:
     parser.add_argument("--methods", default="dense,feather,sr-ste")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--total-steps", type=int, default=0, help="the schedules' length (0: steps + warm-up)")
+    parser.add_argument("--compile", action="store_true", help="run every model through torch.compile")
     args = parser.parse_args()
     methods = args.methods.split(",")
     total = args.total_steps or args.steps + WARMUP
     ids = torch.randint(0, VOCAB, (BATCH, SEQUENCE), generator=torch.Generator().manual_seed(0))
-    print(f"{platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads, batch {BATCH} x {SEQUENCE} tokens")
+    print(f"{platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads, batch {BATCH} x {SEQUENCE} tokens"
+          f"{', compiled' if args.compile else ''}")
     print("| model | method | median step (ms) | over dense (medians) | over dense (median of paired ratios) | "
           "over dense (mean paired difference, 95 % interval) |")
     print("|---|---|---:|---:|---:|---:|")
@@ -55,7 +58,7 @@ def main() -> None:
             attached = st.create(model, method, total_steps=total)
             optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
             attached.bind(optimizer)
-            runs[method] = (model, attached, optimizer)
+            runs[method] = (torch.compile(model) if args.compile else model, attached, optimizer)
 
         def step(method: str, runs: dict = runs) -> float:
             model, attached, optimizer = runs[method]

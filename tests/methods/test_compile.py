@@ -11,6 +11,7 @@ from torch._dynamo.utils import counters
 
 import sparsetrain as st
 from sparsetrain.models import create_model
+from sparsetrain.nm import select_groups
 
 NO_TARGET = ("dense", "sr-ste", "feather-nm", "st3-nm")  # the N:M presets take their pattern's sparsity
 EXTRA_GRAPHS = {"st3": 1, "st3-sigma": 1, "feather-nm": 1, "st3-nm": 2}  # the fixed masks; per-group T from k > 0
@@ -86,6 +87,28 @@ def test_tie_masks_appearing_and_moving_recompile_nothing_and_prune_the_same_ent
     assert_same_training(eager, compiled, 1e-5)
     for key, value in eager[1].items():  # the same entries pruned (lr 0: the same weights, so exactly)
         assert torch.equal(compiled[1][key] == 0, value == 0), key
+
+
+@pytest.mark.parametrize("method", ["sr-ste", "feather-nm", "st3-nm"])
+def test_nm_ties_of_different_values_in_several_groups_prune_the_same_entries_compiled(method):
+    # magnitudes on a grid of 1/16: many groups of 4 tie across their 2nd and 3rd smallest, at many values
+    torch.manual_seed(0)
+    layer = nn.Linear(64, 16, bias=False)
+    with torch.no_grad():
+        layer.weight.copy_((layer.weight * 16).round() / 16)
+    chosen = select_groups([layer.weight.detach().abs()], 2, 4)
+    tied = chosen.ties[0]
+    assert tied is not None and len(layer.weight.detach().abs()[tied].unique()) > 1  # ties at several values
+    method_object = st.create(layer, method, total_steps=4, **({"start": 0} if method == "feather-nm" else {}))
+    method_object.bind(torch.optim.SGD(layer.parameters(), lr=0.0))
+    for _ in range(2):
+        method_object.step()
+    torch._dynamo.reset()
+    eye = torch.eye(64)
+    eager, compiled = layer(eye).detach().T, torch.compile(layer, backend="eager")(eye).detach().T
+    assert torch.equal(compiled != 0, eager != 0)
+    assert int((compiled.reshape(16, 16, 4) != 0).sum(-1).max()) <= 2  # the 2:4 pattern holds in the compiled forward
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=0)  # p = 3: pow compiled, Newton's steps eager
 
 
 @pytest.mark.slow

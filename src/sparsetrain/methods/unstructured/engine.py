@@ -153,10 +153,11 @@ class Sparsifier(ShardedEngine, Method):
         self._group: dist.ProcessGroup | None = None  # the group FSDP2 shards the weights over, seen at bind()
         self._flat: Tensor | None = None  # one shared threshold: every |w * n| buffer is a piece of it
         self._params: list[SparseWeight] = []
-        held = self.config.nm is not None and self.config.update_every > 1  # the N:M pattern held between updates
+        grouped = self.config.nm is not None
+        held = grouped and self.config.update_every > 1  # the N:M pattern held between updates
         for w in self._weights:
             norm = 1.0 / layer_sigma(w.shape) if self.config.scope == "sigma" else 1.0
-            self._params.append(SparseWeight(self.config.p, self.config.theta, norm, self.config.decay, held))
+            self._params.append(SparseWeight(self.config.p, self.config.theta, norm, self.config.decay, grouped, held))
         for module, owner in zip(self._modules, self._owner):
             parametrize.register_parametrization(module, "weight", self._params[owner])
         self._hooks = [model.register_forward_pre_hook(self._prepare),

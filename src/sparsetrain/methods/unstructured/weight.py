@@ -31,18 +31,22 @@ class SparseWeight(nn.Module):
     (``ties``: extra entries pruned, see :mod:`sparsetrain.selection`; T a number, or a tensor
     shaped like w for N:M groups).
 
-    ``holds_pattern`` (N:M groups with ``update_every`` > 1): at each update ``ties`` becomes every
-    entry pruned then, so that between updates a group loses no zero, whatever its magnitudes do.
+    ``grouped`` (N:M groups): T is a tensor, one threshold per entry, and a pruned tie's own |w * n|
+    becomes its T, so no tie mask is kept (ties in several groups differ in value, which the compiled
+    forward's one tie value below could not tell). ``holds_pattern`` (N:M groups with ``update_every``
+    > 1): at each update ``ties`` becomes every entry pruned then, so that between updates a group
+    loses no zero, whatever its magnitudes do.
 
     Under ``torch.compile`` the forward reads only tensors that keep their shapes from step to
     step, so a new threshold, target or tie never recompiles the graph: T as a tensor (``limit``),
     and the pruned ties as the first ``tie_count`` entries (flat index) whose |w * n| equals
-    ``tie_value`` (a held pattern as its mask)."""
+    ``tie_value`` (N:M groups: none, folded into T; a held pattern as its mask)."""
 
-    def __init__(self, p: float, theta: float, norm: float, decay: float = 0.0, holds_pattern: bool = False) -> None:
+    def __init__(self, p: float, theta: float, norm: float, decay: float = 0.0, grouped: bool = False,
+                 holds_pattern: bool = False) -> None:
         super().__init__()
         self.p, self.theta, self.norm, self.decay = p, theta, norm, decay
-        self.holds_pattern = holds_pattern
+        self.grouped, self.holds_pattern = grouped, holds_pattern
         self.threshold: Threshold = 0.0
         self.rescale: Tensor | None = None
         self.ties: Tensor | None = None
@@ -92,6 +96,8 @@ class SparseWeight(nn.Module):
         (``span``: the tie value and count of a sharded weight, which its local ties cannot tell).
         Called under ``torch.no_grad()`` for every weight at every step: the tensor forms are rewritten
         only where they change."""
+        if self.grouped and not self.holds_pattern and ties is not None and isinstance(threshold, Tensor):
+            threshold, ties = torch.where(ties, self.normalised(w).abs(), threshold), None  # pruned: |w * n| <= T
         self.threshold = threshold
         self.ties = ties
         limit = self.limit
@@ -170,6 +176,8 @@ class SparseWeight(nn.Module):
             scaled = self.normalised(w)
             if self.holds_pattern:
                 ties = self.ties
+            elif self.grouped:  # folded into the thresholds
+                ties = None
             else:
                 index = torch.arange(scaled.numel(), device=scaled.device).view(scaled.shape)
                 ties = (scaled.abs() == self.tie_value) & (index < self.tie_count)
