@@ -16,7 +16,7 @@ the dense weights, scaled per element:
 with E the mask of kept weights and lambda the optional decay of pruned weights (SR-STE's
 "sparse-refined" term, Zhou et al., ICLR 2021; 0 by default).
 
-An optional boolean ``ties`` mask prunes more entries: where it is True the forward value is 0
+An optional ``ties`` mask (bool, or the numbers 1 and 0) prunes more entries: where it is set the forward value is 0
 and the gradient is scaled by theta, as for |w| <= T (exact counts when magnitudes tie; N:M groups
 held between updates: the entries pruned at the update, wherever their magnitudes have moved since).
 """
@@ -176,9 +176,28 @@ def _pruned_numbers(w: Tensor, threshold: Threshold, ties: Tensor | None, magnit
                     out: Tensor | None = None) -> Tensor:
     """1 - E as the numbers 1 (pruned) and 0 in w's dtype, written into ``out`` (may be ``magnitude``,
     |w|, whose values are then spent) or a new tensor: products with it stay in one dtype, several
-    times faster on the CPU than with a bool mask."""
-    pruned = torch.le(w.abs() if magnitude is None else magnitude, threshold, out=torch.empty_like(w) if out is None else out)
+    times faster on the CPU than with a bool mask. While torch.compile traces, as min(sign(T - |w|) + 1, 1),
+    without a comparison, and ``ties`` as numbers too (:func:`tie_numbers`): inductor's CPU code writes a
+    bool tensor (which it saves for the backward) about ten times slower than a float one."""
+    magnitude = w.abs() if magnitude is None else magnitude
+    if torch.compiler.is_compiling():
+        pruned = (threshold - magnitude).sign().add(1.0).clamp(max=1.0)
+        return pruned if ties is None else torch.maximum(pruned, ties)
+    pruned = torch.le(magnitude, threshold, out=torch.empty_like(w) if out is None else out)
     return pruned if ties is None else torch.maximum(pruned, ties, out=pruned)  # ties may also lie at or below T
+
+
+def tie_numbers(magnitude: Tensor, value: Tensor, count: Tensor) -> Tensor:
+    """1 at the first ``count`` entries (flat order) whose magnitude equals ``value``, 0 elsewhere, in the
+    magnitude's dtype, by arithmetic alone (see :func:`_pruned_numbers`): (1 - |sign(|w| - v)|) *
+    clamp(count - index, 0, 1)."""
+    index = torch.arange(magnitude.numel(), device=magnitude.device).view(magnitude.shape)
+    return (magnitude - value).sign().abs().neg().add(1.0) * (count - index).clamp(0, 1)
+
+
+def _zero_at(out: Tensor, ties: Tensor) -> Tensor:
+    """``out`` with 0 where ``ties`` is True or 1 (a bool mask, or numbers from :func:`tie_numbers`)."""
+    return out * ~ties if ties.dtype == torch.bool else torch.addcmul(out, out, ties, value=-1.0)
 
 
 class _ScaledStraightThrough(torch.autograd.Function):
@@ -198,7 +217,7 @@ class _ScaledStraightThrough(torch.autograd.Function):
             pruned = _pruned_numbers(w, threshold, ties, magnitude) if needed else None
             out = threshold_operator(w, threshold, p, magnitude)
             if ties is not None:
-                out = out * ~ties  # faster than masked_fill on CPU
+                out = _zero_at(out, ties)  # a product: faster than masked_fill on CPU
         ctx.save_for_backward(w if needed and decay else None, pruned if needed else None)
         return out if rescale is None else out * rescale
 

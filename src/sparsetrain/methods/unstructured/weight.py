@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from ...nm import select_groups
-from ...operators import Threshold, kept_mask, sparsify_ste
+from ...operators import Threshold, kept_mask, sparsify_ste, tie_numbers
 from ...prunable import out_in
 from .config import RESCALE_EPS
 from .sharding import gather_rows
@@ -174,13 +174,12 @@ class SparseWeight(nn.Module):
             return self._forward_unsharded(w, decay)
         if torch.compiler.is_compiling():
             scaled = self.normalised(w)
-            if self.holds_pattern:
-                ties = self.ties
+            if self.holds_pattern:  # as numbers, as the traced operator takes them
+                ties = None if self.ties is None else self.ties.to(scaled.dtype)
             elif self.grouped:  # folded into the thresholds
                 ties = None
             else:
-                index = torch.arange(scaled.numel(), device=scaled.device).view(scaled.shape)
-                ties = (scaled.abs() == self.tie_value) & (index < self.tie_count)
+                ties = tie_numbers(scaled.abs(), self.tie_value, self.tie_count)
             out = sparsify_ste(scaled, self.limit, self.p, self.theta, self.rescale, ties, decay)
         elif self._prepared is not None and self._prepared[0] == w._version:
             return self._prepared[1]
