@@ -139,3 +139,32 @@ def test_the_cube_root_by_newton_steps_is_within_about_two_ulps_and_zero_only_at
     errors = (out.double() - exact).abs()[normal & (x > 0)] / exact[normal & (x > 0)] / torch.finfo(torch.float32).eps
     assert float(errors.max()) <= 2.2
     assert out[-6:-3].tolist() == [0.0, 1.0, 2.0]  # exact cubes
+
+
+def test_tie_numbers_mark_the_first_count_entries_equal_to_the_value_as_numbers():
+    from sparsetrain.operators import tie_numbers
+
+    magnitude = torch.tensor([[0.5, 0.25, 0.5, 0.75], [0.5, 0.0, 0.5, 0.25]])
+    value = torch.tensor(0.5)
+    for count, expected in ((0, []), (1, [0]), (3, [0, 2]), (5, [0, 2, 4]), (8, [0, 2, 4, 6]), (100, [0, 2, 4, 6])):
+        numbers = tie_numbers(magnitude, value, torch.tensor(count))
+        assert numbers.dtype == magnitude.dtype and numbers.shape == magnitude.shape
+        assert numbers.flatten().nonzero().flatten().tolist() == expected and set(numbers.unique().tolist()) <= {0.0, 1.0}
+
+
+@pytest.mark.parametrize("p", [1.0, 3.0, math.inf])
+def test_the_traced_operator_takes_its_masks_as_numbers_and_prunes_what_the_eager_one_does(p):
+    # while torch.compile traces, 1 - E comes from min(sign(T - |w|) + 1, 1) and the ties are numbers
+    gen = torch.Generator().manual_seed(0)
+    w = ((torch.randn(64, 32, generator=gen) * 8).round() / 16).requires_grad_()  # many entries at T exactly
+    threshold = torch.tensor(0.25)
+    ties = torch.zeros(64, 32, dtype=torch.bool)
+    ties[::3, ::5] = True
+    eager = sparsify_ste(w, threshold, p, 0.5, None, ties, 1e-3)
+    traced = torch.compile(lambda v: sparsify_ste(v, threshold, p, 0.5, None, ties.to(v.dtype), 1e-3), backend="eager")(w)
+    assert torch.equal(traced == 0, eager == 0)
+    torch.testing.assert_close(traced, eager, rtol=4 * torch.finfo(torch.float32).eps, atol=0)  # p = 3: pow traced
+    grad = torch.randn(64, 32, generator=gen)
+    (expected,) = torch.autograd.grad(eager, w, grad)
+    (got,) = torch.autograd.grad(traced, w, grad)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
