@@ -119,7 +119,8 @@ def root_(x: Tensor, p: int, scratch: Tensor | None = None) -> Tensor:
     CPU float32/float64 tensor through numpy's ``cbrt`` where it is vectorized (within an ulp), of
     any other CPU float32 tensor by :func:`cube_root_` (within about two ulps; ``scratch``, a tensor
     like x whose values may be lost, saves it a temporary), any other root (and any root of a tensor
-    subclass such as a DTensor) through ``pow_`` (within a few ulps: 1/3 is rounded)."""
+    subclass such as a DTensor, or while torch.compile traces) through ``pow_`` (within a few ulps: 1/3
+    is rounded)."""
     if _odd_cbrt(x, p):
         array = x.numpy()
         np.cbrt(array, out=array)
@@ -180,8 +181,8 @@ def _pruned_numbers(w: Tensor, threshold: Threshold, ties: Tensor | None, magnit
     without a comparison, and ``ties`` as numbers too (:func:`tie_numbers`): inductor's CPU code writes a
     bool tensor (which it saves for the backward) about ten times slower than a float one."""
     magnitude = w.abs() if magnitude is None else magnitude
-    if torch.compiler.is_compiling():
-        pruned = (threshold - magnitude).sign().add(1.0).clamp(max=1.0)
+    if torch.compiler.is_compiling():  # in w's dtype: T may be wider (N:M thresholds of mixed-dtype layers)
+        pruned = (threshold - magnitude).sign().add(1.0).clamp(max=1.0).to(w.dtype)
         return pruned if ties is None else torch.maximum(pruned, ties)
     pruned = torch.le(magnitude, threshold, out=torch.empty_like(w) if out is None else out)
     return pruned if ties is None else torch.maximum(pruned, ties, out=pruned)  # ties may also lie at or below T
@@ -196,8 +197,9 @@ def tie_numbers(magnitude: Tensor, value: Tensor, count: Tensor) -> Tensor:
 
 
 def _zero_at(out: Tensor, ties: Tensor) -> Tensor:
-    """``out`` with 0 where ``ties`` is True or 1 (a bool mask, or numbers from :func:`tie_numbers`)."""
-    return out * ~ties if ties.dtype == torch.bool else torch.addcmul(out, out, ties, value=-1.0)
+    """``out`` with 0 where ``ties`` is True or 1 (a bool mask, or numbers from :func:`tie_numbers`);
+    elsewhere ``out`` unchanged, infinities included."""
+    return out * ~ties if ties.dtype == torch.bool else out * (1.0 - ties)
 
 
 class _ScaledStraightThrough(torch.autograd.Function):

@@ -111,6 +111,20 @@ def test_nm_ties_of_different_values_in_several_groups_prune_the_same_entries_co
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=0)  # p = 3: pow compiled, Newton's steps eager
 
 
+def test_a_bfloat16_layer_beside_a_float32_one_keeps_its_dtype_compiled():
+    # the N:M thresholds of layers of mixed dtypes are selected together, in the wider dtype
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"narrow": nn.Linear(16, 8).bfloat16(), "wide": nn.Linear(16, 8)})
+    method_object = st.create(model, "sr-ste", total_steps=4)
+    method_object.bind(torch.optim.SGD(model.parameters(), lr=0.0))
+    method_object.step()
+    torch._dynamo.reset()
+    x = torch.randn(4, 16)
+    eager = model["narrow"](x.bfloat16())
+    compiled = torch.compile(model["narrow"], backend="eager")(x.bfloat16())
+    assert compiled.dtype == torch.bfloat16 and torch.equal(compiled, eager)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("model_name, method", [("resnet20", "feather"), ("vit-micro", "feather"),
                                                 ("vit-micro", "st3"), ("resnet20", "sr-ste")])

@@ -765,3 +765,41 @@ def test_update_every_is_a_setting_of_the_saved_state_and_checked(tiny_net):
 def test_update_every_must_be_a_positive_int(tiny_net, bad):
     with pytest.raises(ValueError, match=rf"update_every={bad!r} is not allowed; allowed: an int >= 1"):
         st.create(tiny_net, "feather", sparsity=0.8, total_steps=10, update_every=bad)
+
+
+@pytest.mark.parametrize("method", ["sr-ste", "feather-nm", "st3-nm"])
+def test_nm_ties_fold_into_thresholds_and_a_state_with_tie_masks_loads_before_the_weights(method):
+    # groups tie across their 2nd and 3rd smallest magnitude, at two values: the selection gives each pruned
+    # tie its own |w| as T (no mask); a state saved with the group's T and a tie mask (as states were before)
+    # still prunes those positions when it is loaded before the weights, in the documented order
+    from sparsetrain.nm import pattern_holds, select_groups
+
+    weight = torch.tensor([[0.1, 0.5, 0.5, 0.9, 0.2, 0.3, 0.3, 0.8], [0.7, 0.2, 0.6, 0.1, 0.4, 0.4, 0.9, 0.4]])
+    options = {"start": 0} if method == "feather-nm" else {}
+
+    def attached(values):
+        layer = nn.Linear(8, 2, bias=False)
+        with torch.no_grad():
+            layer.weight.copy_(values)
+        method_object = st.create(layer, method, total_steps=4, **options)
+        method_object.bind(torch.optim.SGD(layer.parameters(), lr=0.0))
+        return layer, method_object
+
+    layer, method_object = attached(weight)
+    method_object.step()
+    state = method_object.state_dict()
+    chosen = select_groups([weight], 2, 4)
+    assert state["ties"] == [None] and chosen.ties[0] is not None
+    assert torch.equal(state["thresholds"][0], torch.where(chosen.ties[0], weight, chosen.thresholds[0]))
+    assert pattern_holds(layer.weight, 2, 4)  # the forward weight
+
+    state["thresholds"], state["ties"] = [chosen.thresholds[0].clone()], [chosen.ties[0].clone()]  # the mask form
+    fresh, loaded = attached(torch.zeros(2, 8).uniform_(0.0, 0.05))  # other weights until the model's state loads
+    loaded.load_state_dict(state)
+    with torch.no_grad():
+        fresh.parametrizations["weight"].original.copy_(weight)
+    assert torch.equal(fresh.weight != 0, layer.weight != 0)
+    torch._dynamo.reset()
+    compiled = torch.compile(fresh, backend="eager")(torch.eye(8)).detach().T  # the traced forward reads the mask
+    assert torch.equal(compiled != 0, layer.weight != 0)
+    assert pattern_holds(loaded.finalize().weight, 2, 4)

@@ -198,8 +198,8 @@ class Sparsifier(ShardedEngine, Method):
     @property
     def thresholds(self) -> dict[str, Threshold]:
         """Each prunable weight's threshold, by the name of the first layer holding it (for
-        scope "nm" a tensor shaped like the weight: its group's threshold at every entry; a copy, as
-        the engine rewrites its own at every update)."""
+        scope "nm" a tensor shaped like the weight: its group's threshold at every entry, a pruned tie's
+        own magnitude at its entry; a copy, as the engine rewrites its own at every update)."""
         return {name: copy_threshold(param.threshold) for name, param in zip(self.names, self._params)}
 
     @property
@@ -345,6 +345,8 @@ class Sparsifier(ShardedEngine, Method):
             ):
                 if param.holds_pattern and isinstance(threshold, Tensor):  # every entry pruned now, held
                     ties = ~kept_mask(mag, threshold, ties)
+                elif param.grouped and ties is not None:  # a pruned tie's own |w * n| as its T: no mask
+                    threshold, ties = torch.where(ties, mag, threshold), None
                 param.choose(threshold, ties, w)
                 if self.config.rescale:  # on |w|: the sigma scale cancels in the ratio r_c
                     kept = kept_mask(mag, threshold, ties)

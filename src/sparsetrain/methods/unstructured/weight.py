@@ -31,16 +31,16 @@ class SparseWeight(nn.Module):
     (``ties``: extra entries pruned, see :mod:`sparsetrain.selection`; T a number, or a tensor
     shaped like w for N:M groups).
 
-    ``grouped`` (N:M groups): T is a tensor, one threshold per entry, and a pruned tie's own |w * n|
-    becomes its T, so no tie mask is kept (ties in several groups differ in value, which the compiled
-    forward's one tie value below could not tell). ``holds_pattern`` (N:M groups with ``update_every``
-    > 1): at each update ``ties`` becomes every entry pruned then, so that between updates a group
-    loses no zero, whatever its magnitudes do.
+    ``grouped`` (N:M groups): T is a tensor, one threshold per entry, and ties are read as their
+    mask (ties in several groups differ in value, which one tie value below could not tell); the
+    selection gives a pruned tie its own |w * n| as T, so there is seldom a mask. ``holds_pattern``
+    (N:M groups with ``update_every`` > 1): at each update ``ties`` becomes every entry pruned then, so
+    that between updates a group loses no zero, whatever its magnitudes do.
 
     Under ``torch.compile`` the forward reads only tensors that keep their shapes from step to
     step, so a new threshold, target or tie never recompiles the graph: T as a tensor (``limit``),
     and the pruned ties as the first ``tie_count`` entries (flat index) whose |w * n| equals
-    ``tie_value`` (N:M groups: none, folded into T; a held pattern as its mask)."""
+    ``tie_value`` (N:M groups: as their mask)."""
 
     def __init__(self, p: float, theta: float, norm: float, decay: float = 0.0, grouped: bool = False,
                  holds_pattern: bool = False) -> None:
@@ -96,8 +96,6 @@ class SparseWeight(nn.Module):
         (``span``: the tie value and count of a sharded weight, which its local ties cannot tell).
         Called under ``torch.no_grad()`` for every weight at every step: the tensor forms are rewritten
         only where they change."""
-        if self.grouped and not self.holds_pattern and ties is not None and isinstance(threshold, Tensor):
-            threshold, ties = torch.where(ties, self.normalised(w).abs(), threshold), None  # pruned: |w * n| <= T
         self.threshold = threshold
         self.ties = ties
         limit = self.limit
@@ -115,7 +113,7 @@ class SparseWeight(nn.Module):
         if span is not None:
             value.fill_(span[0])
             end = span[1]
-        elif ties is None or self.holds_pattern:  # a held pattern is read as its mask
+        elif ties is None or self.grouped:  # N:M ties are read as their mask
             end = 0
         else:  # the first entries equal to the tie value, in flat order
             positions = ties.reshape(-1).nonzero()
@@ -174,10 +172,8 @@ class SparseWeight(nn.Module):
             return self._forward_unsharded(w, decay)
         if torch.compiler.is_compiling():
             scaled = self.normalised(w)
-            if self.holds_pattern:  # as numbers, as the traced operator takes them
+            if self.grouped:  # the mask, as numbers, as the traced operator takes them
                 ties = None if self.ties is None else self.ties.to(scaled.dtype)
-            elif self.grouped:  # folded into the thresholds
-                ties = None
             else:
                 ties = tie_numbers(scaled.abs(), self.tie_value, self.tie_count)
             out = sparsify_ste(scaled, self.limit, self.p, self.theta, self.rescale, ties, decay)
