@@ -16,9 +16,10 @@ the dense weights, scaled per element:
 with E the mask of kept weights and lambda the optional decay of pruned weights (SR-STE's
 "sparse-refined" term, Zhou et al., ICLR 2021; 0 by default).
 
-An optional ``ties`` mask (bool, or the numbers 1 and 0) prunes more entries: where it is set the forward value is 0
-and the gradient is scaled by theta, as for |w| <= T (exact counts when magnitudes tie; N:M groups
-held between updates: the entries pruned at the update, wherever their magnitudes have moved since).
+An optional ``ties`` mask (bool, or the numbers 1 and 0) prunes more entries: where it is set the
+forward value is 0 and the gradient is scaled by theta, as for |w| <= T (exact counts when magnitudes
+tie; N:M groups held between updates: the entries pruned at the update, wherever their magnitudes have
+moved since).
 """
 
 from __future__ import annotations
@@ -108,8 +109,8 @@ def _odd_cbrt(x: Tensor, p: float) -> bool:
 def _newton_cbrt(x: Tensor, p: float) -> bool:
     """Whether :func:`root_` takes x's p-th root by :func:`cube_root_`'s Newton steps: p = 3 on a plain
     CPU float32 tensor where numpy's cbrt is not taken, outside torch.compile's tracing (inductor fuses
-    the steps into one loop, but compiling them took three times as long as the dense model: ResNet-20
-    137 against 41 s)."""
+    the steps into one loop, but compiling them took three to fifteen times as long as the dense model:
+    ResNet-20 137 against 41 s)."""
     cpu_float32 = type(x) is Tensor and x.device.type == "cpu" and x.dtype == torch.float32
     return p == 3 and cpu_float32 and not NUMPY_CBRT_VECTORIZED and not torch.compiler.is_compiling()
 
