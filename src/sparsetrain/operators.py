@@ -145,7 +145,7 @@ def cube_root_(x: Tensor, scratch: Tensor | None = None) -> Tensor:
     multiply-adds over the tensor. x r^2 is 0 where x is, and within 2.1 float32 epsilons of the
     exact root for 1e-36 <= x <= 1e36 (``pow``: up to 7.4); non-zero below (the guess is taken of
     max(x, 1e-36)). ``scratch``: a tensor like x whose values may be lost, to hold r."""
-    r = torch.clamp_min(x, _GUESS_FLOOR, out=scratch) if scratch is not None else torch.clamp_min(x, _GUESS_FLOOR)
+    r = torch.clamp_min(x, _GUESS_FLOOR, out=scratch)  # a new tensor when scratch is None
     bits = r.view(torch.int32)
     work = torch.empty_like(x).copy_(bits)  # the bits as floats
     torch.add(torch.full((), _INVERSE_CBRT_GUESS, dtype=x.dtype), work, alpha=-1.0 / 3.0, out=work)  # C - bits(x) / 3
